@@ -1,0 +1,5 @@
+import sys
+
+from embedjob.cli import main
+
+sys.exit(main())

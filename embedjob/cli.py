@@ -1,0 +1,155 @@
+"""Command line: ``embedjob run JOB.yaml [--set section.key=value ...] [--dry-run]`` and the
+commands that read a finished job's output (``similar``, ``search``, ``topics``), plus
+``embedjob bench NAME`` and ``embedjob config`` (every setting with its help text)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Optional
+
+logger = logging.getLogger("embedjob")
+
+BENCHES = ("encode", "static", "word2vec", "topics", "index")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    logging.getLogger("embedjob").setLevel(level)
+    for noisy in ("gensim", "urllib3", "botocore", "s3fs", "aiobotocore", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _storage_options(pairs: Optional[list[str]]) -> dict:
+    """``--storage-option key=value`` (dotted keys nest: client_kwargs.endpoint_url=...)."""
+    from embedjob.config import apply_override
+
+    opts: dict = {}
+    for p in pairs or []:
+        apply_override(opts, p)
+    return opts
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from embedjob.config import load_job
+    from embedjob.pipeline import run_job
+    from embedjob.sample_corpus import build_sample_corpus
+    from embedjob.storage import Storage, list_shards, StorageError
+
+    cfg = load_job(args.job, args.set)
+    if cfg.input.create_sample_if_missing:
+        try:
+            list_shards(cfg.input.url, cfg.input.storage_options)
+        except StorageError:
+            if args.dry_run:
+                import yaml
+
+                print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+                print(f"# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first")
+                return 0
+            logger.info("input %s holds no shards: building the sample corpus there (input.create_sample_if_missing)",
+                        cfg.input.url)
+            build_sample_corpus(cfg.input.url, cfg.input.storage_options)
+    result = run_job(cfg, dry_run=args.dry_run)
+    if result is None:
+        return 0
+    t = result.manifest["totals"]
+    print(f"embedjob: {t['done']} shard(s) encoded, {t['skipped_unchanged']} unchanged, {t['failed']} failed; "
+          f"{t['rows_out']} rows; output {result.output_url}")
+    if result.failed_shards:
+        print(f"embedjob: {len(result.failed_shards)} shard(s) failed: {', '.join(result.failed_shards)} "
+              "(see manifest.json)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from embedjob.config import config_help
+
+    print("\n".join(config_help()))
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from embedjob.similar import similar_words
+
+    rows = similar_words(args.output, args.word, kind=args.vectors, n=args.n,
+                         storage_options=_storage_options(args.storage_option))
+    for word, score in rows:
+        print(f"{word}\t{score:.4f}")
+    return 0
+
+
+def _delegate(module: str, func: str = "main"):
+    def run(args: argparse.Namespace) -> int:
+        mod = importlib.import_module(module)
+        return int(getattr(mod, func)(args.rest) or 0)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="embedjob", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS")
+    r.add_argument("job", nargs="?", default=None, help="job spec YAML (default: all defaults)")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting (repeatable; value parsed as YAML)")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and the shards, then exit")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("config", help="list every job setting with its default and help text")
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("similar", help="nearest words from a finished job's word vectors")
+    s.add_argument("output", help="the job's output URL")
+    s.add_argument("--word", required=True)
+    s.add_argument("--vectors", choices=("bert", "word2vec"), default="bert")
+    s.add_argument("-n", type=int, default=10)
+    s.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the output (dotted keys nest)")
+    s.set_defaults(func=cmd_similar)
+
+    for name, module, func, helptext in (
+        ("search", "embedjob.index", "main", "nearest documents to a query text (FAISS index of a finished job)"),
+        ("topics", "embedjob.topics", "main", "print a finished job's topics with their coherence"),
+    ):
+        q = sub.add_parser(name, help=helptext, add_help=False)
+        q.add_argument("rest", nargs=argparse.REMAINDER)
+        q.set_defaults(func=_delegate(module, func))
+
+    b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}")
+    b.add_argument("name", choices=BENCHES)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: _delegate(f"embedjob.bench.{a.name}")(a))
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from embedjob.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"embedjob: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("embedjob: interrupted; committed shards are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""The one place that sequences the stages of a job.
+
+``run_job(cfg)``:
+
+1. check the inputs and the model on the driver (errors before any Ray work);
+2. start or join Ray;
+3. per-shard stages as one streaming Ray Data pipeline
+   read -> preprocess (gensim tokens + BERT token ids) -> encode (actor pool) -> staged write,
+   committing each shard as soon as all its rows are written; shards whose committed outputs
+   match (same input fingerprint, same config and model) are skipped;
+4. corpus-wide stages from the per-shard outputs: vocabulary, static word vectors, Word2Vec,
+   topic model, indices — each rerun only when its inputs or settings changed, and each writing
+   its results only after it succeeded;
+5. ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from embedjob import __version__
+from embedjob.config import JobConfig
+from embedjob.encode import resolve_encoder_settings
+from embedjob.models import model_fingerprint
+from embedjob.progress import Progress
+from embedjob.read import InputError, ShardInfo, discover_shards
+from embedjob.storage import Storage
+from embedjob.write import DONE, TMP, TOKENS_DIR, VECTORS, read_marker
+
+logger = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """The job failed; the message says where and why."""
+
+
+@dataclass
+class JobResult:
+    output_url: str
+    manifest: dict[str, Any]
+    failed_shards: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "embedjob": __version__}
+    for pkg in ("ray", "torch", "transformers", "gensim", "pyarrow", "fsspec", "s3fs", "faiss-cpu", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def init_ray(cfg: JobConfig) -> dict[str, Any]:
+    """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, else start a local Ray in-process."""
+    import ray
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        mode = "existing"
+    elif address:
+        ray.init(address=address, log_to_driver=True)
+        mode = f"cluster {address}"
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        mode = "local"
+    res = ray.cluster_resources()
+    logger.info("ray: %s, %d CPUs, %d GPUs, %d nodes", mode, int(res.get("CPU", 0)), int(res.get("GPU", 0)),
+                len([n for n in ray.nodes() if n.get("Alive")]))
+    return {"mode": mode, "resources": {k: v for k, v in res.items() if not k.startswith("node:")}}
+
+
+def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster."""
+    e = cfg.encode
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if e.device == "cuda" and gpus == 0:
+        raise JobError("encode.device=cuda but the Ray cluster has no GPUs (set encode.device=auto or cpu)")
+    if (e.device == "auto" and gpus > 0) or e.device == "cuda":
+        actors = e.actors or gpus
+        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": e.cpus_per_actor,
+                "threads": e.threads_per_actor or 2}
+        logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
+    else:
+        actors = e.actors or max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
+        threads = e.threads_per_actor or max(1, cpus // actors)
+        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": e.cpus_per_actor, "threads": threads}
+        if e.device == "auto":
+            logger.info("encode: no GPUs in the cluster, encoding with %d CPU actor(s) x %d threads", actors, threads)
+    if e.resources:
+        plan["resources"] = dict(e.resources)
+    return plan
+
+
+def shard_stage_hash(cfg: JobConfig, encoder: dict[str, Any]) -> str:
+    """What per-shard outputs depend on: preprocessing, encoder settings and model, static options."""
+    enc = {k: encoder[k] for k in ("model_fingerprint", "pooling", "normalize", "max_length", "recipe")}
+    enc["dtype"] = encoder["dtype"]
+    static = cfg.static.model_dump() if cfg.static.enabled else None
+    return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
+                  "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text})
+
+
+def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
+    t_start = time.time()
+    inp = cfg.input
+    # 1. checks before any Ray work
+    shards = discover_shards(inp.url, inp.storage_options, inp.id_column, inp.text_column,
+                             on_bad_shard=inp.on_bad_shard)
+    bad = [s for s in shards if s.error]
+    if len(bad) == len(shards):
+        raise InputError(f"no readable shard at {inp.url!r}: " + "; ".join(s.error or "" for s in bad))
+    encoder = resolve_encoder_settings(cfg.encode)
+    encoder["model_fingerprint"] = model_fingerprint(encoder["model_path"])
+    out = Storage(cfg.output.url, cfg.output.storage_options)
+    if dry_run:
+        echo("# resolved job config")
+        import yaml
+
+        echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        echo(f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows")
+        for s in shards:
+            echo(f"{s.url}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
+        return None
+
+    ray_info = init_ray(cfg)
+    plan = plan_encoder(cfg, ray_info["resources"])
+    if plan["device"] == "cuda":
+        encoder["dtype"] = resolve_encoder_settings(cfg.encode, "cuda")["dtype"]
+    encoder["device"] = plan["device"]
+    stage_hash = shard_stage_hash(cfg, encoder)
+
+    # 2. which shards need work
+    todo: list[ShardInfo] = []
+    status: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        if s.error:
+            status[s.key] = {"status": "failed", "url": s.url, "reason": s.error}
+            continue
+        marker = None if cfg.output.overwrite else read_marker(out, s.key)
+        if marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == stage_hash:
+            status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
+                             "marker": marker}
+        else:
+            todo.append(s)
+    logger.info("shards: %d to process, %d unchanged, %d bad", len(todo),
+                sum(1 for v in status.values() if v["status"] == "skipped-unchanged"), len(bad))
+
+    stages: dict[str, Any] = {}
+    t0 = time.time()
+    processed, failures, shard_stats = run_shard_stages(cfg, out, todo, encoder, plan, stage_hash)
+    for key, marker in processed.items():
+        status[key] = {"status": "done", "url": marker["input"]["url"], "rows": marker["rows_out"], "marker": marker}
+    for key, reason in failures.items():
+        status[key] = {"status": "failed", "url": next(s.url for s in shards if s.key == key), "reason": reason}
+    shard_stats["seconds"] = round(time.time() - t0, 3)
+    stages["encode"] = shard_stats
+    for name in ("read", "preprocess", "encode"):
+        out.write_json(f"stats/{name}.json", _stage_stats(name, status, shard_stats))
+
+    # 3. corpus-wide stages over every committed shard
+    committed = sorted(k for k, v in status.items() if v["status"] in ("done", "skipped-unchanged"))
+    token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
+    vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
+    inputs_hash = _hash({k: status[k]["marker"].get("input") for k in committed} | {"_stage": stage_hash})
+    stages.update(run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash))
+
+    failed = sorted(k for k, v in status.items() if v["status"] == "failed")
+    manifest = {
+        "embedjob_version": __version__,
+        "job": cfg.name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": round(time.time() - t_start, 3),
+        "config": cfg.model_dump(mode="json"),
+        "versions": package_versions(),
+        "ray": ray_info,
+        "encoder": {**encoder, "actors": plan},
+        "input": {
+            "url": inp.url, "id_column": inp.id_column, "text_column": inp.text_column,
+            "storage_options": _public_options(inp.storage_options),
+            "shards": {s.key: s.url for s in shards},
+        },
+        "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | _marker_summary(v.get("marker"))
+                   for k, v in sorted(status.items())},
+        "totals": {
+            "shards": len(shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
+            "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
+            "failed": len(failed),
+            "rows_out": sum(v.get("rows") or 0 for v in status.values()),
+        },
+        "stages": stages,
+        "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/"},
+    }
+    out.write_json("config.json", cfg.model_dump(mode="json"))
+    out.write_json("manifest.json", manifest)  # written last
+    logger.info("done in %.1fs: %d shards committed (%d new), %d failed; output %s", time.time() - t_start,
+                len(committed), manifest["totals"]["done"], len(failed), out.url())
+    return JobResult(out.url(), manifest, failed)
+
+
+def _public_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Storage options without secrets (for the manifest)."""
+    secret = ("key", "secret", "token", "password", "credentials")
+    return {k: ("***" if any(s in k.lower() for s in secret) and k != "client_kwargs" else v) for k, v in opts.items()}
+
+
+def _marker_summary(marker: Optional[dict[str, Any]]) -> dict[str, Any]:
+    if not marker:
+        return {}
+    keys = ("rows_in", "rows_out", "empty_text", "skipped_empty", "bert_tokens", "words", "outputs")
+    return {k: marker[k] for k in keys if k in marker}
+
+
+def _stage_stats(name: str, status: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    done = [v["marker"] for v in status.values() if v["status"] == "done"]
+    base = {"stage": name, "shards_processed": len(done),
+            "shards_skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
+            "shards_failed": sum(1 for v in status.values() if v["status"] == "failed")}
+    if name == "read":
+        base["rows"] = sum(m["rows_in"] for m in done)
+    elif name == "preprocess":
+        base["rows"] = sum(m["rows_in"] for m in done)
+        base["empty_text"] = sum(m["empty_text"] for m in done)
+        base["skipped_empty"] = sum(m["skipped_empty"] for m in done)
+        base["gensim_tokens"] = sum(m["words"] for m in done)
+    else:
+        base.update(stats)
+    return base
+
+
+# -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
+def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+                     plan: dict[str, Any], stage_hash: str):
+    """read -> preprocess -> encode -> staged write, committing shards as they complete.
+
+    Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
+    import numpy as np
+    import ray
+    from ray.data import DataContext
+
+    from embedjob.encode import EncodeActor
+    from embedjob.preprocess import preprocess_batch
+    from embedjob.read import ShardDatasource
+    from embedjob.write import commit_shard, write_block
+
+    stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"], "device": plan["device"],
+                             "dtype": encoder["dtype"]}
+    if not todo:
+        return {}, {}, stats
+    inp = cfg.input
+    for s in todo:  # leftovers of an interrupted run are never mixed with new parts
+        out.delete(f"{TMP}/{s.key}", recursive=True)
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.preserve_order = False
+    static = None
+    if cfg.static.enabled:
+        from embedjob.static_vectors import static_actor_settings
+
+        static = static_actor_settings(cfg, out)
+
+    ds = ray.data.read_datasource(
+        ShardDatasource.create(todo, inp.storage_options, inp.id_column, inp.text_column, inp.rows_per_block,
+                               on_bad_shard=inp.on_bad_shard, out_url=out.url(), out_options=out.storage_options),
+        override_num_blocks=len(todo),
+    )
+    ds = ds.map_batches(
+        preprocess_batch, fn_kwargs={
+            "cfg": cfg.preprocess, "text_column": inp.text_column, "encoder_settings": encoder,
+            "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
+    )
+    actor_args = {"max_restarts": cfg.encode.max_restarts, "max_task_retries": cfg.encode.max_task_retries}
+    if plan.get("resources"):
+        actor_args["resources"] = plan["resources"]
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens,
+                               "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
+                               "static": static},
+        batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], **actor_args,
+    )
+    ds = ds.map_batches(
+        write_block, fn_kwargs={"out_url": out.url(), "storage_options": out.storage_options,
+                                            "id_column": inp.id_column},
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
+    )
+
+    commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
+    by_key = {s.key: s for s in todo}
+    covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
+    pending: dict[str, Any] = {}
+    markers: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    total_rows = sum(s.num_rows for s in todo)
+    progress = Progress("encode", total=total_rows, unit="docs")
+
+    def submit(key: str) -> None:
+        s = by_key[key]
+        marker = {"input": s.fingerprint(), "stage_hash": stage_hash, "encoder": {
+            k: encoder[k] for k in ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype")}}
+        pending[key] = commit.remote(out.url(), out.storage_options, key, s.num_rows, inp.on_empty_text, marker,
+                                     encoder.get("dim"))
+
+    for s in todo:
+        if s.num_rows == 0:
+            submit(s.key)
+    try:
+        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for r in rep.to_pylist():
+                cov = covered[r["shard"]]
+                new = int((~cov[r["row_start"]: r["row_end"] + 1]).sum())
+                cov[r["row_start"]: r["row_end"] + 1] = True
+                stats["documents"] += new
+                stats["bert_tokens"] += r["tokens"] if new else 0
+                progress.update(new, extra=f"{stats['bert_tokens']} tokens, {len(markers) + len(pending)}/"
+                                           f"{len(todo)} shards written")
+                if new and cov.all() and r["shard"] not in pending:
+                    submit(r["shard"])
+    except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
+        _settle(pending, markers, failures)
+        cause = _root_cause(e)
+        if isinstance(cause, InputError) and inp.on_bad_shard == "fail":
+            raise cause from None
+        raise JobError(f"encode stage failed ({len(markers)} shard(s) committed before the failure): {cause}") from e
+    _settle(pending, markers, failures)
+    progress.close()
+    for s in todo:  # shards whose reads failed under on_bad_shard=skip
+        if s.key not in markers and s.key not in failures:
+            reason = _failure_reason(out, s.key) or "not all rows were encoded"
+            failures[s.key] = reason
+            logger.error("shard %s failed: %s", s.url, reason)
+    stats["docs_per_second"] = round(stats["documents"] / max(progress.elapsed, 1e-9), 1)
+    stats["tokens_per_second"] = round(stats["bert_tokens"] / max(progress.elapsed, 1e-9), 1)
+    return markers, failures, stats
+
+
+def _settle(pending: dict[str, Any], markers: dict[str, Any], failures: dict[str, str]) -> None:
+    import ray
+
+    for key, ref in list(pending.items()):
+        try:
+            markers[key] = ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            failures[key] = f"commit failed: {_root_cause(e)}"
+        del pending[key]
+
+
+def _failure_reason(out: Storage, key: str) -> Optional[str]:
+    try:
+        return out.read_json(f"{TMP}/{key}/_FAILED.json").get("reason")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user-facing exception inside Ray's wrappers (RayTaskError, UserCodeException...)."""
+    seen = set()
+    cur: BaseException = e
+    while id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (InputError, JobError)):
+            return cur
+        nxt = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+        if nxt is None:
+            break
+        cur = nxt
+    return cur
+
+
+# -- corpus-wide stages ------------------------------------------------------------------------
+def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
+                      committed: list[str], encoder: dict[str, Any], inputs_hash: str) -> dict[str, Any]:
+    """Vocabulary, static vectors, Word2Vec, topics and indices, each skipped when its inputs and
+    settings are unchanged since its last success (recorded in ``_done/stage-<name>.json``)."""
+    stages: dict[str, Any] = {}
+    if not committed:
+        logger.warning("no committed shard: corpus-wide stages skipped")
+        return stages
+
+    def stage(name: str, settings: Any, fn: Callable[[], dict[str, Any]]) -> None:
+        key = _hash({"inputs": inputs_hash, "settings": settings, "before": {k: v.get("hash") for k, v in stages.items()}})
+        prev = None if cfg.output.overwrite else read_marker(out, f"stage-{name}")
+        if prev and prev.get("hash") == key:
+            logger.info("%s: unchanged since its last run, kept", name)
+            stages[name] = {**prev.get("stats", {}), "status": "skipped-unchanged", "hash": key}
+            return
+        t = time.time()
+        logger.info("%s: started", name)
+        result = fn()
+        result = {**result, "seconds": round(time.time() - t, 3)}
+        out.write_json(f"stats/{name}.json", result)
+        out.write_json(f"{DONE}/stage-{name}.json", {"hash": key, "stats": result})
+        stages[name] = {**result, "status": "done", "hash": key}
+        logger.info("%s: done in %.1fs", name, time.time() - t)
+
+    def vocab() -> dict[str, Any]:
+        import tempfile
+
+        from embedjob.vocab import build_vocabulary
+
+        d = build_vocabulary(token_urls, out.storage_options)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "dictionary.gensim")
+            d.save(path)
+            out.upload(path, "vocab/dictionary.gensim")
+            txt = os.path.join(tmp, "dictionary.txt")
+            d.save_as_text(txt)
+            out.upload(txt, "vocab/dictionary.txt")
+        return {"words": len(d), "documents": d.num_docs, "tokens": d.num_pos}
+
+    stage("vocab", cfg.preprocess.model_dump(), vocab)
+    if cfg.static.enabled:
+        from embedjob.static_vectors import run_static
+
+        stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed))
+    if cfg.word2vec.enabled:
+        from embedjob.word2vec import run_word2vec
+
+        stage("word2vec", cfg.word2vec.model_dump(), lambda: run_word2vec(cfg, out, token_urls))
+    if cfg.topics.enabled:
+        from embedjob.topics import run_topics
+
+        stage("topics", cfg.topics.model_dump(), lambda: run_topics(cfg, out, token_urls))
+    if cfg.index.enabled:
+        from embedjob.index import run_index
+
+        word_sets = {"word2vec": out.url("word2vec/vectors.kv"), "bert": out.url("static/vectors.kv")}
+        stage("index", cfg.index.model_dump(),
+              lambda: run_index(cfg, out, vector_urls, encoder, {k: v for k, v in word_sets.items()
+                                                                 if out.exists(v)}))
+    return stages

@@ -1,0 +1,115 @@
+"""Preprocess stage: gensim ``preprocess_string`` tokens per document, plus the BERT token ids the
+encoder needs (tokenising here, in parallel CPU tasks, keeps it off the encoder actors' critical path).
+
+The batch transform is a plain function of a pyarrow table, testable without Ray::
+
+    preprocess_texts(["The cats sat."], PreprocessConfig())   # [['cat', 'sat']]
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache, partial
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+from gensim import parsing
+from gensim.parsing.preprocessing import STOPWORDS
+
+logger = logging.getLogger(__name__)
+
+TOKENS = "tokens"
+EMPTY = "_empty"
+
+
+def build_filters(cfg) -> list[Callable[[str], str]]:
+    """The configured gensim filter chain as callables (names are validated by the config)."""
+    stopwords = frozenset(STOPWORDS) | frozenset(w.lower() for w in cfg.extra_stopwords)
+    out: list[Callable[[str], str]] = []
+    for name in cfg.filters:
+        if name == "lower":
+            out.append(str.lower)
+        elif name == "remove_stopwords":
+            out.append(partial(parsing.remove_stopwords, stopwords=stopwords))
+        elif name == "strip_short":
+            out.append(partial(parsing.strip_short, minsize=cfg.min_token_length))
+        else:
+            out.append(getattr(parsing, name))
+    return out
+
+
+def preprocess_texts(texts: list[Optional[str]], cfg, filters=None) -> list[list[str]]:
+    """gensim ``preprocess_string`` over ``texts`` (None -> [])."""
+    filters = filters if filters is not None else build_filters(cfg)
+    return [parsing.preprocess_string(t, filters) if t else [] for t in texts]
+
+
+def is_empty(texts: list[Optional[str]]) -> np.ndarray:
+    return np.array([t is None or not t.strip() for t in texts], dtype=bool)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_path: str, max_length: int):
+    from embedjob.encode import Tokenizer
+
+    return Tokenizer(model_path, max_length)
+
+
+class Preprocessor:
+    """Batch transform: adds ``tokens`` (gensim), ``_empty`` and, for the encoder, ``_input_ids``."""
+
+    def __init__(self, cfg, text_column: str, encoder_settings: Optional[dict[str, Any]] = None,
+                 static_settings: Optional[dict[str, Any]] = None, on_empty_text: str = "keep",
+                 id_column: str = "id"):
+        self.cfg = cfg
+        self.text_column = text_column
+        self.id_column = id_column
+        self.on_empty_text = on_empty_text
+        self.filters = build_filters(cfg)
+        self.encoder_settings = encoder_settings
+        self.static_settings = static_settings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from embedjob.encode import INPUT_IDS
+
+        texts = batch.column(self.text_column).to_pylist()
+        empty = is_empty(texts)
+        if self.on_empty_text == "fail" and empty.any():
+            from embedjob.read import SHARD, InputError
+
+            i = int(np.argmax(empty))
+            shard = batch.column(SHARD)[i].as_py() if SHARD in batch.column_names else "?"
+            raise InputError(
+                f"shard {shard}: document {batch.column(self.id_column)[i].as_py()!r} has empty text "
+                f"(input.on_empty_text=fail; use keep or skip to accept such rows)"
+            )
+        tokens = preprocess_texts(texts, self.cfg, self.filters)
+        out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
+        out = out.append_column(EMPTY, pa.array(empty))
+        if self.encoder_settings is not None:
+            tok = _tokenizer(self.encoder_settings["model_path"], self.encoder_settings["max_length"])
+            todo = [t for t, e in zip(texts, empty) if not e]
+            ids_iter = iter(tok(todo))
+            ids = [[] if e else next(ids_iter) for e in empty]
+            out = out.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
+            if self.static_settings is not None:
+                from embedjob.static_vectors import align_words
+
+                out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
+        return out
+
+
+_CACHE: dict[str, Preprocessor] = {}
+
+
+def preprocess_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """Task-friendly form of :class:`Preprocessor` (built once per worker process per settings)."""
+    import json
+
+    key = json.dumps({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in kwargs.items()},
+                     sort_keys=True, default=str)
+    pre = _CACHE.get(key)
+    if pre is None:
+        pre = _CACHE[key] = Preprocessor(**kwargs)
+    return pre(batch)

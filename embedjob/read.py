@@ -1,0 +1,183 @@
+"""Read stage: find and check the input shards, then read them with Ray Data.
+
+Checking happens on the driver before any Ray work: every shard's Parquet footer is read (in
+parallel threads) so that a corrupt file, a missing column or a non-string text column is an
+error naming the file and column at launch, not an hour in.
+
+Reading is a Ray Data datasource with one read task per shard, yielding blocks of at most
+``rows_per_block`` rows that carry the shard key (``_shard``) and the row's index in its shard
+(``_row``): the identity that makes per-shard outputs and exactly-once commits possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyarrow.types as pat
+
+from embedjob.storage import Storage, StorageError, list_shards, shard_key
+
+logger = logging.getLogger(__name__)
+
+SHARD = "_shard"
+ROW = "_row"
+
+
+class InputError(Exception):
+    """Input shards are missing, unreadable or lack the configured columns (names file/column)."""
+
+
+@dataclass
+class ShardInfo:
+    key: str  # deterministic output name
+    url: str
+    num_rows: int = 0
+    size: Optional[int] = None
+    version: Optional[str] = None  # ETag, mtime or generation: what changes when the file changes
+    error: Optional[str] = None  # set when the shard cannot be used (on_bad_shard=skip)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"url": self.url, "size": self.size, "version": self.version, "rows": self.num_rows}
+
+
+def _version_of(info: dict[str, Any]) -> Optional[str]:
+    for k in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(k) is not None:
+            return str(info[k])
+    return None
+
+
+def inspect_shard(url: str, storage_options: dict[str, Any], id_column: str, text_column: str) -> ShardInfo:
+    """Footer-level check of one shard; raises :class:`InputError` naming the file and column."""
+    store = Storage(url, storage_options)
+    try:
+        info = store.fs.info(store.path())
+        with store.open("", "rb") as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            num_rows = pf.metadata.num_rows
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise InputError(f"cannot read Parquet shard {url}: {e}") from None
+    missing = [c for c in (id_column, text_column) if c not in schema.names]
+    if missing:
+        which = ", ".join(f"{c!r}" for c in missing)
+        setting = " / ".join(
+            s for c, s in ((id_column, "input.id_column"), (text_column, "input.text_column")) if c in missing
+        )
+        raise InputError(
+            f"shard {url} has no column {which} (set by {setting}); available columns: {', '.join(schema.names)}"
+        )
+    ttype = schema.field(text_column).type
+    if not (pat.is_string(ttype) or pat.is_large_string(ttype) or pat.is_null(ttype)
+            or (hasattr(pat, "is_string_view") and pat.is_string_view(ttype))):
+        raise InputError(
+            f"shard {url}: text column {text_column!r} has type {ttype}, expected string "
+            f"(input.text_column names the column holding document text)"
+        )
+    return ShardInfo(key="", url=url, num_rows=num_rows, size=info.get("size"), version=_version_of(info))
+
+
+def discover_shards(url: str, storage_options: dict[str, Any], id_column: str, text_column: str,
+                    *, on_bad_shard: str = "fail", threads: int = 16) -> list[ShardInfo]:
+    """List and check every shard at ``url``. With ``on_bad_shard='skip'`` a bad shard is returned
+    with ``error`` set instead of raising."""
+    try:
+        urls = list_shards(url, storage_options)
+    except StorageError as e:
+        raise InputError(str(e)) from None
+
+    def check(u: str) -> ShardInfo:
+        try:
+            return inspect_shard(u, storage_options, id_column, text_column)
+        except InputError as e:
+            if on_bad_shard == "fail":
+                raise
+            logger.warning("skipping bad shard (input.on_bad_shard=skip): %s", e)
+            return ShardInfo(key="", url=u, error=str(e))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        infos = list(pool.map(check, urls))
+    keys = {}
+    for s in infos:
+        s.key = shard_key(s.url, url)
+        if s.key in keys:
+            raise InputError(f"shards {keys[s.key]} and {s.url} map to the same output name {s.key!r}")
+        keys[s.key] = s.url
+    return infos
+
+
+def read_shard_blocks(shard: ShardInfo, storage_options: dict[str, Any], id_column: str, text_column: str,
+                      rows_per_block: int) -> Iterator[pa.Table]:
+    """Blocks of one shard: ``_shard``, ``_row``, id column, text column (cast to string)."""
+    store = Storage(shard.url, storage_options)
+    start = 0
+    try:
+        with store.open("", "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=rows_per_block, columns=[id_column, text_column]):
+                t = pa.Table.from_batches([rb])
+                n = t.num_rows
+                ids = t.column(id_column).cast(pa.string())
+                text = t.column(text_column)
+                if not pat.is_string(text.type):
+                    text = text.cast(pa.string())
+                yield pa.table({
+                    SHARD: pa.array([shard.key] * n, type=pa.string()),
+                    ROW: pa.array(range(start, start + n), type=pa.int64()),
+                    id_column: ids,
+                    text_column: text,
+                })
+                start += n
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"cannot read Parquet shard {shard.url} (at row {start}): {e}") from e
+
+
+class ShardDatasource:
+    """Factory of a Ray Data ``Datasource`` over checked shards (one read task per shard)."""
+
+    @staticmethod
+    def create(shards: list[ShardInfo], storage_options: dict[str, Any], id_column: str, text_column: str,
+               rows_per_block: int, *, on_bad_shard: str = "fail", out_url: Optional[str] = None,
+               out_options: Optional[dict[str, Any]] = None):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        class _ShardDatasource(Datasource):
+            def get_name(self) -> str:
+                return "ReadShards"
+
+            def estimate_inmemory_data_size(self) -> Optional[int]:
+                return sum(s.size or 0 for s in shards) * 3
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+                tasks = []
+                for s in shards:
+                    meta = BlockMetadata(num_rows=s.num_rows, size_bytes=(s.size or 0) * 3,
+                                         input_files=[s.url], exec_stats=None)
+
+                    def read_fn(s=s):
+                        blocks = read_shard_blocks(s, storage_options, id_column, text_column, rows_per_block)
+                        if on_bad_shard == "skip" and out_url is not None:
+                            return _record_failure(blocks, s, out_url, out_options or {})
+                        return blocks
+
+                    tasks.append(ReadTask(read_fn, meta))
+                return tasks
+
+        return _ShardDatasource()
+
+
+def _record_failure(blocks: Iterator[pa.Table], shard: ShardInfo, out_url: str,
+                    out_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """on_bad_shard=skip: a shard that fails mid-read stops yielding and leaves a failure record
+    beside its staged parts (the driver reports it; the shard is never committed)."""
+    try:
+        yield from blocks
+    except InputError as e:
+        logger.warning("shard %s failed and is skipped (input.on_bad_shard=skip): %s", shard.url, e)
+        Storage(out_url, out_options).write_json(f"_tmp/{shard.key}/_FAILED.json", {"reason": str(e)})

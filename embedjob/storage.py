@@ -1,0 +1,286 @@
+"""Storage: every read and write of embedjob goes through this module.
+
+A location is a URL (``/local/path``, ``file://``, ``memory://``, ``s3://``, ``gs://`` — anything
+fsspec knows) plus ``storage_options`` passed to the fsspec filesystem (endpoint, credentials,
+anonymous access...). Listings are sorted so that every worker sees the same order.
+
+Writes are *committed*: a file is written under a temporary name beside its final name and then
+moved into place (an atomic rename on local disks; on object stores, where a single PUT is atomic,
+the object is written in one go), so a reader never sees half a file.
+
+Example::
+
+    store = Storage("s3://bucket/out", {"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}})
+    store.write_json("manifest.json", {"ok": True})
+    store.read_json("manifest.json")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+class StorageError(Exception):
+    """A URL cannot be read or written (names the URL and the reason)."""
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``"s3://b/k"`` -> ``("s3", "b/k")``; plain paths are ``file``."""
+    if "://" in url:
+        protocol, rest = url.split("://", 1)
+        return protocol, rest
+    return "file", url
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join URL path parts with ``/`` whatever the protocol."""
+    out = base.rstrip("/")
+    for p in parts:
+        if p:
+            out = out + "/" + p.strip("/")
+    return out
+
+
+@dataclass
+class Storage:
+    """A root URL plus its fsspec options; paths given to methods are relative to the root.
+
+    Absolute URLs (with a protocol) are accepted too, so one object can read inputs and write
+    outputs that share options.
+    """
+
+    root: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        protocol, path = split_url(self.root)
+        if protocol == "file":
+            path = os.path.abspath(os.path.expanduser(path))
+            self.root = path
+        self.protocol = protocol
+        try:
+            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
+        except (ImportError, ValueError) as e:
+            hint = ""
+            if protocol == "gs":
+                hint = " Install gcsfs (`pip install embedjob[gcs]`) to use gs:// URLs."
+            raise StorageError(f"cannot open storage for {self.root!r}: {e}.{hint}") from e
+        self._root_path = path if protocol != "file" else self.root
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """Filesystem path (no protocol) of ``rel`` under the root, or of an absolute URL."""
+        if "://" in rel:
+            return split_url(rel)[1]
+        if not rel:
+            return self._root_path.rstrip("/") or "/"
+        return posixpath.join(self._root_path.rstrip("/"), rel.lstrip("/"))
+
+    def url(self, rel: str = "") -> str:
+        """Full URL of ``rel`` under the root (what users see in logs and the manifest)."""
+        if "://" in rel:
+            return rel
+        p = self.path(rel)
+        return p if self.protocol == "file" else f"{self.protocol}://{p}"
+
+    def child(self, rel: str) -> "Storage":
+        return Storage(self.url(rel), dict(self.storage_options))
+
+    # -- reads ---------------------------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open(rel, "rb") as f:
+            return f.read()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel).decode("utf-8"))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def list(self, rel: str = "", *, suffix: str | None = None) -> list[str]:
+        """Sorted relative names of the files directly under ``rel`` (empty if it does not exist)."""
+        base = self.path(rel)
+        try:
+            infos = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for info in infos:
+            if info.get("type") == "directory":
+                continue
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if suffix is None or name.endswith(suffix):
+                names.append(name)
+        return sorted(names)
+
+    def info(self, rel: str) -> dict[str, Any]:
+        return self.fs.info(self.path(rel))
+
+    def read_parquet_schema(self, rel: str) -> pa.Schema:
+        with self.open(rel, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.open(rel, "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns)
+
+    # -- writes --------------------------------------------------------------------------------
+    def makedirs(self, rel: str = "") -> None:
+        if self.protocol in ("file", "memory"):
+            self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``rel``, committed: readers see the old file or the whole new one."""
+        final = self.path(rel)
+        parent = posixpath.dirname(final)
+        if self.protocol in ("file", "memory"):
+            self.fs.makedirs(parent, exist_ok=True)
+        if self.protocol == "file":
+            tmp = posixpath.join(parent, f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)  # atomic on POSIX
+        else:
+            # One PUT (or a multipart upload completed on close) is atomic on object stores.
+            self.fs.pipe_file(final, data)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_parquet(self, rel: str, table: pa.Table, **kwargs: Any) -> None:
+        buf = io.BytesIO()
+        kwargs.setdefault("compression", "zstd")
+        pq.write_table(table, buf, **kwargs)
+        self.write_bytes(rel, buf.getvalue())
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        p = self.path(rel)
+        try:
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def upload(self, local_path: str, rel: str) -> None:
+        """Copy a local file into storage, committed like :meth:`write_bytes`."""
+        with open(local_path, "rb") as f:
+            self.write_bytes(rel, f.read())
+
+    def download(self, rel: str, local_path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        with open(local_path, "wb") as f:
+            f.write(self.read_bytes(rel))
+
+
+def list_shards(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted full URLs of the Parquet shards at ``url``: a folder (searched recursively), a glob
+    or one file. Raises :class:`StorageError` naming the URL when nothing matches."""
+    store = Storage(url if not _has_glob(url) else _glob_root(url), storage_options or {})
+    fs = store.fs
+    protocol, path = split_url(url)
+    if protocol == "file":
+        path = os.path.abspath(os.path.expanduser(path))
+    try:
+        if _has_glob(path):
+            found = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isfile(path):
+            found = [path]
+        elif fs.isdir(path):
+            found = [
+                p for p in fs.find(path)
+                if p.endswith(_PARQUET_SUFFIXES)
+                and not any(part.startswith((".", "_")) for part in p[len(path):].split("/") if part)
+            ]
+        else:
+            raise StorageError(f"input URL {url!r} does not exist")
+    except (PermissionError, OSError) as e:
+        if isinstance(e, StorageError):
+            raise
+        raise StorageError(f"cannot list input URL {url!r}: {e}") from e
+    if not found:
+        raise StorageError(
+            f"no Parquet shards found at {url!r} (a folder is searched for *.parquet files; "
+            "a glob such as 'data/*.parquet' is matched as given)"
+        )
+    found = sorted(found)
+    if protocol == "file":
+        return found
+    return [f"{protocol}://{p}" for p in found]
+
+
+def _glob_root(url: str) -> str:
+    protocol, path = split_url(url)
+    parts = path.split("/")
+    keep = []
+    for p in parts:
+        if _has_glob(p):
+            break
+        keep.append(p)
+    root = "/".join(keep) or "/"
+    return root if protocol == "file" else f"{protocol}://{root}"
+
+
+def shard_key(shard_url: str, input_root: str) -> str:
+    """Deterministic output name of an input shard: its path relative to the input root, without
+    the Parquet suffix, with ``/`` replaced by ``--`` (``in/a/part-1.parquet`` -> ``a--part-1``)."""
+    root = _glob_root(input_root) if _has_glob(input_root) else input_root
+    _, rp = split_url(root)
+    _, sp = split_url(shard_url)
+    if split_url(root)[0] == "file":
+        rp = os.path.abspath(os.path.expanduser(rp))
+    rp = rp.rstrip("/")
+    if sp == rp:  # the input URL is the file itself
+        rel = posixpath.basename(sp)
+    elif sp.startswith(rp + "/"):
+        rel = sp[len(rp) + 1:]
+    else:
+        rel = posixpath.basename(sp)
+    for suf in _PARQUET_SUFFIXES:
+        if rel.endswith(suf):
+            rel = rel[: -len(suf)]
+            break
+    return rel.replace("/", "--")
+
+
+def matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(name, pattern)
+
+
+def iter_parquet_batches(
+    url: str, storage_options: dict[str, Any], columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet file from any storage in record batches of at most ``batch_rows``."""
+    store = Storage(url, storage_options)
+    with store.fs.open(store.path(), "rb") as f:
+        pf = pq.ParquetFile(f)
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns)

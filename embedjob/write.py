@@ -1,0 +1,174 @@
+"""Write stage: staged block parts, then one committed output file set per input shard.
+
+Encoded blocks are written by Ray tasks as *staged parts* named by shard and row range
+(``_tmp/<shard>/<first row>-<last row>.parquet``): a retried block rewrites the same name. When
+the driver has seen every row of a shard, :func:`commit_shard` merges its parts (deduplicated by
+row index, so a block that ran twice still counts once), writes ``vectors/<shard>.parquet`` and
+``tokens/<shard>.parquet``, and only then the shard's done marker ``_done/<shard>.json`` — the
+commit point. A reader (or a rerun) trusts a shard only when its marker is there.
+
+Output files are plain Parquet readable by pyarrow, pandas and duckdb without embedjob:
+``vectors/``: ``id`` (string), ``vector`` (fixed_size_list<float32>[dim]), ``n_tokens`` (int32);
+``tokens/``: ``id``, ``tokens`` (list<string>).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedjob.preprocess import EMPTY, TOKENS
+from embedjob.read import ROW, SHARD
+from embedjob.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+TMP = "_tmp"
+DONE = "_done"
+VECTORS = "vectors"
+TOKENS_DIR = "tokens"
+STATIC_PART_SUFFIX = ".static.parquet"
+
+
+def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:
+    return f"{TMP}/{shard}/{row_start:012d}-{row_end:012d}{suffix}"
+
+
+class BlockWriter:
+    """Ray Data batch transform: writes each shard's rows of the block as a staged part and
+    returns one small row per part (shard, row range, counts) for the driver's bookkeeping."""
+
+    def __init__(self, out_url: str, storage_options: dict[str, Any], id_column: str):
+        self.out = Storage(out_url, storage_options)
+        self.id_column = id_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reports = []
+        for shard, part in _contiguous_runs(batch):
+            rows = part.column(ROW)
+            r0, r1 = int(rows[0].as_py()), int(rows[-1].as_py())
+            cols = {
+                ROW: rows,
+                "id": part.column(self.id_column),
+                "vector": part.column("vector"),
+                "n_tokens": part.column("n_tokens"),
+                TOKENS: part.column(TOKENS),
+                EMPTY: part.column(EMPTY),
+            }
+            self.out.write_parquet(part_name(shard, r0, r1), pa.table(cols), compression="none")
+            reports.append({
+                "shard": shard, "row_start": r0, "row_end": r1, "rows": part.num_rows,
+                "empty": int(pc.sum(part.column(EMPTY)).as_py() or 0),
+                "tokens": int(pc.sum(part.column("n_tokens")).as_py() or 0),
+                "words": int(pc.sum(pc.list_value_length(part.column(TOKENS))).as_py() or 0),
+            })
+        return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+def _contiguous_runs(batch: pa.Table):
+    """(shard, rows) pieces of a batch, each a run of consecutive row indices of one shard."""
+    if batch.num_rows == 0:
+        return
+    batch = batch.sort_by([(SHARD, "ascending"), (ROW, "ascending")])
+    shards = batch.column(SHARD).to_numpy(zero_copy_only=False)
+    rows = batch.column(ROW).to_numpy()
+    breaks = np.flatnonzero((shards[1:] != shards[:-1]) | (np.diff(rows) != 1)) + 1
+    bounds = [0, *breaks.tolist(), batch.num_rows]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield str(shards[a]), batch.slice(a, b - a)
+
+
+REPORT_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()), ("rows", pa.int64()),
+    ("empty", pa.int64()), ("tokens", pa.int64()), ("words", pa.int64()),
+])
+
+
+class IncompleteShardError(Exception):
+    pass
+
+
+def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expected_rows: int,
+                 on_empty_text: str, marker: dict[str, Any], dim: Optional[int] = None) -> dict[str, Any]:
+    """Merge a shard's staged parts into its output files, then write its done marker.
+
+    Returns the marker (with row, token and timing counts)."""
+    t0 = time.time()
+    out = Storage(out_url, storage_options)
+    names = out.list(f"{TMP}/{shard}", suffix=".parquet")
+    data_parts = [n for n in names if not n.endswith(STATIC_PART_SUFFIX)]
+    tables = [out.read_parquet(f"{TMP}/{shard}/{n}") for n in data_parts]
+    if tables:
+        table = pa.concat_tables(tables).combine_chunks()
+        table = _dedupe_rows(table)
+    else:
+        table = _empty_part(dim)
+    if table.num_rows != expected_rows:
+        raise IncompleteShardError(
+            f"shard {shard}: staged parts hold {table.num_rows} rows, the input has {expected_rows}"
+        )
+    empty = table.column(EMPTY)
+    n_empty = int(pc.sum(empty).as_py() or 0)
+    if on_empty_text == "skip" and n_empty:
+        table = table.filter(pc.invert(empty))
+    vectors = table.select(["id", "vector", "n_tokens"])
+    tokens = table.select(["id", TOKENS])
+    out.write_parquet(f"{VECTORS}/{shard}.parquet", vectors)
+    out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", tokens)
+    static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
+    extra: dict[str, Any] = {}
+    if static_parts:
+        from embedjob.static_vectors import commit_static_parts
+
+        extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts])
+    marker = dict(marker)
+    marker.update({
+        "shard": shard,
+        "rows_in": expected_rows,
+        "rows_out": vectors.num_rows,
+        "empty_text": n_empty,
+        "skipped_empty": n_empty if on_empty_text == "skip" else 0,
+        "bert_tokens": int(pc.sum(table.column("n_tokens")).as_py() or 0),
+        "words": int(pc.sum(pc.list_value_length(table.column(TOKENS))).as_py() or 0),
+        "outputs": {"vectors": f"{VECTORS}/{shard}.parquet", "tokens": f"{TOKENS_DIR}/{shard}.parquet", **extra},
+        "committed_at": time.time(),
+        "commit_seconds": round(time.time() - t0, 3),
+    })
+    out.write_json(f"{DONE}/{shard}.json", marker)  # the commit point
+    out.delete(f"{TMP}/{shard}", recursive=True)
+    return marker
+
+
+def _dedupe_rows(table: pa.Table) -> pa.Table:
+    rows = table.column(ROW).to_numpy()
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    return table.take(pa.array(order[keep]))
+
+
+def _empty_part(dim: Optional[int]) -> pa.Table:
+    vec_type = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    return pa.table({
+        ROW: pa.array([], pa.int64()), "id": pa.array([], pa.string()),
+        "vector": pa.array([], vec_type), "n_tokens": pa.array([], pa.int32()),
+        TOKENS: pa.array([], pa.list_(pa.string())), EMPTY: pa.array([], pa.bool_()),
+    })
+
+
+def read_marker(out: Storage, shard: str) -> Optional[dict[str, Any]]:
+    try:
+        return out.read_json(f"{DONE}/{shard}.json")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def write_block(batch: pa.Table, *, out_url: str, storage_options: dict[str, Any], id_column: str) -> pa.Table:
+    """Task-friendly form of :class:`BlockWriter`."""
+    return BlockWriter(out_url, storage_options, id_column)(batch)
