@@ -28,7 +28,7 @@ class ConfigError(Exception):
 
 # The gensim.parsing filters a job may name, in gensim's default order.
 GENSIM_FILTERS = (
-    "lower",  # gensim applies lower-casing inside preprocess_string; listed for explicit chains
+    "lower",  # str.lower: the first of gensim's DEFAULT_FILTERS (a lambda there)
     "strip_tags",
     "strip_punctuation",
     "strip_multiple_whitespaces",
@@ -40,6 +40,7 @@ GENSIM_FILTERS = (
     "split_alphanum",
 )
 DEFAULT_FILTERS = [
+    "lower",
     "strip_tags",
     "strip_punctuation",
     "strip_multiple_whitespaces",
@@ -98,8 +99,8 @@ class OutputConfig(Section):
 class PreprocessConfig(Section):
     filters: list[str] = Field(
         default_factory=lambda: list(DEFAULT_FILTERS),
-        description="gensim.parsing filters applied in order by preprocess_string (lower-casing comes "
-        f"first, as in gensim). Default: gensim's DEFAULT_FILTERS. Valid: {', '.join(GENSIM_FILTERS)}.",
+        description="gensim.parsing filters applied in order by preprocess_string. Default: gensim's "
+        f"DEFAULT_FILTERS. Valid: {', '.join(GENSIM_FILTERS)}.",
     )
     min_token_length: int = Field(3, ge=1, description="Minimum token length kept by strip_short.")
     extra_stopwords: list[str] = Field(

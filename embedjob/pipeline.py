@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -194,13 +195,13 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         "job": cfg.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(time.time() - t_start, 3),
-        "config": cfg.model_dump(mode="json"),
+        "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
         "ray": ray_info,
         "encoder": {**encoder, "actors": plan},
         "input": {
             "url": inp.url, "id_column": inp.id_column, "text_column": inp.text_column,
-            "storage_options": _public_options(inp.storage_options),
+            "storage_options": redact(inp.storage_options),
             "shards": {s.key: s.url for s in shards},
         },
         "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | _marker_summary(v.get("marker"))
@@ -214,17 +215,25 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         "stages": stages,
         "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/"},
     }
-    out.write_json("config.json", cfg.model_dump(mode="json"))
+    out.write_json("config.json", redact(cfg.model_dump(mode="json")))
     out.write_json("manifest.json", manifest)  # written last
     logger.info("done in %.1fs: %d shards committed (%d new), %d failed; output %s", time.time() - t_start,
                 len(committed), manifest["totals"]["done"], len(failed), out.url())
     return JobResult(out.url(), manifest, failed)
 
 
-def _public_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """Storage options without secrets (for the manifest)."""
-    secret = ("key", "secret", "token", "password", "credentials")
-    return {k: ("***" if any(s in k.lower() for s in secret) and k != "client_kwargs" else v) for k, v in opts.items()}
+_SECRET_KEY = re.compile(r"(^|_)(key|key_id|secret|token|password|credentials?)$", re.IGNORECASE)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` with the values of secret-looking keys (key, secret, token...) masked, for
+    everything written beside the outputs (manifest, config)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and not isinstance(v, dict)
+                    and v is not None else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
 
 
 def _marker_summary(marker: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,997 @@
-"""ETM / ProdLDA topic model trained with Ray Train (issue 6). Placeholder section until built."""
+"""Topic model stage (issue 6): the Embedded Topic Model (Dieng, Ruiz & Blei, TACL 2020) and
+ProdLDA (Srivastava & Sutton, 2017) in torch, trained data-parallel with Ray Train.
 
-from pydantic import Field
+Pipeline of :func:`run_topics`:
+
+1. bag of words: the job's corpus-wide gensim ``Dictionary`` (``vocab/dictionary.gensim``) after
+   ``filter_extremes``; each token shard becomes rows ``(word_ids, counts)`` in a Ray Data pass;
+2. training: ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPUs), each worker streaming its split of
+   the BoW dataset; rank 0 writes a checkpoint to ``topics/checkpoints/`` through the job's storage
+   every ``checkpoint_every`` epochs, and ``resume`` continues from the latest matching one;
+3. outputs: ``topics/topics.json`` (top words), ``topics/topic_word.npy`` (K x V), the
+   document-topic proportions ``topics/theta/<shard>.parquet`` (``id``, ``theta``) computed by a
+   Ray Data pass over all token shards, ``topics/metrics.json`` (NPMI and C_V coherence with
+   gensim's ``CoherenceModel`` against the job's own tokens, topic diversity) and
+   ``topics/model.pt`` (a plain dict: state dict, model arguments, vocabulary — read it with
+   ``torch.load(weights_only=True)``).
+
+The model and the batch transforms are plain functions/classes testable without Ray; theta for
+new documents::
+
+    trained = load_topic_model("output/local")          # reads topics/model.pt
+    theta = trained.infer_tokens([["cat", "dog"], ["bank", "rate"]])   # (2, K), rows sum to 1
+
+The encoder's first layer is an ``EmbeddingBag`` over the normalised bag of words (the same maths
+as a dense ``Linear`` over a V-dimensional input, but costing nnz x hidden instead of V x hidden),
+and the ETM reconstruction term is evaluated only at the non-zero (document, word) pairs, which
+is what makes CPU training of a 20k-word vocabulary quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
+
+logger = logging.getLogger(__name__)
+
+TOPICS_DIR = "topics"
+CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
+FORMAT = "embedjob-topics-v1"
+EMBEDDING_SOURCES = ("word2vec", "bert", "learned")
+# Where the job's own word vectors live (written by the word2vec and static stages).
+JOB_VECTORS = {"word2vec": "word2vec/vectors.kv", "bert": "static/vectors.kv"}
+
+
+class TopicsError(Exception):
+    """The topic stage cannot run; the message names the setting or file at fault."""
 
 
 class TopicsConfig(Section):
     enabled: bool = Field(False, description="Train the topic model.")
+    model: Literal["etm", "prodlda"] = Field(
+        "etm",
+        description="'etm': Embedded Topic Model (topic-word = softmax of topic vectors . word embeddings rho); "
+        "'prodlda': ProdLDA (free topic-word weights, Dirichlet prior via its Laplace approximation). "
+        "Both share the encoder, data path, training loop and outputs.",
+    )
+    num_topics: int = Field(20, ge=2, description="Number of topics K.")
+    embeddings: str = Field(
+        "word2vec",
+        description="ETM word embeddings rho: 'word2vec' (<output>/word2vec/vectors.kv), 'bert' "
+        "(<output>/static/vectors.kv), 'learned' (trained from scratch), or the URL of a gensim "
+        "KeyedVectors file (.kv) or word2vec file (.bin binary, .txt/.vec text). Vocabulary words "
+        "missing from the vectors get rows that are learned (initialised at random with the vectors' "
+        "per-dimension spread). Ignored by prodlda.",
+    )
+    embedding_dim: int = Field(300, ge=2, description="Dimension of rho when embeddings='learned'.")
+    train_embeddings: bool = Field(
+        False, description="Fine-tune pre-fitted rho (false keeps the given vectors frozen; missing words are learned either way)."
+    )
+    no_below: int = Field(5, ge=1, description="filter_extremes: drop words in fewer than this many documents.")
+    no_above: float = Field(
+        0.5, gt=0, le=1, description="filter_extremes: drop words in more than this fraction of documents."
+    )
+    keep_n: Optional[int] = Field(
+        20000, ge=1, description="filter_extremes: keep at most this many most frequent words (null = all)."
+    )
+    epochs: int = Field(20, ge=1, description="Training epochs over the corpus.")
+    batch_size: int = Field(
+        1024, ge=2, description="Documents per optimisation step and per worker (capped at the documents a worker holds)."
+    )
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1.2e-6, ge=0, description="Adam weight decay.")
+    hidden_size: int = Field(512, ge=8, description="Width of the encoder's two hidden layers.")
+    dropout: float = Field(
+        0.2, ge=0, lt=1,
+        description="Dropout on the encoder output and, for prodlda, on theta before the decoder.",
+    )
+    batchnorm: bool = Field(
+        True, description="Batch-normalise the encoder's mean and log-variance (ProdLDA's trick; sharper, more diverse topics)."
+    )
+    kl_anneal_epochs: int = Field(
+        0, ge=0, description="Raise the KL weight linearly from 0 to 1 over this many epochs (0 = full weight from the start)."
+    )
+    clip_grad: Optional[float] = Field(2.0, gt=0, description="Clip the gradient norm to this (null = no clipping).")
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes); each takes 1 CPU, or 1 GPU when use_gpu.")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Train on GPUs (NCCL) — 'auto' = when the Ray cluster has at least `workers` GPUs; else CPU (gloo)."
+    )
+    threads_per_worker: Optional[int] = Field(
+        None, ge=1, description="torch threads per worker (and per theta actor); null = cluster CPUs / workers."
+    )
+    top_n: int = Field(10, ge=2, description="Top words per topic used for coherence (and printed).")
+    diversity_top_n: int = Field(25, ge=1, description="Top words per topic counted by topic diversity.")
+    topics_json_top_n: int = Field(25, ge=1, description="Top words per topic written to topics.json.")
+    coherence: list[Literal["c_npmi", "c_v"]] = Field(
+        default_factory=lambda: ["c_npmi", "c_v"], description="gensim coherence measures to compute."
+    )
+    coherence_docs: Optional[int] = Field(
+        20000, ge=1,
+        description="Reference documents for coherence: a seeded sample of the job's token shards of at most "
+        "this many (C_V is slow on big corpora; null = all). Recorded in metrics.json.",
+    )
+    coherence_processes: int = Field(1, ge=1, description="Processes gensim's CoherenceModel may use.")
+    resume: bool = Field(
+        True, description="Continue from the latest checkpoint under topics/checkpoints when it was made with "
+        "the same settings and vocabulary; false = start over.",
+    )
+    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs (and after the last).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
+    seed: int = Field(0, description="Seed of initialisation, sampling and the coherence reference sample.")
+
+    @field_validator("embeddings")
+    @classmethod
+    def _known_embeddings(cls, v: str) -> str:
+        if v in EMBEDDING_SOURCES or "://" in v or v.endswith((".kv", ".bin", ".txt", ".vec", ".gz")) or os.sep in v:
+            return v
+        raise ValueError(
+            f"unknown embeddings {v!r}: use one of {', '.join(EMBEDDING_SOURCES)} or the URL/path of a "
+            "KeyedVectors (.kv) or word2vec (.bin/.txt/.vec) file"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# bag of words
+# ---------------------------------------------------------------------------------------------
+def filter_dictionary(dictionary, cfg: TopicsConfig):
+    """A filtered copy of the corpus dictionary (``filter_extremes`` with the config's settings);
+    ids stay in the dictionary's (deterministic) order."""
+    import copy
+
+    d = copy.deepcopy(dictionary)
+    d.filter_extremes(no_below=cfg.no_below, no_above=cfg.no_above, keep_n=cfg.keep_n)
+    if len(d) == 0:
+        raise TopicsError(
+            f"topics: no word left after filter_extremes(no_below={cfg.no_below}, no_above={cfg.no_above}, "
+            f"keep_n={cfg.keep_n}) over {dictionary.num_docs} documents; lower topics.no_below or raise topics.no_above"
+        )
+    return d
+
+
+def vocab_list(dictionary) -> list[str]:
+    """Words by id (``vocab[i]`` is the word of id ``i``)."""
+    out = [""] * len(dictionary)
+    for w, i in dictionary.token2id.items():
+        out[i] = w
+    return out
+
+
+BOW_SCHEMA = pa.schema([("word_ids", pa.list_(pa.int32())), ("counts", pa.list_(pa.float32()))])
+
+
+def bow_arrays(tokens: pa.Array | pa.ChunkedArray, vocab: pa.Array) -> tuple[pa.ListArray, pa.ListArray]:
+    """Bag of words of each document of a ``list<string>`` column: ``(word_ids, counts)`` lists,
+    word ids sorted, words outside ``vocab`` dropped (a document may end up empty). Vectorised."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks() if tokens.num_chunks else pa.array([], pa.list_(pa.string()))
+    n = len(tokens)
+    v = len(vocab)
+    flat = pc.list_flatten(tokens)
+    parents = pc.list_parent_indices(tokens).to_numpy().astype(np.int64)
+    wid = pc.fill_null(pc.index_in(flat, value_set=vocab), -1).to_numpy().astype(np.int64)
+    keep = wid >= 0
+    keys, counts = np.unique(parents[keep] * v + wid[keep], return_counts=True)
+    doc = keys // max(v, 1)
+    offsets = np.searchsorted(doc, np.arange(n + 1)).astype(np.int32)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array((keys % max(v, 1)).astype(np.int32)))
+    cnt = pa.ListArray.from_arrays(pa.array(offsets), pa.array(counts.astype(np.float32)))
+    return ids, cnt
+
+
+def bow_from_token_lists(docs: Sequence[Sequence[str]], vocab: Sequence[str]) -> tuple[pa.ListArray, pa.ListArray]:
+    """:func:`bow_arrays` for Python token lists."""
+    return bow_arrays(pa.array([list(d) for d in docs], pa.list_(pa.string())), pa.array(list(vocab), pa.string()))
+
+
+def _bow_shards(batch: dict[str, np.ndarray], vocab: list[str], storage_options: dict[str, Any]) -> pa.Table:
+    """Ray Data transform: token shard URLs -> BoW rows of their non-empty documents."""
+    from embedjob.storage import Storage
+
+    vocab_arr = pa.array(vocab, pa.string())
+    parts = []
+    for url in batch["url"]:
+        table = Storage(str(url), storage_options).read_parquet("", columns=["tokens"])
+        ids, cnt = bow_arrays(table.column("tokens"), vocab_arr)
+        t = pa.Table.from_arrays([ids, cnt], schema=BOW_SCHEMA)
+        parts.append(t.filter(pc.greater(pc.list_value_length(t.column("word_ids")), 0)))
+    return pa.concat_tables(parts) if parts else BOW_SCHEMA.empty_table()
+
+
+def batch_tensors(word_ids: pa.Array | pa.ChunkedArray, counts: pa.Array | pa.ChunkedArray, device: Any = "cpu"):
+    """BoW list columns -> ``(ids, offsets, weights, counts, doc_index)`` tensors for the model:
+    flat word ids, bag start offsets, length-normalised weights (the encoder input), raw counts and
+    the document of each entry."""
+    import torch
+
+    if isinstance(word_ids, pa.ChunkedArray):
+        word_ids = word_ids.combine_chunks()
+    if isinstance(counts, pa.ChunkedArray):
+        counts = counts.combine_chunks()
+    offsets = word_ids.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    ids = word_ids.flatten().to_numpy().astype(np.int64)
+    cnt = counts.flatten().to_numpy().astype(np.float32)
+    lengths = np.diff(offsets)
+    doc_index = np.repeat(np.arange(len(lengths)), lengths)
+    totals = np.bincount(doc_index, weights=cnt, minlength=len(lengths))
+    totals = np.where(lengths > 0, totals, 1.0).astype(np.float32)
+    weights = cnt / totals[doc_index]
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return t(ids), t(offsets[:-1]), t(weights), t(cnt), t(doc_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_model(**kwargs: Any):
+    """A :class:`TopicModel` (defined lazily so importing this module does not import torch)."""
+    return _model_class()(**kwargs)
+
+
+_MODEL_CLASS = None
+
+
+def _model_class():
+    global _MODEL_CLASS
+    if _MODEL_CLASS is not None:
+        return _MODEL_CLASS
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class TopicModel(nn.Module):
+        """Variational encoder over the normalised BoW + ETM or ProdLDA decoder.
+
+        ETM: beta = softmax_V(rho @ alpha^T), p(w|d) = theta_d . beta[:, w], prior N(0, I).
+        ProdLDA: p(.|d) = softmax(BN(W theta_d + b)), prior: Laplace approximation of Dirichlet(1).
+        """
+
+        def __init__(self, vocab_size: int, num_topics: int, hidden_size: int = 512, *, kind: str = "etm",
+                     embedding_dim: int = 300, rho_trainable: bool = True, n_missing: int = 0,
+                     dropout: float = 0.2, batchnorm: bool = True):
+            super().__init__()
+            self.vocab_size, self.num_topics, self.kind = vocab_size, num_topics, kind
+            self.batchnorm = batchnorm
+            self.embed = nn.EmbeddingBag(vocab_size, hidden_size, mode="sum")
+            self.embed_bias = nn.Parameter(torch.zeros(hidden_size))
+            self.enc2 = nn.Linear(hidden_size, hidden_size)
+            self.drop = nn.Dropout(dropout)
+            self.mu = nn.Linear(hidden_size, num_topics)
+            self.logvar = nn.Linear(hidden_size, num_topics)
+            if batchnorm:
+                self.mu_bn = nn.BatchNorm1d(num_topics, affine=False)
+                self.logvar_bn = nn.BatchNorm1d(num_topics, affine=False)
+            if kind == "etm":
+                if rho_trainable:
+                    self.rho = nn.Parameter(torch.randn(vocab_size, embedding_dim) / math.sqrt(embedding_dim))
+                else:
+                    self.register_buffer("rho", torch.zeros(vocab_size, embedding_dim))
+                self.n_missing = n_missing
+                self.register_buffer("missing_idx", torch.zeros(n_missing, dtype=torch.long))
+                if n_missing:
+                    self.rho_missing = nn.Parameter(torch.randn(n_missing, embedding_dim) / math.sqrt(embedding_dim))
+                self.alpha = nn.Linear(embedding_dim, num_topics, bias=False)
+            elif kind == "prodlda":
+                self.beta = nn.Linear(num_topics, vocab_size)
+                self.beta_bn = nn.BatchNorm1d(vocab_size, affine=False)
+                self.theta_drop = nn.Dropout(dropout)
+                prior_var = 1.0 - 1.0 / num_topics  # Laplace approximation of Dirichlet(alpha=1)
+                self.register_buffer("prior_var", torch.full((num_topics,), prior_var))
+            else:
+                raise TopicsError(f"topics.model: unknown model {kind!r}; valid: etm, prodlda")
+
+        # -- pieces ---------------------------------------------------------------------------
+        def word_embeddings(self):
+            if self.n_missing:
+                return self.rho.index_copy(0, self.missing_idx, self.rho_missing)
+            return self.rho
+
+        def encode(self, ids, offsets, weights):
+            h = F.softplus(self.embed(ids, offsets, per_sample_weights=weights) + self.embed_bias)
+            h = self.drop(F.softplus(self.enc2(h)))
+            mu, logvar = self.mu(h), self.logvar(h)
+            if self.batchnorm:
+                mu, logvar = self.mu_bn(mu), self.logvar_bn(logvar)
+            return mu, logvar
+
+        def theta(self, ids, offsets, weights):
+            """Document-topic proportions (the posterior mean's softmax, no sampling)."""
+            mu, _ = self.encode(ids, offsets, weights)
+            return F.softmax(mu, dim=1)
+
+        def topic_word(self):
+            """(K, V) topic-word distributions."""
+            if self.kind == "etm":
+                return F.softmax(self.word_embeddings() @ self.alpha.weight.t(), dim=0).t()
+            return F.softmax(self.beta.weight.t(), dim=1)
+
+        def kl(self, mu, logvar):
+            if self.kind == "etm":
+                return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(1)
+            pv = self.prior_var
+            return 0.5 * (logvar.exp() / pv + mu.pow(2) / pv - 1.0 + pv.log() - logvar).sum(1)
+
+        def forward(self, ids, offsets, weights, counts, doc_index):
+            """Per-document (reconstruction NLL, KL)."""
+            mu, logvar = self.encode(ids, offsets, weights)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+            theta = F.softmax(z, dim=1)
+            n = theta.shape[0]
+            if self.kind == "etm":
+                beta = F.softmax(self.word_embeddings() @ self.alpha.weight.t(), dim=0)  # (V, K)
+                p = (theta[doc_index] * beta[ids]).sum(1)
+                logp = torch.log(p + 1e-10)
+            else:
+                logits = self.beta_bn(self.beta(self.theta_drop(theta)))
+                logp = F.log_softmax(logits, dim=1)[doc_index, ids]
+            nll = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, doc_index, -counts * logp)
+            return nll, self.kl(mu, logvar)
+
+    _MODEL_CLASS = TopicModel
+    return TopicModel
+
+
+def model_kwargs(cfg: TopicsConfig, vocab_size: int, embedding_dim: int, n_missing: int) -> dict[str, Any]:
+    trainable = cfg.embeddings == "learned" or cfg.train_embeddings
+    return {"vocab_size": vocab_size, "num_topics": cfg.num_topics, "hidden_size": cfg.hidden_size,
+            "kind": cfg.model, "embedding_dim": embedding_dim, "rho_trainable": trainable,
+            "n_missing": 0 if trainable else n_missing, "dropout": cfg.dropout, "batchnorm": cfg.batchnorm}
+
+
+def init_model(kwargs: dict[str, Any], rho: Optional[np.ndarray], missing: Optional[np.ndarray], seed: int):
+    """A freshly initialised model with the pre-fitted rows of rho copied in."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    model = build_model(**kwargs)
+    if kwargs["kind"] == "etm" and rho is not None:
+        with torch.no_grad():
+            model.rho.copy_(torch.from_numpy(rho))
+            if kwargs["n_missing"]:
+                model.missing_idx.copy_(torch.from_numpy(np.flatnonzero(missing)))
+                model.rho_missing.copy_(torch.from_numpy(rho[missing]))
+    return model
+
+
+def infer_theta(model, word_ids: pa.Array, counts: pa.Array, *, batch_size: int = 4096) -> np.ndarray:
+    """Document-topic proportions ``(n, K)`` float32 of BoW documents (:func:`bow_arrays` output)
+    with a trained model; rows sum to 1 (an empty document gets the encoder's bias-only answer)."""
+    torch = _torch()
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(word_ids), batch_size):
+            ids, offsets, weights, _, _ = batch_tensors(word_ids[s:s + batch_size], counts[s:s + batch_size])
+            out.append(model.theta(ids, offsets, weights).float().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.num_topics), np.float32)
+
+
+@dataclass
+class TrainedTopicModel:
+    """A trained model with its vocabulary (what ``topics/model.pt`` holds)."""
+
+    model: Any
+    vocab: list[str]
+    config: dict[str, Any]
+
+    def infer_tokens(self, docs: Sequence[Sequence[str]]) -> np.ndarray:
+        """Theta of new documents given as token lists (tokenise them as the job did:
+        ``embedjob.preprocess.preprocess_texts``)."""
+        ids, cnt = bow_from_token_lists(docs, self.vocab)
+        return infer_theta(self.model, ids, cnt)
+
+    def topic_word(self) -> np.ndarray:
+        with _torch().no_grad():
+            return self.model.topic_word().float().numpy()
+
+
+def model_bytes(model, kwargs: dict[str, Any], vocab: list[str], cfg: TopicsConfig, extra: dict | None = None) -> bytes:
+    torch = _torch()
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "model_kwargs": kwargs, "state_dict": model.state_dict(), "vocab": vocab,
+                "config": cfg.model_dump(), **(extra or {})}, buf)
+    return buf.getvalue()
+
+
+def load_topic_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> TrainedTopicModel:
+    """Load ``topics/model.pt`` from a job output folder (or the file's own URL)."""
+    from embedjob.storage import Storage
+
+    store = Storage(url, storage_options or {})
+    rel = "" if url.endswith(".pt") else f"{TOPICS_DIR}/model.pt"
+    if not store.exists(rel):
+        raise TopicsError(f"no topic model at {store.url(rel)!r}: run the job with topics.enabled=true")
+    blob = _torch().load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=True)
+    model = build_model(**blob["model_kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return TrainedTopicModel(model, list(blob["vocab"]), dict(blob.get("config", {})))
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+# ---------------------------------------------------------------------------------------------
+def load_keyed_vectors(url: str, storage_options: dict[str, Any]):
+    """gensim KeyedVectors from any storage URL: ``.kv`` (``KeyedVectors.save``, with its
+    ``.npy`` sidecar files), ``.bin`` (binary word2vec) or text word2vec (``.txt``/``.vec``/``.gz``)."""
+    import posixpath
+
+    from gensim.models import KeyedVectors
+
+    from embedjob.storage import Storage
+
+    store = Storage(url, storage_options)
+    if not store.exists():
+        raise TopicsError(f"topics.embeddings: vector file {url!r} does not exist")
+    name = posixpath.basename(store.path())
+    parent = Storage(store.url().rsplit("/", 1)[0], storage_options) if "/" in store.url() else store
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, name)
+        store.download("", local)
+        if name.endswith(".kv"):
+            for sib in parent.list():
+                if sib.startswith(name + ".") and sib != name:
+                    parent.download(sib, os.path.join(tmp, sib))
+            try:
+                return KeyedVectors.load(local)
+            except Exception as e:  # noqa: BLE001 - the message names the file
+                raise TopicsError(f"topics.embeddings: cannot load KeyedVectors from {url!r}: {e}") from e
+        try:
+            return KeyedVectors.load_word2vec_format(local, binary=name.endswith(".bin"))
+        except Exception as e:  # noqa: BLE001
+            raise TopicsError(f"topics.embeddings: cannot read word2vec file {url!r}: {e}") from e
+
+
+def embedding_matrix(kv, vocab: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rho (V, E) float32, missing mask (V,))``: rows of vocabulary words from ``kv``; missing
+    words get N(mean, std) rows with the known rows' per-dimension mean and spread (the model learns
+    them further)."""
+    dim = kv.vector_size
+    rho = np.zeros((len(vocab), dim), np.float32)
+    missing = np.ones(len(vocab), bool)
+    for i, w in enumerate(vocab):
+        idx = kv.key_to_index.get(w)
+        if idx is not None:
+            rho[i] = kv.vectors[idx]
+            missing[i] = False
+    known = rho[~missing]
+    if len(known) == 0:
+        raise TopicsError("topics.embeddings: none of the vocabulary's words is in the given vectors "
+                          "(were they trained on other tokens?)")
+    rng = np.random.default_rng(seed)
+    mean, std = known.mean(0), known.std(0) + 1e-6
+    rho[missing] = (mean + rng.standard_normal((int(missing.sum()), dim)) * std).astype(np.float32)
+    return rho, missing
+
+
+def resolve_embeddings(cfg: TopicsConfig, out, vocab: list[str]) -> tuple[Optional[np.ndarray], np.ndarray, dict]:
+    """rho for the ETM per ``topics.embeddings`` plus stats for the record."""
+    if cfg.model != "etm" or cfg.embeddings == "learned":
+        return None, np.zeros(len(vocab), bool), {"embeddings": "learned" if cfg.model == "etm" else None}
+    if cfg.embeddings in JOB_VECTORS:
+        rel = JOB_VECTORS[cfg.embeddings]
+        if not out.exists(rel):
+            stage = "word2vec" if cfg.embeddings == "word2vec" else "static"
+            raise TopicsError(
+                f"topics.embeddings={cfg.embeddings!r} needs {out.url(rel)!r}, which does not exist: enable the "
+                f"{stage} stage ({stage}.enabled=true), or set topics.embeddings to 'learned' or a vector file URL"
+            )
+        url = out.url(rel)
+    else:
+        url = cfg.embeddings
+    kv = load_keyed_vectors(url, out.storage_options)
+    rho, missing = embedding_matrix(kv, vocab, cfg.seed)
+    logger.info("topics: rho from %s: %d words, dim %d, %d vocabulary words missing (learned)",
+                url, len(vocab), rho.shape[1], int(missing.sum()))
+    return rho, missing, {"embeddings": url, "embedding_dim": int(rho.shape[1]), "missing_words": int(missing.sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+def top_words(topic_word: np.ndarray, vocab: list[str], n: int) -> list[list[str]]:
+    order = np.argsort(-topic_word, axis=1)[:, :n]
+    return [[vocab[j] for j in row] for row in order]
+
+
+def topic_diversity(topics: list[list[str]], n: int = 25) -> float:
+    """Unique words among the top ``n`` of all topics / (n * K) (Dieng et al. 2020)."""
+    words = [w for t in topics for w in t[:n]]
+    return len(set(words)) / float(n * len(topics)) if topics else 0.0
+
+
+def reference_texts(token_urls: list[str], storage_options: dict[str, Any], limit: Optional[int],
+                    seed: int) -> list[list[str]]:
+    """The coherence reference: the job's token lists, a seeded sample of at most ``limit`` spread
+    over the shards in proportion to their sizes."""
+    import pyarrow.parquet as pq
+
+    from embedjob.storage import Storage
+
+    sizes = []
+    for u in token_urls:
+        s = Storage(u, storage_options)
+        with s.open("", "rb") as f:
+            sizes.append(pq.ParquetFile(f).metadata.num_rows)
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    texts: list[list[str]] = []
+    for u, n in zip(token_urls, sizes):
+        if n == 0:
+            continue
+        tokens = Storage(u, storage_options).read_parquet("", columns=["tokens"]).column("tokens")
+        if limit is not None and total > limit:
+            take = int(round(limit * n / total))
+            idx = np.sort(rng.choice(n, size=min(take, n), replace=False))
+            tokens = tokens.take(pa.array(idx))
+        texts.extend(t for t in tokens.to_pylist() if t)
+    return texts
+
+
+def coherence_scores(topics: list[list[str]], texts: list[list[str]], dictionary, *, measures: Sequence[str],
+                     topn: int, processes: int = 1) -> dict[str, Any]:
+    """gensim CoherenceModel scores: ``{measure: {"mean": m, "per_topic": [...]}}``."""
+    from gensim.models.coherencemodel import CoherenceModel
+
+    out: dict[str, Any] = {}
+    for m in measures:
+        cm = CoherenceModel(topics=[t[:topn] for t in topics], texts=texts, dictionary=dictionary, coherence=m,
+                            topn=topn, processes=processes)
+        per = [float(x) for x in cm.get_coherence_per_topic()]
+        out[m] = {"mean": float(np.nanmean(per)) if per else float("nan"), "per_topic": per,
+                  "window_size": cm.window_size}
+    return out
+
+
+def evaluate_topics(topics: list[list[str]], texts: list[list[str]], dictionary, cfg: TopicsConfig) -> dict[str, Any]:
+    """metrics.json body: NPMI / C_V (gensim, top ``top_n`` words) and topic diversity, with the
+    settings they were computed with."""
+    t = time.time()
+    scores = coherence_scores(topics, texts, dictionary, measures=cfg.coherence, topn=cfg.top_n,
+                              processes=cfg.coherence_processes)
+    out: dict[str, Any] = {
+        "num_topics": len(topics),
+        "diversity": topic_diversity(topics, cfg.diversity_top_n),
+        "coherence": scores,
+        "settings": {
+            "coherence": "gensim.models.coherencemodel.CoherenceModel",
+            "topn": cfg.top_n,
+            "window_size": {m: s["window_size"] for m, s in scores.items()},
+            "reference": "job tokens (tokens/*.parquet)",
+            "reference_docs": len(texts),
+            "reference_docs_cap": cfg.coherence_docs,
+            "reference_seed": cfg.seed,
+            "dictionary_words": len(dictionary),
+            "diversity_top_n": cfg.diversity_top_n,
+        },
+        "seconds": round(time.time() - t, 3),
+    }
+    if "c_npmi" in scores:
+        out["npmi"] = scores["c_npmi"]["mean"]
+    if "c_v" in scores:
+        out["c_v"] = scores["c_v"]["mean"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training (Ray Train)
+# ---------------------------------------------------------------------------------------------
+def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho_source: Any) -> str:
+    """What a checkpoint must match to be resumed (settings that change the model or the data)."""
+    keep = cfg.model_dump(exclude={"enabled", "epochs", "resume", "checkpoint_every", "keep_checkpoints",
+                                   "workers", "threads_per_worker", "use_gpu", "top_n", "diversity_top_n",
+                                   "topics_json_top_n", "coherence", "coherence_docs", "coherence_processes"})
+    h = hashlib.sha256(json.dumps({"cfg": keep, "rho": rho_source}, sort_keys=True, default=str).encode())
+    h.update("\n".join(vocab).encode())
+    return h.hexdigest()[:16]
+
+
+def latest_checkpoint(store, fingerprint: str) -> Optional[dict[str, Any]]:
+    """``{"path", "epoch"}`` of the newest checkpoint with this fingerprint, else None."""
+    if not store.exists(f"{CKPT_DIR}/latest.json"):
+        return None
+    try:
+        info = store.read_json(f"{CKPT_DIR}/latest.json")
+    except (OSError, ValueError):
+        return None
+    if info.get("fingerprint") != fingerprint or not store.exists(info.get("path", "")):
+        logger.info("topics: checkpoint %s was made with other settings or vocabulary; starting over",
+                    info.get("path"))
+        return None
+    return info
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train loop of one worker: DDP over its split of the BoW dataset."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from embedjob.storage import Storage
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    store = Storage(config["root"], config["storage_options"])
+    rho = ray.get(config["rho_ref"]) if config["rho_ref"] is not None else None
+    model = init_model(config["model_kwargs"], rho, config["missing"], config["seed"])
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start = 0
+    if config["resume_path"]:
+        blob = torch.load(io.BytesIO(store.read_bytes(config["resume_path"])), map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        opt.load_state_dict(blob["optimizer"])
+        start = int(blob["epoch"])
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"] * 1000 + rank + 7919 * start)
+    shard = ray.train.get_dataset_shard("train")
+    epochs, anneal = config["epochs"], config["kl_anneal_epochs"]
+    for epoch in range(start, epochs):
+        model.train()
+        t0 = time.time()
+        kl_w = min(1.0, (epoch + 1) / anneal) if anneal else 1.0
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=config["shuffle_buffer"],
+                                        local_shuffle_seed=config["seed"] + epoch * 131 + rank):
+            ids, offsets, weights, counts, doc_index = batch_tensors(batch.column("word_ids"), batch.column("counts"),
+                                                                     device)
+            nll, kl = model(ids, offsets, weights, counts, doc_index)
+            loss = (nll + kl_w * kl).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip_grad"])
+            opt.step()
+            sums += torch.tensor([float(nll.sum()), float(kl.sum()), float(len(nll))], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)  # gloo/NCCL: global epoch loss for the log
+        docs = max(float(sums[2]), 1.0)
+        metrics = {"epoch": epoch + 1, "nll": float(sums[0]) / docs, "kl": float(sums[1]) / docs,
+                   "docs": int(sums[2]), "seconds": round(time.time() - t0, 3)}
+        last = epoch + 1 == epochs
+        if rank == 0:
+            logger.info("topics: epoch %d/%d nll %.2f kl %.2f (%d docs, %.1fs)", epoch + 1, epochs, metrics["nll"],
+                        metrics["kl"], metrics["docs"], metrics["seconds"])
+            if last or (epoch + 1) % config["checkpoint_every"] == 0:
+                _save_checkpoint(store, core, opt, epoch + 1, config)
+        ray.train.report(metrics)
+
+
+def _save_checkpoint(store, model, opt, epoch: int, config: dict[str, Any]) -> None:
+    torch = _torch()
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "epoch": epoch, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "model_kwargs": config["model_kwargs"],
+                "fingerprint": config["fingerprint"]}, buf)
+    path = f"{CKPT_DIR}/epoch-{epoch:05d}.pt"
+    store.write_bytes(path, buf.getvalue())
+    store.write_json(f"{CKPT_DIR}/latest.json", {"path": path, "epoch": epoch, "fingerprint": config["fingerprint"]})
+    old = sorted(n for n in store.list(CKPT_DIR, suffix=".pt") if n.startswith("epoch-"))
+    for name in old[:-config["keep_checkpoints"]]:
+        store.delete(f"{CKPT_DIR}/{name}")
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+
+
+def _use_gpu(cfg: TopicsConfig) -> bool:
+    import ray
+
+    if cfg.use_gpu == "no":
+        return False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.use_gpu == "yes" and gpus < cfg.workers:
+        raise TopicsError(f"topics.use_gpu='yes' with topics.workers={cfg.workers}, but the Ray cluster has {gpus} GPUs")
+    return gpus >= cfg.workers
+
+
+def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any]):
+    """Ray Dataset of the BoW rows (``word_ids``, ``counts``) of all non-empty documents, materialised
+    once in the object store so that every epoch streams it without re-reading the shards."""
+    import ray
+
+    ds = ray.data.from_items([{"url": u} for u in token_urls], override_num_blocks=len(token_urls))
+    ds = ds.map_batches(_bow_shards, fn_kwargs={"vocab": vocab, "storage_options": storage_options},
+                        batch_size=1, batch_format="numpy")
+    return ds.materialize()
+
+
+def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str], rho: Optional[np.ndarray],
+                      missing: np.ndarray, rho_source: Any) -> tuple[Any, dict[str, Any]]:
+    """Train with ``TorchTrainer`` (or resume); returns the trained model (CPU) and stats."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.time()
+    ds = bow_dataset(token_urls, vocab, out.storage_options)
+    docs = ds.count()
+    if docs == 0:
+        raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
+    bow_seconds = time.time() - t0
+    workers = min(cfg.workers, docs // 2) or 1
+    per_worker = docs // workers
+    batch_size = max(2, min(cfg.batch_size, per_worker))
+    gpu = _use_gpu(cfg)
+    threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
+    embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
+    kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))
+    fp = _fingerprint(cfg, vocab, rho_source)
+    resume = latest_checkpoint(out, fp) if cfg.resume else None
+    if resume and resume["epoch"] >= cfg.epochs:
+        logger.info("topics: checkpoint %s already has %d epochs", resume["path"], resume["epoch"])
+    elif resume:
+        logger.info("topics: resuming from %s (epoch %d)", resume["path"], resume["epoch"])
+    config = {
+        "root": out.url(), "storage_options": out.storage_options, "model_kwargs": kwargs,
+        "rho_ref": ray.put(rho) if rho is not None else None, "missing": missing, "seed": cfg.seed,
+        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "batch_size": batch_size,
+        "kl_anneal_epochs": cfg.kl_anneal_epochs, "clip_grad": cfg.clip_grad, "threads": threads,
+        "checkpoint_every": cfg.checkpoint_every, "keep_checkpoints": cfg.keep_checkpoints, "fingerprint": fp,
+        "resume_path": resume["path"] if resume else None, "shuffle_buffer": max(batch_size * 4, 1024),
+    }
+    t1 = time.time()
+    if not (resume and resume["epoch"] >= cfg.epochs):
+        with tempfile.TemporaryDirectory(prefix="embedjob-topics-") as tmp:
+            trainer = TorchTrainer(
+                _train_loop,
+                train_loop_config=config,
+                torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                             resources_per_worker=None if gpu else {"CPU": 1}),
+                run_config=RunConfig(name=f"topics-{uuid.uuid4().hex[:8]}", storage_path=tmp),
+                datasets={"train": ds},
+            )
+            result = trainer.fit()
+            if result.error:
+                raise TopicsError(f"topics: training failed: {result.error}") from result.error
+            final_metrics = dict(result.metrics or {})
+    else:
+        final_metrics = {}
+    train_seconds = time.time() - t1
+    info = latest_checkpoint(out, fp)
+    if not info or info["epoch"] < cfg.epochs:
+        raise TopicsError(f"topics: training ended without a final checkpoint under {out.url(CKPT_DIR)!r}")
+    blob = _torch().load(io.BytesIO(out.read_bytes(info["path"])), map_location="cpu", weights_only=True)
+    model = build_model(**kwargs)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    stats = {"documents": docs, "workers": workers, "threads_per_worker": threads, "device": "cuda" if gpu else "cpu",
+             "batch_size": batch_size, "epochs": cfg.epochs, "resumed_from_epoch": resume["epoch"] if resume else 0,
+             "final_nll": final_metrics.get("nll"), "final_kl": final_metrics.get("kl"),
+             "bow_seconds": round(bow_seconds, 3), "train_seconds": round(train_seconds, 3)}
+    return model, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# theta for every document (Ray Data pass)
+# ---------------------------------------------------------------------------------------------
+class ThetaWriter:
+    """Ray Data callable: token shard URL -> ``(id, theta)`` Parquet written to a staging folder."""
+
+    def __init__(self, model_blob: bytes, vocab: list[str], root: str, storage_options: dict[str, Any],
+                 staging: str, threads: int = 1):
+        torch = _torch()
+        torch.set_num_threads(threads)
+        blob = torch.load(io.BytesIO(model_blob), map_location="cpu", weights_only=True)
+        self.model = build_model(**blob["model_kwargs"])
+        self.model.load_state_dict(blob["state_dict"])
+        self.model.eval()
+        self.vocab = pa.array(vocab, pa.string())
+        self.root, self.storage_options, self.staging = root, storage_options, staging
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from embedjob.storage import Storage
+
+        store = Storage(self.root, self.storage_options)
+        keys, docs, empty = [], [], []
+        for url, key in zip(batch["url"], batch["key"]):
+            table = Storage(str(url), self.storage_options).read_parquet("", columns=["id", "tokens"])
+            ids, cnt = bow_arrays(table.column("tokens"), self.vocab)
+            theta = infer_theta(self.model, ids, cnt)
+            k = theta.shape[1]
+            col = pa.FixedSizeListArray.from_arrays(pa.array(theta.reshape(-1), pa.float32()), k)
+            out = pa.table({"id": table.column("id"), "theta": col.cast(pa.list_(pa.float32()))})
+            store.write_parquet(f"{self.staging}/{key}.parquet", out)
+            keys.append(str(key))
+            docs.append(table.num_rows)
+            empty.append(int((pc.list_value_length(ids).to_numpy() == 0).sum()))
+        return {"key": np.array(keys), "docs": np.array(docs), "empty": np.array(empty)}
+
+
+def shard_key_of(token_url: str) -> str:
+    """``.../tokens/part-00003.parquet`` -> ``part-00003``."""
+    name = token_url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], staging: str, *,
+               actors: int, threads: int) -> dict[str, Any]:
+    import ray
+
+    items = [{"url": u, "key": shard_key_of(u)} for u in token_urls]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ThetaWriter, fn_constructor_kwargs={
+        "model_blob": model_blob, "vocab": vocab, "root": out.url(), "storage_options": out.storage_options,
+        "staging": staging, "threads": threads}, batch_size=1, concurrency=max(1, min(actors, len(items))),
+        num_cpus=1, batch_format="numpy")
+    rows = ds.take_all()
+    return {"theta_docs": int(sum(r["docs"] for r in rows)), "theta_empty_docs": int(sum(r["empty"] for r in rows)),
+            "theta_shards": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def load_job_dictionary(out, token_urls: list[str]):
+    """``<out>/vocab/dictionary.gensim`` when present, else built from the token shards."""
+    from gensim.corpora import Dictionary
+
+    if out.exists("vocab/dictionary.gensim"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "dictionary.gensim")
+            out.download("vocab/dictionary.gensim", path)
+            return Dictionary.load(path)
+    from embedjob.vocab import build_vocabulary
+
+    return build_vocabulary(token_urls, out.storage_options)
+
+
+def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
+    """Train the topic model on the job's token shards and write ``<out>/topics/``; returns stats.
+
+    Results are written only after training, theta and metrics all succeeded; theta files are
+    staged under ``topics/_staging/`` first.
+    """
+    import ray
+
+    tc: TopicsConfig = cfg.topics
+    if not token_urls:
+        raise TopicsError("topics: no token shard to train on")
+    t0 = time.time()
+    dictionary = filter_dictionary(load_job_dictionary(out, token_urls), tc)
+    vocab = vocab_list(dictionary)
+    logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
+    rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
+    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing, emb_stats.get("embeddings"))
+    kwargs = model_kwargs(tc, len(vocab), rho.shape[1] if rho is not None else tc.embedding_dim, int(missing.sum()))
+    with _torch().no_grad():
+        tw = model.topic_word().float().numpy()
+    topics = top_words(tw, vocab, max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
+    blob = model_bytes(model, kwargs, vocab, tc)
+
+    staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
+    threads = tc.threads_per_worker or max(1, _cluster_cpus() // max(1, tc.workers))
+    try:
+        t = time.time()
+        theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=tc.workers, threads=threads)
+        theta_stats["theta_seconds"] = round(time.time() - t, 3)
+        texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
+        metrics = evaluate_topics(topics, texts, dictionary, tc)
+        metrics.update({"model": tc.model, "training": train_stats, "vocabulary": len(vocab), **emb_stats})
+
+        # commit: theta, matrices, topics, model, metrics last
+        keys = [shard_key_of(u) for u in token_urls]
+        for k in keys:
+            out.write_bytes(f"{TOPICS_DIR}/theta/{k}.parquet", out.read_bytes(f"{staging}/{k}.parquet"))
+        for name in out.list(f"{TOPICS_DIR}/theta", suffix=".parquet"):
+            if name[: -len(".parquet")] not in set(keys):
+                out.delete(f"{TOPICS_DIR}/theta/{name}")
+    finally:
+        out.delete(staging, recursive=True)
+    buf = io.BytesIO()
+    np.save(buf, tw.astype(np.float32))
+    out.write_bytes(f"{TOPICS_DIR}/topic_word.npy", buf.getvalue())
+    npmi = metrics["coherence"].get("c_npmi", {}).get("per_topic", [])
+    cv = metrics["coherence"].get("c_v", {}).get("per_topic", [])
+    out.write_json(f"{TOPICS_DIR}/topics.json", {
+        "model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab),
+        "topics": [{"topic": i, "words": words[: tc.topics_json_top_n],
+                    "weights": [round(float(tw[i, vocab.index(w)]), 6) for w in words[: tc.topics_json_top_n]],
+                    **({"npmi": npmi[i]} if i < len(npmi) else {}), **({"c_v": cv[i]} if i < len(cv) else {})}
+                   for i, words in enumerate(topics)],
+    })
+    out.write_bytes(f"{TOPICS_DIR}/model.pt", blob)
+    out.write_json(f"{TOPICS_DIR}/metrics.json", metrics)
+    stats = {"model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab), **train_stats, **theta_stats,
+             "npmi": metrics.get("npmi"), "c_v": metrics.get("c_v"), "diversity": metrics["diversity"],
+             "coherence_seconds": metrics["seconds"], "total_seconds": round(time.time() - t0, 3), **emb_stats}
+    logger.info("topics: NPMI %s, C_V %s, diversity %.3f", stats["npmi"], stats["c_v"], stats["diversity"])
+    del ray
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: embedjob topics OUTPUT
+# ---------------------------------------------------------------------------------------------
+def format_topics(topics_doc: dict[str, Any], metrics: Optional[dict[str, Any]] = None, n: int = 10) -> str:
+    lines = []
+    if metrics:
+        parts = [f"{metrics.get('model', topics_doc.get('model'))}, K={topics_doc.get('num_topics')}"]
+        if metrics.get("npmi") is not None:
+            parts.append(f"NPMI {metrics['npmi']:.4f}")
+        if metrics.get("c_v") is not None:
+            parts.append(f"C_V {metrics['c_v']:.4f}")
+        parts.append(f"diversity {metrics.get('diversity', float('nan')):.3f}")
+        lines.append(", ".join(parts))
+    for t in topics_doc["topics"]:
+        score = []
+        if "npmi" in t:
+            score.append(f"npmi {t['npmi']:+.3f}")
+        if "c_v" in t:
+            score.append(f"c_v {t['c_v']:.3f}")
+        lines.append(f"{t['topic']:3d} [{' '.join(score)}] {' '.join(t['words'][:n])}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``embedjob topics OUTPUT [--storage-option K=V] [--top N] [--json]``: print the topics and
+    their coherence from a job's output."""
+    import argparse
+
+    import yaml
+
+    from embedjob.storage import Storage, StorageError
+
+    p = argparse.ArgumentParser(prog="embedjob topics", description="Print the topics of a job's topic model.")
+    p.add_argument("output", help="job output URL (folder holding topics/)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
+                   help="fsspec option of the output storage (value parsed as YAML); repeatable")
+    p.add_argument("--top", type=int, default=10, help="words printed per topic")
+    p.add_argument("--json", action="store_true", help="print topics.json and metrics.json as one JSON object")
+    args = p.parse_args(argv)
+    opts: dict[str, Any] = {}
+    for kv in args.storage_option:
+        if "=" not in kv:
+            p.error(f"--storage-option {kv!r}: expected K=V")
+        k, v = kv.split("=", 1)
+        node = opts
+        parts = k.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(v)
+    try:
+        store = Storage(args.output, opts)
+        if not store.exists(f"{TOPICS_DIR}/topics.json"):
+            print(f"no topics at {store.url(TOPICS_DIR + '/topics.json')!r}: run the job with topics.enabled=true")
+            return 1
+        doc = store.read_json(f"{TOPICS_DIR}/topics.json")
+        metrics = store.read_json(f"{TOPICS_DIR}/metrics.json") if store.exists(f"{TOPICS_DIR}/metrics.json") else None
+    except (StorageError, OSError) as e:
+        print(f"cannot read {args.output!r}: {e}")
+        return 1
+    if args.json:
+        print(json.dumps({"topics": doc, "metrics": metrics}))
+    else:
+        print(format_topics(doc, metrics, args.top))
+    return 0

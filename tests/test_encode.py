@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from embedjob.config import EncodeConfig
+from embedjob.encode import TextEncoder, resolve_dtype, token_budget_batches
+from tests.conftest import SAMPLE_TEXTS
+
+
+def test_token_budget_batches_cover_all_and_respect_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 300, size=500)
+    batches = token_budget_batches(lengths, batch_tokens=2048, max_docs=64)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) <= 64
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 2048
+    # longest first: padding is small because neighbours have similar lengths
+    assert lengths[batches[0]].max() == lengths.max()
+
+
+def test_single_overlong_document_gets_its_own_batch():
+    assert [len(b) for b in token_budget_batches(np.array([5000, 3]), 100, 8)] == [1, 1]
+
+
+def test_matches_sentence_transformers_fp32(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    texts = SAMPLE_TEXTS + ["word " * 400, "x"]  # one truncated, one tiny
+    ref = SentenceTransformer(minilm_path, device="cpu").encode(texts, convert_to_numpy=True)
+    enc = TextEncoder.from_config(EncodeConfig(dtype="float32", batch_tokens=512))
+    got = enc.encode_texts(texts).vectors
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() >= 0.999, cos
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # Normalize module honoured
+
+
+def test_order_restored_and_batching_invariant(tiny_model):
+    texts = SAMPLE_TEXTS * 3
+    a = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32", batch_tokens=64)).encode_texts(texts)
+    b = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32", batch_tokens=100000)).encode_texts(texts)
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+    np.testing.assert_allclose(a.vectors[:12], a.vectors[12:24], atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_pooling_modes(tiny_model, pooling):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    enc = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32", pooling=pooling, normalize=False))
+    texts = SAMPLE_TEXTS[:3]
+    got = enc.encode_texts(texts).vectors
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModel.from_pretrained(tiny_model).eval()
+    for i, t in enumerate(texts):
+        with torch.no_grad():
+            h = model(**tok(t, return_tensors="pt")).last_hidden_state[0]
+        want = {"mean": h.mean(0), "cls": h[0], "max": h.max(0).values}[pooling].numpy()
+        np.testing.assert_allclose(got[i], want, atol=1e-4)
+
+
+def test_bf16_close_to_fp32(tiny_model):
+    texts = SAMPLE_TEXTS
+    a = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32")).encode_texts(texts).vectors
+    b = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="bfloat16")).encode_texts(texts).vectors
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_dtype_auto():
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("float16", "cpu") == "float16"
+    assert resolve_dtype("auto", "cpu") in ("bfloat16", "float32")
+
+
+def test_model_errors_name_the_setting(tmp_path):
+    from embedjob.models import ModelError, resolve_model_path
+
+    with pytest.raises(ModelError, match="encode.model='nope'"):
+        resolve_model_path("nope")
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_path(str(tmp_path))

@@ -1,0 +1,235 @@
+"""Topic model stage: BoW, metrics, ETM/ProdLDA training with Ray Train, theta, resume, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.config import JobConfig
+from embedjob.storage import Storage
+from embedjob.topics import (
+    TopicsConfig,
+    TopicsError,
+    bow_from_token_lists,
+    embedding_matrix,
+    filter_dictionary,
+    infer_theta,
+    load_topic_model,
+    main,
+    run_topics,
+    top_words,
+    topic_diversity,
+)
+
+ANIMALS = ["cat", "dog", "hors", "cow", "sheep", "goat", "pig", "duck", "mous", "lion", "tiger", "wolf"]
+MONEY = ["bank", "stock", "share", "market", "price", "rate", "loan", "debt", "fund", "tax", "bond", "cash"]
+
+
+def _synthetic_docs(n: int = 240, seed: int = 0) -> list[list[str]]:
+    """Documents drawn from one of two vocabularies (plus one shared word), alternating."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        words = ANIMALS if i % 2 == 0 else MONEY
+        doc = list(rng.choice(words, size=int(rng.integers(8, 20))))
+        doc.append("thing")
+        docs.append(doc)
+    docs[5] = []  # an empty document keeps its row
+    docs[7] = ["zzzunique"]  # only out-of-vocabulary words
+    return docs
+
+
+def _write_tokens(out_dir: str, docs: list[list[str]], n_shards: int = 3) -> tuple[list[str], list[str]]:
+    os.makedirs(os.path.join(out_dir, "tokens"), exist_ok=True)
+    ids = [f"doc-{i:05d}" for i in range(len(docs))]
+    urls = []
+    for s in range(n_shards):
+        rows = list(range(s, len(docs), n_shards))
+        path = os.path.join(out_dir, "tokens", f"part-{s:05d}.parquet")
+        pq.write_table(pa.table({"id": [ids[i] for i in rows],
+                                 "tokens": pa.array([docs[i] for i in rows], pa.list_(pa.string()))}), path)
+        urls.append(path)
+    return urls, ids
+
+
+def _write_vectors(out_dir: str, missing: tuple[str, ...] = ("wolf", "bond")) -> None:
+    """Tiny word2vec-like vectors: each group around its own direction; some words left out."""
+    from gensim.models import KeyedVectors
+
+    rng = np.random.default_rng(1)
+    words, vecs = [], []
+    for group, centre in ((ANIMALS, np.eye(16)[0] * 3), (MONEY, np.eye(16)[1] * 3)):
+        for w in group:
+            if w not in missing:
+                words.append(w)
+                vecs.append(centre + rng.normal(0, 0.3, 16))
+    words.append("thing")
+    vecs.append(rng.normal(0, 0.3, 16))
+    kv = KeyedVectors(16)
+    kv.add_vectors(words, np.array(vecs, np.float32))
+    os.makedirs(os.path.join(out_dir, "word2vec"), exist_ok=True)
+    kv.save(os.path.join(out_dir, "word2vec", "vectors.kv"))
+
+
+def _cfg(**topics) -> JobConfig:
+    base = dict(enabled=True, num_topics=2, no_below=2, no_above=0.9, epochs=4, batch_size=32, lr=5e-3,
+                hidden_size=32, workers=2, threads_per_worker=1, coherence_docs=None, seed=0)
+    base.update(topics)
+    return JobConfig(topics=TopicsConfig(**base))
+
+
+def _separates(topics: list[list[str]]) -> bool:
+    a = [sum(w in ANIMALS for w in t[:5]) for t in topics]
+    m = [sum(w in MONEY for w in t[:5]) for t in topics]
+    return sorted(a) == [0, 5] and sorted(m) == [0, 5]
+
+
+# -- pure functions (no Ray) -------------------------------------------------------------------
+def test_bow_arrays_counts_and_drops_unknown_words():
+    ids, cnt = bow_from_token_lists([["b", "a", "b", "x"], [], ["x"], ["c"]], ["a", "b", "c"])
+    assert ids.to_pylist() == [[0, 1], [], [], [2]]
+    assert cnt.to_pylist() == [[1.0, 2.0], [], [], [1.0]]
+
+
+def test_diversity_and_top_words():
+    assert topic_diversity([["a", "b"], ["a", "c"]], n=2) == pytest.approx(0.75)
+    tw = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]])
+    assert top_words(tw, ["x", "y", "z"], 2) == [["y", "z"], ["x", "z"]]
+
+
+def test_embedding_matrix_fills_missing_rows():
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors(4)
+    kv.add_vectors(["a", "b"], np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32))
+    rho, missing = embedding_matrix(kv, ["a", "zz", "b"], seed=0)
+    assert missing.tolist() == [False, True, False]
+    assert rho[0].tolist() == [1, 0, 0, 0] and np.isfinite(rho[1]).all()
+    with pytest.raises(TopicsError, match="none of the vocabulary"):
+        embedding_matrix(kv, ["q"], seed=0)
+
+
+def test_filter_dictionary_errors_name_the_settings():
+    from gensim.corpora import Dictionary
+
+    d = Dictionary([["a", "b"], ["a"]])
+    with pytest.raises(TopicsError, match="no_below"):
+        filter_dictionary(d, TopicsConfig(no_below=5))
+
+
+def test_config_rejects_unknown_embeddings():
+    with pytest.raises(ValueError, match="unknown embeddings"):
+        TopicsConfig(embeddings="glove")
+    assert TopicsConfig(embeddings="s3://b/vectors.kv").embeddings == "s3://b/vectors.kv"
+
+
+# -- the stage on a real local Ray ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def etm_run(ray_local, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("topics-out"))
+    docs = _synthetic_docs()
+    urls, ids = _write_tokens(out_dir, docs)
+    _write_vectors(out_dir)
+    cfg = _cfg(epochs=4)
+    stats = run_topics(cfg, Storage(out_dir), urls)
+    return out_dir, urls, ids, docs, stats
+
+
+def test_etm_recovers_separable_topics(etm_run):
+    out_dir, _, _, _, stats = etm_run
+    doc = json.load(open(os.path.join(out_dir, "topics", "topics.json")))
+    topics = [t["words"] for t in doc["topics"]]
+    assert _separates(topics), topics
+    tw = np.load(os.path.join(out_dir, "topics", "topic_word.npy"))
+    assert tw.shape == (2, stats["vocabulary"]) and np.allclose(tw.sum(1), 1, atol=1e-4)
+    assert stats["workers"] == 2 and stats["missing_words"] == 2 and stats["embedding_dim"] == 16
+
+
+def test_theta_every_document_once_rows_sum_to_one(etm_run):
+    out_dir, urls, ids, docs, stats = etm_run
+    names = sorted(os.listdir(os.path.join(out_dir, "topics", "theta")))
+    assert names == [os.path.basename(u) for u in urls]
+    table = pa.concat_tables(pq.read_table(os.path.join(out_dir, "topics", "theta", n)) for n in names)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    theta = np.array(table.column("theta").to_pylist(), np.float32)
+    assert theta.shape == (len(ids), 2)
+    assert np.allclose(theta.sum(1), 1.0, atol=1e-5)
+    assert stats["theta_docs"] == len(ids) and stats["theta_empty_docs"] == 2
+    # documents of one vocabulary share a dominant topic, the other group the other one
+    by_id = dict(zip(table.column("id").to_pylist(), theta.argmax(1)))
+    animal = {by_id[f"doc-{i:05d}"] for i in range(0, len(docs), 2) if i not in (5, 7)}
+    money = {by_id[f"doc-{i:05d}"] for i in range(1, len(docs), 2) if i not in (5, 7)}
+    assert len(animal) == 1 and len(money) == 1 and animal != money
+    assert not os.path.exists(os.path.join(out_dir, "topics", "_staging")) or not os.listdir(
+        os.path.join(out_dir, "topics", "_staging"))
+
+
+def test_metrics_coherence_and_diversity(etm_run):
+    out_dir = etm_run[0]
+    m = json.load(open(os.path.join(out_dir, "topics", "metrics.json")))
+    assert set(m["coherence"]) == {"c_npmi", "c_v"}
+    assert np.isfinite(m["npmi"]) and np.isfinite(m["c_v"]) and m["npmi"] > 0
+    assert 0 < m["diversity"] <= 1
+    assert m["settings"]["topn"] == 10 and m["settings"]["reference_docs"] == 239
+    assert m["settings"]["window_size"] == {"c_npmi": 10, "c_v": 110}
+
+
+def test_model_pt_loads_without_pickle_and_infers_new_documents(etm_run):
+    import torch
+
+    out_dir = etm_run[0]
+    blob = torch.load(os.path.join(out_dir, "topics", "model.pt"), weights_only=True)
+    assert blob["format"] == "embedjob-topics-v1" and "state_dict" in blob
+    trained = load_topic_model(out_dir)
+    theta = trained.infer_tokens([["cat", "dog", "cow"], ["bank", "loan", "debt"], []])
+    assert theta.shape == (3, 2) and np.allclose(theta.sum(1), 1, atol=1e-5)
+    assert theta[0].argmax() != theta[1].argmax()
+    ids, cnt = bow_from_token_lists([["cat"]], trained.vocab)
+    assert np.allclose(infer_theta(trained.model, ids, cnt), theta[:1] * 0 + infer_theta(trained.model, ids, cnt))
+
+
+def test_resume_continues_from_checkpoint(etm_run, tmp_path):
+    out_dir, _, _, docs, _ = etm_run
+    copy = str(tmp_path / "out")
+    shutil.copytree(out_dir, copy)
+    urls = sorted(os.path.join(copy, "tokens", n) for n in os.listdir(os.path.join(copy, "tokens")))
+    latest = json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))
+    assert latest["epoch"] == 4
+    stats = run_topics(_cfg(epochs=6), Storage(copy), urls)
+    assert stats["resumed_from_epoch"] == 4
+    assert json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))["epoch"] == 6
+    assert len([n for n in os.listdir(os.path.join(copy, "topics", "checkpoints")) if n.endswith(".pt")]) == 2
+    # other settings: the checkpoint is not reused
+    stats = run_topics(_cfg(epochs=6, lr=1e-2, model="prodlda"), Storage(copy), urls)
+    assert stats["resumed_from_epoch"] == 0
+
+
+def test_prodlda_path_runs(ray_local, tmp_path):
+    docs = _synthetic_docs(seed=3)
+    urls, ids = _write_tokens(str(tmp_path), docs, n_shards=2)
+    stats = run_topics(_cfg(model="prodlda", epochs=6, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
+    assert stats["model"] == "prodlda" and stats["theta_docs"] == len(ids)
+    doc = json.load(open(tmp_path / "topics" / "topics.json"))
+    assert _separates([t["words"] for t in doc["topics"]])
+    assert "c_v" not in json.load(open(tmp_path / "topics" / "metrics.json"))["coherence"]
+
+
+def test_missing_job_vectors_error_names_the_stage(ray_local, tmp_path):
+    urls, _ = _write_tokens(str(tmp_path), _synthetic_docs(40))
+    with pytest.raises(TopicsError, match="word2vec.enabled"):
+        run_topics(_cfg(embeddings="word2vec"), Storage(str(tmp_path)), urls)
+
+
+def test_cli_prints_topics_with_coherence(etm_run, capsys):
+    out_dir = etm_run[0]
+    assert main([out_dir, "--top", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "NPMI" in text and "diversity" in text and "npmi" in text.splitlines()[1]
+    assert main([os.path.join(out_dir, "nothing")]) == 1
