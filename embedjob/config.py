@@ -80,7 +80,7 @@ class InputConfig(Section):
         "gensim's test data: Lee news corpus + Wikipedia sample). Used by jobs/local.yaml.",
     )
     rows_per_block: int = Field(
-        4096, ge=16, description="Rows per Ray Data block read from a shard (the unit of work and of retries)."
+        4096, ge=1, description="Rows per Ray Data block read from a shard (the unit of work and of retries)."
     )
 
 

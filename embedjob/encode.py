@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,8 +34,14 @@ logger = logging.getLogger(__name__)
 POOLING_MODES = ("mean", "cls", "max")
 ENCODER_RECIPE = "bert_docvec_v1"
 
+# Seconds the encoder actor sleeps per call: only for fault-injection tests (killing a driver or
+# an actor mid-run needs a run that lasts long enough to be interrupted).
+DEBUG_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
+
 # Columns the preprocess stage adds for the encoder (tokenised off the actor's critical path).
 INPUT_IDS = "_input_ids"
+# Column the encoder actor adds: the Ray node it ran on (aggregated into the encode stats).
+ENCODER_NODE = "_encoder_node"
 
 
 def cpu_supports_bf16() -> bool:
@@ -263,7 +270,10 @@ class EncodeActor:
         import torch
 
         if settings["device"] == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("encoder actor was placed for a GPU but torch sees no CUDA device")
+            raise RuntimeError(
+                f"encoder actor was placed for a GPU (node {_ray_node_id()}) but torch {torch.__version__} "
+                f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: install a CUDA build of torch "
+                "on the GPU nodes, or set encode.device=cpu")
         self.encoder = TextEncoder(settings, batch_tokens=batch_tokens, max_batch_docs=max_batch_docs,
                                    num_threads=num_threads)
         self.static = None
@@ -271,10 +281,13 @@ class EncodeActor:
             from embedjob.static_vectors import StaticAccumulator
 
             self.static = StaticAccumulator(self.encoder, **static)
+        self.node_id = _ray_node_id()
         logger.info("encoder actor ready: %s on %s (%s), %d threads", settings["model"], settings["device"],
                     settings["dtype"], torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if DEBUG_DELAY_ENV in os.environ:  # fault-injection tests widen the window to kill a worker in
+            time.sleep(float(os.environ[DEBUG_DELAY_ENV]))
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
         todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
@@ -287,6 +300,18 @@ class EncodeActor:
         out = batch.drop_columns([INPUT_IDS])
         out = out.append_column("vector", vectors_to_arrow(vectors, valid=keep))
         out = out.append_column("n_tokens", pa.array(n_tokens, type=pa.int32()))
+        if self.node_id is not None:
+            out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
         if self.static is not None:
             out = self.static.attach(out)
         return out
+
+
+def _ray_node_id() -> Optional[str]:
+    """The id of the Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - bookkeeping only, never fail encoding for it
+        return None

@@ -97,7 +97,7 @@ class IndexConfig(Section):
     pq_m: Optional[int] = Field(
         None, ge=1,
         description="ivf_pq: sub-quantizers (bytes per vector at pq_bits=8); must divide the dimension. "
-        "null = the largest divisor of dim that is at most dim/4.",
+        "null = the largest divisor of dim that is at most dim/8 (48 for 384-d; training cost grows with it).",
     )
     pq_bits: int = Field(8, ge=4, le=12, description="ivf_pq: bits per sub-quantizer code.")
     refine_k_factor: float = Field(
@@ -152,7 +152,7 @@ def default_pq_m(cfg: IndexConfig, dim: int) -> int:
         if dim % cfg.pq_m:
             raise ValueError(f"index.pq_m={cfg.pq_m} does not divide the vector dimension {dim}")
         return cfg.pq_m
-    return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
 
 
 def factory_string(kind: str, dim: int, n: int, cfg: IndexConfig) -> str:
@@ -353,8 +353,6 @@ def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 def _feasible_kind(kind: str, dim: int, n: int, cfg: IndexConfig, name: str) -> tuple[str, Optional[str]]:
     """Fall back to flat when there are too few vectors to train an IVF kind (warns, noted in stats)."""
     need = min_train_points(kind, dim, n, cfg)
-    if kind == "ivf_pq" and n < 39 * 2 ** cfg.pq_bits:
-        need = max(need, 39 * 2 ** cfg.pq_bits) if cfg.kind == "auto" else need
     if need and n < need:
         note = (f"index.kind={kind!r} needs at least {need} vectors to train; {name} has {n}: built 'flat' instead")
         logger.warning("index: %s", note)
@@ -416,12 +414,10 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
     n_rows = sum(total_rows)
     kind = choose_kind(cfg, n_rows)  # by rows; the exact count (null vectors left out) follows
     ivf = kind.startswith("ivf")
-    if ivf:
-        args = [(u, storage_options) for u in vector_urls]
-        scans = []
-        for i, (a, r) in enumerate(zip(args, total_rows)):
-            scans.append((a, max(1, math.ceil(cfg.train_sample * r / max(n_rows, 1))), cfg.seed + i))
-        results = _map_tasks(_scan_sampled, [(a[0], a[1], s, sd) for a, s, sd in scans], {})
+    if ivf:  # ids and a training sample now (proportional to each shard's rows); vectors per shard later
+        results = _map_tasks(_scan_sampled, [
+            (u, storage_options, max(1, math.ceil(cfg.train_sample * r / max(n_rows, 1))), cfg.seed + i)
+            for i, (u, r) in enumerate(zip(vector_urls, total_rows))], {})
     else:
         results = _map_tasks(scan_vector_shard, [(u, storage_options) for u in vector_urls],
                              {"with_vectors": True})
@@ -436,13 +432,13 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
     ids = pa.table({
         "position": pa.array(np.arange(n, dtype=np.int64)),
         "id": pa.concat_arrays([r["ids"] for r in results]) if n else pa.array([], pa.string()),
-        "shard": pa.array([r["shard"] for r, c in zip(results, counts) for _ in range(c)], pa.string()),
+        "shard": pa.array(np.repeat(np.array([r["shard"] for r in results], dtype=object), counts), pa.string()),
         "row": pa.array(np.concatenate([r["rows"] for r in results]), pa.int64()),
     })
     kind, note = _feasible_kind(kind, dim, n, cfg, "the documents")
     index = new_index(kind, dim, n, metric, cfg)
     if kind.startswith("ivf"):
-        sample = np.concatenate([r["sample"] for r in results if r.get("sample") is not None])
+        sample = np.concatenate([r["sample"] for r in results if r.get("sample") is not None and len(r["sample"])])
         sample = _subsample(sample, cfg.train_sample, cfg.seed)
         train_index(index, sample, cfg)
         logger.info("index: %s trained on %d sampled vectors in %.1fs", factory_string(kind, dim, n, cfg),
@@ -464,6 +460,7 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
         for r in results:
             if r["count"]:
                 index.add(r["vectors"])
+            r["vectors"] = None  # the index holds its own copy
     if index.ntotal != n:
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
     meta = _meta(DOCS, kind, metric, dim, n, cfg, index, time.time() - t0, note)
@@ -798,6 +795,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             for i, h in enumerate(hits, 1):
                 print(f"{i:>3}  {h['score']:.4f}  {h['word']}")
         return 0
+    try:  # a one-shot CLI: no model-loading progress bar around the results
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     t = time.time()
     hits = search(args.output, opts, args.query, args.k, input_storage_options=in_opts)
     if args.json:

@@ -94,26 +94,64 @@ def init_ray(cfg: JobConfig) -> dict[str, Any]:
 
 
 def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
-    """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster."""
+    """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster.
+
+    ``resources`` is ``ray.cluster_resources()``: one GPU actor per GPU, else CPU actors (with a
+    log line saying so). ``encode.resources`` (custom Ray resources per actor) caps the actor
+    count at what the cluster holds, unless ``encode.actors`` is set (an autoscaler may add the
+    nodes that hold them)."""
     e = cfg.encode
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if e.device == "cuda" and gpus == 0:
-        raise JobError("encode.device=cuda but the Ray cluster has no GPUs (set encode.device=auto or cpu)")
-    if (e.device == "auto" and gpus > 0) or e.device == "cuda":
-        actors = e.actors or gpus
+        if not e.actors:
+            raise JobError("encode.device=cuda but the Ray cluster has no GPUs (set encode.device=auto or cpu, "
+                           "or encode.actors=N to wait for an autoscaler to add N GPU workers)")
+        logger.warning("encode: the cluster has no GPUs yet; asking for %d GPU actor(s), to be placed when the "
+                       "autoscaler adds GPU nodes", e.actors)
+    device = "cuda" if (e.device == "auto" and gpus > 0) or e.device == "cuda" else "cpu"
+    if e.actors:
+        actors = e.actors
+    elif device == "cuda":
+        actors = gpus
+    else:
+        actors = max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
+    if e.resources:
+        fit = min(int(resources.get(k, 0) // v) if v > 0 else actors for k, v in e.resources.items())
+        if fit == 0 and not e.actors:
+            raise JobError(f"encode.resources={dict(e.resources)} asks for resources the Ray cluster does not hold "
+                           f"(its custom resources: {_custom_resources(resources)}); start nodes with "
+                           "`ray start --resources`, or set encode.actors to wait for an autoscaler to add them")
+        if fit < actors and e.actors:
+            logger.warning("encode: encode.resources=%s fits %d of the %d actors (encode.actors) now; the rest "
+                           "wait for nodes that hold them", dict(e.resources), fit, actors)
+        elif fit < actors:
+            actors = fit
+    if device == "cuda":
         plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": e.cpus_per_actor,
                 "threads": e.threads_per_actor or 2}
         logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
     else:
-        actors = e.actors or max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
         threads = e.threads_per_actor or max(1, cpus // actors)
-        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": e.cpus_per_actor, "threads": threads}
+        num_cpus = e.cpus_per_actor
+        if actors * num_cpus > cpus - 1:  # leave a CPU for the read/preprocess/write tasks
+            num_cpus = max(0.1, (cpus - 1) / actors) if cpus > 1 else 0.5
+            logger.info("encode: %d CPU(s) in the cluster: each encoder actor reserves %.2f CPU so the read "
+                        "and write tasks can run beside it", cpus, num_cpus)
+        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": num_cpus, "threads": threads}
         if e.device == "auto":
             logger.info("encode: no GPUs in the cluster, encoding with %d CPU actor(s) x %d threads", actors, threads)
+        else:
+            logger.info("encode: %d CPU actor(s) x %d threads (encode.device=cpu)", actors, threads)
     if e.resources:
         plan["resources"] = dict(e.resources)
+        logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
     return plan
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in resources.items()
+            if not k.startswith("node:") and k not in ("CPU", "GPU", "memory", "object_store_memory")}
 
 
 def shard_stage_hash(cfg: JobConfig, encoder: dict[str, Any]) -> str:
@@ -186,7 +224,12 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     committed = sorted(k for k, v in status.items() if v["status"] in ("done", "skipped-unchanged"))
     token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
     vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
-    inputs_hash = _hash({k: status[k]["marker"].get("input") for k in committed} | {"_stage": stage_hash})
+    fingerprints = {k: status[k]["marker"].get("input") for k in committed}
+    inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
+        "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
+                         "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
+        "vectors": _hash({"shards": fingerprints, "stage": stage_hash}),
+    }
     stages.update(run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash))
 
     failed = sorted(k for k, v in status.items() if v["status"] == "failed")
@@ -276,7 +319,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     from embedjob.write import commit_shard, write_block
 
     stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"], "device": plan["device"],
-                             "dtype": encoder["dtype"]}
+                             "dtype": encoder["dtype"], "actor_nodes": {}}
     if not todo:
         return {}, {}, stats
     inp = cfg.input
@@ -340,16 +383,26 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     for s in todo:
         if s.num_rows == 0:
             submit(s.key)
+    first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
+    tokens_after_first = 0
     try:
         for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = time.time()
+            if first_output is None:
+                first_output = now
+            else:
+                tokens_after_first += int(sum(rep.column("tokens").to_pylist()))
+            last_output = now
             for r in rep.to_pylist():
                 cov = covered[r["shard"]]
                 new = int((~cov[r["row_start"]: r["row_end"] + 1]).sum())
                 cov[r["row_start"]: r["row_end"] + 1] = True
                 stats["documents"] += new
                 stats["bert_tokens"] += r["tokens"] if new else 0
-                progress.update(new, extra=f"{stats['bert_tokens']} tokens, {len(markers) + len(pending)}/"
-                                           f"{len(todo)} shards written")
+                if new and r.get("node"):  # documents encoded per Ray node (where the actors ran)
+                    stats["actor_nodes"][r["node"]] = stats["actor_nodes"].get(r["node"], 0) + new
+                progress.update(new, tokens=r["tokens"] if new else 0,
+                                extra=f"{len(markers) + len(pending)}/{len(todo)} shards written")
                 if new and cov.all() and r["shard"] not in pending:
                     submit(r["shard"])
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
@@ -365,6 +418,8 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
             reason = _failure_reason(out, s.key) or "not all rows were encoded"
             failures[s.key] = reason
             logger.error("shard %s failed: %s", s.url, reason)
+    if first_output is not None and last_output > first_output:
+        stats["steady_tokens_per_second"] = round(tokens_after_first / (last_output - first_output), 1)
     stats["docs_per_second"] = round(stats["documents"] / max(progress.elapsed, 1e-9), 1)
     stats["tokens_per_second"] = round(stats["bert_tokens"] / max(progress.elapsed, 1e-9), 1)
     return markers, failures, stats
@@ -405,7 +460,7 @@ def _root_cause(e: BaseException) -> BaseException:
 
 # -- corpus-wide stages ------------------------------------------------------------------------
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
-                      committed: list[str], encoder: dict[str, Any], inputs_hash: str) -> dict[str, Any]:
+                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str]) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices, each skipped when its inputs and
     settings are unchanged since its last success (recorded in ``_done/stage-<name>.json``)."""
     stages: dict[str, Any] = {}
@@ -413,8 +468,12 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         logger.warning("no committed shard: corpus-wide stages skipped")
         return stages
 
-    def stage(name: str, settings: Any, fn: Callable[[], dict[str, Any]]) -> None:
-        key = _hash({"inputs": inputs_hash, "settings": settings, "before": {k: v.get("hash") for k, v in stages.items()}})
+    def stage(name: str, settings: Any, fn: Callable[[], dict[str, Any]], deps: tuple[str, ...] = (),
+              reads: str = "tokens") -> None:
+        """Run one stage unless its inputs (token or vector files), its settings and the stages it
+        reads are unchanged."""
+        key = _hash({"inputs": inputs_hash[reads], "settings": settings,
+                     "deps": {d: stages[d].get("hash") for d in deps if d in stages}})
         prev = None if cfg.output.overwrite else read_marker(out, f"stage-{name}")
         if prev and prev.get("hash") == key:
             logger.info("%s: unchanged since its last run, kept", name)
@@ -422,7 +481,11 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
             return
         t = time.time()
         logger.info("%s: started", name)
-        result = fn()
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
+            raise JobError(f"{name} stage failed: {_root_cause(e)} (the outputs of its last successful run, "
+                           "if any, are untouched)") from e
         result = {**result, "seconds": round(time.time() - t, 3)}
         out.write_json(f"stats/{name}.json", result)
         out.write_json(f"{DONE}/stage-{name}.json", {"hash": key, "stats": result})
@@ -448,20 +511,23 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     if cfg.static.enabled:
         from embedjob.static_vectors import run_static
 
-        stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed))
+        stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed), deps=("vocab",),
+              reads="vectors")
     if cfg.word2vec.enabled:
         from embedjob.word2vec import run_word2vec
 
-        stage("word2vec", cfg.word2vec.model_dump(), lambda: run_word2vec(cfg, out, token_urls))
+        stage("word2vec", cfg.word2vec.model_dump(), lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
     if cfg.topics.enabled:
         from embedjob.topics import run_topics
 
-        stage("topics", cfg.topics.model_dump(), lambda: run_topics(cfg, out, token_urls))
+        stage("topics", cfg.topics.model_dump(), lambda: run_topics(cfg, out, token_urls),
+              deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
         from embedjob.index import run_index
 
         word_sets = {"word2vec": out.url("word2vec/vectors.kv"), "bert": out.url("static/vectors.kv")}
         stage("index", cfg.index.model_dump(),
               lambda: run_index(cfg, out, vector_urls, encoder, {k: v for k, v in word_sets.items()
-                                                                 if out.exists(v)}))
+                                                                 if out.exists(v)}),
+              deps=("word2vec", "static"), reads="vectors")
     return stages

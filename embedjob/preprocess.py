@@ -89,14 +89,16 @@ class Preprocessor:
         out = out.append_column(EMPTY, pa.array(empty))
         if self.encoder_settings is not None:
             tok = _tokenizer(self.encoder_settings["model_path"], self.encoder_settings["max_length"])
-            todo = [t for t, e in zip(texts, empty) if not e]
-            ids_iter = iter(tok(todo))
-            ids = [[] if e else next(ids_iter) for e in empty]
-            out = out.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
             if self.static_settings is not None:
+                # tokenises once, with word ids: adds _input_ids and the word-alignment columns
                 from embedjob.static_vectors import align_words
 
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
+            else:
+                todo = [t for t, e in zip(texts, empty) if not e]
+                ids_iter = iter(tok(todo))
+                ids = [[] if e else next(ids_iter) for e in empty]
+                out = out.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
         return out
 
 

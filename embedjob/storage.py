@@ -95,6 +95,8 @@ class Storage:
             return split_url(rel)[1]
         if not rel:
             return self._root_path.rstrip("/") or "/"
+        if self.protocol == "file" and rel.startswith(self._root_path.rstrip("/") + "/"):
+            return rel  # a local URL from .url() (local URLs carry no protocol)
         return posixpath.join(self._root_path.rstrip("/"), rel.lstrip("/"))
 
     def url(self, rel: str = "") -> str:

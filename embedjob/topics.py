@@ -599,13 +599,16 @@ def evaluate_topics(topics: list[list[str]], texts: list[list[str]], dictionary,
 # ---------------------------------------------------------------------------------------------
 # training (Ray Train)
 # ---------------------------------------------------------------------------------------------
-def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho_source: Any) -> str:
-    """What a checkpoint must match to be resumed (settings that change the model or the data)."""
+def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho: Optional[np.ndarray]) -> str:
+    """What a checkpoint must match to be resumed: settings that change the model, the vocabulary
+    and the pre-fitted rho (by content, so a moved output folder still resumes)."""
     keep = cfg.model_dump(exclude={"enabled", "epochs", "resume", "checkpoint_every", "keep_checkpoints",
                                    "workers", "threads_per_worker", "use_gpu", "top_n", "diversity_top_n",
                                    "topics_json_top_n", "coherence", "coherence_docs", "coherence_processes"})
-    h = hashlib.sha256(json.dumps({"cfg": keep, "rho": rho_source}, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update("\n".join(vocab).encode())
+    if rho is not None:
+        h.update(np.ascontiguousarray(rho).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -641,11 +644,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     model = init_model(config["model_kwargs"], rho, config["missing"], config["seed"])
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start = 0
+    history: list[dict[str, Any]] = []
     if config["resume_path"]:
         blob = torch.load(io.BytesIO(store.read_bytes(config["resume_path"])), map_location="cpu", weights_only=True)
         model.load_state_dict(blob["state_dict"])
         opt.load_state_dict(blob["optimizer"])
         start = int(blob["epoch"])
+        history = list(blob.get("history", []))
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
@@ -676,26 +681,31 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch + 1, "nll": float(sums[0]) / docs, "kl": float(sums[1]) / docs,
                    "docs": int(sums[2]), "seconds": round(time.time() - t0, 3)}
         last = epoch + 1 == epochs
+        history.append(metrics)
         if rank == 0:
             logger.info("topics: epoch %d/%d nll %.2f kl %.2f (%d docs, %.1fs)", epoch + 1, epochs, metrics["nll"],
                         metrics["kl"], metrics["docs"], metrics["seconds"])
             if last or (epoch + 1) % config["checkpoint_every"] == 0:
-                _save_checkpoint(store, core, opt, epoch + 1, config)
+                _save_checkpoint(store, core, opt, epoch + 1, config, history)
         ray.train.report(metrics)
 
 
-def _save_checkpoint(store, model, opt, epoch: int, config: dict[str, Any]) -> None:
+def _save_checkpoint(store, model, opt, epoch: int, config: dict[str, Any], history: list[dict[str, Any]]) -> None:
     torch = _torch()
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "epoch": epoch, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(), "model_kwargs": config["model_kwargs"],
-                "fingerprint": config["fingerprint"]}, buf)
+                "fingerprint": config["fingerprint"], "history": history}, buf)
     path = f"{CKPT_DIR}/epoch-{epoch:05d}.pt"
     store.write_bytes(path, buf.getvalue())
     store.write_json(f"{CKPT_DIR}/latest.json", {"path": path, "epoch": epoch, "fingerprint": config["fingerprint"]})
     old = sorted(n for n in store.list(CKPT_DIR, suffix=".pt") if n.startswith("epoch-"))
     for name in old[:-config["keep_checkpoints"]]:
         store.delete(f"{CKPT_DIR}/{name}")
+
+
+def stats_from(resume: Optional[dict[str, Any]]) -> int:
+    return int(resume["epoch"]) if resume else 0
 
 
 def _cluster_cpus() -> int:
@@ -727,7 +737,7 @@ def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[s
 
 
 def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str], rho: Optional[np.ndarray],
-                      missing: np.ndarray, rho_source: Any) -> tuple[Any, dict[str, Any]]:
+                      missing: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """Train with ``TorchTrainer`` (or resume); returns the trained model (CPU) and stats."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -746,7 +756,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
     embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
     kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))
-    fp = _fingerprint(cfg, vocab, rho_source)
+    fp = _fingerprint(cfg, vocab, rho)
     resume = latest_checkpoint(out, fp) if cfg.resume else None
     if resume and resume["epoch"] >= cfg.epochs:
         logger.info("topics: checkpoint %s already has %d epochs", resume["path"], resume["epoch"])
@@ -775,9 +785,6 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
             result = trainer.fit()
             if result.error:
                 raise TopicsError(f"topics: training failed: {result.error}") from result.error
-            final_metrics = dict(result.metrics or {})
-    else:
-        final_metrics = {}
     train_seconds = time.time() - t1
     info = latest_checkpoint(out, fp)
     if not info or info["epoch"] < cfg.epochs:
@@ -786,10 +793,13 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     model = build_model(**kwargs)
     model.load_state_dict(blob["state_dict"])
     model.eval()
+    history = list(blob.get("history", []))
+    final_metrics = history[-1] if history else {}
     stats = {"documents": docs, "workers": workers, "threads_per_worker": threads, "device": "cuda" if gpu else "cpu",
              "batch_size": batch_size, "epochs": cfg.epochs, "resumed_from_epoch": resume["epoch"] if resume else 0,
              "final_nll": final_metrics.get("nll"), "final_kl": final_metrics.get("kl"),
-             "bow_seconds": round(bow_seconds, 3), "train_seconds": round(train_seconds, 3)}
+             "bow_seconds": round(bow_seconds, 3), "train_seconds": round(train_seconds, 3),
+             "epoch_seconds": round(sum(h["seconds"] for h in history[stats_from(resume):]), 3)}
     return model, stats
 
 
@@ -843,7 +853,7 @@ def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], 
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(ThetaWriter, fn_constructor_kwargs={
         "model_blob": model_blob, "vocab": vocab, "root": out.url(), "storage_options": out.storage_options,
-        "staging": staging, "threads": threads}, batch_size=1, concurrency=max(1, min(actors, len(items))),
+        "staging": staging, "threads": threads}, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
         num_cpus=1, batch_format="numpy")
     rows = ds.take_all()
     return {"theta_docs": int(sum(r["docs"] for r in rows)), "theta_empty_docs": int(sum(r["empty"] for r in rows)),
@@ -883,7 +893,7 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
     vocab = vocab_list(dictionary)
     logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
     rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
-    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing, emb_stats.get("embeddings"))
+    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing)
     kwargs = model_kwargs(tc, len(vocab), rho.shape[1] if rho is not None else tc.embedding_dim, int(missing.sum()))
     with _torch().no_grad():
         tw = model.topic_word().float().numpy()

@@ -1,9 +1,686 @@
-"""Word2Vec trained data-parallel with Ray Train (issue 5). Placeholder section until built."""
+"""Word2Vec / FastText trained data-parallel with Ray Train, gensim inside (issues 5 and 10).
 
-from pydantic import Field
+gensim trains on one machine only (piskvorky/gensim#3399). Here every Ray Train worker trains an
+ordinary gensim model on its slice of the corpus and the workers average their weights
+(``torch.distributed.all_reduce`` over gloo) several times an epoch, as Spark MLlib does:
+
+1. the driver counts words over all token shards (:func:`embedjob.vocab.build_vocabulary`, Ray
+   tasks) and every worker builds the *same* vocabulary from those counts with gensim's own rules
+   (``min_count``, ``max_final_vocab``, ``sample``) and the *same* initial weights (same seed);
+2. each worker takes a ``1/N`` row slice of every token shard (so every worker sees the same mix
+   of the corpus and the same amount of work), writes it to local ``LineSentence`` files (gensim's
+   fast ``corpus_file`` mode) cut into ``1/sync_every`` segments of equal words;
+3. for every epoch and segment, each worker runs ``model.train(..., epochs=1)`` with the learning
+   rate of that stretch of the *global* schedule (alpha -> min_alpha over all epochs), then the
+   trainable matrices are averaged: ``wv.vectors`` and ``syn1neg``/``syn1`` (Word2Vec);
+   ``wv.vectors_vocab``, ``wv.vectors_ngrams`` and ``syn1neg``/``syn1`` (FastText);
+4. rank 0 writes the KeyedVectors (gensim native + word2vec binary) and ``report.json``.
+
+Outputs under ``<out>/word2vec/``: ``vectors.kv`` (+ gensim ``.npy`` sidecars),
+``vectors.bin`` (``KeyedVectors.load_word2vec_format(path, binary=True)``), ``report.json``::
+
+    kv, report = train_word2vec(token_urls, Word2VecConfig(workers=2), {})
+    kv.most_similar("king")
+    load_vectors("output/local", {}, kind="word2vec").most_similar("king")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 
+logger = logging.getLogger(__name__)
+
+# Where each kind of word vectors lives in a job's output.
+VECTOR_FOLDERS = {"word2vec": "word2vec", "bert": "static"}
+KV_NAME = "vectors.kv"
+BIN_NAME = "vectors.bin"
+REPORT_NAME = "report.json"
+
 
 class Word2VecConfig(Section):
-    enabled: bool = Field(False, description="Train Word2Vec on the job's tokens.")
+    enabled: bool = Field(
+        False,
+        description="Train Word2Vec/FastText on the job's tokens (off by default: Ray Train's start-up "
+        "alone takes tens of seconds, too long for the default tiny corpus).",
+    )
+    model: Literal["word2vec", "fasttext"] = Field(
+        "word2vec",
+        description="'word2vec' (gensim Word2Vec) or 'fasttext' (gensim FastText: also vectors for unseen "
+        "words, built from character n-grams).",
+    )
+    vector_size: int = Field(100, ge=1, description="Dimension of the word vectors.")
+    window: int = Field(5, ge=1, description="Maximum distance between the current and predicted word.")
+    min_count: int = Field(5, ge=1, description="Ignore words with a corpus-wide count below this.")
+    max_final_vocab: Optional[int] = Field(
+        None, ge=1, description="Keep at most this many words (gensim raises min_count to fit); null = no cap."
+    )
+    sg: Literal[0, 1] = Field(0, description="1 = skip-gram, 0 = CBOW (gensim's default).")
+    hs: Literal[0, 1] = Field(0, description="1 = hierarchical softmax (syn1 is averaged); 0 = negative sampling.")
+    negative: int = Field(5, ge=0, description="Negative samples per positive one (0 = none; then hs must be 1).")
+    ns_exponent: float = Field(0.75, description="Exponent shaping the negative-sampling distribution.")
+    cbow_mean: Literal[0, 1] = Field(1, description="CBOW: 1 = mean of context vectors, 0 = sum.")
+    sample: float = Field(1e-3, ge=0, description="Down-sampling threshold of frequent words (corpus-wide counts).")
+    alpha: float = Field(0.025, gt=0, description="Initial learning rate.")
+    min_alpha: float = Field(
+        0.0001, ge=0, description="Final learning rate; the rate decays linearly over all epochs of all workers."
+    )
+    epochs: int = Field(5, ge=1, description="Passes over the corpus.")
+    workers: int = Field(2, ge=1, description="Ray Train workers (each trains on 1/workers of the corpus).")
+    threads_per_worker: int = Field(
+        1, ge=1, description="gensim threads (and Ray CPUs reserved) per Ray Train worker."
+    )
+    sync_every: float = Field(
+        0.25, gt=0, le=1,
+        description="Average the workers' weights every this fraction of an epoch (0.25 = 4 times an epoch).",
+    )
+    seed: int = Field(1, description="Seed of the initial weights (the same on every worker).")
+    use_corpus_file: bool = Field(
+        True,
+        description="Train from local LineSentence files (gensim's corpus_file mode, usually faster, "
+        "threads scale without the GIL); false = gensim's iterable mode on in-memory token lists.",
+    )
+    compute_loss: bool = Field(
+        True, description="Record gensim's training loss per epoch in report.json (Word2Vec only)."
+    )
+    init_from: Optional[str] = Field(
+        None,
+        description="Start vocabulary words found in this file from its vectors (the rest random): any "
+        "storage URL of word2vec text or binary vectors, or a gensim KeyedVectors file (e.g. another "
+        "job's word2vec/vectors.kv). Its dimension must equal vector_size.",
+    )
+    init_lock: Literal["trainable", "frozen"] = Field(
+        "trainable",
+        description="Words started from init_from: 'trainable' keeps training them, 'frozen' leaves their "
+        "vectors unchanged (FastText: their own word vector rows; shared n-grams still train).",
+    )
+    init_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for init_from; empty = the output's storage options.",
+    )
+    min_n: int = Field(3, ge=1, description="FastText: shortest character n-gram.")
+    max_n: int = Field(6, ge=0, description="FastText: longest character n-gram (below min_n = no n-grams).")
+    bucket: int = Field(
+        2_000_000, ge=0,
+        description="FastText: rows of the hashed n-gram matrix (vectors_ngrams, averaged at every sync; "
+        "2M x 100 float32 = 800 MB per worker).",
+    )
+    ray_storage_path: Optional[str] = Field(
+        None,
+        description="Ray Train's own run folder (must be shared storage on a multi-node cluster); "
+        "null = a local temporary folder, removed afterwards.",
+    )
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> "Word2VecConfig":
+        if self.negative == 0 and self.hs == 0:
+            raise ValueError("word2vec.negative is 0 and word2vec.hs is 0: set negative > 0 or hs = 1")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (plain functions, testable without Ray)
+# ---------------------------------------------------------------------------------------------
+def word_frequencies(dictionary, min_count: int = 1) -> dict[str, int]:
+    """Corpus-wide word counts of a :func:`~embedjob.vocab.build_vocabulary` Dictionary, in its
+    deterministic id order (most frequent first, ties by word), words below ``min_count`` dropped
+    (they can never enter gensim's vocabulary, so they need not travel to the workers)."""
+    id2token = {i: w for w, i in dictionary.token2id.items()}
+    return {id2token[i]: int(c) for i, c in sorted(dictionary.cfs.items()) if c >= min_count}
+
+
+def new_model(cfg: Word2VecConfig, word_freq: dict[str, int], corpus_count: int, *, threads: int = 1):
+    """A gensim Word2Vec / FastText with the vocabulary built from ``word_freq`` by gensim's rules and
+    weights initialised from ``cfg.seed`` — identical wherever it is built with the same inputs."""
+    from gensim.models import FastText, Word2Vec
+
+    common = dict(
+        vector_size=cfg.vector_size, window=cfg.window, min_count=cfg.min_count,
+        max_final_vocab=cfg.max_final_vocab, sg=cfg.sg, hs=cfg.hs, negative=cfg.negative,
+        ns_exponent=cfg.ns_exponent, cbow_mean=cfg.cbow_mean, sample=cfg.sample, alpha=cfg.alpha,
+        min_alpha=cfg.min_alpha, epochs=cfg.epochs, seed=cfg.seed, workers=threads,
+    )
+    if cfg.model == "fasttext":
+        model = FastText(min_n=cfg.min_n, max_n=cfg.max_n, bucket=cfg.bucket, **common)
+    else:
+        model = Word2Vec(**common)
+    if not word_freq:
+        raise ValueError(
+            f"no word occurs at least word2vec.min_count={cfg.min_count} times in the token shards; "
+            "lower word2vec.min_count or give more text"
+        )
+    model.build_vocab_from_freq(dict(word_freq), corpus_count=corpus_count)
+    return model
+
+
+def trainable_arrays(model) -> list[np.ndarray]:
+    """The matrices that training changes, i.e. what the workers average."""
+    from gensim.models import FastText
+
+    arrays = []
+    if isinstance(model, FastText):
+        arrays.append(model.wv.vectors_vocab)
+        if model.wv.bucket:
+            arrays.append(model.wv.vectors_ngrams)
+    else:
+        arrays.append(model.wv.vectors)
+    if model.hs:
+        arrays.append(model.syn1)
+    if model.negative:
+        arrays.append(model.syn1neg)
+    return arrays
+
+
+def _word_rows(model) -> np.ndarray:
+    """The per-word input matrix (what init_from fills and init_lock freezes)."""
+    from gensim.models import FastText
+
+    return model.wv.vectors_vocab if isinstance(model, FastText) else model.wv.vectors
+
+
+def apply_init(model, words: list[str], vectors: np.ndarray, lock: str) -> np.ndarray:
+    """Copy ``vectors`` into the rows of ``words`` that are in the model's vocabulary; with
+    ``lock='frozen'`` those rows get lock factor 0 (gensim leaves them unchanged). Returns the
+    indices of the rows set."""
+    from gensim.models import FastText
+
+    index = model.wv.key_to_index
+    pairs = [(index[w], j) for j, w in enumerate(words) if w in index]
+    rows = np.array([p[0] for p in pairs], dtype=np.int64)
+    if len(rows):
+        _word_rows(model)[rows] = vectors[[p[1] for p in pairs]]
+    if isinstance(model, FastText):
+        model.wv.adjust_vectors()
+    if lock == "frozen" and len(rows):
+        lockf = np.ones(len(index), dtype=np.float32)
+        lockf[rows] = 0.0
+        if isinstance(model, FastText):
+            model.wv.vectors_vocab_lockf = lockf
+        else:
+            model.wv.vectors_lockf = lockf
+    return rows
+
+
+def global_alpha(cfg: Word2VecConfig, progress: float) -> float:
+    """Learning rate after ``progress`` (0..1) of the whole training, gensim's linear decay."""
+    return cfg.alpha - (cfg.alpha - cfg.min_alpha) * min(max(progress, 0.0), 1.0)
+
+
+def split_segments(docs: list[list[str]], parts: int) -> list[list[list[str]]]:
+    """Cut ``docs`` into ``parts`` contiguous pieces of about equal token counts (some may be empty)."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    total = int(lengths.sum())
+    if total == 0:
+        return [[] for _ in range(parts)]
+    cum = np.cumsum(lengths)
+    bounds = [0] + [int(np.searchsorted(cum, total * k / parts, side="left")) + 1 for k in range(1, parts)] + [len(docs)]
+    bounds = [min(max(b, 0), len(docs)) for b in bounds]
+    for k in range(1, len(bounds)):
+        bounds[k] = max(bounds[k], bounds[k - 1])
+    return [docs[bounds[k]:bounds[k + 1]] for k in range(parts)]
+
+
+def plan_slices(token_urls: list[str], storage_options: dict[str, Any], world: int) -> list[list[tuple[str, int, int]]]:
+    """For each worker, ``(url, start_row, stop_row)`` of its ``1/world`` slice of every shard: every
+    worker gets the same share of each shard (balanced work, the same mix of the corpus)."""
+    import pyarrow.parquet as pq
+
+    from embedjob.storage import Storage
+
+    plan: list[list[tuple[str, int, int]]] = [[] for _ in range(world)]
+    for url in token_urls:
+        store = Storage(url, storage_options)
+        with store.open("", "rb") as f:
+            pf = pq.ParquetFile(f)
+            if "tokens" not in pf.schema_arrow.names:
+                raise ValueError(
+                    f"token shard {url} has no 'tokens' column (columns: {', '.join(pf.schema_arrow.names)}); "
+                    "word2vec reads the preprocess stage's <out>/tokens/*.parquet"
+                )
+            n = pf.metadata.num_rows
+        for r in range(world):
+            a, b = n * r // world, n * (r + 1) // world
+            if b > a:
+                plan[r].append((url, a, b))
+    return plan
+
+
+def read_slices(slices: list[tuple[str, int, int]], storage_options: dict[str, Any]) -> list[list[str]]:
+    """The token lists of rows ``[start, stop)`` of each shard (reading only the row groups needed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedjob.storage import Storage
+
+    docs: list[list[str]] = []
+    for url, start, stop in slices:
+        store = Storage(url, storage_options)
+        with store.open("", "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            groups, first, offset = [], None, 0
+            for g in range(md.num_row_groups):
+                n = md.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            if not groups:
+                continue
+            table = pf.read_row_groups(groups, columns=["tokens"])
+        col = table.column("tokens").slice(start - first, stop - start)
+        docs.extend(d for d in col.to_pylist() if d)
+        del table, col
+        pa.default_memory_pool().release_unused()
+    return docs
+
+
+def write_line_sentences(docs: list[list[str]], path: str) -> int:
+    """Write ``docs`` as a gensim LineSentence file (one document a line); returns its token count."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(" ".join(d))
+            f.write("\n")
+            n += len(d)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train worker
+# ---------------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the shared model, train on this worker's slice, average weights
+    with the others every segment; rank 0 writes the vectors and the report to ``output_url``."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    cfg = Word2VecConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    t_start = time.time()
+
+    model = new_model(cfg, config["word_freq"], config["corpus_count"], threads=cfg.threads_per_worker)
+    # Same initial weights everywhere, but each worker draws its own negative samples / subsampling.
+    model.random = np.random.RandomState(cfg.seed + 7919 * rank)
+    frozen_rows = np.zeros(0, dtype=np.int64)
+    frozen_values = None
+    if config.get("init_ref") is not None:
+        words, vectors = ray.get(config["init_ref"])
+        rows = apply_init(model, words, vectors, cfg.init_lock)
+        if cfg.init_lock == "frozen":
+            frozen_rows, frozen_values = rows, _word_rows(model)[rows].copy()
+        del words, vectors
+
+    is_fasttext = cfg.model == "fasttext"
+    if is_fasttext:
+        # FastText recomputes every word vector from its n-grams after each train() call (a slow
+        # Python loop); do it once at the end instead.
+        model.wv.adjust_vectors = lambda: None
+
+    parts = max(1, int(round(1.0 / cfg.sync_every)))
+    docs = read_slices(config["slices"][rank], config["storage_options"])
+    n_docs = len(docs)
+    segments = split_segments(docs, parts)
+    del docs
+    workdir = tempfile.mkdtemp(prefix=f"embedjob-w2v-{rank}-")
+    seg_words: list[int] = []
+    seg_files: list[Optional[str]] = []
+    for k, seg in enumerate(segments):
+        if cfg.use_corpus_file:
+            path = os.path.join(workdir, f"segment-{k:03d}.txt")
+            seg_words.append(write_line_sentences(seg, path))
+            seg_files.append(path)
+        else:
+            seg_words.append(sum(len(d) for d in seg))
+            seg_files.append(None)
+    if cfg.use_corpus_file:
+        segments = [[] for _ in segments]  # the files hold them now
+    t_ready = time.time()
+
+    arrays = [torch.from_numpy(a) for a in trainable_arrays(model)]
+
+    def average() -> None:
+        if world > 1:
+            for t in arrays:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(world)
+        if len(frozen_rows):
+            # Summing identical values then dividing can round; frozen words stay bit-identical.
+            _word_rows(model)[frozen_rows] = frozen_values
+
+    epochs_report = []
+    sync_seconds = 0.0
+    for epoch in range(cfg.epochs):
+        t_epoch = time.time()
+        trained = raw = 0
+        loss = 0.0
+        for k in range(parts):
+            if seg_words[k]:
+                model.alpha = global_alpha(cfg, (epoch + k / parts) / cfg.epochs)
+                model.min_alpha = global_alpha(cfg, (epoch + (k + 1) / parts) / cfg.epochs)
+                if cfg.use_corpus_file:
+                    t_w, r_w = model.train(corpus_file=seg_files[k], total_words=seg_words[k], epochs=1,
+                                           compute_loss=cfg.compute_loss)
+                else:
+                    t_w, r_w = model.train(corpus_iterable=segments[k], total_examples=len(segments[k]),
+                                           epochs=1, compute_loss=cfg.compute_loss)
+                trained += t_w
+                raw += r_w
+                if cfg.compute_loss and not is_fasttext:
+                    loss += float(model.get_latest_training_loss())
+            t_sync = time.time()
+            average()
+            sync_seconds += time.time() - t_sync
+        totals = torch.tensor([trained, raw, loss], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        seconds = time.time() - t_epoch
+        row = {"epoch": epoch + 1, "effective_words": int(totals[0]), "raw_words": int(totals[1]),
+               "seconds": round(seconds, 3), "words_per_s": round(float(totals[0]) / max(seconds, 1e-9), 1),
+               "loss": (float(totals[2]) if cfg.compute_loss and not is_fasttext else None)}
+        epochs_report.append(row)
+        if rank == 0:
+            logger.info("word2vec epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
+    t_trained = time.time()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    counts = torch.tensor([n_docs, sum(seg_words)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    if rank == 0:
+        if is_fasttext:
+            del model.wv.adjust_vectors
+            model.wv.adjust_vectors()
+        model.alpha, model.min_alpha, model.epochs = cfg.alpha, cfg.min_alpha, cfg.epochs
+        train_seconds = t_trained - t_ready
+        effective = sum(r["effective_words"] for r in epochs_report)
+        report = {
+            "model": cfg.model,
+            "workers": world,
+            "threads_per_worker": cfg.threads_per_worker,
+            "vocabulary": len(model.wv),
+            "vector_size": cfg.vector_size,
+            "documents": int(counts[0]),
+            "tokens_per_epoch": int(counts[1]),
+            "syncs_per_epoch": parts,
+            "corpus_file": cfg.use_corpus_file,
+            "init_from": cfg.init_from,
+            "init_words": int(config.get("init_words", 0)),
+            "epochs": epochs_report,
+            "effective_words": effective,
+            "train_seconds": round(train_seconds, 3),
+            "sync_seconds": round(sync_seconds, 3),
+            "setup_seconds": round(t_ready - t_start, 3),
+            "words_per_s": round(effective / max(train_seconds, 1e-9), 1),
+        }
+        save_vectors(model.wv, config["output_url"], config["output_options"], report)
+    if world > 1:
+        dist.barrier()
+
+
+def save_vectors(kv, output_url: str, storage_options: dict[str, Any], report: dict[str, Any]) -> None:
+    """Write ``vectors.kv`` (+ gensim's ``.npy`` sidecars), ``vectors.bin`` and, last,
+    ``report.json`` under ``output_url``, each a committed write."""
+    from embedjob.storage import Storage
+
+    store = Storage(output_url, storage_options)
+    with tempfile.TemporaryDirectory(prefix="embedjob-w2v-save-") as tmp:
+        kv.save(os.path.join(tmp, KV_NAME))
+        kv.save_word2vec_format(os.path.join(tmp, BIN_NAME), binary=True)
+        names = sorted(os.listdir(tmp))
+        # Sidecars first, so a reader that finds the new vectors.kv also finds its arrays.
+        for name in sorted(names, key=lambda n: (n == KV_NAME, n)):
+            store.upload(os.path.join(tmp, name), name)
+        report = {**report, "files": names}
+    store.write_json(REPORT_NAME, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+def _config_error(msg: str) -> Exception:
+    from embedjob.config import ConfigError  # late: embedjob.config imports this module
+
+    return ConfigError(msg)
+
+
+def read_keyed_vectors(url: str, storage_options: dict[str, Any]):
+    """Load word vectors from any storage URL: a gensim KeyedVectors file (with its ``.npy``
+    sidecars beside it) or word2vec text / binary format. Raises ``ConfigError`` naming the URL."""
+    from gensim.models import KeyedVectors
+
+    from embedjob.storage import Storage, StorageError
+
+    try:
+        store = Storage(url, storage_options)
+        parent = Storage(posixpath.dirname(store.url().rstrip("/")) or "/", storage_options)
+        base = posixpath.basename(store.url().rstrip("/"))
+        with tempfile.TemporaryDirectory(prefix="embedjob-init-") as tmp:
+            local = os.path.join(tmp, base)
+            store.download("", local)
+            with open(local, "rb") as f:
+                head = f.read(2)
+            if head[:1] == b"\x80":  # a pickle: gensim native
+                for name in parent.list():
+                    if name.startswith(base + ".") and name != base:
+                        parent.download(name, os.path.join(tmp, name))
+                return KeyedVectors.load(local)
+            first = base.endswith(".bin")
+            errors = []
+            for binary in (first, not first):
+                try:
+                    return KeyedVectors.load_word2vec_format(local, binary=binary)
+                except Exception as e:  # noqa: BLE001 - reported below with both attempts
+                    errors.append(f"{'binary' if binary else 'text'}: {type(e).__name__}: {e}")
+            raise ValueError("; ".join(errors))
+    except (StorageError, OSError, ValueError, EOFError, UnicodeDecodeError, ImportError, AttributeError) as e:
+        raise _config_error(
+            f"word2vec.init_from={url!r} cannot be read as word vectors (word2vec text/binary or gensim "
+            f"KeyedVectors): {e}"
+        ) from None
+
+
+def load_init(cfg: Word2VecConfig, storage_options: dict[str, Any], word_freq: dict[str, int]):
+    """``(words, vectors)`` of ``cfg.init_from`` restricted to the candidate vocabulary; a dimension
+    mismatch is a ``ConfigError`` naming both sizes."""
+    kv = read_keyed_vectors(cfg.init_from, cfg.init_storage_options or storage_options)
+    if kv.vector_size != cfg.vector_size:
+        raise _config_error(
+            f"word2vec.init_from={cfg.init_from!r} has {kv.vector_size}-dimensional vectors but "
+            f"word2vec.vector_size is {cfg.vector_size}; they must match"
+        )
+    words = [w for w in kv.index_to_key if w in word_freq]
+    vectors = np.stack([kv[w] for w in words]).astype(np.float32) if words else np.zeros((0, cfg.vector_size), np.float32)
+    logger.info("word2vec: %d of %d words of %s are in the vocabulary", len(words), len(kv), cfg.init_from)
+    return words, vectors
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def train_word2vec(
+    token_urls: list[str],
+    cfg: Word2VecConfig,
+    storage_options: Optional[dict[str, Any]] = None,
+    *,
+    output_url: Optional[str] = None,
+    output_options: Optional[dict[str, Any]] = None,
+    dictionary=None,
+):
+    """Train on the ``tokens`` column of ``token_urls`` with ``cfg.workers`` Ray Train workers.
+
+    Returns ``(KeyedVectors, report)``. The vectors and report are written to ``output_url``
+    (``vectors.kv``, ``vectors.bin``, ``report.json``) — by default a local temporary folder, read
+    back and removed. Starts a local Ray if none is running (and shuts it down after).
+    """
+    import ray
+
+    storage_options = storage_options or {}
+    output_options = storage_options if output_options is None else output_options
+    if not token_urls:
+        raise ValueError("train_word2vec: no token shards given")
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.threads_per_worker),
+                 include_dashboard=False, log_to_driver=False)
+        started_ray = True
+    tmp_out = None
+    try:
+        need = cfg.workers * cfg.threads_per_worker
+        have = _cluster_cpus()
+        if need > have:
+            raise _config_error(
+                f"word2vec.workers={cfg.workers} x word2vec.threads_per_worker={cfg.threads_per_worker} "
+                f"needs {need} CPUs but the Ray cluster has {have:g}; lower them or add nodes"
+            )
+        t0 = time.time()
+        if dictionary is None:
+            from embedjob.vocab import build_vocabulary
+
+            dictionary = build_vocabulary(token_urls, storage_options)
+        word_freq = word_frequencies(dictionary, cfg.min_count)
+        if not word_freq:
+            raise ValueError(
+                f"no word occurs at least word2vec.min_count={cfg.min_count} times in {len(token_urls)} "
+                "token shards; lower word2vec.min_count or give more text"
+            )
+        init_ref, init_words = None, 0
+        if cfg.init_from:
+            words, vectors = load_init(cfg, storage_options, word_freq)
+            init_ref, init_words = ray.put((words, vectors)), len(words)
+        slices = plan_slices(token_urls, storage_options, cfg.workers)
+        vocab_seconds = time.time() - t0
+        if output_url is None:
+            tmp_out = tempfile.mkdtemp(prefix="embedjob-w2v-out-")
+            output_url, output_options = tmp_out, {}
+        report = _fit(cfg, {
+            "cfg": cfg.model_dump(),
+            "word_freq": word_freq,
+            "corpus_count": int(dictionary.num_docs),
+            "slices": slices,
+            "storage_options": storage_options,
+            "output_url": output_url,
+            "output_options": output_options,
+            "init_ref": init_ref,
+            "init_words": init_words,
+        })
+        report["vocab_seconds"] = round(vocab_seconds, 3)
+        report["total_seconds"] = round(time.time() - t0, 3)
+        folder = _folder_storage(output_url, output_options)
+        folder.write_json(REPORT_NAME, report)
+        kv = _load_folder(folder)
+        return kv, report
+    finally:
+        if tmp_out:
+            shutil.rmtree(tmp_out, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
+
+
+def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Run the Ray Train job; returns rank 0's report (read back from the output folder)."""
+    import uuid
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path = cfg.ray_storage_path
+    tmp_storage = None
+    if storage_path is None:
+        tmp_storage = storage_path = tempfile.mkdtemp(prefix="embedjob-raytrain-")
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
+                                         resources_per_worker={"CPU": cfg.threads_per_worker}),
+            run_config=RunConfig(name=f"embedjob-word2vec-{uuid.uuid4().hex[:8]}", storage_path=storage_path),
+        )
+        t = time.time()
+        result = trainer.fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        logger.info("word2vec: Ray Train finished in %.1fs", time.time() - t)
+        report = _folder_storage(loop_config["output_url"], loop_config["output_options"]).read_json(REPORT_NAME)
+        report["ray_train_seconds"] = round(time.time() - t, 3)
+        return report
+    finally:
+        if tmp_storage:
+            shutil.rmtree(tmp_storage, ignore_errors=True)
+
+
+def _folder_storage(url: str, options: dict[str, Any]):
+    from embedjob.storage import Storage
+
+    return Storage(url, options)
+
+
+def _load_folder(folder):
+    """Download ``vectors.kv`` and its sidecars from a Storage folder and load them."""
+    from gensim.models import KeyedVectors
+
+    from embedjob.storage import StorageError
+
+    if not folder.exists(KV_NAME):
+        raise StorageError(f"no word vectors at {folder.url(KV_NAME)} (has the stage run?)")
+    with tempfile.TemporaryDirectory(prefix="embedjob-kv-") as tmp:
+        for name in folder.list():
+            if name == KV_NAME or name.startswith(KV_NAME + "."):
+                folder.download(name, os.path.join(tmp, name))
+        return KeyedVectors.load(os.path.join(tmp, KV_NAME))
+
+
+def load_vectors(output_url: str, storage_options: Optional[dict[str, Any]] = None, kind: str = "word2vec"):
+    """The word vectors a job wrote: ``kind='word2vec'`` reads ``<out>/word2vec/vectors.kv``,
+    ``kind='bert'`` reads ``<out>/static/vectors.kv`` (KeyedVectors, or FastTextKeyedVectors
+    that also answer unseen words)::
+
+        load_vectors("s3://bucket/out", {"anon": False}, kind="word2vec").most_similar("king")
+    """
+    from embedjob.storage import Storage
+
+    if kind not in VECTOR_FOLDERS:
+        raise ValueError(f"unknown vectors kind {kind!r}; valid: {', '.join(VECTOR_FOLDERS)}")
+    return _load_folder(Storage(output_url, storage_options or {}).child(VECTOR_FOLDERS[kind]))
+
+
+def run_word2vec(cfg, out, token_urls: list[str]) -> dict[str, Any]:
+    """Pipeline stage: train on the job's token shards and write ``<out>/word2vec/``; returns stats."""
+    wcfg: Word2VecConfig = cfg.word2vec
+    _, report = train_word2vec(
+        token_urls, wcfg, out.storage_options,
+        output_url=out.url("word2vec"), output_options=out.storage_options,
+    )
+    return {
+        "model": report["model"],
+        "workers": report["workers"],
+        "vocabulary": report["vocabulary"],
+        "vector_size": report["vector_size"],
+        "documents": report["documents"],
+        "tokens_per_epoch": report["tokens_per_epoch"],
+        "epochs": len(report["epochs"]),
+        "words_per_s": report["words_per_s"],
+        "loss": [e["loss"] for e in report["epochs"]],
+        "train_seconds": report["train_seconds"],
+        "init_words": report["init_words"],
+        "vectors": out.url(f"word2vec/{KV_NAME}"),
+    }

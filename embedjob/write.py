@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedjob.encode import ENCODER_NODE
 from embedjob.preprocess import EMPTY, TOKENS
 from embedjob.read import ROW, SHARD
 from embedjob.storage import Storage
@@ -66,6 +67,7 @@ class BlockWriter:
                 "empty": int(pc.sum(part.column(EMPTY)).as_py() or 0),
                 "tokens": int(pc.sum(part.column("n_tokens")).as_py() or 0),
                 "words": int(pc.sum(pc.list_value_length(part.column(TOKENS))).as_py() or 0),
+                "node": part.column(ENCODER_NODE)[0].as_py() if ENCODER_NODE in part.column_names else None,
             })
         return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
@@ -86,6 +88,7 @@ def _contiguous_runs(batch: pa.Table):
 REPORT_SCHEMA = pa.schema([
     ("shard", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()), ("rows", pa.int64()),
     ("empty", pa.int64()), ("tokens", pa.int64()), ("words", pa.int64()),
+    ("node", pa.string()),  # Ray node of the encoder actor that encoded these rows
 ])
 
 
@@ -125,7 +128,8 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     if static_parts:
         from embedjob.static_vectors import commit_static_parts
 
-        extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts])
+        extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts],
+                                               expected_rows=expected_rows)
     marker = dict(marker)
     marker.update({
         "shard": shard,

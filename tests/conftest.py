@@ -20,6 +20,9 @@ SHARED_CORPUS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus", "mixed-en")
 )
 
+# Job-spec sections that switch the corpus-wide model stages off, for tests of the per-shard stages.
+ONLY_SHARD_STAGES = {k: {"enabled": False} for k in ("static", "word2vec", "topics", "index")}
+
 SAMPLE_TEXTS = [
     "The cat sat on the mat and looked at the dog.",
     "Dogs and cats are common household pets in many countries.",

@@ -30,7 +30,7 @@ def test_unknown_section():
 
 def test_wrong_types_name_the_key():
     with pytest.raises(ConfigError) as e:
-        build_config({"encode": {"max_length": "long", "pooling": "avg"}, "input": {"rows_per_block": 1}})
+        build_config({"encode": {"max_length": "long", "pooling": "avg"}, "input": {"rows_per_block": 0}})
     msg = str(e.value)
     assert "encode.max_length" in msg and "encode.pooling" in msg and "input.rows_per_block" in msg
 

@@ -63,7 +63,8 @@ def test_config_defaults_and_choices():
     assert choose_kind(c, c.auto_hnsw_max + 1) == "ivf_pq"
     assert resolve_metric(c, True) == "ip" and resolve_metric(c, False) == "l2"
     assert resolve_metric(IndexConfig(metric="l2"), True) == "l2"
-    assert default_pq_m(c, 384) == 96 and default_pq_m(c, 100) == 25
+    assert default_pq_m(c, 384) == 48 and default_pq_m(c, 100) == 10
+    assert default_pq_m(IndexConfig(pq_m=96), 384) == 96
     assert default_nlist(c, 100_000) == 1024
     assert default_nlist(c, 1_000_000) == 100_000 // 39  # at least 39 training points per cluster
     assert default_nlist(IndexConfig(train_sample=1000), 1_000_000) == 1000 // 39

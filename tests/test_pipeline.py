@@ -10,11 +10,12 @@ import pytest
 
 from embedjob.config import build_config
 from embedjob.pipeline import run_job
-from tests.conftest import SAMPLE_TEXTS, write_shards
+from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
 
 
 def _cfg(inp, out, model, **sections):
     data = {"input": {"url": str(inp)}, "output": {"url": str(out)},
+            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
             "encode": {"model": model, "dtype": "float32", "rows_per_call": 8}}
     for k, v in sections.items():
         data.setdefault(k, {}).update(v)

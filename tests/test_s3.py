@@ -21,6 +21,7 @@ def test_job_on_s3(ray_local, s3_bucket, tiny_model):
         "input": {"url": f"s3://{bucket}/in", "storage_options": opts},
         "output": {"url": f"s3://{bucket}/out", "storage_options": opts},
         "encode": {"model": tiny_model, "dtype": "float32"},
+        "static": {"enabled": False}, "topics": {"enabled": False},
     })
     res = run_job(cfg)
     assert res.ok and res.manifest["totals"]["rows_out"] == len(SAMPLE_TEXTS)

@@ -21,6 +21,7 @@ from embedjob.topics import (
     embedding_matrix,
     filter_dictionary,
     infer_theta,
+    latest_checkpoint,
     load_topic_model,
     main,
     run_topics,
@@ -206,15 +207,15 @@ def test_resume_continues_from_checkpoint(etm_run, tmp_path):
     assert stats["resumed_from_epoch"] == 4
     assert json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))["epoch"] == 6
     assert len([n for n in os.listdir(os.path.join(copy, "topics", "checkpoints")) if n.endswith(".pt")]) == 2
-    # other settings: the checkpoint is not reused
-    stats = run_topics(_cfg(epochs=6, lr=1e-2, model="prodlda"), Storage(copy), urls)
-    assert stats["resumed_from_epoch"] == 0
+    # a checkpoint made with other settings or another vocabulary is not reused
+    assert latest_checkpoint(Storage(copy), "another-fingerprint") is None
+    assert latest_checkpoint(Storage(copy), latest["fingerprint"])["epoch"] == 6
 
 
 def test_prodlda_path_runs(ray_local, tmp_path):
     docs = _synthetic_docs(seed=3)
     urls, ids = _write_tokens(str(tmp_path), docs, n_shards=2)
-    stats = run_topics(_cfg(model="prodlda", epochs=6, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
+    stats = run_topics(_cfg(model="prodlda", epochs=15, lr=2e-2, batch_size=16, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
     assert stats["model"] == "prodlda" and stats["theta_docs"] == len(ids)
     doc = json.load(open(tmp_path / "topics" / "topics.json"))
     assert _separates([t["words"] for t in doc["topics"]])

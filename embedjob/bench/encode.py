@@ -1,0 +1,191 @@
+"""`embedjob bench encode`: the encoder against sentence-transformers and against itself on Ray.
+
+On the same documents, in one process:
+  (a) sentence-transformers ``encode()`` with its defaults (fp32, batches of 32);
+  (b) embedjob's :class:`~embedjob.encode.TextEncoder` alone (token-budget batches, configured dtype);
+  (c) the full ``embedjob run`` pipeline's encode stage on local Ray (read -> preprocess -> encode
+      actors -> write), on the same documents written as Parquet shards.
+
+Throughput is tokens/s (tokens = the model's input tokens after truncation, special tokens included,
+the same count for all three). Model loading is excluded from (a) and (b); for (c) the steady-state
+rate is measured from the first encoded block to the last (the first block's tokens excluded), so
+Ray's per-block overheads count but the actor's one-time model load does not; the end-to-end
+stage rate including start-up is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "mixed-en")
+
+# Dense bf16/fp16 tensor peak (FLOP/s) of known accelerators; CPUs have no reliable published figure.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def load_texts(corpus: str, limit: int, text_column: str = "text", storage_options: Optional[dict] = None) -> list[str]:
+    from embedjob.storage import Storage, list_shards
+
+    texts: list[str] = []
+    for url in list_shards(corpus, storage_options or {}):
+        col = Storage(url, storage_options or {}).read_parquet("", columns=[text_column]).column(text_column)
+        texts.extend(t for t in col.to_pylist() if t and t.strip())
+        if len(texts) >= limit:
+            break
+    return texts[:limit]
+
+
+def flops_per_token(config: Any, seq_len: float) -> float:
+    """Forward FLOPs per token of a BERT encoder: 2 x parameters in the layers' matmuls plus attention."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    dense = 2 * layers * (4 * h * h + 2 * h * inter)
+    attn = 2 * layers * 2 * seq_len * h
+    return float(dense + attn)
+
+
+def device_peak(device: str) -> Optional[float]:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, skip_pipeline: bool = False,
+              device: str = "cpu") -> dict[str, Any]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedjob.config import EncodeConfig, build_config
+    from embedjob.encode import TextEncoder
+
+    texts = load_texts(corpus, limit)
+    if not texts:
+        raise SystemExit(f"no documents found at {corpus}")
+    cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens)
+    enc = TextEncoder.from_config(cfg, device=device)
+    ids = enc.tokenizer(texts)
+    n_tokens = int(sum(len(x) for x in ids))
+    lengths = np.array([len(x) for x in ids])
+    logger.info("bench encode: %d documents, %d tokens (mean %.0f, max %d) from %s", len(texts), n_tokens,
+                lengths.mean(), lengths.max(), corpus)
+
+    # (a) sentence-transformers with its defaults
+    st = SentenceTransformer(enc.settings["model_path"], device=device)
+    st.max_seq_length = enc.settings["max_length"]
+    st.encode(texts[:32])  # warm-up
+    t = time.perf_counter()
+    ref = st.encode(texts, convert_to_numpy=True)
+    ta = time.perf_counter() - t
+    del st
+
+    # (b) embedjob's encoder alone (tokenisation included, as in (a))
+    enc.encode_ids(ids[:32])  # warm-up
+    t = time.perf_counter()
+    got = enc.encode_texts(texts).vectors
+    tb = time.perf_counter() - t
+    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    result: dict[str, Any] = {
+        "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings["dtype"], "device": device,
+        "batch_tokens": batch_tokens, "torch_threads": torch.get_num_threads(),
+        "sentence_transformers_tokens_per_s": n_tokens / ta,
+        "encoder_tokens_per_s": n_tokens / tb,
+        "ratio_vs_sentence_transformers": ta / tb,
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+    }
+    fpt = flops_per_token(enc.model.config, float((lengths ** 2).sum() / lengths.sum()))
+    result["flops_per_token"] = fpt
+    peak = device_peak(device)
+    if peak:
+        result["encoder_fraction_of_peak"] = n_tokens / tb * fpt / peak
+    del enc
+
+    # (c) the pipeline's encode stage on local Ray
+    if not skip_pipeline:
+        import pyarrow as pa
+        import ray
+
+        from embedjob.pipeline import run_job
+        from embedjob.storage import Storage
+
+        tmp = tempfile.mkdtemp(prefix="embedjob-bench-")
+        try:
+            store = Storage(os.path.join(tmp, "in"))
+            shards = 4
+            for s in range(shards):
+                part = list(range(s, len(texts), shards))
+                store.write_parquet(f"part-{s:05d}.parquet", pa.table({
+                    "id": [f"d{i}" for i in part], "text": [texts[i] for i in part]}), row_group_size=256)
+            job = build_config({
+                "input": {"url": os.path.join(tmp, "in"), "rows_per_block": 256},
+                "output": {"url": os.path.join(tmp, "out")},
+                "encode": {"model": model, "dtype": dtype, "batch_tokens": batch_tokens, "rows_per_call": 256},
+            })
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False, log_to_driver=False)
+            t = time.perf_counter()
+            res = run_job(job)
+            tc_total = time.perf_counter() - t
+            st_enc = res.manifest["stages"]["encode"]
+            result["pipeline_tokens_per_s"] = st_enc["steady_tokens_per_second"]
+            result["pipeline_end_to_end_tokens_per_s"] = n_tokens / tc_total
+            result["pipeline_vs_encoder"] = result["pipeline_tokens_per_s"] / result["encoder_tokens_per_s"]
+            result["pipeline_rows"] = res.manifest["totals"]["rows_out"]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="embedjob bench encode", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", default=os.path.abspath(DEFAULT_CORPUS) if os.path.isdir(DEFAULT_CORPUS)
+                   else "data/gensim-corpus", help="Parquet shards to take documents from")
+    p.add_argument("--limit", type=int, default=2000, help="documents to encode")
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch (default: encode.batch_tokens)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    import torch
+
+    from embedjob.config import EncodeConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bt = args.batch_tokens or EncodeConfig().batch_tokens
+    r = run_bench(args.corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"documents {r['documents']}, tokens {r['tokens']}, device {r['device']}, dtype {r['dtype']}, "
+          f"torch threads {r['torch_threads']}, batch_tokens {r['batch_tokens']}")
+    print(f"(a) sentence-transformers encode(): {r['sentence_transformers_tokens_per_s']:10.0f} tokens/s")
+    print(f"(b) embedjob encoder:               {r['encoder_tokens_per_s']:10.0f} tokens/s   "
+          f"b/a = {r['ratio_vs_sentence_transformers']:.2f}   min cosine vs (a) = {r['min_cosine']:.5f}")
+    if "pipeline_tokens_per_s" in r:
+        print(f"(c) embedjob run, encode stage:     {r['pipeline_tokens_per_s']:10.0f} tokens/s   "
+              f"c/b = {r['pipeline_vs_encoder']:.2f}   (end to end incl. Ray and model start-up: "
+              f"{r['pipeline_end_to_end_tokens_per_s']:.0f} tokens/s)")
+    if "encoder_fraction_of_peak" in r:
+        print(f"encoder: {r['encoder_fraction_of_peak']:.1%} of the device's dense bf16 peak")
+    else:
+        print(f"achieved {r['encoder_tokens_per_s'] * r['flops_per_token'] / 1e9:.1f} GFLOP/s "
+              "(no published peak for this device)")
+    return 0

@@ -1,0 +1,226 @@
+"""`embedjob bench topics`: embedjob's topic model (ETM by default) beside gensim ``LdaMulticore``
+with the same K on the same dictionary, measured in one run: NPMI and C_V coherence (gensim
+``CoherenceModel``, top 10 words, the same reference sample of the corpus's tokens), topic
+diversity (top 25) and training wall time.
+
+Steps, on the first ``--limit`` documents of ``--corpus``:
+
+1. tokens: the job's preprocessing (``embedjob.preprocess.preprocess_texts`` with the default
+   ``PreprocessConfig`` = gensim ``preprocess_string`` default filters), one Ray task per shard,
+   written as the job's ``tokens/<shard>.parquet``; the corpus-wide Dictionary (``build_vocabulary``)
+   as ``vocab/dictionary.gensim``;
+2. rho (``--embeddings word2vec``): a gensim ``Word2Vec`` trained on the same tokens stands in for
+   the job's word2vec stage (its time is reported apart, ``w2v_seconds``); ``learned`` trains rho
+   with the model; any other value is a vector file URL;
+3. ``run_topics`` (Ray Train, ``--cpus`` CPUs split as workers x threads) for each K; then
+   ``LdaMulticore`` (``workers = cpus - 1``, i.e. ``cpus`` processes with its master, ``--lda-passes``)
+   on the same filtered dictionary. ``etm_seconds`` = BoW build + training (the TorchTrainer fit);
+   ``lda_seconds`` = doc2bow + LdaMulticore fit. Theta and coherence are not timed for either.
+
+    embedjob bench topics --k 20 --limit 20000 --json
+    embedjob bench topics --k 20 50 --workdir /tmp/bench-topics --set topics.epochs=30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
+                                              "mixed-en"))
+
+
+def tokenize_shard(url: str, dest: str, limit: Optional[int]) -> int:
+    """Job tokens of one corpus shard (first ``limit`` rows) -> ``dest`` Parquet (id, tokens)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedjob.config import PreprocessConfig
+    from embedjob.preprocess import preprocess_texts
+    from embedjob.storage import Storage
+
+    table = Storage(url).read_parquet("", columns=["id", "text"])
+    if limit is not None:
+        table = table.slice(0, limit)
+    tokens = preprocess_texts(table.column("text").to_pylist(), PreprocessConfig())
+    pq.write_table(pa.table({"id": table.column("id").cast(pa.string()),
+                             "tokens": pa.array(tokens, pa.list_(pa.string()))}), dest)
+    return table.num_rows
+
+
+def prepare_tokens(corpus: str, workdir: str, limit: Optional[int]) -> list[str]:
+    """Token shards of the corpus in ``workdir/tokens`` (reused when made with the same corpus/limit)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from embedjob.storage import Storage, list_shards, shard_key
+
+    marker = os.path.join(workdir, "tokens", "_bench.json")
+    want = {"corpus": corpus, "limit": limit}
+    if os.path.exists(marker) and json.load(open(marker)) == {**want, "urls": json.load(open(marker)).get("urls")}:
+        return json.load(open(marker))["urls"]
+    os.makedirs(os.path.join(workdir, "tokens"), exist_ok=True)
+    jobs, left = [], limit
+    for url in list_shards(corpus):
+        if left is not None and left <= 0:
+            break
+        with Storage(url).open("", "rb") as f:
+            n = pq.ParquetFile(f).metadata.num_rows
+        take = n if left is None else min(n, left)
+        jobs.append((url, os.path.join(workdir, "tokens", shard_key(url, corpus) + ".parquet"), take))
+        if left is not None:
+            left -= take
+    task = ray.remote(num_cpus=1)(tokenize_shard)
+    ray.get([task.remote(u, d, t) for u, d, t in jobs])
+    urls = [d for _, d, _ in jobs]
+    json.dump({**want, "urls": urls}, open(marker, "w"))
+    return urls
+
+
+def read_tokens(urls: list[str]) -> list[list[str]]:
+    import pyarrow.parquet as pq
+
+    out: list[list[str]] = []
+    for u in urls:
+        out.extend(pq.read_table(u, columns=["tokens"]).column("tokens").to_pylist())
+    return out
+
+
+def train_word2vec(docs: list[list[str]], path: str, *, cpus: int, dim: int, epochs: int, min_count: int) -> float:
+    from gensim.models import Word2Vec
+
+    t = time.time()
+    w2v = Word2Vec(sentences=[d for d in docs if d], vector_size=dim, window=5, min_count=min_count, sg=0,
+                   workers=cpus, epochs=epochs, seed=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    w2v.wv.save(path)
+    return time.time() - t
+
+
+def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int, seed: int) -> tuple[list[list[str]], float]:
+    from gensim.models import LdaMulticore
+
+    t = time.time()
+    corpus = [dictionary.doc2bow(d) for d in docs]
+    lda = LdaMulticore(corpus=corpus, id2word=dictionary, num_topics=k, workers=max(1, cpus - 1), passes=passes,
+                       random_state=seed)
+    seconds = time.time() - t
+    topics = [[w for w, _ in lda.show_topic(i, topn=25)] for i in range(k)]
+    return topics, seconds
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="embedjob bench topics", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="corpus URL (Parquet shards with id, text)")
+    p.add_argument("--k", type=int, nargs="+", default=[20], help="number of topics (several: one run each)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of the corpus (default: all)")
+    p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
+                   "(default: a temporary folder, deleted)")
+    p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
+                   "WORKDIR/word2vec/vectors.kv exists), learned, or a vector file URL")
+    p.add_argument("--w2v-dim", type=int, default=300, help="Word2Vec dimensions")
+    p.add_argument("--w2v-epochs", type=int, default=5, help="Word2Vec epochs")
+    p.add_argument("--lda-passes", type=int, default=1, help="LdaMulticore passes (gensim's default: 1)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
+    p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
+                   help="override a topics setting (value parsed as YAML); repeatable")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from embedjob.config import JobConfig, apply_override
+    from embedjob.storage import Storage
+    from embedjob.topics import TopicsConfig, evaluate_topics, filter_dictionary, reference_texts, run_topics
+    from embedjob.vocab import build_vocabulary
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="embedjob-bench-topics-")
+    results: list[dict[str, Any]] = []
+    try:
+        t = time.time()
+        urls = prepare_tokens(args.corpus, workdir, args.limit)
+        token_seconds = time.time() - t
+        out = Storage(workdir)
+        if not out.exists("vocab/dictionary.gensim") or not out.exists("vocab/_bench.json") or \
+                out.read_json("vocab/_bench.json") != {"urls": urls}:
+            os.makedirs(os.path.join(workdir, "vocab"), exist_ok=True)
+            build_vocabulary(urls).save(os.path.join(workdir, "vocab", "dictionary.gensim"))
+            out.write_json("vocab/_bench.json", {"urls": urls})
+        from gensim.corpora import Dictionary
+
+        full_dict = Dictionary.load(os.path.join(workdir, "vocab", "dictionary.gensim"))
+        docs = read_tokens(urls)
+        w2v_seconds = 0.0
+        data: dict[str, Any] = {}
+        for o in args.set:
+            apply_override(data, o if o.startswith("topics.") else f"topics.{o}")
+        topics_overrides = data.get("topics", {})
+        base = TopicsConfig(**{"enabled": True, **topics_overrides})
+        embeddings = args.embeddings
+        if embeddings == "word2vec":
+            kv = os.path.join(workdir, "word2vec", "vectors.kv")
+            if not os.path.exists(kv):
+                w2v_seconds = train_word2vec(docs, kv, cpus=args.cpus, dim=args.w2v_dim, epochs=args.w2v_epochs,
+                                             min_count=base.no_below)
+        for k in args.k:
+            tc = base.model_copy(update={"num_topics": k, "embeddings": embeddings, "resume": False})
+            tc = TopicsConfig(**tc.model_dump())
+            if "workers" not in topics_overrides:
+                tc.workers = min(tc.workers, args.cpus)
+            if "threads_per_worker" not in topics_overrides:
+                tc.threads_per_worker = max(1, args.cpus // tc.workers)
+            cfg = JobConfig(topics=tc)
+            etm = run_topics(cfg, out, urls)
+            dictionary = filter_dictionary(full_dict, tc)
+            lda_topics, lda_seconds = run_lda(docs, dictionary, k, cpus=args.cpus, passes=args.lda_passes, seed=tc.seed)
+            texts = reference_texts(urls, {}, tc.coherence_docs, tc.seed)
+            lda = evaluate_topics(lda_topics, texts, dictionary, tc)
+            etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
+            row = {
+                "k": k, "documents": len(docs), "vocabulary": len(dictionary), "model": tc.model,
+                "embeddings": etm.get("embeddings"), "cpus": args.cpus,
+                "etm_npmi": etm["npmi"], "lda_npmi": lda.get("npmi"),
+                "etm_cv": etm["c_v"], "lda_cv": lda.get("c_v"),
+                "etm_diversity": etm["diversity"], "lda_diversity": lda["diversity"],
+                "etm_seconds": round(etm["bow_seconds"] + etm["train_seconds"], 3),
+                "lda_seconds": round(lda_seconds, 3),
+                "etm_epoch_seconds": etm.get("epoch_seconds"), "etm_workers": etm["workers"],
+                "etm_threads_per_worker": etm["threads_per_worker"], "etm_epochs": tc.epochs,
+                "lda_passes": args.lda_passes, "w2v_seconds": round(w2v_seconds, 3),
+                "token_seconds": round(token_seconds, 3), "reference_docs": len(texts),
+                "seconds_ratio_etm_over_lda": round((etm["bow_seconds"] + etm["train_seconds"]) / max(lda_seconds, 1e-9), 3),
+                "etm_top_words": [t[:10] for t in etm_topics], "lda_top_words": [t[:10] for t in lda_topics],
+            }
+            results.append(row)
+            w2v_seconds = 0.0
+            if not args.json:
+                print(f"K={k}  docs={len(docs)}  vocabulary={len(dictionary)}  cpus={args.cpus}  rho={row['embeddings']}")
+                print(f"  {'':8s} {'NPMI':>8s} {'C_V':>8s} {'divers.':>8s} {'seconds':>9s}")
+                print(f"  {tc.model:8s} {row['etm_npmi']:8.4f} {row['etm_cv']:8.4f} {row['etm_diversity']:8.3f} "
+                      f"{row['etm_seconds']:9.1f}")
+                print(f"  {'lda':8s} {row['lda_npmi']:8.4f} {row['lda_cv']:8.4f} {row['lda_diversity']:8.3f} "
+                      f"{row['lda_seconds']:9.1f}")
+                print(f"  time ratio {tc.model}/lda: {row['seconds_ratio_etm_over_lda']:.2f}")
+    finally:
+        if started_ray:
+            ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

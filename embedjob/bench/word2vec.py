@@ -1,0 +1,218 @@
+"""`embedjob bench word2vec`: single-process gensim vs embedjob's Ray Train data-parallel trainer,
+on the same tokens, side by side in one run.
+
+Both train the same model (Word2Vec or FastText, same hyper-parameters): gensim in one process
+with ``workers=N`` threads, embedjob with ``N`` Ray Train workers. Printed: training words/s of
+each and their ratio (``speed_ratio`` = embedjob / gensim), wall time of each end to end,
+analogy accuracy (gensim's questions-words.txt, ``restrict_vocab=30000``) and WordSim-353
+Spearman of each, and the differences (embedjob minus gensim)::
+
+    embedjob bench word2vec --corpus ../shared/corpus/mixed-en --workers 2 --json
+
+The corpus is tokenised once (gensim filters without stemming, so the evaluation words match)
+into token shards cached under ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "mixed-en"))
+# gensim's default filters minus stemming: analogy and WordSim words must stay whole words.
+BENCH_FILTERS = ["strip_tags", "strip_punctuation", "strip_multiple_whitespaces", "strip_numeric",
+                 "remove_stopwords", "strip_short"]
+
+
+def _tokenize_shard(args: tuple[str, dict, str, Optional[int]]) -> tuple[str, int, int]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedjob.config import PreprocessConfig
+    from embedjob.preprocess import preprocess_texts
+    from embedjob.storage import Storage
+
+    url, opts, dest, max_docs = args
+    table = Storage(url, opts).read_parquet("", columns=["text"])
+    texts = table.column("text").to_pylist()
+    if max_docs is not None:
+        texts = texts[:max_docs]
+    tokens = preprocess_texts(texts, PreprocessConfig(filters=BENCH_FILTERS))
+    tmp = dest + ".tmp"
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(tokens))],
+                             "tokens": pa.array(tokens, type=pa.list_(pa.string()))}), tmp, row_group_size=4096)
+    os.replace(tmp, dest)
+    return dest, len(tokens), sum(len(t) for t in tokens)
+
+
+def tokenize_corpus(corpus: str, opts: dict, cache: str, *, max_docs_per_shard: Optional[int] = None,
+                    processes: int = 2) -> list[str]:
+    """Token shards of ``corpus`` (one per input shard), cached under ``cache``."""
+    from multiprocessing import get_context
+
+    from embedjob.storage import list_shards
+
+    shards = list_shards(corpus, opts)
+    key = hashlib.sha1(json.dumps([shards, BENCH_FILTERS, max_docs_per_shard]).encode()).hexdigest()[:12]
+    folder = os.path.join(cache, key)
+    os.makedirs(folder, exist_ok=True)
+    dests = [os.path.join(folder, f"{i:05d}.parquet") for i in range(len(shards))]
+    todo = [(s, opts, d, max_docs_per_shard) for s, d in zip(shards, dests) if not os.path.exists(d)]
+    if todo:
+        t = time.time()
+        with get_context("fork").Pool(processes) as pool:
+            for _ in pool.imap_unordered(_tokenize_shard, todo):
+                pass
+        logger.info("tokenised %d shards in %.1fs into %s", len(todo), time.time() - t, folder)
+    return dests
+
+
+def evaluate(kv) -> dict[str, float]:
+    """Analogy accuracy (questions-words.txt, restrict_vocab 30000) and WordSim-353 Spearman."""
+    from gensim.test.utils import datapath
+
+    acc, _ = kv.evaluate_word_analogies(datapath("questions-words.txt"), restrict_vocab=30000)
+    _, spearman, oov = kv.evaluate_word_pairs(datapath("wordsim353.tsv"), restrict_vocab=300000)
+    return {"analogy": round(100.0 * float(acc), 2), "wordsim_spearman": round(float(spearman[0]), 4),
+            "wordsim_oov_percent": round(float(oov), 1)}
+
+
+def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[Any, dict[str, Any]]:
+    """Single-process gensim with ``threads`` worker threads on the same tokens."""
+    import pyarrow.parquet as pq
+    from gensim.models import FastText, Word2Vec
+
+    from embedjob.word2vec import write_line_sentences
+
+    docs = []
+    for f in token_files:
+        docs.extend(d for d in pq.read_table(f, columns=["tokens"]).column("tokens").to_pylist() if d)
+    common = dict(vector_size=cfg.vector_size, window=cfg.window, min_count=cfg.min_count,
+                  max_final_vocab=cfg.max_final_vocab, sg=cfg.sg, hs=cfg.hs, negative=cfg.negative,
+                  sample=cfg.sample, alpha=cfg.alpha, min_alpha=cfg.min_alpha, epochs=cfg.epochs,
+                  seed=cfg.seed, workers=threads)
+    model = (FastText(min_n=cfg.min_n, max_n=cfg.max_n, bucket=cfg.bucket, **common)
+             if cfg.model == "fasttext" else Word2Vec(**common))
+    with tempfile.TemporaryDirectory(prefix="embedjob-bench-") as tmp:
+        t0 = time.time()
+        if mode == "corpus_file":
+            path = os.path.join(tmp, "corpus.txt")
+            write_line_sentences(docs, path)
+            del docs
+            model.build_vocab(corpus_file=path)
+            t1 = time.time()
+            eff, raw = model.train(corpus_file=path, total_words=model.corpus_total_words, epochs=cfg.epochs)
+        else:
+            model.build_vocab(docs)
+            t1 = time.time()
+            eff, raw = model.train(docs, total_examples=model.corpus_count, epochs=cfg.epochs)
+        t2 = time.time()
+    return model.wv, {"effective_words": int(eff), "train_seconds": round(t2 - t1, 3),
+                      "total_seconds": round(t2 - t0, 3), "words_per_s": round(eff / (t2 - t1), 1),
+                      "vocabulary": len(model.wv), "threads": threads, "mode": mode}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="embedjob bench word2vec", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="Parquet corpus with a 'text' column (any URL).")
+    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
+                   help="fsspec option of the corpus (repeatable; value parsed as JSON when possible).")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers for embedjob = threads for gensim.")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="gensim threads in each Ray worker.")
+    p.add_argument("--model", choices=["word2vec", "fasttext"], default="word2vec")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--vector-size", type=int, default=100)
+    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--sg", type=int, choices=[0, 1], default=0)
+    p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
+    p.add_argument("--sync-every", type=float, default=0.25)
+    p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
+    p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
+                   help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
+    p.add_argument("--max-docs-per-shard", type=int, default=None, help="Use only the first N docs of each shard.")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "embedjob-bench-tokens"),
+                   help="Folder caching the tokenised corpus.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from embedjob.word2vec import Word2VecConfig, train_word2vec
+
+    opts: dict[str, Any] = {}
+    for kv in args.storage_option:
+        k, _, v = kv.partition("=")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    cfg = Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
+                         min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
+                         threads_per_worker=args.threads_per_worker, sync_every=args.sync_every,
+                         use_corpus_file=not args.no_corpus_file)
+    files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
+
+    gensim_kv, g = run_gensim(files, cfg, args.workers * args.threads_per_worker, args.gensim_mode)
+    g.update(evaluate(gensim_kv))
+    del gensim_kv
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers * args.threads_per_worker),
+             include_dashboard=False, log_to_driver=False)
+    try:
+        t = time.time()
+        kv, rep = train_word2vec(files, cfg, {})
+        wall = time.time() - t
+    finally:
+        ray.shutdown()
+    e = {"effective_words": rep["effective_words"], "train_seconds": rep["train_seconds"],
+         "total_seconds": round(wall, 3), "words_per_s": rep["words_per_s"], "vocabulary": rep["vocabulary"],
+         "workers": args.workers, "threads_per_worker": args.threads_per_worker,
+         "sync_seconds": rep["sync_seconds"], "loss": [x["loss"] for x in rep["epochs"]],
+         "corpus_file": cfg.use_corpus_file}
+    e.update(evaluate(kv))
+
+    out = {
+        "model": args.model, "corpus": args.corpus, "documents": rep["documents"],
+        "tokens_per_epoch": rep["tokens_per_epoch"], "epochs": args.epochs, "vector_size": args.vector_size,
+        "workers": args.workers, "cpus": os.cpu_count(),
+        "gensim": g, "embedjob": e,
+        "speed_ratio": round(e["words_per_s"] / g["words_per_s"], 3),
+        "end_to_end_ratio": round(g["total_seconds"] / e["total_seconds"], 3),
+        "analogy_delta": round(e["analogy"] - g["analogy"], 2),
+        "wordsim_delta": round(e["wordsim_spearman"] - g["wordsim_spearman"], 4),
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.model}: {out['documents']} docs, {out['tokens_per_epoch']} tokens/epoch, {args.epochs} epochs, "
+          f"{args.vector_size} dims, {os.cpu_count()} CPUs")
+    print(f"{'':28}{'gensim (' + str(g['threads']) + ' threads)':>24}{'embedjob (' + str(args.workers) + ' Ray workers)':>28}")
+    rows = [("train words/s", g["words_per_s"], e["words_per_s"], ".0f"),
+            ("train seconds", g["train_seconds"], e["train_seconds"], ".1f"),
+            ("end-to-end seconds", g["total_seconds"], e["total_seconds"], ".1f"),
+            ("vocabulary", g["vocabulary"], e["vocabulary"], "d"),
+            ("analogy accuracy %", g["analogy"], e["analogy"], ".2f"),
+            ("WordSim-353 Spearman", g["wordsim_spearman"], e["wordsim_spearman"], ".4f")]
+    for name, a, b, fmt in rows:
+        print(f"{name:28}{format(a, fmt):>24}{format(b, fmt):>28}")
+    print(f"speed_ratio (train words/s, embedjob/gensim): {out['speed_ratio']:.3f}   "
+          f"end-to-end ratio: {out['end_to_end_ratio']:.3f}")
+    print(f"analogy_delta (embedjob - gensim): {out['analogy_delta']:+.2f} points   "
+          f"wordsim_delta: {out['wordsim_delta']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

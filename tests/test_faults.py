@@ -1,0 +1,201 @@
+"""Backfills and faults: resume after a killed driver, a killed encoder actor, reruns, added
+shards, config changes, and the bad-shard policy (real local Ray, real files)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.config import build_config
+from embedjob.pipeline import JobError, run_job
+from embedjob.read import InputError
+from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def ray_slow(ray_local):
+    """Local Ray whose workers sleep 0.1 s per encoder call, so an actor can be killed mid-run."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"EMBEDJOB_DEBUG_ENCODE_DELAY": "0.1", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def _encoder_actor_pids():
+    """Encoder actor processes of *this* Ray instance: children of its raylet (other Ray instances
+    may run on the same host), found through /proc."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if ppid == raylet and "EncodeActor" in cmd:
+            pids.append(int(d))
+    return pids
+
+
+def _cfg(inp, out, model, **sections):
+    data = {"input": {"url": str(inp), "rows_per_block": 16}, "output": {"url": str(out)},
+            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
+            "encode": {"model": model, "dtype": "float32", "rows_per_call": 16}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return build_config(data)
+
+
+def _ids(out):
+    return pq.read_table(os.path.join(out, "vectors"), columns=["id"]).column("id").to_pylist()
+
+
+def _status(res):
+    return {k: v["status"] for k, v in res.manifest["shards"].items()}
+
+
+def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
+    texts = [f"{t} number {i}" for i in range(40) for t in SAMPLE_TEXTS[:4]]  # 160 docs
+    ids = write_shards(tmp_path / "in", texts, n_shards=8)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps({
+        "input": {"url": str(tmp_path / "in"), "rows_per_block": 4},
+        "output": {"url": str(tmp_path / "out")},
+        "encode": {"model": tiny_model, "dtype": "float32", "rows_per_call": 4, "actors": 1}, **ONLY_SHARD_STAGES,
+        "ray": {"num_cpus": 2},
+    }))
+    env = {**os.environ, "RAY_ADDRESS": "", "EMBEDJOB_DEBUG_ENCODE_DELAY": "0.15"}
+    proc = subprocess.Popen([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    done_dir = tmp_path / "out" / "_done"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if done_dir.exists() and len([p for p in done_dir.glob("part-*.json")]) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail("job ended before it could be killed: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    finally:
+        proc.wait(timeout=60)
+    committed = sorted(p.stem for p in done_dir.glob("part-*.json"))
+    assert 2 <= len(committed) < 8, committed
+    res = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model,
+                       input={"rows_per_block": 4}, encode={"rows_per_call": 4, "actors": 1}))
+    status = _status(res)
+    assert sorted(k for k, v in status.items() if v == "skipped-unchanged") == committed
+    assert sorted(k for k, v in status.items() if v == "done") == sorted(set(status) - set(committed))
+    got = _ids(tmp_path / "out")
+    assert len(got) == len(ids) and sorted(got) == sorted(ids)  # every row exactly once
+    assert not any((tmp_path / "out" / "_tmp").glob("*/*.parquet"))
+
+
+def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny_model):
+    texts = [f"{t} item {i}" for i in range(30) for t in SAMPLE_TEXTS[:4]]  # 120 docs
+    ids = write_shards(tmp_path / "in", texts, n_shards=3)
+    cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 4},
+               encode={"rows_per_call": 4, "actors": 1, "max_restarts": 2, "max_task_retries": 3})
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("res", run_job(cfg)))
+    t.start()
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and killed is None and t.is_alive():
+        parts = list((tmp_path / "out" / "_tmp").glob("*/*.parquet")) if (tmp_path / "out" / "_tmp").exists() else []
+        if parts:
+            for pid in _encoder_actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.05)
+    t.join(timeout=300)
+    assert killed is not None, "no encoder actor was found alive mid-run"
+    res = result["res"]
+    assert res.ok
+    got = _ids(tmp_path / "out")
+    assert len(got) == len(ids) and sorted(got) == sorted(ids)
+
+
+def test_rerun_unchanged_then_two_new_shards_then_config_change(ray_local, tmp_path, tiny_model):
+    write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=3)
+    cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_model)
+    run_job(cfg)
+    again = run_job(cfg)
+    assert set(_status(again).values()) == {"skipped-unchanged"}
+    assert again.manifest["stages"]["encode"]["documents"] == 0
+    for name in ("part-00010", "part-00011"):
+        pq.write_table(pa.table({"id": [f"{name}-a", f"{name}-b"], "text": ["new text", "more new text"]}),
+                       tmp_path / "in" / f"{name}.parquet")
+    grown = run_job(cfg)
+    assert sorted(k for k, v in _status(grown).items() if v == "done") == ["part-00010", "part-00011"]
+    assert grown.manifest["stages"]["encode"]["documents"] == 4
+    assert grown.manifest["stages"]["vocab"]["status"] == "done"  # recomputed from per-shard outputs
+    # an encoder change re-encodes every shard but leaves token-based stages alone
+    changed = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"}))
+    assert set(_status(changed).values()) == {"done"}
+    assert changed.manifest["stages"]["vocab"]["status"] == "skipped-unchanged"
+    # a preprocessing change recomputes the vocabulary too
+    pre = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
+                       preprocess={"min_token_length": 2}))
+    assert pre.manifest["stages"]["vocab"]["status"] == "done"
+    forced = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
+                          preprocess={"min_token_length": 2}, output={"overwrite": True}))
+    assert set(_status(forced).values()) == {"done"}
+    assert len(_ids(tmp_path / "out")) == len(SAMPLE_TEXTS) + 4
+
+
+def _corrupt_data_pages(path):
+    """Keep the footer (so the launch check passes) but break the column data."""
+    data = bytearray(path.read_bytes())
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    for i in range(8, len(data) - footer_len - 8):
+        data[i] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bad_shard_skip_is_recorded_and_fail_stops(ray_local, tmp_path, tiny_model):
+    write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=3)
+    _corrupt_data_pages(tmp_path / "in" / "part-00001.parquet")
+    res = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"on_bad_shard": "skip"}))
+    assert not res.ok and res.failed_shards == ["part-00001"]
+    st = res.manifest["shards"]["part-00001"]
+    assert st["status"] == "failed" and "part-00001.parquet" in st["reason"]
+    assert _status(res)["part-00000"] == "done" and _status(res)["part-00002"] == "done"
+    with pytest.raises((InputError, JobError), match="part-00001.parquet"):
+        run_job(_cfg(tmp_path / "in", tmp_path / "out2", tiny_model))
+
+
+def test_cli_exit_code_when_shards_were_skipped(tmp_path, tiny_model):
+    write_shards(tmp_path / "in", SAMPLE_TEXTS[:4], n_shards=2)
+    (tmp_path / "in" / "part-00002.parquet").write_bytes(b"garbage")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps({"input": {"url": str(tmp_path / "in"), "on_bad_shard": "skip"},
+                                "output": {"url": str(tmp_path / "out")},
+                                "encode": {"model": tiny_model}, "ray": {"num_cpus": 2},
+                                **ONLY_SHARD_STAGES}))
+    p = subprocess.run([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "RAY_ADDRESS": ""}, timeout=300)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "part-00002" in p.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["shards"]["part-00002"]["status"] == "failed" and m["totals"]["done"] == 2

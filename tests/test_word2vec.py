@@ -1,0 +1,293 @@
+"""Word2Vec / FastText data-parallel with Ray Train (issues 5 and 10).
+
+A synthetic corpus with planted structure: words fall into four groups and every document draws
+its words from one group, so a good model puts words of a group close together. The building
+blocks are tested without Ray; each Ray Train run (tens of seconds of start-up on a busy 2-core
+machine) checks as much as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.config import ConfigError, JobConfig
+from embedjob.storage import Storage
+from embedjob.word2vec import (
+    Word2VecConfig,
+    apply_init,
+    load_vectors,
+    new_model,
+    plan_slices,
+    read_slices,
+    run_word2vec,
+    split_segments,
+    train_word2vec,
+    word_frequencies,
+)
+
+PREFIXES = ["zebra", "quartz", "violet", "marble"]
+SUFFIXES = ["ka", "ko", "mi", "nu", "pe", "ri", "so", "tu", "ve", "wy", "xa", "yo"]
+
+
+def group_of(word: str) -> str:
+    return next(p for p in PREFIXES if word.startswith(p))
+
+
+def synthetic_docs(n_docs: int = 1600, length: int = 20, seed: int = 0) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        p = PREFIXES[i % len(PREFIXES)]
+        # Zipf-ish frequencies inside a group, so counts differ and trimming rules matter.
+        probs = 1.0 / np.arange(1, len(SUFFIXES) + 1)
+        probs /= probs.sum()
+        docs.append([p + SUFFIXES[j] for j in rng.choice(len(SUFFIXES), size=length, p=probs)])
+    docs[5] = []  # an empty document, as the preprocess stage writes for empty text
+    docs[7] = docs[7] + ["rareword"]  # below min_count=2
+    return docs
+
+
+def write_token_shards(folder, docs, n_shards: int = 3, *, store: Storage | None = None) -> list[str]:
+    store = store or Storage(str(folder))
+    urls = []
+    for s in range(n_shards):
+        part = docs[s::n_shards]
+        table = pa.table({"id": [f"d{s}-{i}" for i in range(len(part))],
+                          "tokens": pa.array(part, type=pa.list_(pa.string()))})
+        store.write_parquet(f"tokens/part-{s:05d}.parquet", table, row_group_size=100)
+        urls.append(store.url(f"tokens/part-{s:05d}.parquet"))
+    return urls
+
+
+def group_margin(kv) -> float:
+    """Mean cosine of same-group pairs minus mean cosine of cross-group pairs."""
+    words = [w for w in kv.index_to_key if any(w.startswith(p) for p in PREFIXES)]
+    same, cross = [], []
+    for i, a in enumerate(words):
+        for b in words[i + 1:]:
+            (same if group_of(a) == group_of(b) else cross).append(kv.similarity(a, b))
+    return float(np.mean(same) - np.mean(cross))
+
+
+def small_cfg(**kw) -> Word2VecConfig:
+    base = dict(vector_size=24, window=3, min_count=2, epochs=5, workers=2, sample=0, seed=3, bucket=4000,
+                min_n=3, max_n=5)
+    base.update(kw)
+    return Word2VecConfig(**base)
+
+
+# -- building blocks, no Ray ----------------------------------------------------------------------
+def test_vocabulary_matches_gensim_rules():
+    from gensim.models import Word2Vec
+
+    from embedjob.vocab import dictionary_from_counts
+
+    docs = synthetic_docs(400)
+    cfs = {}
+    for d in docs:
+        for w in d:
+            cfs[w] = cfs.get(w, 0) + 1
+    from collections import Counter
+
+    dictionary = dictionary_from_counts(Counter(cfs), Counter(), len(docs), sum(cfs.values()))
+    for kw in ({"min_count": 2}, {"min_count": 2, "max_final_vocab": 30}):
+        cfg = small_cfg(**kw)
+        ours = new_model(cfg, word_frequencies(dictionary, cfg.min_count), len(docs))
+        ref = Word2Vec(vector_size=24, min_count=cfg.min_count, max_final_vocab=cfg.max_final_vocab, sample=0)
+        ref.build_vocab(docs)
+        assert set(ours.wv.index_to_key) == set(ref.wv.index_to_key)
+        assert "rareword" not in ours.wv.key_to_index
+        for w in ref.wv.index_to_key:
+            assert ours.wv.get_vecattr(w, "count") == ref.wv.get_vecattr(w, "count")
+
+
+@pytest.mark.parametrize("model", ["word2vec", "fasttext"])
+def test_same_inputs_give_identical_initial_weights(model):
+    from embedjob.word2vec import trainable_arrays
+
+    freq = {"a": 9, "b": 7, "c": 7, "d": 3}
+    cfg = small_cfg(model=model, min_count=1, bucket=100)
+    m1, m2 = new_model(cfg, freq, 4), new_model(cfg, dict(freq), 4)
+    assert m1.wv.index_to_key == m2.wv.index_to_key and set(m1.wv.index_to_key) == set(freq)
+    for x, y in zip(trainable_arrays(m1), trainable_arrays(m2)):
+        assert np.array_equal(x, y)
+
+
+def test_split_segments_balances_tokens():
+    docs = [["w"] * n for n in [5, 1, 1, 1, 8, 2, 2, 4, 0, 6]]
+    segs = split_segments(docs, 4)
+    assert sum(segs, []) == docs
+    sizes = [sum(len(d) for d in s) for s in segs]
+    assert max(sizes) <= 12 and min(sizes) >= 4
+    assert split_segments([], 3) == [[], [], []]
+    assert [len(s) for s in split_segments([["a"]], 4)].count(1) == 1
+
+
+def test_slices_cover_every_row_once(tmp_path):
+    docs = [[f"w{i}", "x"] for i in range(250)]
+    urls = write_token_shards(tmp_path, docs, n_shards=3)
+    for world in (1, 2, 4):
+        plan = plan_slices(urls, {}, world)
+        got = [d for r in range(world) for d in read_slices(plan[r], {})]
+        assert sorted(map(tuple, got)) == sorted(map(tuple, docs))
+        sizes = [sum(b - a for _, a, b in p) for p in plan]
+        assert max(sizes) - min(sizes) <= len(urls)
+
+
+def test_apply_init_frozen_sets_lock_factors():
+    cfg = small_cfg(min_count=1)
+    m = new_model(cfg, {"a": 5, "b": 4, "c": 3}, 3)
+    vecs = np.arange(72, dtype=np.float32).reshape(3, 24)
+    rows = apply_init(m, ["c", "zz", "a"], vecs, "frozen")  # "zz" is not in the vocabulary
+    assert sorted(rows.tolist()) == [0, 2]
+    assert np.array_equal(m.wv["c"], vecs[0]) and np.array_equal(m.wv["a"], vecs[2])
+    assert m.wv.vectors_lockf.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="negative"):
+        Word2VecConfig(negative=0, hs=0)
+    with pytest.raises(ValueError):
+        Word2VecConfig(init_lock="melted")
+    assert Word2VecConfig().sync_every == 0.25
+    assert JobConfig().word2vec.model == "word2vec"
+
+
+# -- with Ray Train -------------------------------------------------------------------------------
+def test_one_ray_worker_matches_single_process_gensim(ray_local, tmp_path):
+    """Equivalence: 1 Ray worker builds gensim's vocabulary and vectors of the same quality."""
+    from gensim.models import Word2Vec
+
+    docs = synthetic_docs()
+    urls = write_token_shards(tmp_path, docs)
+    cfg = small_cfg(workers=1)
+    kv, report = train_word2vec(urls, cfg, {})
+    ref = Word2Vec([d for d in docs if d], vector_size=24, window=3, min_count=2, epochs=5, sample=0, seed=3,
+                   workers=1)
+    assert set(kv.index_to_key) == set(ref.wv.index_to_key)
+    assert report["vocabulary"] == len(ref.wv)
+    assert report["documents"] == sum(1 for d in docs if d)  # empty documents carry no training signal
+    assert report["tokens_per_epoch"] == sum(map(len, docs))
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2, 3, 4, 5]
+    assert all(e["loss"] > 0 for e in report["epochs"])
+    ours, theirs = group_margin(kv), group_margin(ref.wv)
+    assert theirs > 0.3
+    assert ours > theirs - 0.15, (ours, theirs)
+
+
+def test_fasttext_two_workers_vectors_for_unseen_words(ray_local, tmp_path):
+    from gensim.models.fasttext import FastTextKeyedVectors
+
+    from embedjob.similar import similar_words
+
+    urls = write_token_shards(tmp_path, synthetic_docs())
+    cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True))
+    out = Storage(str(tmp_path / "out"))
+    stats = run_word2vec(cfg, out, urls)
+    assert stats["model"] == "fasttext" and stats["workers"] == 2
+    kv = load_vectors(out.url(), {}, kind="word2vec")
+    assert isinstance(kv, FastTextKeyedVectors)
+    unseen = "zebrakx"
+    assert unseen not in kv.key_to_index
+    vec = kv[unseen]
+    assert vec.shape == (24,) and np.linalg.norm(vec) > 0
+    neighbours = similar_words(out.url(), unseen, kind="word2vec", n=5)
+    assert sum(group_of(w) == "zebra" for w, _ in neighbours) >= 3, neighbours
+    assert group_margin(kv) > 0.2
+    # vectors.bin holds the vocabulary words in word2vec binary format
+    from gensim.models import KeyedVectors
+
+    bin_kv = KeyedVectors.load_word2vec_format(out.path("word2vec/vectors.bin"), binary=True)
+    assert set(bin_kv.index_to_key) == set(kv.index_to_key)
+    np.testing.assert_allclose(bin_kv["zebraka"], kv["zebraka"], rtol=1e-6)
+
+
+def _write_init_text(path, words, dim, seed=11):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(len(words), dim)).astype(np.float32)
+    with open(path, "w") as f:
+        f.write(f"{len(words)} {dim}\n")
+        for w, v in zip(words, vecs):
+            f.write(w + " " + " ".join(repr(float(x)) for x in v) + "\n")
+    from gensim.models import KeyedVectors
+
+    return KeyedVectors.load_word2vec_format(path, binary=False)  # the values as gensim reads them
+
+
+def test_frozen_init_on_s3_keeps_words_bit_identical(ray_local, tmp_path, s3_bucket):
+    """Two workers, tokens, init file and outputs on S3 (storage options reach the workers)."""
+    from gensim.models import KeyedVectors
+
+    bucket, opts = s3_bucket
+    store = Storage(f"s3://{bucket}/job", opts)
+    urls = write_token_shards(None, synthetic_docs(), store=store)
+    frozen = ["zebraka", "zebrako", "quartzmi", "violetnu"]
+    init = _write_init_text(tmp_path / "init.txt", frozen + ["notinvocab"], 24)
+    store.upload(str(tmp_path / "init.txt"), "init/vectors.txt")
+    wcfg = small_cfg(workers=2, init_from=store.url("init/vectors.txt"), init_lock="frozen", enabled=True)
+    stats = run_word2vec(JobConfig(word2vec=wcfg), store, urls)
+    assert stats["init_words"] == 4
+    kv = load_vectors(store.url(), opts)
+    for w in frozen:
+        assert np.array_equal(kv[w], init[w]), w
+    start = new_model(wcfg, {w: kv.get_vecattr(w, "count") for w in kv.index_to_key}, 1)
+    assert not np.allclose(kv["zebraso"], start.wv["zebraso"])  # the others trained
+    names = store.list("word2vec")
+    assert {"vectors.kv", "vectors.bin", "report.json"} <= set(names)
+    report = store.read_json("word2vec/report.json")
+    assert report["workers"] == 2 and len(report["epochs"]) == 5
+    with store.open("word2vec/vectors.bin") as f:
+        data = f.read()
+    local = tmp_path / "v.bin"
+    local.write_bytes(data)
+    assert set(KeyedVectors.load_word2vec_format(str(local), binary=True).index_to_key) == set(kv.index_to_key)
+
+
+def test_trainable_init_from_native_keyedvectors_moves_words(ray_local, tmp_path):
+    from gensim.models import KeyedVectors
+
+    urls = write_token_shards(tmp_path, synthetic_docs())
+    words = ["zebraka", "marbleko"]
+    init = KeyedVectors(24)
+    init.add_vectors(words, np.random.default_rng(5).normal(size=(2, 24)).astype(np.float32))
+    init.save(str(tmp_path / "init.kv"))
+    cfg = small_cfg(workers=1, init_from=str(tmp_path / "init.kv"), init_lock="trainable")
+    kv, report = train_word2vec(urls, cfg, {})
+    assert report["init_words"] == 2
+    for w in words:
+        assert not np.allclose(kv[w], init[w])
+        # started from the file: still closer to it than to a random start
+        assert np.corrcoef(kv[w], init[w])[0, 1] > 0.2
+
+
+def test_init_dimension_mismatch_and_unreadable_file_are_clear_errors(ray_local, tmp_path):
+    urls = write_token_shards(tmp_path, synthetic_docs(200))
+    _write_init_text(tmp_path / "small.txt", ["zebraka"], 7)
+    with pytest.raises(ConfigError, match=r"7-dimensional.*vector_size is 24"):
+        train_word2vec(urls, small_cfg(init_from=str(tmp_path / "small.txt")), {})
+    (tmp_path / "junk.bin").write_bytes(b"\x00\x01not vectors at all\xff" * 10)
+    with pytest.raises(ConfigError, match="junk.bin.*cannot be read"):
+        train_word2vec(urls, small_cfg(init_from=str(tmp_path / "junk.bin")), {})
+    with pytest.raises(ConfigError, match="missing.txt.*cannot be read"):
+        train_word2vec(urls, small_cfg(init_from=str(tmp_path / "missing.txt")), {})
+
+
+@pytest.mark.slow
+def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
+    from tests.conftest import SHARED_CORPUS
+
+    if not os.path.isdir(SHARED_CORPUS):
+        pytest.skip("shared corpus not present")
+    from embedjob.bench.word2vec import main
+
+    assert main(["--corpus", SHARED_CORPUS, "--workers", "2", "--max-docs-per-shard", "500", "--epochs", "2",
+                 "--cache", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("speed_ratio", "analogy_delta", "wordsim_delta"):
+        assert key in out
