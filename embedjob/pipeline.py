@@ -418,6 +418,10 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
             reason = _failure_reason(out, s.key) or "not all rows were encoded"
             failures[s.key] = reason
             logger.error("shard %s failed: %s", s.url, reason)
+    for key in failures:  # the reason is in the manifest; a rerun starts the shard afresh anyway
+        out.delete(f"{TMP}/{key}", recursive=True)
+    if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
+        out.fs.rmdir(out.path(TMP))
     if first_output is not None and last_output > first_output:
         stats["steady_tokens_per_second"] = round(tokens_after_first / (last_output - first_output), 1)
     stats["docs_per_second"] = round(stats["documents"] / max(progress.elapsed, 1e-9), 1)

@@ -92,9 +92,9 @@ class TopicsConfig(Section):
     )
     epochs: int = Field(20, ge=1, description="Training epochs over the corpus.")
     batch_size: int = Field(
-        1024, ge=2, description="Documents per optimisation step and per worker (capped at the documents a worker holds)."
+        512, ge=2, description="Documents per optimisation step and per worker (capped at the documents a worker holds)."
     )
-    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(5e-3, gt=0, description="Adam learning rate (ETM's reference value).")
     weight_decay: float = Field(1.2e-6, ge=0, description="Adam weight decay.")
     hidden_size: int = Field(512, ge=8, description="Width of the encoder's two hidden layers.")
     dropout: float = Field(
@@ -725,15 +725,20 @@ def _use_gpu(cfg: TopicsConfig) -> bool:
     return gpus >= cfg.workers
 
 
-def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any]):
-    """Ray Dataset of the BoW rows (``word_ids``, ``counts``) of all non-empty documents, materialised
-    once in the object store so that every epoch streams it without re-reading the shards."""
+def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], seed: int = 0):
+    """Ray Dataset of the BoW rows (``word_ids``, ``counts``) of all non-empty documents, globally
+    shuffled and materialised once in the object store so that every epoch streams it without
+    re-reading the shards.
+
+    The shuffle matters: shards are often one source or one topic each, and a worker that only sees
+    one topic gets batch-norm statistics (and gradients) of that topic alone, which stops DDP workers
+    from learning distinct topics."""
     import ray
 
     ds = ray.data.from_items([{"url": u} for u in token_urls], override_num_blocks=len(token_urls))
     ds = ds.map_batches(_bow_shards, fn_kwargs={"vocab": vocab, "storage_options": storage_options},
                         batch_size=1, batch_format="numpy")
-    return ds.materialize()
+    return ds.random_shuffle(seed=seed).materialize()
 
 
 def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str], rho: Optional[np.ndarray],
@@ -744,7 +749,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.time()
-    ds = bow_dataset(token_urls, vocab, out.storage_options)
+    ds = bow_dataset(token_urls, vocab, out.storage_options, cfg.seed)
     docs = ds.count()
     if docs == 0:
         raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
@@ -883,8 +888,6 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
     Results are written only after training, theta and metrics all succeeded; theta files are
     staged under ``topics/_staging/`` first.
     """
-    import ray
-
     tc: TopicsConfig = cfg.topics
     if not token_urls:
         raise TopicsError("topics: no token shard to train on")
@@ -937,7 +940,6 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
              "npmi": metrics.get("npmi"), "c_v": metrics.get("c_v"), "diversity": metrics["diversity"],
              "coherence_seconds": metrics["seconds"], "total_seconds": round(time.time() - t0, 3), **emb_stats}
     logger.info("topics: NPMI %s, C_V %s, diversity %.3f", stats["npmi"], stats["c_v"], stats["diversity"])
-    del ray
     return stats
 
 

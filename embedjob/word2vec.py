@@ -12,8 +12,11 @@ ordinary gensim model on its slice of the corpus and the workers average their w
    fast ``corpus_file`` mode) cut into ``1/sync_every`` segments of equal words;
 3. for every epoch and segment, each worker runs ``model.train(..., epochs=1)`` with the learning
    rate of that stretch of the *global* schedule (alpha -> min_alpha over all epochs), then the
-   trainable matrices are averaged: ``wv.vectors`` and ``syn1neg``/``syn1`` (Word2Vec);
-   ``wv.vectors_vocab``, ``wv.vectors_ngrams`` and ``syn1neg``/``syn1`` (FastText);
+   trainable matrices are combined with ``all_reduce``: ``wv.vectors`` and ``syn1neg``/``syn1``
+   (Word2Vec); ``wv.vectors_vocab``, ``wv.vectors_ngrams`` and ``syn1neg``/``syn1`` (FastText).
+   By default the workers' *updates* since the last sync are summed (``sync_mode='sum'``), which
+   keeps single-process quality; Spark-style averaging (``'average'``) divides every update by
+   the number of workers and so learns ``workers`` times more slowly;
 4. rank 0 writes the KeyedVectors (gensim native + word2vec binary) and ``report.json``.
 
 Outputs under ``<out>/word2vec/``: ``vectors.kv`` (+ gensim ``.npy`` sidecars),
@@ -115,6 +118,13 @@ class Word2VecConfig(Section):
         2_000_000, ge=0,
         description="FastText: rows of the hashed n-gram matrix (vectors_ngrams, averaged at every sync; "
         "2M x 100 float32 = 800 MB per worker).",
+    )
+    sync_mode: Literal["sum", "average"] = Field(
+        "sum",
+        description="How workers combine at a sync. 'sum': every worker's update since the last sync is "
+        "added (the model moves as if the workers had trained one after another, as gensim's threads do "
+        "on one shared model: single-process quality). 'average': plain parameter averaging as in Spark "
+        "MLlib (each update divided by the workers: learns more slowly, lower quality at equal epochs).",
     )
     ray_storage_path: Optional[str] = Field(
         None,
@@ -353,12 +363,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_ready = time.time()
 
     arrays = [torch.from_numpy(a) for a in trainable_arrays(model)]
+    # 'sum' needs the weights of the last sync: new = last + sum_i(worker_i - last).
+    last = [t.clone() for t in arrays] if world > 1 and cfg.sync_mode == "sum" else []
 
     def average() -> None:
         if world > 1:
-            for t in arrays:
+            for i, t in enumerate(arrays):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                t.div_(world)
+                if last:
+                    t.sub_(last[i], alpha=world - 1)
+                    last[i].copy_(t)
+                else:
+                    t.div_(world)
         if len(frozen_rows):
             # Summing identical values then dividing can round; frozen words stay bit-identical.
             _word_rows(model)[frozen_rows] = frozen_values
@@ -418,6 +434,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "documents": int(counts[0]),
             "tokens_per_epoch": int(counts[1]),
             "syncs_per_epoch": parts,
+            "sync_mode": cfg.sync_mode,
             "corpus_file": cfg.use_corpus_file,
             "init_from": cfg.init_from,
             "init_words": int(config.get("init_words", 0)),

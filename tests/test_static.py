@@ -69,7 +69,7 @@ def _reference(model_path, texts, filters, pooling, layers, max_length):
 
 def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_length=None, calls=1):
     """Preprocess -> EncodeActor (with the accumulator) -> commit_static_parts, in-process."""
-    from embedjob.config import PreprocessConfig
+    from embedjob.config import EncodeConfig, PreprocessConfig
     from embedjob.encode import EncodeActor
     from embedjob.preprocess import Preprocessor
     from embedjob.static_vectors import StaticConfig, static_actor_settings
@@ -79,6 +79,7 @@ def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_l
 
     class _Cfg:
         static = StaticConfig(**static_kwargs)
+        encode = EncodeConfig(model=model_path)
 
     static = static_actor_settings(_Cfg, out)
     settings = _encoder_settings(model_path, max_length)

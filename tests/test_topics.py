@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -215,7 +214,7 @@ def test_resume_continues_from_checkpoint(etm_run, tmp_path):
 def test_prodlda_path_runs(ray_local, tmp_path):
     docs = _synthetic_docs(seed=3)
     urls, ids = _write_tokens(str(tmp_path), docs, n_shards=2)
-    stats = run_topics(_cfg(model="prodlda", epochs=15, lr=2e-2, batch_size=16, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
+    stats = run_topics(_cfg(model="prodlda", epochs=40, lr=2e-2, batch_size=16, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
     assert stats["model"] == "prodlda" and stats["theta_docs"] == len(ids)
     doc = json.load(open(tmp_path / "topics" / "topics.json"))
     assert _separates([t["words"] for t in doc["topics"]])

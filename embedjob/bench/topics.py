@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
 from typing import Any, Optional
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
                                               "mixed-en"))

@@ -135,6 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sg", type=int, choices=[0, 1], default=0)
     p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
     p.add_argument("--sync-every", type=float, default=0.25)
+    p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
+                   help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
     p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
     p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
                    help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
@@ -158,6 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
                          min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
                          threads_per_worker=args.threads_per_worker, sync_every=args.sync_every,
+                         sync_mode=args.sync_mode,
                          use_corpus_file=not args.no_corpus_file)
     files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
 
@@ -179,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
          "total_seconds": round(wall, 3), "words_per_s": rep["words_per_s"], "vocabulary": rep["vocabulary"],
          "workers": args.workers, "threads_per_worker": args.threads_per_worker,
          "sync_seconds": rep["sync_seconds"], "loss": [x["loss"] for x in rep["epochs"]],
-         "corpus_file": cfg.use_corpus_file}
+         "corpus_file": cfg.use_corpus_file, "sync_mode": cfg.sync_mode}
     e.update(evaluate(kv))
 
     out = {
