@@ -80,6 +80,12 @@ class TopicsConfig(Section):
         "per-dimension spread). Ignored by prodlda.",
     )
     embedding_dim: int = Field(300, ge=2, description="Dimension of rho when embeddings='learned'.")
+    background: bool = Field(
+        True,
+        description="ETM: add the corpus's log word frequencies to every topic's word logits, so that topics "
+        "model deviations from the background (as SAGE and Scholar do) instead of each relearning the most "
+        "frequent words; topics.json then ranks a topic's words by that deviation. Ignored by prodlda.",
+    )
     train_embeddings: bool = Field(
         False, description="Fine-tune pre-fitted rho (false keeps the given vectors frozen; missing words are learned either way)."
     )
@@ -270,7 +276,7 @@ def _model_class():
 
         def __init__(self, vocab_size: int, num_topics: int, hidden_size: int = 512, *, kind: str = "etm",
                      embedding_dim: int = 300, rho_trainable: bool = True, n_missing: int = 0,
-                     dropout: float = 0.2, batchnorm: bool = True):
+                     dropout: float = 0.2, batchnorm: bool = True, background: bool = False):
             super().__init__()
             self.vocab_size, self.num_topics, self.kind = vocab_size, num_topics, kind
             self.batchnorm = batchnorm
@@ -293,6 +299,9 @@ def _model_class():
                 if n_missing:
                     self.rho_missing = nn.Parameter(torch.randn(n_missing, embedding_dim) / math.sqrt(embedding_dim))
                 self.alpha = nn.Linear(embedding_dim, num_topics, bias=False)
+                self.background = background
+                if background:  # log unigram frequencies, set by init_model, saved with the weights
+                    self.register_buffer("log_background", torch.zeros(vocab_size))
             elif kind == "prodlda":
                 self.beta = nn.Linear(num_topics, vocab_size)
                 self.beta_bn = nn.BatchNorm1d(vocab_size, affine=False)
@@ -321,11 +330,25 @@ def _model_class():
             mu, _ = self.encode(ids, offsets, weights)
             return F.softmax(mu, dim=1)
 
+        def topic_logits(self):
+            """(V, K) ETM logits: rho . alpha_k (+ the log background frequency)."""
+            logits = self.word_embeddings() @ self.alpha.weight.t()
+            if self.background:
+                logits = logits + self.log_background.unsqueeze(1)
+            return logits
+
         def topic_word(self):
             """(K, V) topic-word distributions."""
             if self.kind == "etm":
-                return F.softmax(self.word_embeddings() @ self.alpha.weight.t(), dim=0).t()
+                return F.softmax(self.topic_logits(), dim=0).t()
             return F.softmax(self.beta.weight.t(), dim=1)
+
+        def topic_ranking(self):
+            """(K, V) scores that order each topic's words for display: the topic-word distribution, or
+            for an ETM with a background, each topic's deviation from it (rho . alpha_k)."""
+            if self.kind == "etm" and self.background:
+                return (self.word_embeddings() @ self.alpha.weight.t()).t()
+            return self.topic_word()
 
         def kl(self, mu, logvar):
             if self.kind == "etm":
@@ -340,7 +363,7 @@ def _model_class():
             theta = F.softmax(z, dim=1)
             n = theta.shape[0]
             if self.kind == "etm":
-                beta = F.softmax(self.word_embeddings() @ self.alpha.weight.t(), dim=0)  # (V, K)
+                beta = F.softmax(self.topic_logits(), dim=0)  # (V, K)
                 p = (theta[doc_index] * beta[ids]).sum(1)
                 logp = torch.log(p + 1e-10)
             else:
@@ -357,14 +380,21 @@ def model_kwargs(cfg: TopicsConfig, vocab_size: int, embedding_dim: int, n_missi
     trainable = cfg.embeddings == "learned" or cfg.train_embeddings
     return {"vocab_size": vocab_size, "num_topics": cfg.num_topics, "hidden_size": cfg.hidden_size,
             "kind": cfg.model, "embedding_dim": embedding_dim, "rho_trainable": trainable,
-            "n_missing": 0 if trainable else n_missing, "dropout": cfg.dropout, "batchnorm": cfg.batchnorm}
+            "n_missing": 0 if trainable else n_missing, "dropout": cfg.dropout, "batchnorm": cfg.batchnorm,
+            "background": cfg.model == "etm" and cfg.background}
 
 
-def init_model(kwargs: dict[str, Any], rho: Optional[np.ndarray], missing: Optional[np.ndarray], seed: int):
-    """A freshly initialised model with the pre-fitted rows of rho copied in."""
+def init_model(kwargs: dict[str, Any], rho: Optional[np.ndarray], missing: Optional[np.ndarray], seed: int,
+               word_counts: Optional[np.ndarray] = None):
+    """A freshly initialised model with the pre-fitted rows of rho copied in (and, for an ETM with a
+    background, the log frequencies of ``word_counts``)."""
     torch = _torch()
     torch.manual_seed(seed)
     model = build_model(**kwargs)
+    if kwargs.get("background") and word_counts is not None:
+        freq = np.asarray(word_counts, np.float64) + 1.0
+        with torch.no_grad():
+            model.log_background.copy_(torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32)))
     if kwargs["kind"] == "etm" and rho is not None:
         with torch.no_grad():
             model.rho.copy_(torch.from_numpy(rho))
@@ -641,7 +671,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     store = Storage(config["root"], config["storage_options"])
     rho = ray.get(config["rho_ref"]) if config["rho_ref"] is not None else None
-    model = init_model(config["model_kwargs"], rho, config["missing"], config["seed"])
+    model = init_model(config["model_kwargs"], rho, config["missing"], config["seed"], config.get("word_counts"))
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start = 0
     history: list[dict[str, Any]] = []
@@ -742,7 +772,7 @@ def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[s
 
 
 def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str], rho: Optional[np.ndarray],
-                      missing: np.ndarray) -> tuple[Any, dict[str, Any]]:
+                      missing: np.ndarray, word_counts: Optional[np.ndarray] = None) -> tuple[Any, dict[str, Any]]:
     """Train with ``TorchTrainer`` (or resume); returns the trained model (CPU) and stats."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -770,6 +800,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     config = {
         "root": out.url(), "storage_options": out.storage_options, "model_kwargs": kwargs,
         "rho_ref": ray.put(rho) if rho is not None else None, "missing": missing, "seed": cfg.seed,
+        "word_counts": word_counts,
         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "batch_size": batch_size,
         "kl_anneal_epochs": cfg.kl_anneal_epochs, "clip_grad": cfg.clip_grad, "threads": threads,
         "checkpoint_every": cfg.checkpoint_every, "keep_checkpoints": cfg.keep_checkpoints, "fingerprint": fp,
@@ -896,11 +927,13 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
     vocab = vocab_list(dictionary)
     logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
     rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
-    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing)
+    word_counts = np.array([dictionary.cfs.get(i, 0) for i in range(len(vocab))], np.float64)
+    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing, word_counts)
     kwargs = model_kwargs(tc, len(vocab), rho.shape[1] if rho is not None else tc.embedding_dim, int(missing.sum()))
     with _torch().no_grad():
         tw = model.topic_word().float().numpy()
-    topics = top_words(tw, vocab, max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
+        ranking = model.topic_ranking().float().numpy()
+    topics = top_words(ranking, vocab, max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
     blob = model_bytes(model, kwargs, vocab, tc)
 
     staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
