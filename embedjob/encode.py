@@ -42,6 +42,7 @@ DEBUG_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 INPUT_IDS = "_input_ids"
 # Column the encoder actor adds: the Ray node it ran on (aggregated into the encode stats).
 ENCODER_NODE = "_encoder_node"
+ENCODER_RSS = "_encoder_peak_rss_mb"  # the actor process's peak resident memory so far (MiB)
 
 
 def cpu_supports_bf16() -> bool:
@@ -196,7 +197,7 @@ class TextEncoder:
 
     @classmethod
     def from_config(cls, cfg, *, device: str = "cpu", **kwargs) -> "TextEncoder":
-        return cls(resolve_encoder_settings(cfg, device), batch_tokens=cfg.batch_tokens,
+        return cls(resolve_encoder_settings(cfg, device), batch_tokens=cfg.batch_tokens_for(device),
                    max_batch_docs=cfg.max_batch_docs, **kwargs)
 
     def encode_texts(self, texts: Sequence[str], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
@@ -302,9 +303,19 @@ class EncodeActor:
         out = out.append_column("n_tokens", pa.array(n_tokens, type=pa.int32()))
         if self.node_id is not None:
             out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
+        out = out.append_column(ENCODER_RSS, pa.array([_peak_rss_mb()] * batch.num_rows, type=pa.float64()))
         if self.static is not None:
             out = self.static.attach(out)
         return out
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def _ray_node_id() -> Optional[str]:

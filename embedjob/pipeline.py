@@ -303,6 +303,9 @@ def _stage_stats(name: str, status: dict[str, Any], stats: dict[str, Any]) -> di
     return base
 
 
+BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pipeline
+
+
 # -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
 def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
                      plan: dict[str, Any], stage_hash: str):
@@ -329,6 +332,11 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
+    # Ray Data merges a task's outputs until they reach target_max_block_size (128 MiB by default),
+    # which would turn a whole shard into one block: one actor call per shard, no progress until it
+    # is done, a retry redoing it all and actor memory growing with the shard. Small targets keep
+    # blocks near input.rows_per_block rows (a few MiB of text, ids and vectors).
+    ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
     static = None
     if cfg.static.enabled:
         from embedjob.static_vectors import static_actor_settings
@@ -351,7 +359,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         actor_args["resources"] = plan["resources"]
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens,
+        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder["device"]),
                                "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
                                "static": static},
         batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
@@ -386,7 +394,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
     tokens_after_first = 0
     try:
-        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             now = time.time()
             if first_output is None:
                 first_output = now
@@ -399,6 +407,10 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
                 cov[r["row_start"]: r["row_end"] + 1] = True
                 stats["documents"] += new
                 stats["bert_tokens"] += r["tokens"] if new else 0
+                if r.get("rss_mb") and r["rss_mb"] > stats.get("encoder_peak_rss_mb", 0.0):
+                    # peak RSS of the encoder actors and when it grew: [documents done, MiB]
+                    stats["encoder_peak_rss_mb"] = r["rss_mb"]
+                    stats.setdefault("encoder_rss_growth", []).append([stats["documents"], r["rss_mb"]])
                 if new and r.get("node"):  # documents encoded per Ray node (where the actors ran)
                     stats["actor_nodes"][r["node"]] = stats["actor_nodes"].get(r["node"], 0) + new
                 progress.update(new, tokens=r["tokens"] if new else 0,

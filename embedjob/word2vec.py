@@ -126,6 +126,11 @@ class Word2VecConfig(Section):
         "on one shared model: single-process quality). 'average': plain parameter averaging as in Spark "
         "MLlib (each update divided by the workers: learns more slowly, lower quality at equal epochs).",
     )
+    max_failures: int = Field(
+        0, ge=0,
+        description="Ray Train FailureConfig: restart the worker group this many times after a worker fails "
+        "(training starts over); 0 = the job fails at once with the worker's error.",
+    )
     ray_storage_path: Optional[str] = Field(
         None,
         description="Ray Train's own run folder (must be shared storage on a multi-node cluster); "
@@ -310,6 +315,24 @@ def write_line_sentences(docs: list[list[str]], path: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Ray Train worker
 # ---------------------------------------------------------------------------------------------
+def combine_synced(summed, last, world: int) -> None:
+    """Turn ``summed`` (in place), the ``all_reduce`` SUM of the workers' copies of one matrix, into
+    the synced weights.
+
+    ``last`` given ('sum' mode): ``last + sum_i(w_i - last) = summed - (world - 1) * last``, and
+    ``last`` becomes the new weights; ``last`` None ('average' mode): ``summed / world``."""
+    if world <= 1:
+        return
+    if last is not None:
+        summed.sub_(last, alpha=world - 1)
+        last.copy_(summed)
+    else:
+        summed.div_(world)
+
+
+FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"  # fault injection for tests: this rank raises
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the shared model, train on this worker's slice, average weights
     with the others every segment; rank 0 writes the vectors and the report to ``output_url``."""
@@ -366,15 +389,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 'sum' needs the weights of the last sync: new = last + sum_i(worker_i - last).
     last = [t.clone() for t in arrays] if world > 1 and cfg.sync_mode == "sum" else []
 
+    if config.get("fail_rank") is not None and int(config["fail_rank"]) == rank:
+        raise RuntimeError(f"word2vec worker {rank}: failure injected by {FAIL_RANK_ENV}")
+
     def average() -> None:
         if world > 1:
             for i, t in enumerate(arrays):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                if last:
-                    t.sub_(last[i], alpha=world - 1)
-                    last[i].copy_(t)
-                else:
-                    t.div_(world)
+                combine_synced(t, last[i] if last else None, world)
         if len(frozen_rows):
             # Summing identical values then dividing can round; frozen words stay bit-identical.
             _word_rows(model)[frozen_rows] = frozen_values
@@ -596,6 +618,7 @@ def train_word2vec(
             "storage_options": storage_options,
             "output_url": output_url,
             "output_options": output_options,
+            "fail_rank": os.environ.get(FAIL_RANK_ENV),
             "init_ref": init_ref,
             "init_words": init_words,
         })
@@ -616,7 +639,7 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     """Run the Ray Train job; returns rank 0's report (read back from the output folder)."""
     import uuid
 
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path = cfg.ray_storage_path
@@ -630,12 +653,19 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
                                          resources_per_worker={"CPU": cfg.threads_per_worker}),
-            run_config=RunConfig(name=f"embedjob-word2vec-{uuid.uuid4().hex[:8]}", storage_path=storage_path),
+            run_config=RunConfig(name=f"embedjob-word2vec-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
         )
         t = time.time()
-        result = trainer.fit()
-        if getattr(result, "error", None) is not None:
-            raise result.error
+        try:
+            result = trainer.fit()
+            error = getattr(result, "error", None)
+        except Exception as e:  # noqa: BLE001 - Ray Train raises its TrainingFailedError from fit()
+            error = e
+        if error is not None:
+            raise Word2VecTrainingError(
+                f"word2vec: Ray Train training failed ({cfg.workers} workers, word2vec.max_failures="
+                f"{cfg.max_failures} restarts allowed): {_root_message(error)}") from error
         logger.info("word2vec: Ray Train finished in %.1fs", time.time() - t)
         report = _folder_storage(loop_config["output_url"], loop_config["output_options"]).read_json(REPORT_NAME)
         report["ray_train_seconds"] = round(time.time() - t, 3)
@@ -643,6 +673,23 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     finally:
         if tmp_storage:
             shutil.rmtree(tmp_storage, ignore_errors=True)
+
+
+class Word2VecTrainingError(RuntimeError):
+    """A Ray Train worker failed (after the configured restarts)."""
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause's ``Type: message`` (Ray wraps worker errors several times)."""
+    seen = set()
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(error))
+        error = inner
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 def _folder_storage(url: str, options: dict[str, Any]):

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.encode import ENCODER_NODE
+from embedjob.encode import ENCODER_NODE, ENCODER_RSS
 from embedjob.preprocess import EMPTY, TOKENS
 from embedjob.read import ROW, SHARD
 from embedjob.storage import Storage
@@ -68,6 +68,7 @@ class BlockWriter:
                 "tokens": int(pc.sum(part.column("n_tokens")).as_py() or 0),
                 "words": int(pc.sum(pc.list_value_length(part.column(TOKENS))).as_py() or 0),
                 "node": part.column(ENCODER_NODE)[0].as_py() if ENCODER_NODE in part.column_names else None,
+                "rss_mb": pc.max(part.column(ENCODER_RSS)).as_py() if ENCODER_RSS in part.column_names else None,
             })
         return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
@@ -89,6 +90,7 @@ REPORT_SCHEMA = pa.schema([
     ("shard", pa.string()), ("row_start", pa.int64()), ("row_end", pa.int64()), ("rows", pa.int64()),
     ("empty", pa.int64()), ("tokens", pa.int64()), ("words", pa.int64()),
     ("node", pa.string()),  # Ray node of the encoder actor that encoded these rows
+    ("rss_mb", pa.float64()),  # peak RSS of that encoder actor when it encoded them (MiB)
 ])
 
 

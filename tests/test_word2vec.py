@@ -291,3 +291,46 @@ def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("speed_ratio", "analogy_delta", "wordsim_delta"):
         assert key in out
+
+
+def test_combine_synced_is_exact():
+    """A sync on known arrays: 'sum' adds every worker's update to the last synced weights, 'average'
+    is the plain mean; both exact for exactly representable values."""
+    import torch
+
+    from embedjob.word2vec import combine_synced
+
+    last = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    workers = [last + torch.tensor([[0.5, 0.0], [0.0, -1.0]]), last + torch.tensor([[0.25, 1.0], [2.0, 0.0]]),
+               last + torch.tensor([[0.0, 0.0], [-4.0, 0.5]])]
+    summed = sum(w.clone() for w in workers)
+    prev = last.clone()
+    combine_synced(summed, prev, 3)
+    expected = last + sum(w - last for w in workers)
+    assert torch.equal(summed, expected) and torch.equal(prev, expected)
+    summed = sum(w.clone() for w in workers)
+    combine_synced(summed, None, 3)
+    assert torch.equal(summed, sum(workers) / 3)
+    one = last.clone()
+    combine_synced(one, None, 1)
+    assert torch.equal(one, last)
+
+
+def test_two_workers_word2vec_learn_planted_groups(ray_local, tmp_path):
+    urls = write_token_shards(tmp_path, synthetic_docs())
+    kv, report = train_word2vec(urls, small_cfg(workers=2), {})
+    assert report["workers"] == 2 and report["syncs_per_epoch"] == 4
+    assert group_margin(kv) > 0.25
+    for w in ("zebraka", "zebrakb"):
+        near = [x for x, _ in kv.most_similar(w, topn=5)]
+        assert sum(group_of(x) == group_of(w) for x in near) >= 4, (w, near)
+
+
+def test_worker_failure_fails_the_stage_with_a_clear_message(ray_local, tmp_path, monkeypatch):
+    from embedjob.word2vec import FAIL_RANK_ENV, Word2VecTrainingError
+
+    urls = write_token_shards(tmp_path, synthetic_docs(200))
+    monkeypatch.setenv(FAIL_RANK_ENV, "1")
+    with pytest.raises(Word2VecTrainingError, match=r"word2vec: Ray Train training failed.*max_failures=0") as e:
+        train_word2vec(urls, small_cfg(workers=2), {})
+    assert "failure injected" in str(e.value)

@@ -169,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from embedjob.config import EncodeConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bt = args.batch_tokens or EncodeConfig().batch_tokens
+    bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)
     r = run_bench(args.corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
     if args.json:
         print(json.dumps(r))

@@ -77,7 +77,7 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
         if len(texts) >= limit:
             break
     texts = texts[:limit]
-    enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens, max_batch_docs=cfg.max_batch_docs)
+    enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings["device"]), max_batch_docs=cfg.max_batch_docs)
     t = time.time()
     x = enc.encode_texts(texts).vectors
     logger.info("bench index: encoded %d documents in %.1fs (%.0f docs/s)", len(texts), time.time() - t,

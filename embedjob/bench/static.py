@@ -99,6 +99,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="embedjob bench static", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="Parquet corpus (id, text columns).")
     p.add_argument("--limit", type=int, default=50000, help="Documents to use (0 = all). Default 50000.")
+    p.add_argument("--vectors", metavar="OUTPUT", default=None,
+                   help="Score a finished job's output instead of running one (its static/ vectors and tokens/; "
+                   "the job's own preprocessing from its manifest).")
     p.add_argument("--output", default=None,
                    help="Job output folder (kept; a rerun reuses committed shards). Default: a temporary folder.")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -111,87 +114,121 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = p.parse_args(argv)
 
+    work = tempfile.mkdtemp(prefix="embedjob-bench-static-")
+    try:
+        if args.vectors:
+            result, cfg, docs = _score_output(args, work)
+        else:
+            result, cfg, docs = _run_and_score(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _report(args, result, cfg, docs)
+
+
+def _score_output(args, work: str):
+    """Score an existing job output (local path)."""
+    from embedjob.config import build_config
+
+    out_dir = os.path.abspath(args.vectors)
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    cfg = build_config(manifest["config"], os.path.join(out_dir, "manifest.json"))
+    docs = manifest["totals"]["rows_out"]
+    enc = manifest["stages"].get("encode", {})
+    encoder = {k: manifest["encoder"].get(k) for k in ("model", "dtype", "max_length", "device")}
+    result = _score(args, cfg, out_dir, docs, encoder, None, enc.get("docs_per_second"))
+    result["output"] = out_dir
+    return result, cfg, docs
+
+
+def _run_and_score(args, work: str):
+    from embedjob.config import apply_override, build_config
+    from embedjob.pipeline import run_job
+
+    out_dir = os.path.abspath(args.output) if args.output else os.path.join(work, "output")
+    inp = os.path.join(out_dir + ".input" if args.output else os.path.join(work, "input"))
+    stamp = os.path.join(inp, "_subset.json")
+    want = {"corpus": args.corpus, "limit": args.limit}
+    if os.path.exists(stamp) and json.load(open(stamp)).get("subset") == want:
+        docs = json.load(open(stamp))["documents"]  # reuse: unchanged shards are not encoded again
+    else:
+        shutil.rmtree(inp, ignore_errors=True)
+        docs = subset_corpus(args.corpus, inp, args.limit)
+        with open(stamp, "w") as f:
+            json.dump({"subset": want, "documents": docs}, f)
+    data: dict[str, Any] = {
+        "name": "bench-static",
+        "input": {"url": inp},
+        "output": {"url": out_dir},
+        "static": {"enabled": True, "min_count": args.min_count},
+        "word2vec": {"enabled": False}, "topics": {"enabled": False}, "index": {"enabled": False},
+    }
+    for o in args.set:
+        apply_override(data, o)
+    cfg = build_config(data, "<bench static>")
+    t0 = time.time()
+    res = run_job(cfg, echo=lambda s: None)
+    job_seconds = time.time() - t0
+    enc = res.manifest["stages"].get("encode", {})
+    encoder = {k: res.manifest["encoder"].get(k) for k in ("model", "dtype", "max_length", "device")}
+    return _score(args, cfg, out_dir, docs, encoder, round(job_seconds, 1), enc.get("docs_per_second")), cfg, docs
+
+
+def _score(args, cfg, out_dir: str, docs: int, encoder: dict, job_seconds, docs_per_second):
+    """WordSim-353 of the output's BERT static vectors and of gensim Word2Vec on its tokens."""
     from gensim.models import KeyedVectors
     from gensim.parsing import preprocess_string
 
-    from embedjob.config import apply_override, build_config
-    from embedjob.pipeline import run_job
     from embedjob.preprocess import build_filters
 
-    work = tempfile.mkdtemp(prefix="embedjob-bench-static-")
-    try:
-        out_dir = os.path.abspath(args.output) if args.output else os.path.join(work, "output")
-        inp = os.path.join(out_dir + ".input" if args.output else os.path.join(work, "input"))
-        stamp = os.path.join(inp, "_subset.json")
-        want = {"corpus": args.corpus, "limit": args.limit}
-        if os.path.exists(stamp) and json.load(open(stamp)).get("subset") == want:
-            docs = json.load(open(stamp))["documents"]  # reuse: unchanged shards are not encoded again
-        else:
-            shutil.rmtree(inp, ignore_errors=True)
-            docs = subset_corpus(args.corpus, inp, args.limit)
-            with open(stamp, "w") as f:
-                json.dump({"subset": want, "documents": docs}, f)
-        data: dict[str, Any] = {
-            "name": "bench-static",
-            "input": {"url": inp},
-            "output": {"url": out_dir},
-            "static": {"enabled": True, "min_count": args.min_count},
-            "word2vec": {"enabled": False}, "topics": {"enabled": False}, "index": {"enabled": False},
-        }
-        for o in args.set:
-            apply_override(data, o)
-        cfg = build_config(data, "<bench static>")
-        t0 = time.time()
-        res = run_job(cfg, echo=lambda s: None)
-        job_seconds = time.time() - t0
-        enc = res.manifest["stages"].get("encode", {})
-        kv = KeyedVectors.load(os.path.join(out_dir, "static", "vectors.kv"))
+    kv = KeyedVectors.load(os.path.join(out_dir, "static", "vectors.kv"))
 
-        filters = build_filters(cfg.preprocess)
+    filters = build_filters(cfg.preprocess)
 
-        def normalize(w: str) -> str:
-            toks = preprocess_string(w, filters)
-            return toks[0] if len(toks) == 1 else ""
+    def normalize(w: str) -> str:
+        toks = preprocess_string(w, filters)
+        return toks[0] if len(toks) == 1 else ""
 
-        pairs = wordsim_pairs()
-        bert_sims = evaluate_pairs(kv, pairs, normalize)
-        result: dict[str, Any] = {
-            "documents": docs,
-            "corpus": args.corpus,
-            "static": cfg.static.model_dump(mode="json"),
-            "encoder": {k: res.manifest["encoder"].get(k) for k in ("model", "dtype", "max_length", "device")},
-            "job_seconds": round(job_seconds, 1),
-            "encode_docs_per_second": enc.get("docs_per_second"),
-            "bert_words": len(kv),
-            "wordsim_pairs": len(pairs),
-            "bert_pairs": len(bert_sims),
-            "bert_spearman_own_pairs": round(spearman(pairs, bert_sims, bert_sims), 4),
-        }
-        common = list(bert_sims)
-        if not args.no_word2vec:
-            t1 = time.time()
-            wv, n_docs = train_word2vec_baseline(os.path.join(out_dir, "tokens"), epochs=args.w2v_epochs,
-                                                 dim=args.w2v_dim, min_count=args.min_count,
-                                                 workers=args.w2v_workers, seed=1)
-            w2v_sims = evaluate_pairs(wv, pairs, normalize)
-            common = [k for k in bert_sims if k in w2v_sims]
-            result.update({
-                "word2vec_seconds": round(time.time() - t1, 1),
-                "word2vec_words": len(wv),
-                "word2vec_pairs": len(w2v_sims),
-                "word2vec_spearman_own_pairs": round(spearman(pairs, w2v_sims, w2v_sims), 4),
-                "word2vec_spearman": round(spearman(pairs, w2v_sims, common), 4),
-            })
-        result["pairs_used"] = len(common)
-        result["oov_ratio"] = round(1 - len(common) / max(len(pairs), 1), 4)
-        result["bert_spearman"] = round(spearman(pairs, bert_sims, common), 4)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    pairs = wordsim_pairs()
+    bert_sims = evaluate_pairs(kv, pairs, normalize)
+    result: dict[str, Any] = {
+        "documents": docs,
+        "corpus": args.corpus,
+        "static": cfg.static.model_dump(mode="json"),
+        "encoder": encoder,
+        "job_seconds": job_seconds,
+        "encode_docs_per_second": docs_per_second,
+        "bert_words": len(kv),
+        "wordsim_pairs": len(pairs),
+        "bert_pairs": len(bert_sims),
+        "bert_spearman_own_pairs": round(spearman(pairs, bert_sims, bert_sims), 4),
+    }
+    common = list(bert_sims)
+    if not args.no_word2vec:
+        t1 = time.time()
+        wv, n_docs = train_word2vec_baseline(os.path.join(out_dir, "tokens"), epochs=args.w2v_epochs,
+                                             dim=args.w2v_dim, min_count=args.min_count,
+                                             workers=args.w2v_workers, seed=1)
+        w2v_sims = evaluate_pairs(wv, pairs, normalize)
+        common = [k for k in bert_sims if k in w2v_sims]
+        result.update({
+            "word2vec_seconds": round(time.time() - t1, 1),
+            "word2vec_words": len(wv),
+            "word2vec_pairs": len(w2v_sims),
+            "word2vec_spearman_own_pairs": round(spearman(pairs, w2v_sims, w2v_sims), 4),
+            "word2vec_spearman": round(spearman(pairs, w2v_sims, common), 4),
+        })
+    result["pairs_used"] = len(common)
+    result["oov_ratio"] = round(1 - len(common) / max(len(pairs), 1), 4)
+    result["bert_spearman"] = round(spearman(pairs, bert_sims, common), 4)
+    return result
 
+
+def _report(args, result: dict, cfg, docs: int) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"WordSim-353 Spearman on {result['pairs_used']}/{len(pairs)} pairs covered by both "
+        print(f"WordSim-353 Spearman on {result['pairs_used']}/{result['wordsim_pairs']} pairs covered by both "
               f"({docs} documents of {args.corpus}):")
         print(f"  BERT static ({cfg.encode.model}, layers={cfg.static.layers}, pooling={cfg.static.word_pooling}): "
               f"{result['bert_spearman']:.4f}   [own coverage {result['bert_pairs']} pairs: "
@@ -200,5 +237,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  gensim Word2Vec ({args.w2v_epochs} epochs, {args.w2v_dim} dims): {result['word2vec_spearman']:.4f}"
                   f"   [own coverage {result['word2vec_pairs']} pairs: {result['word2vec_spearman_own_pairs']:.4f}; "
                   f"{result['word2vec_words']} words]")
-        print(f"  job {result['job_seconds']}s ({result['encode_docs_per_second']} docs/s encoded)")
+        if result.get("job_seconds") is not None:
+            print(f"  job {result['job_seconds']}s ({result['encode_docs_per_second']} docs/s encoded)")
     return 0
