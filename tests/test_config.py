@@ -59,3 +59,16 @@ def test_every_field_has_help():
     assert lines
     for line in lines:
         assert line.rstrip().split(":", 1)[1].strip(), f"field without help text: {line}"
+
+
+def test_every_job_spec_in_jobs_loads():
+    from pathlib import Path
+
+    from embedjob.config import load_job
+
+    specs = [p for p in sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
+             if p.name not in ("runtime-env.yaml", "kuberay-rayjob.yaml")]
+    assert len(specs) >= 4
+    for p in specs:
+        cfg = load_job(str(p))
+        assert cfg.input.url and cfg.output.url, p

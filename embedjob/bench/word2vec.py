@@ -102,6 +102,9 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
                   seed=cfg.seed, workers=threads)
     model = (FastText(min_n=cfg.min_n, max_n=cfg.max_n, bucket=cfg.bucket, **common)
              if cfg.model == "fasttext" else Word2Vec(**common))
+    # Both sides do the same work: gensim computes the training loss when embedjob does (its report
+    # needs it; Word2Vec only, gensim's FastText has no loss).
+    loss = bool(cfg.compute_loss) and cfg.model == "word2vec"
     with tempfile.TemporaryDirectory(prefix="embedjob-bench-") as tmp:
         t0 = time.time()
         if mode == "corpus_file":
@@ -110,11 +113,12 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
             del docs
             model.build_vocab(corpus_file=path)
             t1 = time.time()
-            eff, raw = model.train(corpus_file=path, total_words=model.corpus_total_words, epochs=cfg.epochs)
+            eff, raw = model.train(corpus_file=path, total_words=model.corpus_total_words, epochs=cfg.epochs,
+                                   compute_loss=loss)
         else:
             model.build_vocab(docs)
             t1 = time.time()
-            eff, raw = model.train(docs, total_examples=model.corpus_count, epochs=cfg.epochs)
+            eff, raw = model.train(docs, total_examples=model.corpus_count, epochs=cfg.epochs, compute_loss=loss)
         t2 = time.time()
     return model.wv, {"effective_words": int(eff), "train_seconds": round(t2 - t1, 3),
                       "total_seconds": round(t2 - t0, 3), "words_per_s": round(eff / (t2 - t1), 1),
@@ -134,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--sg", type=int, choices=[0, 1], default=0)
     p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
-    p.add_argument("--sync-every", type=float, default=0.25)
+    p.add_argument("--sync-every", type=float, default=None, help="default: word2vec.sync_every")
     p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
                    help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
     p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
@@ -159,8 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             opts[k] = v
     cfg = Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
                          min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
-                         threads_per_worker=args.threads_per_worker, sync_every=args.sync_every,
-                         sync_mode=args.sync_mode,
+                         threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
+                         **({"sync_every": args.sync_every} if args.sync_every else {}),
                          use_corpus_file=not args.no_corpus_file)
     files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
 
