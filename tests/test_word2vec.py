@@ -155,7 +155,7 @@ def test_config_errors():
         Word2VecConfig(negative=0, hs=0)
     with pytest.raises(ValueError):
         Word2VecConfig(init_lock="melted")
-    assert Word2VecConfig().sync_every == 0.25
+    assert Word2VecConfig().sync_every == 0.1
     assert JobConfig().word2vec.model == "word2vec"
 
 
@@ -319,9 +319,9 @@ def test_combine_synced_is_exact():
 def test_two_workers_word2vec_learn_planted_groups(ray_local, tmp_path):
     urls = write_token_shards(tmp_path, synthetic_docs())
     kv, report = train_word2vec(urls, small_cfg(workers=2), {})
-    assert report["workers"] == 2 and report["syncs_per_epoch"] == 4
+    assert report["workers"] == 2 and report["syncs_per_epoch"] == 10
     assert group_margin(kv) > 0.25
-    for w in ("zebraka", "zebrakb"):
+    for w in ("zebraka", "quartzmi"):
         near = [x for x, _ in kv.most_similar(w, topn=5)]
         assert sum(group_of(x) == group_of(w) for x in near) >= 4, (w, near)
 
