@@ -40,8 +40,9 @@ DEBUG_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 
 # Columns the preprocess stage adds for the encoder (tokenised off the actor's critical path).
 INPUT_IDS = "_input_ids"
-# Column the encoder actor adds: the Ray node it ran on (aggregated into the encode stats).
+# Batch widths are rounded up to a multiple of this (see TextEncoder.pad_multiple).
 PAD_MULTIPLE = 16
+# Column the encoder actor adds: the Ray node it ran on (aggregated into the encode stats).
 ENCODER_NODE = "_encoder_node"
 ENCODER_RSS = "_encoder_peak_rss_mb"  # the actor process's peak resident memory so far (MiB)
 

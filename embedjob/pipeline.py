@@ -334,8 +334,8 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     ctx.execution_options.preserve_order = False
     # Ray Data merges a task's outputs until they reach target_max_block_size (128 MiB by default),
     # which would turn a whole shard into one block: one actor call per shard, no progress until it
-    # is done, a retry redoing it all and actor memory growing with the shard. Small targets keep
-    # blocks near input.rows_per_block rows (a few MiB of text, ids and vectors).
+    # is done, a retry redoing it all and actor memory growing with the shard. A few MiB keeps
+    # blocks at hundreds to a few thousand rows (input.rows_per_block is the most a read yields).
     ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
     static = None
     if cfg.static.enabled:
