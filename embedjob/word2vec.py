@@ -91,6 +91,19 @@ class Word2VecConfig(Section):
         "time (on the shared corpus, 2 workers: 4 syncs an epoch lost 4.3 analogy points, 10 lost 1.5).",
     )
     seed: int = Field(1, description="Seed of the initial weights (the same on every worker).")
+    ngram_sync_every: int = Field(
+        1, ge=1,
+        description="FastText: exchange the n-gram bucket matrix (bucket x vector_size, usually the largest) at every "
+        "n-th sync only (always at the last); word vectors and the output layer are exchanged at every sync.",
+    )
+    sparse_sync: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="'true': a sync exchanges only the rows of the word (and FastText n-gram) matrices that some "
+        "worker's segment can have changed (its words and their n-gram buckets), agreed once before training; the "
+        "output layer is always exchanged whole. Same result as a full sync with less data over the network, but "
+        "the row gathering costs about what it saves when all workers share one machine's memory. 'auto' = 'true' "
+        "when the workers span several nodes; 'false' = exchange every row.",
+    )
     use_corpus_file: bool = Field(
         True,
         description="Train from local LineSentence files (gensim's corpus_file mode, usually faster, "
@@ -197,6 +210,29 @@ def trainable_arrays(model) -> list[np.ndarray]:
     if model.negative:
         arrays.append(model.syn1neg)
     return arrays
+
+
+def touched_rows(model, docs: list[list[str]]) -> list[Optional[np.ndarray]]:
+    """For each of :func:`trainable_arrays`, the rows that training on ``docs`` can change, or None
+    where any row can (the output layers: negative samples are drawn from the whole vocabulary).
+
+    Word rows: the vocabulary words in ``docs``; FastText n-gram rows: those words' n-gram buckets.
+    Rows outside these keep their synced values, so a sync only needs to exchange these rows."""
+    from gensim.models import FastText
+
+    index = model.wv.key_to_index
+    present = np.fromiter({index[t] for d in docs for t in d if t in index}, dtype=np.int64)
+    present.sort()
+    rows: list[Optional[np.ndarray]] = [present]
+    if isinstance(model, FastText) and model.wv.bucket:
+        buckets = model.wv.buckets_word
+        grams = [buckets[i] for i in present]
+        rows.append(np.unique(np.concatenate(grams)).astype(np.int64) if grams else np.zeros(0, np.int64))
+    if model.hs:
+        rows.append(None)
+    if model.negative:
+        rows.append(None)
+    return rows
 
 
 def _word_rows(model) -> np.ndarray:
@@ -375,7 +411,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     workdir = tempfile.mkdtemp(prefix=f"embedjob-w2v-{rank}-")
     seg_words: list[int] = []
     seg_files: list[Optional[str]] = []
+    sparse = cfg.sparse_sync == "true" or (cfg.sparse_sync == "auto" and ctx.get_local_world_size() < world)
+    seg_rows: list[list[Optional[np.ndarray]]] = []
     for k, seg in enumerate(segments):
+        seg_rows.append(touched_rows(model, seg) if sparse and world > 1 else [None] * len(trainable_arrays(model)))
         if cfg.use_corpus_file:
             path = os.path.join(workdir, f"segment-{k:03d}.txt")
             seg_words.append(write_line_sentences(seg, path))
@@ -394,17 +433,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("fail_rank") is not None and int(config["fail_rank"]) == rank:
         raise RuntimeError(f"word2vec worker {rank}: failure injected by {FAIL_RANK_ENV}")
 
-    def average() -> None:
+    # Rows a sync exchanges after segment k: the union over workers of the rows their segment k can
+    # change (None = all rows). Agreed once here, so every sync is a plain all_reduce of those rows.
+    sync_rows: list[list[Optional[torch.Tensor]]] = []
+    for k in range(parts):
+        per_array: list[Optional[torch.Tensor]] = []
+        for i, t in enumerate(arrays):
+            r = seg_rows[k][i]
+            if world <= 1 or r is None:
+                per_array.append(None)
+                continue
+            mask = torch.zeros(t.shape[0], dtype=torch.uint8)
+            mask[torch.from_numpy(r)] = 1
+            dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+            idx = torch.nonzero(mask).flatten()
+            per_array.append(None if len(idx) > 0.9 * t.shape[0] else idx)
+        sync_rows.append(per_array)
+    del seg_rows
+    synced_rows = [0, 0]  # rows exchanged, rows a dense sync would have exchanged
+
+    # FastText's n-gram matrix (often the largest by far) may be exchanged at every n-th sync only.
+    ngram_pos = 1 if is_fasttext and model.wv.bucket else None
+    ngram_every = cfg.ngram_sync_every if ngram_pos is not None else 1
+    if ngram_every > 1:
+        for rows_k in sync_rows:
+            rows_k[ngram_pos] = None  # rows touched since its last exchange: all segments' rows, so whole
+
+    def average(k: int, n_sync: int, final: bool) -> None:
         if world > 1:
             for i, t in enumerate(arrays):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                combine_synced(t, last[i] if last else None, world)
+                if i == ngram_pos and not final and (n_sync + 1) % ngram_every:
+                    continue
+                idx = sync_rows[k][i]
+                synced_rows[1] += t.shape[0]
+                if idx is None:
+                    synced_rows[0] += t.shape[0]
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                    combine_synced(t, last[i] if last else None, world)
+                    continue
+                synced_rows[0] += len(idx)
+                block = t.index_select(0, idx)
+                dist.all_reduce(block, op=dist.ReduceOp.SUM)
+                prev = last[i].index_select(0, idx) if last else None
+                combine_synced(block, prev, world)
+                t.index_copy_(0, idx, block)
+                if last:
+                    last[i].index_copy_(0, idx, block)
         if len(frozen_rows):
             # Summing identical values then dividing can round; frozen words stay bit-identical.
             _word_rows(model)[frozen_rows] = frozen_values
 
     epochs_report = []
-    sync_seconds = 0.0
+    sync_seconds = wait_seconds = 0.0
     for epoch in range(cfg.epochs):
         t_epoch = time.time()
         trained = raw = 0
@@ -424,8 +504,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if cfg.compute_loss and not is_fasttext:
                     loss += float(model.get_latest_training_loss())
             t_sync = time.time()
-            average()
-            sync_seconds += time.time() - t_sync
+            if world > 1:
+                dist.barrier()  # waiting for the slowest worker, timed apart from the exchange itself
+            t_exchange = time.time()
+            wait_seconds += t_exchange - t_sync
+            average(k, epoch * parts + k, final=epoch == cfg.epochs - 1 and k == parts - 1)
+            sync_seconds += time.time() - t_exchange
         totals = torch.tensor([trained, raw, loss], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
@@ -466,6 +550,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "effective_words": effective,
             "train_seconds": round(train_seconds, 3),
             "sync_seconds": round(sync_seconds, 3),
+            "sync_wait_seconds": round(wait_seconds, 3),
+            "sparse_sync": sparse,
+            "synced_row_fraction": round(synced_rows[0] / max(synced_rows[1], 1), 4),
             "setup_seconds": round(t_ready - t_start, 3),
             "words_per_s": round(effective / max(train_seconds, 1e-9), 1),
         }

@@ -17,6 +17,7 @@ from embedjob.topics import (
     TopicsConfig,
     TopicsError,
     bow_from_token_lists,
+    build_model,
     embedding_matrix,
     filter_dictionary,
     infer_theta,
@@ -79,7 +80,7 @@ def _write_vectors(out_dir: str, missing: tuple[str, ...] = ("wolf", "bond")) ->
 
 
 def _cfg(**topics) -> JobConfig:
-    base = dict(enabled=True, num_topics=2, no_below=2, no_above=0.9, epochs=4, batch_size=32, lr=5e-3,
+    base = dict(enabled=True, num_topics=2, no_below=2, no_above=0.9, epochs=12, batch_size=32, lr=1e-2,
                 hidden_size=32, workers=2, threads_per_worker=1, coherence_docs=None, seed=0)
     base.update(topics)
     return JobConfig(topics=TopicsConfig(**base))
@@ -102,6 +103,43 @@ def test_diversity_and_top_words():
     assert topic_diversity([["a", "b"], ["a", "c"]], n=2) == pytest.approx(0.75)
     tw = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]])
     assert top_words(tw, ["x", "y", "z"], 2) == [["y", "z"], ["x", "z"]]
+
+
+def test_relevance_ranking_interpolates_probability_and_lift():
+    from embedjob.topics import relevance
+
+    # word 0 frequent everywhere, word 2 rare but specific to the topic
+    log_tw = np.log(np.array([[0.6, 0.3, 0.1]]))
+    counts = np.array([1000.0, 100.0, 1.0])
+    by_prob = top_words(relevance(log_tw, counts, 1.0), ["common", "mid", "rare"], 3)
+    by_lift = top_words(relevance(log_tw, counts, 0.0), ["common", "mid", "rare"], 3)
+    assert by_prob == [["common", "mid", "rare"]] and by_lift == [["rare", "mid", "common"]]
+    lam = 0.4
+    p = (counts + 1) / (counts + 1).sum()
+    expected = lam * log_tw + (1 - lam) * (log_tw - np.log(p))
+    assert np.allclose(relevance(log_tw, counts, lam) - expected, (relevance(log_tw, counts, lam) - expected)[0, 0])
+
+
+def test_encoder_input_and_prior_settings():
+    from embedjob.topics import encoder_input, model_kwargs
+
+    assert encoder_input(TopicsConfig()) == "embeddings"
+    assert encoder_input(TopicsConfig(embeddings="learned")) == "bow"
+    assert encoder_input(TopicsConfig(model="prodlda")) == "bow"
+    with pytest.raises(TopicsError, match="topics.encoder"):
+        encoder_input(TopicsConfig(model="prodlda", encoder="embeddings"))
+    with pytest.raises(TopicsError, match="learned"):
+        encoder_input(TopicsConfig(embeddings="learned", encoder="embeddings"))
+    kw = model_kwargs(TopicsConfig(num_topics=4), 10, 8, 0)
+    assert kw["prior"] == "dirichlet" and kw["prior_alpha"] == 0.05
+    model = build_model(**kw)
+    # Laplace approximation of Dirichlet(a): variance (1/a)(1 - 2/K) + 1/(K a)
+    assert float(model.prior_var[0]) == pytest.approx(20 * 0.5 + 1 / (4 * 0.05))
+    normal = build_model(**model_kwargs(TopicsConfig(num_topics=4, prior="normal"), 10, 8, 0))
+    mu, logvar = np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)
+    import torch
+
+    assert float(normal.kl(torch.from_numpy(mu), torch.from_numpy(logvar))[0]) == 0.0
 
 
 def test_embedding_matrix_fills_missing_rows():
@@ -137,7 +175,7 @@ def etm_run(ray_local, tmp_path_factory):
     docs = _synthetic_docs()
     urls, ids = _write_tokens(out_dir, docs)
     _write_vectors(out_dir)
-    cfg = _cfg(epochs=4)
+    cfg = _cfg(epochs=12)
     stats = run_topics(cfg, Storage(out_dir), urls)
     return out_dir, urls, ids, docs, stats
 
@@ -201,14 +239,21 @@ def test_resume_continues_from_checkpoint(etm_run, tmp_path):
     shutil.copytree(out_dir, copy)
     urls = sorted(os.path.join(copy, "tokens", n) for n in os.listdir(os.path.join(copy, "tokens")))
     latest = json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))
-    assert latest["epoch"] == 4
-    stats = run_topics(_cfg(epochs=6), Storage(copy), urls)
-    assert stats["resumed_from_epoch"] == 4
-    assert json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))["epoch"] == 6
+    assert latest["epoch"] == 12
+    stats = run_topics(_cfg(epochs=14), Storage(copy), urls)
+    assert stats["resumed_from_epoch"] == 12
+    assert json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))["epoch"] == 14
     assert len([n for n in os.listdir(os.path.join(copy, "topics", "checkpoints")) if n.endswith(".pt")]) == 2
     # a checkpoint made with other settings or another vocabulary is not reused
     assert latest_checkpoint(Storage(copy), "another-fingerprint") is None
-    assert latest_checkpoint(Storage(copy), latest["fingerprint"])["epoch"] == 6
+    assert latest_checkpoint(Storage(copy), latest["fingerprint"])["epoch"] == 14
+    # other settings and fewer epochs: starts over and replaces the old run's checkpoints
+    stats = run_topics(_cfg(epochs=2, hidden_size=16), Storage(copy), urls)
+    assert stats["resumed_from_epoch"] == 0
+    now = json.load(open(os.path.join(copy, "topics", "checkpoints", "latest.json")))
+    assert now["epoch"] == 2 and now["fingerprint"] != latest["fingerprint"]
+    left = sorted(n for n in os.listdir(os.path.join(copy, "topics", "checkpoints")) if n.endswith(".pt"))
+    assert left == [f"epoch-00001-{now['fingerprint']}.pt", f"epoch-00002-{now['fingerprint']}.pt"]
 
 
 def test_prodlda_path_runs(ray_local, tmp_path):

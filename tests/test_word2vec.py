@@ -334,3 +334,44 @@ def test_worker_failure_fails_the_stage_with_a_clear_message(ray_local, tmp_path
     with pytest.raises(Word2VecTrainingError, match=r"word2vec: Ray Train training failed.*max_failures=0") as e:
         train_word2vec(urls, small_cfg(workers=2), {})
     assert "failure injected" in str(e.value)
+
+
+def test_touched_rows_are_all_that_training_changes():
+    """The sparse sync's premise, checked on gensim itself: training FastText on some documents
+    changes no word row and no n-gram row outside :func:`touched_rows` of those documents."""
+    from embedjob.word2vec import touched_rows, trainable_arrays
+
+    docs = synthetic_docs(400)
+    cfg = small_cfg(model="fasttext", min_count=1)
+    freq: dict[str, int] = {}
+    for d in docs:
+        for w in d:
+            freq[w] = freq.get(w, 0) + 1
+    model = new_model(cfg, freq, len(docs))
+    some = [d for d in docs if d and d[0].startswith("zebra")]  # one group's words only
+    rows = touched_rows(model, some)
+    before = [a.copy() for a in trainable_arrays(model)]
+    model.train(corpus_iterable=some, total_examples=len(some), epochs=1)
+    after = trainable_arrays(model)
+    words, grams = rows[0], rows[1]
+    assert {model.wv.index_to_key[i] for i in words} == {w for d in some for w in d}
+    assert 0 < len(grams) < model.wv.bucket and rows[2] is None  # syn1neg: whole matrix
+    for arr_before, arr_after, r in zip(before, after, rows[:2]):
+        changed = np.flatnonzero(np.any(arr_before != arr_after, axis=1))
+        assert len(changed) > 0 and set(changed.tolist()) <= set(r.tolist())
+
+
+def test_sparse_sync_gives_the_same_vectors_as_a_full_sync(ray_local, tmp_path):
+    """Two FastText workers whose segments each hold one group of words: exchanging only the touched
+    rows gives the same vectors as exchanging whole matrices, with less data moved."""
+    docs = sorted((d for d in synthetic_docs(800) if d), key=lambda d: group_of(d[0]))
+    urls = write_token_shards(tmp_path, docs, n_shards=1)
+    cfg = small_cfg(model="fasttext", workers=2, sync_every=0.25, sparse_sync="true")
+    kv_sparse, rep_sparse = train_word2vec(urls, cfg, {})
+    # 'auto' on one node: whole matrices
+    kv_dense, rep_dense = train_word2vec(urls, cfg.model_copy(update={"sparse_sync": "auto"}), {})
+    assert rep_sparse["sparse_sync"] is True and rep_dense["sparse_sync"] is False
+    assert rep_dense["synced_row_fraction"] == 1.0
+    assert rep_sparse["synced_row_fraction"] < 0.8, rep_sparse["synced_row_fraction"]
+    np.testing.assert_allclose(kv_sparse.vectors_vocab, kv_dense.vectors_vocab, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(kv_sparse.vectors_ngrams, kv_dense.vectors_ngrams, rtol=0, atol=1e-6)

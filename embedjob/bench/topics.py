@@ -16,6 +16,8 @@ Steps, on the first ``--limit`` documents of ``--corpus``:
    ``LdaMulticore`` (``workers = cpus - 1``, i.e. ``cpus`` processes with its master, ``--lda-passes``)
    on the same filtered dictionary. ``etm_seconds`` = BoW build + training (the TorchTrainer fit);
    ``lda_seconds`` = doc2bow + LdaMulticore fit. Theta and coherence are not timed for either.
+   LDA is scored twice: with its ``show_topic`` words (by probability, gensim's usual view) and
+   with its words chosen by the same relevance ranking as embedjob's (``topics.ranking_lambda``).
 
     embedjob bench topics --k 20 --limit 20000 --json
     embedjob bench topics --k 20 50 --workdir /tmp/bench-topics --set topics.epochs=30
@@ -103,7 +105,9 @@ def train_word2vec(docs: list[list[str]], path: str, *, cpus: int, dim: int, epo
     return time.time() - t
 
 
-def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int, seed: int) -> tuple[list[list[str]], float]:
+def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int, seed: int):
+    """LdaMulticore fit; returns (top 25 words by probability as ``show_topic`` gives them, the (K, V)
+    topic-word matrix in dictionary id order, seconds)."""
     from gensim.models import LdaMulticore
 
     t = time.time()
@@ -112,7 +116,7 @@ def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int
                        random_state=seed)
     seconds = time.time() - t
     topics = [[w for w, _ in lda.show_topic(i, topn=25)] for i in range(k)]
-    return topics, seconds
+    return topics, lda.get_topics(), seconds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -137,7 +141,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.storage import Storage
-    from embedjob.topics import TopicsConfig, evaluate_topics, filter_dictionary, reference_texts, run_topics
+    import numpy as np
+
+    from embedjob.topics import (TopicsConfig, evaluate_topics, filter_dictionary, reference_texts, relevance,
+                                 run_topics, top_words, vocab_list)
     from embedjob.vocab import build_vocabulary
 
     started_ray = not ray.is_initialized()
@@ -181,9 +188,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = JobConfig(topics=tc)
             etm = run_topics(cfg, out, urls)
             dictionary = filter_dictionary(full_dict, tc)
-            lda_topics, lda_seconds = run_lda(docs, dictionary, k, cpus=args.cpus, passes=args.lda_passes, seed=tc.seed)
+            lda_topics, lda_tw, lda_seconds = run_lda(docs, dictionary, k, cpus=args.cpus, passes=args.lda_passes,
+                                                      seed=tc.seed)
             texts = reference_texts(urls, {}, tc.coherence_docs, tc.seed)
             lda = evaluate_topics(lda_topics, texts, dictionary, tc)
+            # LDA's words chosen the way embedjob chooses its own (same relevance lambda), for a like-for-like view
+            counts = np.array([dictionary.cfs.get(i, 0) for i in range(len(dictionary))], np.float64)
+            lda_rel_topics = top_words(relevance(np.log(np.maximum(lda_tw, 1e-30)), counts, tc.ranking_lambda),
+                                       vocab_list(dictionary), 25)
+            lda_rel = evaluate_topics(lda_rel_topics, texts, dictionary, tc)
             etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
             row = {
                 "k": k, "documents": len(docs), "vocabulary": len(dictionary), "model": tc.model,
@@ -191,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "etm_npmi": etm["npmi"], "lda_npmi": lda.get("npmi"),
                 "etm_cv": etm["c_v"], "lda_cv": lda.get("c_v"),
                 "etm_diversity": etm["diversity"], "lda_diversity": lda["diversity"],
+                "ranking_lambda": tc.ranking_lambda, "lda_relevance_npmi": lda_rel.get("npmi"),
+                "lda_relevance_cv": lda_rel.get("c_v"), "lda_relevance_diversity": lda_rel["diversity"],
                 "etm_seconds": round(etm["bow_seconds"] + etm["train_seconds"], 3),
                 "lda_seconds": round(lda_seconds, 3),
                 "etm_epoch_seconds": etm.get("epoch_seconds"), "etm_workers": etm["workers"],
@@ -209,6 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"{row['etm_seconds']:9.1f}")
                 print(f"  {'lda':8s} {row['lda_npmi']:8.4f} {row['lda_cv']:8.4f} {row['lda_diversity']:8.3f} "
                       f"{row['lda_seconds']:9.1f}")
+                print(f"  {'lda rel.':8s} {row['lda_relevance_npmi']:8.4f} {row['lda_relevance_cv']:8.4f} "
+                      f"{row['lda_relevance_diversity']:8.3f}    (LDA's words by relevance, lambda={tc.ranking_lambda})")
                 print(f"  time ratio {tc.model}/lda: {row['seconds_ratio_etm_over_lda']:.2f}")
     finally:
         if started_ray:

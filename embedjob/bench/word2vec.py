@@ -139,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sg", type=int, choices=[0, 1], default=0)
     p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
     p.add_argument("--sync-every", type=float, default=None, help="default: word2vec.sync_every")
+    p.add_argument("--ngram-sync-every", type=int, default=None, help="default: word2vec.ngram_sync_every")
     p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
                    help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
     p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
@@ -165,6 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
                          threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
                          **({"sync_every": args.sync_every} if args.sync_every else {}),
+                         **({"ngram_sync_every": args.ngram_sync_every} if args.ngram_sync_every else {}),
                          use_corpus_file=not args.no_corpus_file)
     files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
 
@@ -185,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     e = {"effective_words": rep["effective_words"], "train_seconds": rep["train_seconds"],
          "total_seconds": round(wall, 3), "words_per_s": rep["words_per_s"], "vocabulary": rep["vocabulary"],
          "workers": args.workers, "threads_per_worker": args.threads_per_worker,
-         "sync_seconds": rep["sync_seconds"], "loss": [x["loss"] for x in rep["epochs"]],
+         "sync_seconds": rep["sync_seconds"], "synced_row_fraction": rep.get("synced_row_fraction"),
+         "sync_wait_seconds": rep.get("sync_wait_seconds"), "loss": [x["loss"] for x in rep["epochs"]],
          "corpus_file": cfg.use_corpus_file, "sync_mode": cfg.sync_mode}
     e.update(evaluate(kv))
 
