@@ -433,6 +433,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("fail_rank") is not None and int(config["fail_rank"]) == rank:
         raise RuntimeError(f"word2vec worker {rank}: failure injected by {FAIL_RANK_ENV}")
 
+    # FastText's n-gram matrix (often the largest by far) may be exchanged at every n-th sync only;
+    # it then carries the changes of several segments and is exchanged whole.
+    ngram_pos = 1 if is_fasttext and model.wv.bucket else None
+    ngram_every = cfg.ngram_sync_every if ngram_pos is not None else 1
+
     # Rows a sync exchanges after segment k: the union over workers of the rows their segment k can
     # change (None = all rows). Agreed once here, so every sync is a plain all_reduce of those rows.
     sync_rows: list[list[Optional[torch.Tensor]]] = []
@@ -440,32 +445,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         per_array: list[Optional[torch.Tensor]] = []
         for i, t in enumerate(arrays):
             r = seg_rows[k][i]
-            if world <= 1 or r is None:
+            if world <= 1 or r is None or (i == ngram_pos and ngram_every > 1):
                 per_array.append(None)
                 continue
             mask = torch.zeros(t.shape[0], dtype=torch.uint8)
             mask[torch.from_numpy(r)] = 1
             dist.all_reduce(mask, op=dist.ReduceOp.MAX)
             idx = torch.nonzero(mask).flatten()
+            # nearly every row: exchanging the whole matrix is cheaper than gathering and scattering rows
             per_array.append(None if len(idx) > 0.9 * t.shape[0] else idx)
         sync_rows.append(per_array)
     del seg_rows
-    synced_rows = [0, 0]  # rows exchanged, rows a dense sync would have exchanged
-
-    # FastText's n-gram matrix (often the largest by far) may be exchanged at every n-th sync only.
-    ngram_pos = 1 if is_fasttext and model.wv.bucket else None
-    ngram_every = cfg.ngram_sync_every if ngram_pos is not None else 1
-    if ngram_every > 1:
-        for rows_k in sync_rows:
-            rows_k[ngram_pos] = None  # rows touched since its last exchange: all segments' rows, so whole
+    synced_rows = [0, 0]  # rows exchanged, rows a full exchange of every matrix at every sync would move
 
     def average(k: int, n_sync: int, final: bool) -> None:
         if world > 1:
             for i, t in enumerate(arrays):
+                synced_rows[1] += t.shape[0]
                 if i == ngram_pos and not final and (n_sync + 1) % ngram_every:
                     continue
                 idx = sync_rows[k][i]
-                synced_rows[1] += t.shape[0]
                 if idx is None:
                     synced_rows[0] += t.shape[0]
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -834,6 +833,9 @@ def run_word2vec(cfg, out, token_urls: list[str]) -> dict[str, Any]:
         "words_per_s": report["words_per_s"],
         "loss": [e["loss"] for e in report["epochs"]],
         "train_seconds": report["train_seconds"],
+        "sync_seconds": report["sync_seconds"],
+        "sync_wait_seconds": report["sync_wait_seconds"],
+        "synced_row_fraction": report["synced_row_fraction"],
         "init_words": report["init_words"],
         "vectors": out.url(f"word2vec/{KV_NAME}"),
     }

@@ -187,10 +187,12 @@ def test_fasttext_two_workers_vectors_for_unseen_words(ray_local, tmp_path):
     from embedjob.similar import similar_words
 
     urls = write_token_shards(tmp_path, synthetic_docs())
-    cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True))
+    # n-grams exchanged at every 3rd sync (and the last): still one model with subword vectors
+    cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True, ngram_sync_every=3))
     out = Storage(str(tmp_path / "out"))
     stats = run_word2vec(cfg, out, urls)
     assert stats["model"] == "fasttext" and stats["workers"] == 2
+    assert stats["synced_row_fraction"] < 1.0
     kv = load_vectors(out.url(), {}, kind="word2vec")
     assert isinstance(kv, FastTextKeyedVectors)
     unseen = "zebrakx"

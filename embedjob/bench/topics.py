@@ -137,12 +137,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
+    import numpy as np
     import ray
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.storage import Storage
-    import numpy as np
-
     from embedjob.topics import (TopicsConfig, evaluate_topics, filter_dictionary, reference_texts, relevance,
                                  run_topics, top_words, vocab_list)
     from embedjob.vocab import build_vocabulary
