@@ -220,7 +220,7 @@ class TextEncoder:
         with torch.inference_mode():
             for idx in token_budget_batches(lengths, self.batch_tokens, self.max_batch_docs):
                 width = int(lengths[idx].max())
-                if self.pad_multiple > 1:  # few distinct shapes: bounded oneDNN/allocator caches
+                if self.pad_multiple > 1:
                     width = min(-(-width // self.pad_multiple) * self.pad_multiple,
                                 max(int(self.settings.get("max_length") or width), width))
                 input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)

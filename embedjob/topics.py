@@ -453,6 +453,12 @@ def encoder_input(cfg: TopicsConfig) -> str:
     return cfg.encoder
 
 
+def corpus_word_counts(dictionary) -> np.ndarray:
+    """Corpus frequency of every word of ``dictionary``, by id (what :func:`relevance` and the ETM
+    background use as ``p(w)``)."""
+    return np.array([dictionary.cfs.get(i, 0) for i in range(len(dictionary))], np.float64)
+
+
 def relevance(log_topic_word: np.ndarray, word_counts: Optional[np.ndarray], lam: float) -> np.ndarray:
     """LDAvis relevance (Sievert & Shirley 2014) of every (topic, word):
     ``lam * log p(w|k) + (1 - lam) * log(p(w|k) / p(w))`` with ``p(w)`` the corpus frequency (+1
@@ -818,11 +824,10 @@ def _epoch_batches(shard, config: dict[str, Any], seed: int, cache: dict[str, An
                                       local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=seed)
         return
     if "table" not in cache:
-        cache["t0"] = time.time()
+        t0 = time.time()
         parts = list(shard.iter_batches(batch_size=8192, batch_format="pyarrow"))
         cache["table"] = pa.concat_tables(parts).combine_chunks() if parts else BOW_SCHEMA.empty_table()
-        logger.info("topics: %d BoW rows read from Ray Data in %.1fs", cache["table"].num_rows,
-                    time.time() - cache["t0"])
+        logger.info("topics: %d BoW rows read from Ray Data in %.1fs", cache["table"].num_rows, time.time() - t0)
     table = cache["table"]
     perm = np.random.default_rng(seed).permutation(table.num_rows)
     for s in range(0, table.num_rows - bs + 1, bs):
@@ -1042,7 +1047,7 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
     vocab = vocab_list(dictionary)
     logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
     rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
-    word_counts = np.array([dictionary.cfs.get(i, 0) for i in range(len(vocab))], np.float64)
+    word_counts = corpus_word_counts(dictionary)
     model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing, word_counts)
     kwargs = model_kwargs(tc, len(vocab), rho.shape[1] if rho is not None else tc.embedding_dim, int(missing.sum()))
     with _torch().no_grad():

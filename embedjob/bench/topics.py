@@ -142,8 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.storage import Storage
-    from embedjob.topics import (TopicsConfig, evaluate_topics, filter_dictionary, reference_texts, relevance,
-                                 run_topics, top_words, vocab_list)
+    from embedjob.topics import (TopicsConfig, corpus_word_counts, evaluate_topics, filter_dictionary,
+                                 reference_texts, relevance, run_topics, top_words, vocab_list)
     from embedjob.vocab import build_vocabulary
 
     started_ray = not ray.is_initialized()
@@ -192,8 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             texts = reference_texts(urls, {}, tc.coherence_docs, tc.seed)
             lda = evaluate_topics(lda_topics, texts, dictionary, tc)
             # LDA's words chosen the way embedjob chooses its own (same relevance lambda), for a like-for-like view
-            counts = np.array([dictionary.cfs.get(i, 0) for i in range(len(dictionary))], np.float64)
-            lda_rel_topics = top_words(relevance(np.log(np.maximum(lda_tw, 1e-30)), counts, tc.ranking_lambda),
+            lda_rel_topics = top_words(relevance(np.log(np.maximum(lda_tw, 1e-30)), corpus_word_counts(dictionary),
+                                                 tc.ranking_lambda),
                                        vocab_list(dictionary), 25)
             lda_rel = evaluate_topics(lda_rel_topics, texts, dictionary, tc)
             etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
