@@ -1,22 +1,27 @@
 """Word2Vec / FastText trained data-parallel with Ray Train, gensim inside (issues 5 and 10).
 
 gensim trains on one machine only (piskvorky/gensim#3399). Here every Ray Train worker trains an
-ordinary gensim model on its slice of the corpus and the workers average their weights
-(``torch.distributed.all_reduce`` over gloo) several times an epoch, as Spark MLlib does:
+ordinary gensim model on its slice of the corpus. Workers on the same machine train *one* model in
+shared memory, lock-free, exactly as gensim's own threads do (``share_memory``); the models of
+different machines (or of every worker, with ``share_memory: false``) are combined with
+``torch.distributed.all_reduce`` over gloo several times an epoch, as Spark MLlib does:
 
 1. the driver counts words over all token shards (:func:`embedjob.vocab.build_vocabulary`, Ray
    tasks) and every worker builds the *same* vocabulary from those counts with gensim's own rules
    (``min_count``, ``max_final_vocab``, ``sample``) and the *same* initial weights (same seed);
+   the first worker of each machine then puts the trainable matrices in files on ``/dev/shm``
+   that the machine's other workers map (:func:`share_arrays`);
 2. each worker takes a ``1/N`` row slice of every token shard (so every worker sees the same mix
    of the corpus and the same amount of work), writes it to local ``LineSentence`` files (gensim's
    fast ``corpus_file`` mode) cut into ``1/sync_every`` segments of equal words;
 3. for every epoch and segment, each worker runs ``model.train(..., epochs=1)`` with the learning
-   rate of that stretch of the *global* schedule (alpha -> min_alpha over all epochs), then the
-   trainable matrices are combined with ``all_reduce``: ``wv.vectors`` and ``syn1neg``/``syn1``
-   (Word2Vec); ``wv.vectors_vocab``, ``wv.vectors_ngrams`` and ``syn1neg``/``syn1`` (FastText).
-   By default the workers' *updates* since the last sync are summed (``sync_mode='sum'``), which
+   rate of that stretch of the *global* schedule (alpha -> min_alpha over all epochs); then, when
+   there are several models, the first worker of each machine combines them with ``all_reduce``:
+   ``wv.vectors`` and ``syn1neg``/``syn1`` (Word2Vec); ``wv.vectors_vocab``,
+   ``wv.vectors_ngrams`` and ``syn1neg``/``syn1`` (FastText).
+   By default the models' *updates* since the last sync are summed (``sync_mode='sum'``), which
    keeps single-process quality; Spark-style averaging (``'average'``) divides every update by
-   the number of workers and so learns ``workers`` times more slowly;
+   the number of models and so learns that many times more slowly;
 4. rank 0 writes the KeyedVectors (gensim native + word2vec binary) and ``report.json``.
 
 Outputs under ``<out>/word2vec/``: ``vectors.kv`` (+ gensim ``.npy`` sidecars),
@@ -86,15 +91,23 @@ class Word2VecConfig(Section):
     )
     sync_every: float = Field(
         0.1, gt=0, le=1,
-        description="Combine the workers' weights every this fraction of an epoch (0.1 = 10 times an epoch). "
-        "More often = closer to single-process quality, at the cost of one all_reduce of the model each "
-        "time (on the shared corpus, 2 workers: 4 syncs an epoch lost 4.3 analogy points, 10 lost 1.5).",
+        description="Combine the weights of workers that do not share memory (other machines, or every worker "
+        "with share_memory false) every this fraction of an epoch (0.1 = 10 times an epoch). More often = "
+        "closer to single-process quality, at the cost of one all_reduce of the model each time (on the shared "
+        "corpus, 2 workers with their own copies: 4 syncs an epoch lost 4.3 analogy points, 10 lost 1.5).",
     )
     seed: int = Field(1, description="Seed of the initial weights (the same on every worker).")
     ngram_sync_every: int = Field(
         1, ge=1,
         description="FastText: exchange the n-gram bucket matrix (bucket x vector_size, usually the largest) at every "
         "n-th sync only (always at the last); word vectors and the output layer are exchanged at every sync.",
+    )
+    share_memory: bool = Field(
+        True,
+        description="Workers on the same machine train one model in shared memory (a file on /dev/shm that each "
+        "maps), updating it lock-free as gensim's own threads do: they need no sync with each other, and only "
+        "one worker per machine takes part in the syncs across machines (sync_every). false = every worker "
+        "keeps its own copy and syncs with all the others.",
     )
     sparse_sync: Literal["auto", "true", "false"] = Field(
         "auto",
@@ -194,22 +207,29 @@ def new_model(cfg: Word2VecConfig, word_freq: dict[str, int], corpus_count: int,
     return model
 
 
-def trainable_arrays(model) -> list[np.ndarray]:
-    """The matrices that training changes, i.e. what the workers average."""
+def trainable_slots(model) -> list[tuple[Any, str]]:
+    """``(owner, attribute)`` of each matrix that training changes, i.e. what the workers share or
+    average: ``wv.vectors`` (Word2Vec) or ``wv.vectors_vocab`` + ``wv.vectors_ngrams`` (FastText),
+    then ``syn1`` and/or ``syn1neg``."""
     from gensim.models import FastText
 
-    arrays = []
+    slots: list[tuple[Any, str]] = []
     if isinstance(model, FastText):
-        arrays.append(model.wv.vectors_vocab)
+        slots.append((model.wv, "vectors_vocab"))
         if model.wv.bucket:
-            arrays.append(model.wv.vectors_ngrams)
+            slots.append((model.wv, "vectors_ngrams"))
     else:
-        arrays.append(model.wv.vectors)
+        slots.append((model.wv, "vectors"))
     if model.hs:
-        arrays.append(model.syn1)
+        slots.append((model, "syn1"))
     if model.negative:
-        arrays.append(model.syn1neg)
-    return arrays
+        slots.append((model, "syn1neg"))
+    return slots
+
+
+def trainable_arrays(model) -> list[np.ndarray]:
+    """The matrices that training changes (see :func:`trainable_slots`)."""
+    return [getattr(owner, name) for owner, name in trainable_slots(model)]
 
 
 def touched_rows(model, docs: list[list[str]]) -> list[Optional[np.ndarray]]:
@@ -368,7 +388,102 @@ def combine_synced(summed, last, world: int) -> None:
         summed.div_(world)
 
 
+def memory_groups(machines: list[str]) -> list[list[int]]:
+    """The ranks of each machine (``machines[rank]`` = its key, e.g. the node IP), in rank order;
+    workers of one group can share one model in memory."""
+    groups: dict[str, list[int]] = {}
+    for rank, key in enumerate(machines):
+        groups.setdefault(key, []).append(rank)
+    return sorted(groups.values())
+
+
+def shared_memory_dir(nbytes: int) -> Optional[str]:
+    """A folder whose files can hold ``nbytes`` of shared model: ``/dev/shm`` (memory) if it has room,
+    else the temporary folder (page cache, written back to disk now and then); None if neither."""
+    for folder in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            if os.path.isdir(folder) and shutil.disk_usage(folder).free > nbytes + (64 << 20):
+                if folder != "/dev/shm":
+                    logger.warning("word2vec: /dev/shm cannot hold the %.0f MB model; sharing it through %s",
+                                   nbytes / 2**20, folder)
+                return folder
+        except OSError:
+            continue
+    return None
+
+
+def share_arrays(model, paths: list[str], *, create: bool) -> None:
+    """Back each of the model's :func:`trainable_slots` by the file ``paths[i]`` mapped into memory.
+    ``create`` writes the model's current values to new files; otherwise the files (made by another
+    process on this machine) are mapped as they are. Processes that map the same files train the same
+    weights in place, lock-free, as gensim's threads do on one model."""
+    import mmap
+
+    for (owner, name), path in zip(trainable_slots(model), paths):
+        arr = getattr(owner, name)
+        if arr.nbytes == 0:
+            continue
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, arr.nbytes)
+            elif os.fstat(fd).st_size != arr.nbytes:
+                raise RuntimeError(f"shared model file {path} has {os.fstat(fd).st_size} bytes, expected {arr.nbytes}")
+            buf = mmap.mmap(fd, arr.nbytes)
+        finally:
+            os.close(fd)
+        shared = np.frombuffer(buf, dtype=arr.dtype).reshape(arr.shape)
+        if create:
+            shared[...] = arr
+        setattr(owner, name, shared)
+
+
 FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"  # fault injection for tests: this rank raises
+# Tests: treat every this many consecutive ranks as one machine (a multi-node layout on one machine).
+MACHINE_SIZE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
+
+
+def _share_model(model, config: dict[str, Any], rank: int, world: int) -> list[list[int]]:
+    """Let the workers of each machine train one model in shared memory. Returns the groups of
+    ranks that now share one model (a group of one = a worker with its own copy); every rank
+    must call this (it runs collectives)."""
+    import ray
+    import torch.distributed as dist
+
+    key = ray.util.get_node_ip_address()
+    if config.get("ranks_per_machine"):
+        key = f"{key}/{rank // int(config['ranks_per_machine'])}"
+    machines: list[Any] = [None] * world
+    dist.all_gather_object(machines, key)
+    groups = memory_groups(machines)
+    mine = next(g for g in groups if rank in g)
+    paths = None
+    if rank == mine[0] and len(mine) > 1:
+        folder = shared_memory_dir(sum(a.nbytes for a in trainable_arrays(model)))
+        if folder is None:
+            logger.warning("word2vec: no room for a shared model on this machine; its workers keep their own copies")
+        else:
+            paths = [os.path.join(folder, f"embedjob-w2v-{config['run_id']}-{rank}-{i}")
+                     for i in range(len(trainable_slots(model)))]
+            share_arrays(model, paths, create=True)
+    made: list[Any] = [None] * world
+    dist.all_gather_object(made, paths)
+    try:
+        if rank != mine[0] and made[mine[0]] is not None:
+            try:
+                share_arrays(model, made[mine[0]], create=False)
+            except OSError as e:
+                raise RuntimeError(
+                    f"word2vec worker {rank} cannot map the shared model that worker {mine[0]} made on the same "
+                    f"machine ({e}); set word2vec.share_memory: false") from e
+        dist.barrier()
+    finally:
+        for path in paths or []:  # every worker has mapped them: the memory lives until the last unmaps it
+            if os.path.exists(path):
+                os.remove(path)
+    return [g2 for g in groups for g2 in ([g] if made[g[0]] is not None else [[r] for r in g])]
+
+
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -403,7 +518,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Python loop); do it once at the end instead.
         model.wv.adjust_vectors = lambda: None
 
-    parts = max(1, int(round(1.0 / cfg.sync_every)))
+    # Workers that share one machine's memory train one model; the syncs are between those groups,
+    # each represented by its first rank ("leader").
+    groups = _share_model(model, config, rank, world) if cfg.share_memory and world > 1 else [[r] for r in range(world)]
+    leaders = [g[0] for g in groups]
+    n_sync = len(groups)  # models that the syncs combine
+    leading = rank in leaders
+    shared = any(len(g) > 1 for g in groups)
+    sync_group = dist.new_group(leaders) if shared and n_sync > 1 else None  # every rank must call new_group
+
+    # One model (a single worker, or one machine sharing it): nothing to combine, so one gensim train()
+    # call runs all epochs with gensim's own alpha decay; segments only exist for the syncs.
+    parts = 1 if n_sync == 1 else max(1, int(round(1.0 / cfg.sync_every)))
     docs = read_slices(config["slices"][rank], config["storage_options"])
     n_docs = len(docs)
     segments = split_segments(docs, parts)
@@ -414,7 +540,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sparse = cfg.sparse_sync == "true" or (cfg.sparse_sync == "auto" and ctx.get_local_world_size() < world)
     seg_rows: list[list[Optional[np.ndarray]]] = []
     for k, seg in enumerate(segments):
-        seg_rows.append(touched_rows(model, seg) if sparse and world > 1 else [None] * len(trainable_arrays(model)))
+        seg_rows.append(touched_rows(model, seg) if sparse and n_sync > 1 else [None] * len(trainable_arrays(model)))
         if cfg.use_corpus_file:
             path = os.path.join(workdir, f"segment-{k:03d}.txt")
             seg_words.append(write_line_sentences(seg, path))
@@ -428,7 +554,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     arrays = [torch.from_numpy(a) for a in trainable_arrays(model)]
     # 'sum' needs the weights of the last sync: new = last + sum_i(worker_i - last).
-    last = [t.clone() for t in arrays] if world > 1 and cfg.sync_mode == "sum" else []
+    last = [t.clone() for t in arrays] if n_sync > 1 and leading and cfg.sync_mode == "sum" else []
 
     if config.get("fail_rank") is not None and int(config["fail_rank"]) == rank:
         raise RuntimeError(f"word2vec worker {rank}: failure injected by {FAIL_RANK_ENV}")
@@ -445,7 +571,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         per_array: list[Optional[torch.Tensor]] = []
         for i, t in enumerate(arrays):
             r = seg_rows[k][i]
-            if world <= 1 or r is None or (i == ngram_pos and ngram_every > 1):
+            if n_sync <= 1 or r is None or (i == ngram_pos and ngram_every > 1):
                 per_array.append(None)
                 continue
             mask = torch.zeros(t.shape[0], dtype=torch.uint8)
@@ -458,23 +584,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     del seg_rows
     synced_rows = [0, 0]  # rows exchanged, rows a full exchange of every matrix at every sync would move
 
-    def average(k: int, n_sync: int, final: bool) -> None:
-        if world > 1:
+    def average(k: int, sync_no: int, final: bool) -> None:
+        """Combine the groups' models (run by each group's leader, over ``sync_group``)."""
+        if n_sync > 1:
             for i, t in enumerate(arrays):
                 synced_rows[1] += t.shape[0]
-                if i == ngram_pos and not final and (n_sync + 1) % ngram_every:
+                if i == ngram_pos and not final and (sync_no + 1) % ngram_every:
                     continue
                 idx = sync_rows[k][i]
                 if idx is None:
                     synced_rows[0] += t.shape[0]
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                    combine_synced(t, last[i] if last else None, world)
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=sync_group)
+                    combine_synced(t, last[i] if last else None, n_sync)
                     continue
                 synced_rows[0] += len(idx)
                 block = t.index_select(0, idx)
-                dist.all_reduce(block, op=dist.ReduceOp.SUM)
+                dist.all_reduce(block, op=dist.ReduceOp.SUM, group=sync_group)
                 prev = last[i].index_select(0, idx) if last else None
-                combine_synced(block, prev, world)
+                combine_synced(block, prev, n_sync)
                 t.index_copy_(0, idx, block)
                 if last:
                     last[i].index_copy_(0, idx, block)
@@ -484,7 +611,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     epochs_report = []
     sync_seconds = wait_seconds = 0.0
-    for epoch in range(cfg.epochs):
+    if n_sync == 1:
+        per_epoch: list[tuple[int, int, float, float]] = []
+        _record_epochs(model, per_epoch)
+        if seg_words[0]:
+            model.train(**({"corpus_file": seg_files[0], "total_words": seg_words[0]} if cfg.use_corpus_file else
+                           {"corpus_iterable": segments[0], "total_examples": len(segments[0])}),
+                        epochs=cfg.epochs, start_alpha=cfg.alpha, end_alpha=cfg.min_alpha,
+                        compute_loss=cfg.compute_loss)
+        # each epoch's words and loss summed over the workers (loss: gensim's running total, made per epoch)
+        table = torch.zeros((cfg.epochs, 4), dtype=torch.float64)
+        for e, (t_w, r_w, sec, cum_loss) in enumerate(per_epoch):
+            table[e] = torch.tensor([t_w, r_w, sec, cum_loss - (per_epoch[e - 1][3] if e else 0.0)])
+        if world > 1:
+            dist.all_reduce(table, op=dist.ReduceOp.SUM)
+        for e in range(cfg.epochs):
+            seconds = float(table[e, 2]) / world
+            epochs_report.append({
+                "epoch": e + 1, "effective_words": int(table[e, 0]), "raw_words": int(table[e, 1]),
+                "seconds": round(seconds, 3), "words_per_s": round(float(table[e, 0]) / max(seconds, 1e-9), 1),
+                "loss": float(table[e, 3]) if cfg.compute_loss and not is_fasttext else None})
+            if rank == 0:
+                logger.info("word2vec epoch %d/%d: %s", e + 1, cfg.epochs, epochs_report[-1])
+    for epoch in range(cfg.epochs if n_sync > 1 else 0):
         t_epoch = time.time()
         trained = raw = 0
         loss = 0.0
@@ -502,13 +651,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raw += r_w
                 if cfg.compute_loss and not is_fasttext:
                     loss += float(model.get_latest_training_loss())
-            t_sync = time.time()
-            if world > 1:
+            if n_sync > 1:
+                t_sync = time.time()
                 dist.barrier()  # waiting for the slowest worker, timed apart from the exchange itself
-            t_exchange = time.time()
-            wait_seconds += t_exchange - t_sync
-            average(k, epoch * parts + k, final=epoch == cfg.epochs - 1 and k == parts - 1)
-            sync_seconds += time.time() - t_exchange
+                t_exchange = time.time()
+                wait_seconds += t_exchange - t_sync
+                if leading:
+                    average(k, epoch * parts + k, final=epoch == cfg.epochs - 1 and k == parts - 1)
+                if shared:
+                    dist.barrier()  # a shared model is written again only after its leader's exchange
+                sync_seconds += time.time() - t_exchange
         totals = torch.tensor([trained, raw, loss], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
@@ -540,8 +692,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "vector_size": cfg.vector_size,
             "documents": int(counts[0]),
             "tokens_per_epoch": int(counts[1]),
-            "syncs_per_epoch": parts,
+            "syncs_per_epoch": parts if n_sync > 1 else 0,
             "sync_mode": cfg.sync_mode,
+            "shared_memory_groups": [len(g) for g in groups],
             "corpus_file": cfg.use_corpus_file,
             "init_from": cfg.init_from,
             "init_words": int(config.get("init_words", 0)),
@@ -558,6 +711,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_vectors(model.wv, config["output_url"], config["output_options"], report)
     if world > 1:
         dist.barrier()
+
+
+def _record_epochs(model, rows: list[tuple[int, int, float, float]]) -> None:
+    """Make the model's ``train()`` append ``(effective words, raw words, seconds, running loss)``
+    of each epoch to ``rows`` (gensim reports only the totals of a call)."""
+    for name in ("_train_epoch", "_train_epoch_corpusfile"):
+        inner = getattr(model, name)
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            t = time.time()
+            out = _inner(*args, **kwargs)
+            rows.append((int(out[0]), int(out[1]), time.time() - t, float(model.running_training_loss)))
+            return out
+
+        setattr(model, name, wrapped)
 
 
 def save_vectors(kv, output_url: str, storage_options: dict[str, Any], report: dict[str, Any]) -> None:
@@ -658,6 +826,8 @@ def train_word2vec(
     (``vectors.kv``, ``vectors.bin``, ``report.json``) — by default a local temporary folder, read
     back and removed. Starts a local Ray if none is running (and shuts it down after).
     """
+    import uuid
+
     import ray
 
     storage_options = storage_options or {}
@@ -707,6 +877,8 @@ def train_word2vec(
             "output_url": output_url,
             "output_options": output_options,
             "fail_rank": os.environ.get(FAIL_RANK_ENV),
+            "ranks_per_machine": os.environ.get(MACHINE_SIZE_ENV),
+            "run_id": uuid.uuid4().hex[:12],
             "init_ref": init_ref,
             "init_words": init_words,
         })
@@ -836,6 +1008,7 @@ def run_word2vec(cfg, out, token_urls: list[str]) -> dict[str, Any]:
         "sync_seconds": report["sync_seconds"],
         "sync_wait_seconds": report["sync_wait_seconds"],
         "synced_row_fraction": report["synced_row_fraction"],
+        "shared_memory_groups": report["shared_memory_groups"],
         "init_words": report["init_words"],
         "vectors": out.url(f"word2vec/{KV_NAME}"),
     }

@@ -187,12 +187,12 @@ def test_fasttext_two_workers_vectors_for_unseen_words(ray_local, tmp_path):
     from embedjob.similar import similar_words
 
     urls = write_token_shards(tmp_path, synthetic_docs())
-    # n-grams exchanged at every 3rd sync (and the last): still one model with subword vectors
-    cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True, ngram_sync_every=3))
+    # one machine: both workers train one FastText model (n-gram matrix included) in shared memory
+    cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True))
     out = Storage(str(tmp_path / "out"))
     stats = run_word2vec(cfg, out, urls)
     assert stats["model"] == "fasttext" and stats["workers"] == 2
-    assert stats["synced_row_fraction"] < 1.0
+    assert stats["shared_memory_groups"] == [2] and stats["synced_row_fraction"] == 0.0
     kv = load_vectors(out.url(), {}, kind="word2vec")
     assert isinstance(kv, FastTextKeyedVectors)
     unseen = "zebrakx"
@@ -295,6 +295,32 @@ def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
         assert key in out
 
 
+def test_memory_groups_and_shared_arrays(tmp_path):
+    """Workers are grouped by machine; a second model mapping the first one's files trains the very
+    same weights (what two worker processes on one machine do, here in one process)."""
+    from embedjob.word2vec import memory_groups, share_arrays, trainable_arrays, trainable_slots
+
+    assert memory_groups(["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.1"]) == [[0, 2], [1, 3]]
+    docs = [d for d in synthetic_docs(400) if d]
+    freq: dict[str, int] = {}
+    for d in docs:
+        for w in d:
+            freq[w] = freq.get(w, 0) + 1
+    cfg = small_cfg(min_count=1)
+    a, b = new_model(cfg, freq, len(docs)), new_model(cfg, freq, len(docs))
+    before = [x.copy() for x in trainable_arrays(a)]
+    paths = [str(tmp_path / f"m-{i}") for i in range(len(trainable_slots(a)))]
+    share_arrays(a, paths, create=True)
+    share_arrays(b, paths, create=False)
+    for x, y, z in zip(trainable_arrays(a), trainable_arrays(b), before):
+        assert x.flags.writeable and np.array_equal(x, z) and np.array_equal(y, z)
+    b.train(corpus_iterable=docs, total_examples=len(docs), epochs=1)
+    for x, y, z in zip(trainable_arrays(a), trainable_arrays(b), before):
+        assert np.array_equal(x, y) and not np.array_equal(x, z)  # b's training is a's
+    with pytest.raises(FileExistsError):
+        share_arrays(new_model(cfg, freq, len(docs)), paths, create=True)  # never overwrites a live model
+
+
 def test_combine_synced_is_exact():
     """A sync on known arrays: 'sum' adds every worker's update to the last synced weights, 'average'
     is the plain mean; both exact for exactly representable values."""
@@ -321,7 +347,7 @@ def test_combine_synced_is_exact():
 def test_two_workers_word2vec_learn_planted_groups(ray_local, tmp_path):
     urls = write_token_shards(tmp_path, synthetic_docs())
     kv, report = train_word2vec(urls, small_cfg(workers=2), {})
-    assert report["workers"] == 2 and report["syncs_per_epoch"] == 10
+    assert report["workers"] == 2 and report["shared_memory_groups"] == [2] and report["syncs_per_epoch"] == 0
     assert group_margin(kv) > 0.25
     for w in ("zebraka", "quartzmi"):
         near = [x for x, _ in kv.most_similar(w, topn=5)]
@@ -368,11 +394,12 @@ def test_sparse_sync_gives_the_same_vectors_as_a_full_sync(ray_local, tmp_path):
     rows gives the same vectors as exchanging whole matrices, with less data moved."""
     docs = sorted((d for d in synthetic_docs(800) if d), key=lambda d: group_of(d[0]))
     urls = write_token_shards(tmp_path, docs, n_shards=1)
-    cfg = small_cfg(model="fasttext", workers=2, sync_every=0.25, sparse_sync="true")
+    cfg = small_cfg(model="fasttext", workers=2, sync_every=0.25, sparse_sync="true", share_memory=False)
     kv_sparse, rep_sparse = train_word2vec(urls, cfg, {})
     # 'auto' on one node: whole matrices
     kv_dense, rep_dense = train_word2vec(urls, cfg.model_copy(update={"sparse_sync": "auto"}), {})
     assert rep_sparse["sparse_sync"] is True and rep_dense["sparse_sync"] is False
+    assert rep_sparse["shared_memory_groups"] == [1, 1] and rep_sparse["syncs_per_epoch"] == 4
     assert rep_dense["synced_row_fraction"] == 1.0
     assert rep_sparse["synced_row_fraction"] < 0.8, rep_sparse["synced_row_fraction"]
     np.testing.assert_allclose(kv_sparse.vectors_vocab, kv_dense.vectors_vocab, rtol=0, atol=1e-6)

@@ -143,6 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
                    help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
     p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
+    p.add_argument("--no-share-memory", action="store_true",
+                   help="Every embedjob worker keeps its own model and syncs with all_reduce (word2vec.share_memory "
+                   "false), as workers on different machines do.")
     p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
                    help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
     p.add_argument("--max-docs-per-shard", type=int, default=None, help="Use only the first N docs of each shard.")
@@ -167,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
                          **({"sync_every": args.sync_every} if args.sync_every else {}),
                          **({"ngram_sync_every": args.ngram_sync_every} if args.ngram_sync_every else {}),
-                         use_corpus_file=not args.no_corpus_file)
+                         use_corpus_file=not args.no_corpus_file, share_memory=not args.no_share_memory)
     files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
 
     gensim_kv, g = run_gensim(files, cfg, args.workers * args.threads_per_worker, args.gensim_mode)
@@ -189,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
          "workers": args.workers, "threads_per_worker": args.threads_per_worker,
          "sync_seconds": rep["sync_seconds"], "synced_row_fraction": rep.get("synced_row_fraction"),
          "sync_wait_seconds": rep.get("sync_wait_seconds"), "loss": [x["loss"] for x in rep["epochs"]],
-         "corpus_file": cfg.use_corpus_file, "sync_mode": cfg.sync_mode}
+         "corpus_file": cfg.use_corpus_file, "sync_mode": cfg.sync_mode,
+         "shared_memory_groups": rep.get("shared_memory_groups"), "syncs_per_epoch": rep.get("syncs_per_epoch")}
     e.update(evaluate(kv))
 
     out = {
