@@ -4,10 +4,14 @@ ProdLDA (Srivastava & Sutton, 2017) in torch, trained data-parallel with Ray Tra
 Pipeline of :func:`run_topics`:
 
 1. bag of words: the job's corpus-wide gensim ``Dictionary`` (``vocab/dictionary.gensim``) after
-   ``filter_extremes``; each token shard becomes rows ``(word_ids, counts)`` in a Ray Data pass;
-2. training: ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPUs), each worker streaming its split of
-   the BoW dataset; rank 0 writes a checkpoint to ``topics/checkpoints/`` through the job's storage
-   every ``checkpoint_every`` epochs, and ``resume`` continues from the latest matching one;
+   ``filter_extremes``; each token shard becomes rows ``(word_ids, counts)`` in Ray tasks that run
+   while Ray Train starts its workers (``cache_bow``, the default), or in a globally shuffled Ray
+   Data pass (``cache_bow: false``);
+2. training: ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPUs; by default one worker per node or
+   per GPU): each worker takes a ``1/N`` slice of every shard's BoW rows from the object store and
+   reshuffles it in memory every epoch, or (``cache_bow: false``) streams its split of the Ray Data
+   dataset; rank 0 writes a checkpoint to ``topics/checkpoints/`` through the job's storage every
+   ``checkpoint_every`` epochs, and ``resume`` continues from the latest matching one;
 3. outputs: ``topics/topics.json`` (top words), ``topics/topic_word.npy`` (K x V), the
    document-topic proportions ``topics/theta/<shard>.parquet`` (``id``, ``theta``) computed by a
    Ray Data pass over all token shards, ``topics/metrics.json`` (NPMI and C_V coherence with
@@ -26,8 +30,8 @@ the document's mean word embedding (``EmbeddingBag`` over rho) instead of the V-
 words, so it has E x hidden weights rather than V x hidden (and DDP all-reduces that little); the
 ``bow`` encoder is an ``EmbeddingBag`` over the normalised bag of words (nnz x hidden, not
 V x hidden); the reconstruction term is evaluated only at the non-zero (document, word) pairs,
-normalising the K x V logits once per step; each worker keeps its split of the BoW rows in memory
-after the first epoch.
+normalising the K x V logits once per step; each worker keeps its BoW rows in memory; the BoW is
+built while the workers start.
 
 Top words (``topics.json``, coherence, diversity) are chosen by LDAvis relevance
 (``ranking_lambda``); the full topic-word matrix is in ``topic_word.npy``.
@@ -52,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
+from embedjob import raytrain
 from embedjob._config_base import Section
 
 logger = logging.getLogger(__name__)
@@ -137,26 +142,35 @@ class TopicsConfig(Section):
         0, ge=0, description="Raise the KL weight linearly from 0 to 1 over this many epochs (0 = full weight from the start)."
     )
     clip_grad: Optional[float] = Field(2.0, gt=0, description="Clip the gradient norm to this (null = no clipping).")
-    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes); each takes 1 CPU, or 1 GPU when use_gpu.")
+    workers: Optional[int] = Field(
+        None, ge=1,
+        description="Ray Train workers (DDP processes); each takes 1 CPU, or 1 GPU when use_gpu. null = one per GPU "
+        "when training on GPUs, else one per Ray node, spread over the nodes (a worker uses its share of the CPUs "
+        "as torch threads: on one machine that is quicker than several single-thread DDP processes).",
+    )
     use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="Train on GPUs (NCCL) — 'auto' = when the Ray cluster has at least `workers` GPUs; else CPU (gloo)."
+        "auto", description="Train on GPUs (NCCL) — 'auto' = when the Ray cluster has at least `workers` GPUs (at "
+        "least one when workers is null); else CPU (gloo)."
     )
     threads_per_worker: Optional[int] = Field(
         None, ge=1, description="torch threads per worker (and per theta actor); null = cluster CPUs / workers."
     )
     cache_bow: bool = Field(
         True,
-        description="Each worker keeps its split of the BoW rows in memory after reading it from Ray Data once and "
-        "reshuffles it there every epoch (quick epochs); false streams the split from Ray Data every epoch "
-        "(for splits larger than a worker's memory).",
+        description="The BoW of each token shard is built by Ray tasks while Ray Train starts its workers; each worker "
+        "takes an equal 1/N slice of every shard's rows from the object store, keeps it in memory and reshuffles "
+        "it there every epoch (quick epochs, the same mix of the corpus on every worker). false = a globally "
+        "shuffled Ray Data dataset, streamed to the workers every epoch (ray.train.get_dataset_shard; for BoW "
+        "splits larger than a worker's memory).",
     )
     ranking_lambda: float = Field(
-        0.4, ge=0, le=1,
+        0.5, ge=0, le=1,
         description="How a topic's top words are chosen (topics.json, coherence, diversity): LDAvis relevance "
         "(Sievert & Shirley 2014) lambda * log p(w|k) + (1 - lambda) * log(p(w|k) / p(w)), p(w) = the corpus "
-        "frequency. 1 = by probability (frequent words shared by many topics), 0 = by lift (rare words); "
-        "The LDAvis user study found 0.6 best for reading a topic; 0.4 (the default) was measured on mixed-en to keep "
-        "NPMI well above LDA's while lifting topic diversity above 0.8 at K=20 and K=50 (README, Benchmarks).",
+        "frequency. 1 = by probability (frequent words shared by many topics), 0 = by lift (rare words). "
+        "Higher = more coherent (NPMI), lower = more diverse topics. The LDAvis user study found 0.6 best for "
+        "reading a topic; on mixed-en 0.5 kept both NPMI and diversity at or above LDA's at K=20 and K=50 "
+        "(README, Benchmarks).",
     )
     top_n: int = Field(10, ge=2, description="Top words per topic used for coherence (and printed).")
     diversity_top_n: int = Field(25, ge=1, description="Top words per topic counted by topic diversity.")
@@ -779,7 +793,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] * 1000 + rank + 7919 * start)
-    shard = ray.train.get_dataset_shard("train")
+    shard = None if config.get("bow_tables") is not None else ray.train.get_dataset_shard("train")
     epochs, anneal = config["epochs"], config["kl_anneal_epochs"]
     cache: dict[str, Any] = {}
     for epoch in range(start, epochs):
@@ -815,20 +829,32 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def _epoch_batches(shard, config: dict[str, Any], seed: int, cache: dict[str, Any]):
     """One epoch of shuffled ``batch_size`` BoW batches (pyarrow tables) of this worker's split; the
-    last partial batch is dropped (Ray Train splits the dataset equally, so every DDP worker takes
-    the same number of steps). With ``cache_bow`` the split is read from Ray Data once and
-    reshuffled in memory every epoch; otherwise it is streamed with a local shuffle buffer."""
+    last partial batch is dropped (every worker's split has the same rows, so every DDP worker takes
+    the same number of steps). With ``cache_bow`` the split (:func:`share_rows` of the per-shard BoW
+    tables ``bow_tables``) is fetched once and reshuffled in memory every epoch; otherwise it is
+    streamed from the Ray Train dataset shard with a local shuffle buffer."""
+    import ray
+
     bs = config["batch_size"]
-    if not config.get("cache_bow", True):
+    if shard is not None:
         yield from shard.iter_batches(batch_size=bs, batch_format="pyarrow", drop_last=True,
                                       local_shuffle_buffer_size=config["shuffle_buffer"], local_shuffle_seed=seed)
         return
     if "table" not in cache:
         t0 = time.time()
-        parts = list(shard.iter_batches(batch_size=8192, batch_format="pyarrow"))
-        cache["table"] = pa.concat_tables(parts).combine_chunks() if parts else BOW_SCHEMA.empty_table()
-        logger.info("topics: %d BoW rows read from Ray Data in %.1fs", cache["table"].num_rows, time.time() - t0)
+        ctx = ray.train.get_context()
+        rows = ray.get(config["bow_counts"])  # waits for the BoW tasks started with training
+        plan = share_rows(rows, ctx.get_world_size())[ctx.get_world_rank()]
+        if not plan:
+            raise TopicsError(f"topics: {sum(rows)} documents have a word of the filtered vocabulary, too few for "
+                              f"{ctx.get_world_size()} workers; check topics.no_below/no_above or lower topics.workers")
+        blocks = ray.get([config["bow_tables"][b] for b, _, _ in plan])
+        cache["table"] = pa.concat_tables([t.slice(a, b - a) for t, (_, a, b) in zip(blocks, plan)]).combine_chunks()
+        del blocks
+        logger.info("topics: %d BoW rows in memory %.1fs after the first epoch began", cache["table"].num_rows,
+                    time.time() - t0)
     table = cache["table"]
+    bs = min(bs, table.num_rows)  # a tiny corpus: one batch of all rows (the same on every worker)
     perm = np.random.default_rng(seed).permutation(table.num_rows)
     for s in range(0, table.num_rows - bs + 1, bs):
         yield table.take(pa.array(perm[s:s + bs]))
@@ -862,15 +888,81 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
-def _use_gpu(cfg: TopicsConfig) -> bool:
+def training_layout(cfg: TopicsConfig) -> tuple[int, bool, int]:
+    """``(workers, on GPUs, torch threads per worker)`` for this Ray cluster and ``cfg``."""
     import ray
 
-    if cfg.use_gpu == "no":
-        return False
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if cfg.use_gpu == "yes" and gpus < cfg.workers:
+    need = cfg.workers or 1
+    if cfg.use_gpu == "yes" and gpus < need:
         raise TopicsError(f"topics.use_gpu='yes' with topics.workers={cfg.workers}, but the Ray cluster has {gpus} GPUs")
-    return gpus >= cfg.workers
+    gpu = cfg.use_gpu != "no" and gpus >= need
+    if cfg.workers:
+        workers = cfg.workers
+    elif gpu:
+        workers = gpus
+    else:
+        workers = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1))
+    return workers, gpu, cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
+
+
+def share_rows(block_rows: Sequence[int], world: int) -> list[list[tuple[int, int, int]]]:
+    """Each worker's share of blocks holding ``block_rows`` rows, as ``(block, start, stop)`` ranges: a
+    ``1/world`` slice of *every* block (shards are often one source or one topic each, so every worker
+    gets the same mix of the corpus), trimmed at its end so that all workers have the same number of
+    rows (DDP workers must take the same number of steps)."""
+    plan = [[(b, n * r // world, n * (r + 1) // world) for b, n in enumerate(block_rows)] for r in range(world)]
+    keep = min(sum(stop - start for _, start, stop in ranges) for ranges in plan)
+    for r, ranges in enumerate(plan):
+        trimmed, left = [], keep
+        for b, start, stop in ranges:
+            take = min(stop - start, left)
+            if take > 0:
+                trimmed.append((b, start, start + take))
+            left -= take
+        plan[r] = trimmed
+    return plan
+
+
+def _bow_task(urls: list[str], vocab: list[str], storage_options: dict[str, Any]) -> list[Any]:
+    """Ray task: ``[rows, table]`` of the BoW of each token shard in ``urls`` (non-empty documents)."""
+    out: list[Any] = []
+    for url in urls:
+        table = _bow_shards({"url": [url]}, vocab, storage_options)
+        out += [table.num_rows, table]
+    return out
+
+
+def submit_bow(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], tasks: int):
+    """Start building the BoW of every token shard in ``tasks`` Ray tasks (each a stripe of the
+    shards; no CPU reserved, so that they run while the Ray Train workers start). Returns, per shard,
+    the refs of its row count and of its BoW table, in shard order."""
+    import ray
+
+    remote = ray.remote(num_cpus=0)(_bow_task)
+    vocab_ref = ray.put(vocab)
+    counts: list[Any] = [None] * len(token_urls)
+    tables: list[Any] = [None] * len(token_urls)
+    for t in range(min(tasks, len(token_urls))):
+        mine = list(range(t, len(token_urls), tasks))
+        refs = remote.options(num_returns=2 * len(mine)).remote([token_urls[i] for i in mine], vocab_ref,
+                                                                storage_options)
+        for j, i in enumerate(mine):
+            counts[i], tables[i] = refs[2 * j], refs[2 * j + 1]
+    return counts, tables
+
+
+def _token_rows(token_urls: list[str], storage_options: dict[str, Any]) -> int:
+    """Documents in the token shards, from their Parquet footers."""
+    import pyarrow.parquet as pq
+
+    from embedjob.storage import Storage
+
+    total = 0
+    for url in token_urls:
+        with Storage(url, storage_options).open("", "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], seed: int = 0):
@@ -897,21 +989,28 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.time()
-    ds = bow_dataset(token_urls, vocab, out.storage_options, cfg.seed)
-    docs = ds.count()
-    if docs == 0:
-        raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
-    bow_seconds = time.time() - t0
-    workers = min(cfg.workers, docs // 2) or 1
-    per_worker = docs // workers
-    batch_size = max(2, min(cfg.batch_size, per_worker))
-    gpu = _use_gpu(cfg)
-    threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
-    embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
-    kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))
     fp = _fingerprint(cfg, vocab, rho)
     resume = latest_checkpoint(out, fp) if cfg.resume else None
-    if resume and resume["epoch"] >= cfg.epochs:
+    done = bool(resume and resume["epoch"] >= cfg.epochs)
+    ds = counts = None
+    if cfg.cache_bow and not done:
+        # BoW tasks run while Ray Train starts its workers; each worker then takes its rows of every shard
+        counts, tables = submit_bow(token_urls, vocab, out.storage_options, _cluster_cpus())
+        docs = _token_rows(token_urls, out.storage_options)  # an upper bound (empty documents count here)
+    elif not done:
+        ds = bow_dataset(token_urls, vocab, out.storage_options, cfg.seed)
+        docs = ds.count()
+    else:
+        docs = None  # nothing to train: the checkpoint already has every epoch
+    if not done and docs == 0:
+        raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
+    workers, gpu, threads = training_layout(cfg)
+    docs_bound = docs or 0
+    workers = min(workers, docs_bound // 2) or 1
+    batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
+    embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
+    kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))
+    if done:
         logger.info("topics: checkpoint %s already has %d epochs", resume["path"], resume["epoch"])
     elif resume:
         logger.info("topics: resuming from %s (epoch %d)", resume["path"], resume["epoch"])
@@ -923,25 +1022,32 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         "kl_anneal_epochs": cfg.kl_anneal_epochs, "clip_grad": cfg.clip_grad, "threads": threads,
         "checkpoint_every": cfg.checkpoint_every, "keep_checkpoints": cfg.keep_checkpoints, "fingerprint": fp,
         "resume_path": resume["path"] if resume else None, "shuffle_buffer": max(batch_size * 4, 1024),
-        "cache_bow": cfg.cache_bow,
     }
+    if counts is not None:
+        config["bow_counts"], config["bow_tables"] = counts, tables
     t1 = config["fit_started"] = time.time()
-    if not (resume and resume["epoch"] >= cfg.epochs):
+    if not done:
         with tempfile.TemporaryDirectory(prefix="embedjob-topics-") as tmp:
             trainer = TorchTrainer(
                 _train_loop,
                 train_loop_config=config,
                 torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                             resources_per_worker=None if gpu else {"CPU": 1}),
+                                             resources_per_worker=None if gpu else {"CPU": 1},
+                                             placement_strategy="PACK" if cfg.workers else "SPREAD"),
                 run_config=RunConfig(name=f"topics-{uuid.uuid4().hex[:8]}", storage_path=tmp),
-                datasets={"train": ds},
+                datasets=None if ds is None else {"train": ds},
             )
-            result = trainer.fit()
+            try:
+                error = getattr(raytrain.fit(trainer), "error", None)
+            except Exception as e:  # noqa: BLE001 - Ray Train raises its TrainingFailedError from fit()
+                error = e
             logger.info("topics: TorchTrainer.fit() returned after %.1fs", time.time() - t1)
-            if result.error:
-                raise TopicsError(f"topics: training failed: {result.error}") from result.error
-    train_seconds = time.time() - t1
+            if error is not None:
+                raise TopicsError(f"topics: Ray Train training failed: {raytrain.root_message(error)}") from error
+    train_seconds = time.time() - t0
+    if counts is not None:
+        docs = int(sum(ray.get(counts)))
     info = latest_checkpoint(out, fp)
     if not info or info["epoch"] < cfg.epochs:
         raise TopicsError(f"topics: training ended without a final checkpoint under {out.url(CKPT_DIR)!r}")
@@ -954,7 +1060,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     stats = {"documents": docs, "workers": workers, "threads_per_worker": threads, "device": "cuda" if gpu else "cpu",
              "batch_size": batch_size, "epochs": cfg.epochs, "resumed_from_epoch": resume["epoch"] if resume else 0,
              "final_nll": final_metrics.get("nll"), "final_kl": final_metrics.get("kl"),
-             "bow_seconds": round(bow_seconds, 3), "train_seconds": round(train_seconds, 3),
+             "bow_seconds": round(t1 - t0, 3), "train_seconds": round(train_seconds, 3),
              "epoch_seconds": round(sum(h["seconds"] for h in history[stats_from(resume):]), 3)}
     return model, stats
 
@@ -1058,10 +1164,10 @@ def run_topics(cfg, out, token_urls: list[str]) -> dict[str, Any]:
     blob = model_bytes(model, kwargs, vocab, tc)
 
     staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
-    threads = tc.threads_per_worker or max(1, _cluster_cpus() // max(1, tc.workers))
     try:
         t = time.time()
-        theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=tc.workers, threads=threads)
+        theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
+                                 threads=train_stats["threads_per_worker"])
         theta_stats["theta_seconds"] = round(time.time() - t, 3)
         texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
         metrics = evaluate_topics(topics, texts, dictionary, tc)

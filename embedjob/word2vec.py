@@ -46,6 +46,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, model_validator
 
+from embedjob import raytrain
 from embedjob._config_base import Section
 
 logger = logging.getLogger(__name__)
@@ -918,14 +919,14 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         t = time.time()
         try:
-            result = trainer.fit()
+            result = raytrain.fit(trainer)
             error = getattr(result, "error", None)
         except Exception as e:  # noqa: BLE001 - Ray Train raises its TrainingFailedError from fit()
             error = e
         if error is not None:
             raise Word2VecTrainingError(
                 f"word2vec: Ray Train training failed ({cfg.workers} workers, word2vec.max_failures="
-                f"{cfg.max_failures} restarts allowed): {_root_message(error)}") from error
+                f"{cfg.max_failures} restarts allowed): {raytrain.root_message(error)}") from error
         logger.info("word2vec: Ray Train finished in %.1fs", time.time() - t)
         report = _folder_storage(loop_config["output_url"], loop_config["output_options"]).read_json(REPORT_NAME)
         report["ray_train_seconds"] = round(time.time() - t, 3)
@@ -937,19 +938,6 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
 
 class Word2VecTrainingError(RuntimeError):
     """A Ray Train worker failed (after the configured restarts)."""
-
-
-def _root_message(error: BaseException) -> str:
-    """The innermost cause's ``Type: message`` (Ray wraps worker errors several times)."""
-    seen = set()
-    while True:
-        inner = error.__cause__ or error.__context__
-        if inner is None or id(inner) in seen:
-            break
-        seen.add(id(error))
-        error = inner
-    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 def _folder_storage(url: str, options: dict[str, Any]):

@@ -99,6 +99,33 @@ def test_bow_arrays_counts_and_drops_unknown_words():
     assert cnt.to_pylist() == [[1.0, 2.0], [], [], [1.0]]
 
 
+def test_share_rows_gives_every_worker_an_equal_slice_of_every_block():
+    from embedjob.topics import share_rows
+
+    rows = [10, 3, 0, 7, 1]
+    for world in (1, 2, 3):
+        plan = share_rows(rows, world)
+        sizes = [sum(b - a for _, a, b in ranges) for ranges in plan]
+        assert len(set(sizes)) == 1 and sum(sizes) > sum(rows) - world * len(rows)
+        taken = [(blk, i) for ranges in plan for blk, a, b in ranges for i in range(a, b)]
+        assert len(taken) == len(set(taken))  # no row twice
+        for ranges in plan:  # each worker: a part of every block with more rows than workers
+            assert {blk for blk, _, _ in ranges} >= {b for b, n in enumerate(rows) if n >= world + 1}
+
+
+def test_raytrain_fit_polls_quicker_and_restores_the_environment(monkeypatch):
+    from embedjob import raytrain
+
+    class Trainer:  # records what Ray Train's fit() would read
+        def fit(self):
+            return os.environ.get(raytrain.POLL_ENV)
+
+    monkeypatch.delenv(raytrain.POLL_ENV, raising=False)
+    assert raytrain.fit(Trainer()) == raytrain.POLL_SECONDS and raytrain.POLL_ENV not in os.environ
+    monkeypatch.setenv(raytrain.POLL_ENV, "3")
+    assert raytrain.fit(Trainer()) == "3"  # the user's setting wins
+
+
 def test_diversity_and_top_words():
     assert topic_diversity([["a", "b"], ["a", "c"]], n=2) == pytest.approx(0.75)
     tw = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]])
@@ -259,11 +286,22 @@ def test_resume_continues_from_checkpoint(etm_run, tmp_path):
 def test_prodlda_path_runs(ray_local, tmp_path):
     docs = _synthetic_docs(seed=3)
     urls, ids = _write_tokens(str(tmp_path), docs, n_shards=2)
-    stats = run_topics(_cfg(model="prodlda", epochs=40, lr=2e-2, batch_size=16, coherence=["c_npmi"]), Storage(str(tmp_path)), urls)
+    # also the streaming input path: BoW batches from the Ray Train dataset shard every epoch
+    stats = run_topics(_cfg(model="prodlda", epochs=40, lr=2e-2, batch_size=16, coherence=["c_npmi"], cache_bow=False),
+                       Storage(str(tmp_path)), urls)
     assert stats["model"] == "prodlda" and stats["theta_docs"] == len(ids)
     doc = json.load(open(tmp_path / "topics" / "topics.json"))
     assert _separates([t["words"] for t in doc["topics"]])
     assert "c_v" not in json.load(open(tmp_path / "topics" / "metrics.json"))["coherence"]
+
+
+def test_default_layout_is_one_worker_per_node_using_its_cpus(ray_local):
+    from embedjob.topics import training_layout
+
+    assert training_layout(TopicsConfig(enabled=True)) == (1, False, 2)  # local Ray: 1 node, 2 CPUs, no GPU
+    assert training_layout(TopicsConfig(enabled=True, workers=2)) == (2, False, 1)
+    with pytest.raises(TopicsError, match="use_gpu='yes'"):
+        training_layout(TopicsConfig(enabled=True, use_gpu="yes"))
 
 
 def test_missing_job_vectors_error_names_the_stage(ray_local, tmp_path):
