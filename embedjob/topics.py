@@ -793,7 +793,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] * 1000 + rank + 7919 * start)
-    shard = None if config.get("bow_tables") is not None else ray.train.get_dataset_shard("train")
+    shard = None if config.get("bow_slices") is not None else ray.train.get_dataset_shard("train")
     epochs, anneal = config["epochs"], config["kl_anneal_epochs"]
     cache: dict[str, Any] = {}
     for epoch in range(start, epochs):
@@ -830,9 +830,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 def _epoch_batches(shard, config: dict[str, Any], seed: int, cache: dict[str, Any]):
     """One epoch of shuffled ``batch_size`` BoW batches (pyarrow tables) of this worker's split; the
     last partial batch is dropped (every worker's split has the same rows, so every DDP worker takes
-    the same number of steps). With ``cache_bow`` the split (:func:`share_rows` of the per-shard BoW
-    tables ``bow_tables``) is fetched once and reshuffled in memory every epoch; otherwise it is
-    streamed from the Ray Train dataset shard with a local shuffle buffer."""
+    the same number of steps). With ``cache_bow`` the split (this worker's slice of every shard,
+    ``bow_slices``) is fetched once and reshuffled in memory every epoch; otherwise it is streamed
+    from the Ray Train dataset shard with a local shuffle buffer."""
     import ray
 
     bs = config["batch_size"]
@@ -843,14 +843,15 @@ def _epoch_batches(shard, config: dict[str, Any], seed: int, cache: dict[str, An
     if "table" not in cache:
         t0 = time.time()
         ctx = ray.train.get_context()
-        rows = ray.get(config["bow_counts"])  # waits for the BoW tasks started with training
-        plan = share_rows(rows, ctx.get_world_size())[ctx.get_world_rank()]
-        if not plan:
-            raise TopicsError(f"topics: {sum(rows)} documents have a word of the filtered vocabulary, too few for "
-                              f"{ctx.get_world_size()} workers; check topics.no_below/no_above or lower topics.workers")
-        blocks = ray.get([config["bow_tables"][b] for b, _, _ in plan])
-        cache["table"] = pa.concat_tables([t.slice(a, b - a) for t, (_, a, b) in zip(blocks, plan)]).combine_chunks()
-        del blocks
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        counts = np.array(ray.get(config["bow_counts"]), dtype=np.int64).reshape(-1, world)  # waits for the tasks
+        keep = int(counts.sum(axis=0).min())  # every DDP worker must take the same number of steps
+        if keep == 0:
+            raise TopicsError(f"topics: {int(counts.sum())} documents have a word of the filtered vocabulary, too few "
+                              f"for {world} workers; check topics.no_below/no_above or lower topics.workers")
+        mine = ray.get([s[rank] for s in config["bow_slices"]])
+        cache["table"] = pa.concat_tables(mine).slice(0, keep).combine_chunks()
+        del mine
         logger.info("topics: %d BoW rows in memory %.1fs after the first epoch began", cache["table"].num_rows,
                     time.time() - t0)
     table = cache["table"]
@@ -906,50 +907,42 @@ def training_layout(cfg: TopicsConfig) -> tuple[int, bool, int]:
     return workers, gpu, cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
 
 
-def share_rows(block_rows: Sequence[int], world: int) -> list[list[tuple[int, int, int]]]:
-    """Each worker's share of blocks holding ``block_rows`` rows, as ``(block, start, stop)`` ranges: a
-    ``1/world`` slice of *every* block (shards are often one source or one topic each, so every worker
-    gets the same mix of the corpus), trimmed at its end so that all workers have the same number of
-    rows (DDP workers must take the same number of steps)."""
-    plan = [[(b, n * r // world, n * (r + 1) // world) for b, n in enumerate(block_rows)] for r in range(world)]
-    keep = min(sum(stop - start for _, start, stop in ranges) for ranges in plan)
-    for r, ranges in enumerate(plan):
-        trimmed, left = [], keep
-        for b, start, stop in ranges:
-            take = min(stop - start, left)
-            if take > 0:
-                trimmed.append((b, start, start + take))
-            left -= take
-        plan[r] = trimmed
-    return plan
+def worker_slices(n: int, world: int) -> list[tuple[int, int]]:
+    """Rows ``[start, stop)`` of each worker's ``1/world`` slice of a shard of ``n`` rows."""
+    return [(n * r // world, n * (r + 1) // world) for r in range(world)]
 
 
-def _bow_task(urls: list[str], vocab: list[str], storage_options: dict[str, Any]) -> list[Any]:
-    """Ray task: ``[rows, table]`` of the BoW of each token shard in ``urls`` (non-empty documents)."""
+def _bow_task(urls: list[str], vocab: list[str], storage_options: dict[str, Any], world: int) -> list[Any]:
+    """Ray task: for each token shard in ``urls``, the row counts of the workers' slices of its BoW
+    (non-empty documents), then one BoW table per worker."""
     out: list[Any] = []
     for url in urls:
         table = _bow_shards({"url": [url]}, vocab, storage_options)
-        out += [table.num_rows, table]
+        bounds = worker_slices(table.num_rows, world)
+        out.append([stop - start for start, stop in bounds])
+        out.extend(table.slice(start, stop - start) for start, stop in bounds)
     return out
 
 
-def submit_bow(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], tasks: int):
+def submit_bow(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], world: int, tasks: int):
     """Start building the BoW of every token shard in ``tasks`` Ray tasks (each a stripe of the
-    shards; no CPU reserved, so that they run while the Ray Train workers start). Returns, per shard,
-    the refs of its row count and of its BoW table, in shard order."""
+    shards; no CPU reserved, so that they run while the Ray Train workers start), each shard cut into
+    ``world`` slices: shards are often one source or one topic each, and this way every worker gets
+    the same mix of the corpus and fetches only its own rows. Returns, per shard, the ref of its
+    slices' row counts and the refs of its ``world`` slices."""
     import ray
 
     remote = ray.remote(num_cpus=0)(_bow_task)
     vocab_ref = ray.put(vocab)
     counts: list[Any] = [None] * len(token_urls)
-    tables: list[Any] = [None] * len(token_urls)
+    slices: list[Any] = [None] * len(token_urls)
     for t in range(min(tasks, len(token_urls))):
         mine = list(range(t, len(token_urls), tasks))
-        refs = remote.options(num_returns=2 * len(mine)).remote([token_urls[i] for i in mine], vocab_ref,
-                                                                storage_options)
+        refs = remote.options(num_returns=(world + 1) * len(mine)).remote(
+            [token_urls[i] for i in mine], vocab_ref, storage_options, world)
         for j, i in enumerate(mine):
-            counts[i], tables[i] = refs[2 * j], refs[2 * j + 1]
-    return counts, tables
+            counts[i], slices[i] = refs[(world + 1) * j], refs[(world + 1) * j + 1:(world + 1) * (j + 1)]
+    return counts, slices
 
 
 def _token_rows(token_urls: list[str], storage_options: dict[str, Any]) -> int:
@@ -993,10 +986,12 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     resume = latest_checkpoint(out, fp) if cfg.resume else None
     done = bool(resume and resume["epoch"] >= cfg.epochs)
     ds = counts = None
+    workers, gpu, threads = training_layout(cfg)
     if cfg.cache_bow and not done:
-        # BoW tasks run while Ray Train starts its workers; each worker then takes its rows of every shard
-        counts, tables = submit_bow(token_urls, vocab, out.storage_options, _cluster_cpus())
         docs = _token_rows(token_urls, out.storage_options)  # an upper bound (empty documents count here)
+        workers = min(workers, docs // 2) or 1
+        # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
+        counts, slices = submit_bow(token_urls, vocab, out.storage_options, workers, _cluster_cpus())
     elif not done:
         ds = bow_dataset(token_urls, vocab, out.storage_options, cfg.seed)
         docs = ds.count()
@@ -1004,7 +999,6 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         docs = None  # nothing to train: the checkpoint already has every epoch
     if not done and docs == 0:
         raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
-    workers, gpu, threads = training_layout(cfg)
     docs_bound = docs or 0
     workers = min(workers, docs_bound // 2) or 1
     batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
@@ -1024,7 +1018,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         "resume_path": resume["path"] if resume else None, "shuffle_buffer": max(batch_size * 4, 1024),
     }
     if counts is not None:
-        config["bow_counts"], config["bow_tables"] = counts, tables
+        config["bow_counts"], config["bow_slices"] = counts, slices
     t1 = config["fit_started"] = time.time()
     if not done:
         with tempfile.TemporaryDirectory(prefix="embedjob-topics-") as tmp:
@@ -1047,7 +1041,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
                 raise TopicsError(f"topics: Ray Train training failed: {raytrain.root_message(error)}") from error
     train_seconds = time.time() - t0
     if counts is not None:
-        docs = int(sum(ray.get(counts)))
+        docs = int(sum(sum(c) for c in ray.get(counts)))
     info = latest_checkpoint(out, fp)
     if not info or info["epoch"] < cfg.epochs:
         raise TopicsError(f"topics: training ended without a final checkpoint under {out.url(CKPT_DIR)!r}")

@@ -485,8 +485,6 @@ def _share_model(model, config: dict[str, Any], rank: int, world: int) -> list[l
     return [g2 for g in groups for g2 in ([g] if made[g[0]] is not None else [[r] for r in g])]
 
 
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the shared model, train on this worker's slice, average weights
     with the others every segment; rank 0 writes the vectors and the report to ``output_url``."""

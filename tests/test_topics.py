@@ -99,18 +99,15 @@ def test_bow_arrays_counts_and_drops_unknown_words():
     assert cnt.to_pylist() == [[1.0, 2.0], [], [], [1.0]]
 
 
-def test_share_rows_gives_every_worker_an_equal_slice_of_every_block():
-    from embedjob.topics import share_rows
+def test_worker_slices_cover_a_shard_once():
+    from embedjob.topics import worker_slices
 
-    rows = [10, 3, 0, 7, 1]
-    for world in (1, 2, 3):
-        plan = share_rows(rows, world)
-        sizes = [sum(b - a for _, a, b in ranges) for ranges in plan]
-        assert len(set(sizes)) == 1 and sum(sizes) > sum(rows) - world * len(rows)
-        taken = [(blk, i) for ranges in plan for blk, a, b in ranges for i in range(a, b)]
-        assert len(taken) == len(set(taken))  # no row twice
-        for ranges in plan:  # each worker: a part of every block with more rows than workers
-            assert {blk for blk, _, _ in ranges} >= {b for b, n in enumerate(rows) if n >= world + 1}
+    for n in (0, 1, 7, 10):
+        for world in (1, 2, 3):
+            bounds = worker_slices(n, world)
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
 def test_raytrain_fit_polls_quicker_and_restores_the_environment(monkeypatch):
@@ -316,3 +313,18 @@ def test_cli_prints_topics_with_coherence(etm_run, capsys):
     text = capsys.readouterr().out
     assert "NPMI" in text and "diversity" in text and "npmi" in text.splitlines()[1]
     assert main([os.path.join(out_dir, "nothing")]) == 1
+
+
+def test_bench_summary_over_seeds():
+    from embedjob.bench.topics import summarize
+
+    runs = [{"k": 20, "etm_npmi": 0.06, "lda_npmi": 0.05, "etm_diversity": 0.9, "lda_diversity": 0.8,
+             "etm_seconds": 30.0, "lda_seconds": 31.0},
+            {"k": 20, "etm_npmi": 0.04, "lda_npmi": 0.05, "etm_diversity": 0.7, "lda_diversity": 0.8,
+             "etm_seconds": 33.0, "lda_seconds": 31.0},
+            {"k": 50, "etm_npmi": 0.01, "lda_npmi": None, "etm_diversity": 0.8, "lda_diversity": 0.8,
+             "etm_seconds": 1.0, "lda_seconds": 2.0}]
+    k20, k50 = summarize(runs)
+    assert k20["seeds"] == 2 and k20["etm_npmi"] == {"mean": 0.05, "min": 0.04, "max": 0.06}
+    assert (k20["etm_npmi_ge_lda"], k20["etm_diversity_ge_lda"], k20["etm_time_le_lda"]) == (1, 1, 1)
+    assert k50["lda_npmi"] is None and k50["etm_npmi_ge_lda"] == 0 and k50["etm_diversity_ge_lda"] == 1

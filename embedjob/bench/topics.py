@@ -134,6 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
     p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
                    help="override a topics setting (value parsed as YAML); repeatable")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per K with seeds topics.seed, +1, ... (both models; topic models vary from seed to "
+                   "seed): the summary gives the mean, min and max of each figure")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -177,8 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not os.path.exists(kv):
                 w2v_seconds = train_word2vec(docs, kv, cpus=args.cpus, dim=args.w2v_dim, epochs=args.w2v_epochs,
                                              min_count=base.no_below)
-        for k in args.k:
-            tc = base.model_copy(update={"num_topics": k, "embeddings": embeddings, "resume": False})
+        for k, seed in [(k, base.seed + i) for k in args.k for i in range(max(1, args.seeds))]:
+            tc = base.model_copy(update={"num_topics": k, "embeddings": embeddings, "resume": False, "seed": seed})
             tc = TopicsConfig(**tc.model_dump())
             cfg = JobConfig(topics=tc)
             etm = run_topics(cfg, out, urls)
@@ -194,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             lda_rel = evaluate_topics(lda_rel_topics, texts, dictionary, tc)
             etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
             row = {
-                "k": k, "documents": len(docs), "vocabulary": len(dictionary), "model": tc.model,
+                "k": k, "seed": seed, "documents": len(docs), "vocabulary": len(dictionary), "model": tc.model,
                 "embeddings": etm.get("embeddings"), "cpus": args.cpus,
                 "etm_npmi": etm["npmi"], "lda_npmi": lda.get("npmi"),
                 "etm_cv": etm["c_v"], "lda_cv": lda.get("c_v"),
@@ -227,9 +230,39 @@ def main(argv: Optional[list[str]] = None) -> int:
             ray.shutdown()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(results)
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"runs": results}))
+        print(json.dumps(results[0] if len(results) == 1 else {"runs": results, "summary": summary}))
+    elif args.seeds > 1:
+        for row in summary:
+            print(f"K={row['k']} over {row['seeds']} seeds (mean [min, max]):")
+            for key in SUMMARY_KEYS:
+                m = row[key]
+                print(f"  {key:16s} {m['mean']:9.4f} [{m['min']:.4f}, {m['max']:.4f}]")
+            print(f"  ETM >= LDA in NPMI {row['etm_npmi_ge_lda']}/{row['seeds']}, diversity "
+                  f"{row['etm_diversity_ge_lda']}/{row['seeds']}, time {row['etm_time_le_lda']}/{row['seeds']}")
     return 0
+
+
+SUMMARY_KEYS = ("etm_npmi", "lda_npmi", "etm_diversity", "lda_diversity", "etm_seconds", "lda_seconds")
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per K: mean, min and max of each figure over the seeds, and in how many runs the ETM met each target."""
+    out = []
+    for k in sorted({r["k"] for r in results}):
+        rows = [r for r in results if r["k"] == k]
+        row: dict[str, Any] = {"k": k, "seeds": len(rows)}
+        for key in SUMMARY_KEYS:
+            vals = [float(r[key]) for r in rows if r.get(key) is not None]
+            row[key] = {"mean": round(sum(vals) / len(vals), 4), "min": round(min(vals), 4),
+                        "max": round(max(vals), 4)} if vals else None
+        row["etm_npmi_ge_lda"] = sum(1 for r in rows if r["etm_npmi"] is not None and r["lda_npmi"] is not None
+                                     and r["etm_npmi"] >= r["lda_npmi"])
+        row["etm_diversity_ge_lda"] = sum(1 for r in rows if r["etm_diversity"] >= r["lda_diversity"])
+        row["etm_time_le_lda"] = sum(1 for r in rows if r["etm_seconds"] <= r["lda_seconds"])
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":
