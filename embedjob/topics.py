@@ -1001,6 +1001,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
     docs_bound = docs or 0
     workers = min(workers, docs_bound // 2) or 1
+    threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
     batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
     embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
     kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))

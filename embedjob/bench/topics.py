@@ -238,7 +238,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"K={row['k']} over {row['seeds']} seeds (mean [min, max]):")
             for key in SUMMARY_KEYS:
                 m = row[key]
-                print(f"  {key:16s} {m['mean']:9.4f} [{m['min']:.4f}, {m['max']:.4f}]")
+                if m is not None:
+                    print(f"  {key:16s} {m['mean']:9.4f} [{m['min']:.4f}, {m['max']:.4f}]")
             print(f"  ETM >= LDA in NPMI {row['etm_npmi_ge_lda']}/{row['seeds']}, diversity "
                   f"{row['etm_diversity_ge_lda']}/{row['seeds']}, time {row['etm_time_le_lda']}/{row['seeds']}")
     return 0
