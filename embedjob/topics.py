@@ -945,19 +945,6 @@ def submit_bow(token_urls: list[str], vocab: list[str], storage_options: dict[st
     return counts, slices
 
 
-def _token_rows(token_urls: list[str], storage_options: dict[str, Any]) -> int:
-    """Documents in the token shards, from their Parquet footers."""
-    import pyarrow.parquet as pq
-
-    from embedjob.storage import Storage
-
-    total = 0
-    for url in token_urls:
-        with Storage(url, storage_options).open("", "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
 def bow_dataset(token_urls: list[str], vocab: list[str], storage_options: dict[str, Any], seed: int = 0):
     """Ray Dataset of the BoW rows (``word_ids``, ``counts``) of all non-empty documents, globally
     shuffled and materialised once in the object store so that every epoch streams it without
@@ -988,7 +975,10 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     ds = counts = None
     workers, gpu, threads = training_layout(cfg)
     if cfg.cache_bow and not done:
-        docs = _token_rows(token_urls, out.storage_options)  # an upper bound (empty documents count here)
+        from embedjob.word2vec import plan_slices  # the token shards' row counts, from their footers
+
+        # an upper bound on the documents (empty ones count here)
+        docs = sum(stop - start for _, start, stop in plan_slices(token_urls, out.storage_options, 1)[0])
         workers = min(workers, docs // 2) or 1
         # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
         counts, slices = submit_bow(token_urls, vocab, out.storage_options, workers, _cluster_cpus())
