@@ -169,8 +169,8 @@ class TopicsConfig(Section):
         "(Sievert & Shirley 2014) lambda * log p(w|k) + (1 - lambda) * log(p(w|k) / p(w)), p(w) = the corpus "
         "frequency. 1 = by probability (frequent words shared by many topics), 0 = by lift (rare words). "
         "Higher = more coherent (NPMI), lower = more diverse topics. The LDAvis user study found 0.6 best for "
-        "reading a topic; on mixed-en 0.5 kept both NPMI and diversity at or above LDA's at K=20 and K=50 "
-        "(README, Benchmarks).",
+        "reading a topic; 0.5 balances the two on mixed-en (README, Benchmarks: at K=50 diversity stays just "
+        "below LDA's).",
     )
     top_n: int = Field(10, ge=2, description="Top words per topic used for coherence (and printed).")
     diversity_top_n: int = Field(25, ge=1, description="Top words per topic counted by topic diversity.")
@@ -973,15 +973,11 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     resume = latest_checkpoint(out, fp) if cfg.resume else None
     done = bool(resume and resume["epoch"] >= cfg.epochs)
     ds = counts = None
-    workers, gpu, threads = training_layout(cfg)
     if cfg.cache_bow and not done:
         from embedjob.word2vec import plan_slices  # the token shards' row counts, from their footers
 
-        # an upper bound on the documents (empty ones count here)
+        # an upper bound on the documents (empty ones count here); the BoW itself is built below
         docs = sum(stop - start for _, start, stop in plan_slices(token_urls, out.storage_options, 1)[0])
-        workers = min(workers, docs // 2) or 1
-        # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
-        counts, slices = submit_bow(token_urls, vocab, out.storage_options, workers, _cluster_cpus())
     elif not done:
         ds = bow_dataset(token_urls, vocab, out.storage_options, cfg.seed)
         docs = ds.count()
@@ -989,10 +985,14 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         docs = None  # nothing to train: the checkpoint already has every epoch
     if not done and docs == 0:
         raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
+    workers, gpu, _ = training_layout(cfg)  # threads follow the final worker count below
     docs_bound = docs or 0
     workers = min(workers, docs_bound // 2) or 1
     threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
     batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
+    if cfg.cache_bow and not done:
+        # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
+        counts, slices = submit_bow(token_urls, vocab, out.storage_options, workers, _cluster_cpus())
     embedding_dim = rho.shape[1] if rho is not None else cfg.embedding_dim
     kwargs = model_kwargs(cfg, len(vocab), embedding_dim, int(missing.sum()))
     if done:
