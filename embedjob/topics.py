@@ -131,9 +131,11 @@ class TopicsConfig(Section):
         "pre-fitted rho, better topics; 'auto' = 'embeddings' when rho is pre-fitted, else 'bow'. prodlda: 'bow'.",
     )
     hidden_size: int = Field(128, ge=8, description="Width of the encoder's two hidden layers.")
-    dropout: float = Field(
-        0.2, ge=0, lt=1,
-        description="Dropout on the encoder output and, for prodlda, on theta before the decoder.",
+    dropout: Optional[float] = Field(
+        None, ge=0, lt=1,
+        description="Dropout on the encoder output and, for prodlda, on theta before the decoder (null = 0 for etm, "
+        "as in Dieng et al.'s code: its noise on theta blurs topics together, costing diversity (README, Benchmarks); "
+        "0.2 for prodlda, the ProdLDA paper's value).",
     )
     batchnorm: bool = Field(
         True, description="Batch-normalise the encoder's mean and log-variance (ProdLDA's trick; sharper, more diverse topics)."
@@ -169,8 +171,7 @@ class TopicsConfig(Section):
         "(Sievert & Shirley 2014) lambda * log p(w|k) + (1 - lambda) * log(p(w|k) / p(w)), p(w) = the corpus "
         "frequency. 1 = by probability (frequent words shared by many topics), 0 = by lift (rare words). "
         "Higher = more coherent (NPMI), lower = more diverse topics. The LDAvis user study found 0.6 best for "
-        "reading a topic; 0.5 balances the two on mixed-en (README, Benchmarks: at K=50 diversity stays just "
-        "below LDA's).",
+        "reading a topic; 0.5 balances the two on mixed-en (README, Benchmarks).",
     )
     top_n: int = Field(10, ge=2, description="Top words per topic used for coherence (and printed).")
     diversity_top_n: int = Field(25, ge=1, description="Top words per topic counted by topic diversity.")
@@ -426,11 +427,14 @@ def _model_class():
             z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
             n = z.shape[0]
             if self.kind == "etm":
-                # log p(w|d) = logsumexp_k(log theta_dk + log beta_kw), only at the document's words:
-                # the (K, V) logits are normalised once, then gathered at the batch's word ids.
-                logits = self.topic_logits()
-                log_beta = (logits.index_select(1, ids) - torch.logsumexp(logits, dim=1, keepdim=True)).t()
-                logp = torch.logsumexp(F.log_softmax(z, dim=1)[doc_index] + log_beta, dim=1)
+                # p(w|d) = theta_d . beta[:, w], only at the document's words: beta is normalised once as
+                # a (V, K) matrix, whose rows are gathered at the batch's word ids (contiguous K-vectors),
+                # and the dot products are taken in probability space: a third of the work of a
+                # logsumexp over log theta + log beta (no exp/log per word and topic).
+                beta_t = F.softmax(self.topic_logits(), dim=1).t().contiguous()
+                theta = F.softmax(z, dim=1)
+                p = (beta_t.index_select(0, ids) * theta.index_select(0, doc_index)).sum(1)
+                logp = p.clamp_min(1e-30).log()
             else:
                 theta = F.softmax(z, dim=1)
                 logits = self.beta_bn(self.beta(self.theta_drop(theta)))
@@ -444,9 +448,10 @@ def _model_class():
 
 def model_kwargs(cfg: TopicsConfig, vocab_size: int, embedding_dim: int, n_missing: int) -> dict[str, Any]:
     trainable = cfg.embeddings == "learned" or cfg.train_embeddings
+    dropout = cfg.dropout if cfg.dropout is not None else (0.0 if cfg.model == "etm" else 0.2)
     return {"vocab_size": vocab_size, "num_topics": cfg.num_topics, "hidden_size": cfg.hidden_size,
             "kind": cfg.model, "embedding_dim": embedding_dim, "rho_trainable": trainable,
-            "n_missing": 0 if trainable else n_missing, "dropout": cfg.dropout, "batchnorm": cfg.batchnorm,
+            "n_missing": 0 if trainable else n_missing, "dropout": dropout, "batchnorm": cfg.batchnorm,
             "background": cfg.model == "etm" and cfg.background,
             "encoder": encoder_input(cfg),
             "prior": cfg.prior if cfg.model == "etm" else "dirichlet",

@@ -155,7 +155,9 @@ def test_encoder_input_and_prior_settings():
     with pytest.raises(TopicsError, match="learned"):
         encoder_input(TopicsConfig(embeddings="learned", encoder="embeddings"))
     kw = model_kwargs(TopicsConfig(num_topics=4), 10, 8, 0)
-    assert kw["prior"] == "dirichlet" and kw["prior_alpha"] == 0.05
+    assert kw["prior"] == "dirichlet" and kw["prior_alpha"] == 0.05 and kw["dropout"] == 0.0
+    assert model_kwargs(TopicsConfig(model="prodlda"), 10, 8, 0)["dropout"] == 0.2
+    assert model_kwargs(TopicsConfig(dropout=0.1), 10, 8, 0)["dropout"] == 0.1
     model = build_model(**kw)
     # Laplace approximation of Dirichlet(a): variance (1/a)(1 - 2/K) + 1/(K a)
     assert float(model.prior_var[0]) == pytest.approx(20 * 0.5 + 1 / (4 * 0.05))
@@ -164,6 +166,30 @@ def test_encoder_input_and_prior_settings():
     import torch
 
     assert float(normal.kl(torch.from_numpy(mu), torch.from_numpy(logvar))[0]) == 0.0
+
+
+def test_etm_likelihood_matches_the_dense_mixture():
+    """The sparse per-word reconstruction term equals -sum_w c_dw log(theta_d . beta_w) computed densely."""
+    import torch
+
+    from embedjob.topics import batch_tensors, init_model, model_kwargs
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(30)]
+    rho = rng.normal(size=(30, 8)).astype(np.float32)
+    kw = model_kwargs(TopicsConfig(num_topics=5, hidden_size=16), 30, 8, 0)
+    model = init_model(kw, rho, np.zeros(30, bool), seed=0, word_counts=rng.integers(1, 50, 30))
+    model.eval()
+    docs = [list(rng.choice(vocab, size=int(rng.integers(1, 12)))) for _ in range(9)]
+    ids, counts = bow_from_token_lists(docs, vocab)
+    with torch.no_grad():
+        batch = batch_tensors(ids, counts)
+        nll, _ = model(*batch)
+        theta = model.theta(*batch[:3]).double()
+        dense = theta @ model.topic_word().double()  # (docs, V) p(w|d)
+    for d, (w, c) in enumerate(zip(ids.to_pylist(), counts.to_pylist())):
+        expected = -(np.array(c) * np.log(dense[d, w].numpy())).sum()
+        assert float(nll[d]) == pytest.approx(expected, rel=1e-4)
 
 
 def test_embedding_matrix_fills_missing_rows():
@@ -328,3 +354,55 @@ def test_bench_summary_over_seeds():
     assert k20["seeds"] == 2 and k20["etm_npmi"] == {"mean": 0.05, "min": 0.04, "max": 0.06}
     assert (k20["etm_npmi_ge_lda"], k20["etm_diversity_ge_lda"], k20["etm_time_le_lda"]) == (1, 1, 1)
     assert k50["lda_npmi"] is None and k50["etm_npmi_ge_lda"] == 0 and k50["etm_diversity_ge_lda"] == 1
+
+
+PLANTED = [[f"{stem}{i}" for i in range(10)] for stem in ("anim", "monei", "sport", "food", "music")]
+
+
+def _planted_corpus(out_dir: str, n_docs: int = 1000, seed: int = 0) -> list[str]:
+    """Documents drawn from Dirichlet(0.3) mixtures of five planted topics (10 words each, word
+    probabilities within a topic ~ 1/sqrt(rank)) plus three background words in every document; the
+    word vectors put each topic's words around its own random direction, with noise."""
+    from gensim.models import KeyedVectors
+
+    rng = np.random.default_rng(seed)
+    within = 1.0 / np.sqrt(np.arange(1, 11))
+    within /= within.sum()
+    background = ["thing", "make", "dai"]
+    docs = []
+    for _ in range(n_docs):
+        theta = rng.dirichlet([0.3] * len(PLANTED))
+        n = int(rng.integers(20, 60))
+        topics = rng.choice(len(PLANTED), size=n, p=theta)
+        doc = [PLANTED[k][rng.choice(10, p=within)] for k in topics]
+        doc += list(rng.choice(background, size=n // 4))
+        docs.append(doc)
+    urls, _ = _write_tokens(out_dir, docs, n_shards=4)
+    words, vecs = [], []
+    for group in PLANTED:
+        centre = rng.normal(0, 1, 16)
+        for w in group:
+            words.append(w)
+            vecs.append(centre + rng.normal(0, 0.7, 16))
+    words += background
+    vecs += [rng.normal(0, 1, 16) for _ in background]
+    kv = KeyedVectors(16)
+    kv.add_vectors(words, np.array(vecs, np.float32))
+    os.makedirs(os.path.join(out_dir, "word2vec"), exist_ok=True)
+    kv.save(os.path.join(out_dir, "word2vec", "vectors.kv"))
+    return urls
+
+
+@pytest.mark.parametrize("embeddings", ["word2vec", "learned"])
+def test_planted_topics_are_recovered(ray_local, tmp_path, embeddings):
+    """Each planted topic is matched by its own learned topic whose top 10 words hold >= 8 of its words."""
+    from scipy.optimize import linear_sum_assignment
+
+    urls = _planted_corpus(str(tmp_path))
+    cfg = _cfg(num_topics=len(PLANTED), embeddings=embeddings, workers=None, threads_per_worker=None, epochs=20,
+               batch_size=64, lr=2e-2, no_above=1.0, coherence=["c_npmi"])
+    run_topics(cfg, Storage(str(tmp_path)), urls)
+    learned = [t["words"][:10] for t in json.load(open(tmp_path / "topics" / "topics.json"))["topics"]]
+    overlap = np.array([[len(set(p) & set(t)) / 10 for t in learned] for p in PLANTED])
+    rows, cols = linear_sum_assignment(-overlap)
+    assert overlap[rows, cols].min() >= 0.8, (overlap[rows, cols], learned)
