@@ -429,8 +429,8 @@ def _model_class():
             if self.kind == "etm":
                 # p(w|d) = theta_d . beta[:, w], only at the document's words: beta is normalised once as
                 # a (V, K) matrix, whose rows are gathered at the batch's word ids (contiguous K-vectors),
-                # and the dot products are taken in probability space: a third of the work of a
-                # logsumexp over log theta + log beta (no exp/log per word and topic).
+                # and the dot products are taken in probability space: no exp/log per (word, topic) pair,
+                # about a third of the time of a logsumexp over log theta + log beta at K=50 on a CPU.
                 beta_t = F.softmax(self.topic_logits(), dim=1).t().contiguous()
                 theta = F.softmax(z, dim=1)
                 p = (beta_t.index_select(0, ids) * theta.index_select(0, doc_index)).sum(1)

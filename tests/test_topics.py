@@ -406,3 +406,29 @@ def test_planted_topics_are_recovered(ray_local, tmp_path, embeddings):
     overlap = np.array([[len(set(p) & set(t)) / 10 for t in learned] for p in PLANTED])
     rows, cols = linear_sum_assignment(-overlap)
     assert overlap[rows, cols].min() >= 0.8, (overlap[rows, cols], learned)
+
+
+def test_bench_topics_runs_both_models_on_a_small_corpus(ray_local, tmp_path, capsys):
+    """`embedjob bench topics` end to end on a small text corpus: both models scored, a summary over seeds."""
+    from embedjob.bench.topics import main as bench_main
+
+    rng = np.random.default_rng(0)
+    groups = ["cats dogs horses cows sheep goats pigs ducks".split(),
+              "banks stocks shares markets prices loans debts bonds".split()]
+    os.makedirs(tmp_path / "corpus")
+    for s in range(2):
+        texts = [" ".join(rng.choice(groups[i % 2], size=12)) for i in range(s, 200, 2)]
+        pq.write_table(pa.table({"id": [f"d{s}-{i}" for i in range(len(texts))], "text": texts}),
+                       tmp_path / "corpus" / f"part-{s}.parquet")
+    argv = ["--corpus", str(tmp_path / "corpus"), "--k", "2", "--seeds", "2", "--workdir", str(tmp_path / "work"),
+            "--w2v-dim", "16", "--cpus", "2", "--set", "epochs=5", "--set", "batch_size=32", "--set", "no_below=2",
+            "--set", "no_above=1.0", "--set", "coherence=[c_npmi]", "--json"]
+    assert bench_main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    for run in out["runs"]:
+        assert run["documents"] == 200 and run["vocabulary"] == 16 and run["k"] == 2
+        assert 0 < run["etm_diversity"] <= 1 and 0 < run["lda_diversity"] <= 1
+        assert np.isfinite(run["etm_npmi"]) and np.isfinite(run["lda_npmi"]) and run["lda_seconds"] > 0
+    (summary,) = out["summary"]
+    assert summary["k"] == 2 and summary["seeds"] == 2 and summary["etm_npmi"]["min"] <= summary["etm_npmi"]["max"]

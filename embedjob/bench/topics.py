@@ -33,6 +33,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.word2vec import Word2VecConfig
+
 
 DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
                                               "mixed-en"))
@@ -128,8 +130,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "(default: a temporary folder, deleted)")
     p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
                    "WORKDIR/word2vec/vectors.kv exists), learned, or a vector file URL")
-    p.add_argument("--w2v-dim", type=int, default=300, help="Word2Vec dimensions")
-    p.add_argument("--w2v-epochs", type=int, default=5, help="Word2Vec epochs")
+    w2v = Word2VecConfig()
+    p.add_argument("--w2v-dim", type=int, default=w2v.vector_size,
+                   help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
+    p.add_argument("--w2v-epochs", type=int, default=w2v.epochs, help="Word2Vec epochs (default: the job's)")
     p.add_argument("--lda-passes", type=int, default=1, help="LdaMulticore passes (gensim's default: 1)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
     p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
