@@ -894,8 +894,9 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
-def training_layout(cfg: TopicsConfig) -> tuple[int, bool, int]:
-    """``(workers, on GPUs, torch threads per worker)`` for this Ray cluster and ``cfg``."""
+def training_layout(cfg: TopicsConfig, docs: Optional[int] = None) -> tuple[int, bool, int]:
+    """``(workers, on GPUs, torch threads per worker)`` for this Ray cluster and ``cfg``; with
+    ``docs``, at most one worker per 2 documents (at least one)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -909,6 +910,8 @@ def training_layout(cfg: TopicsConfig) -> tuple[int, bool, int]:
         workers = gpus
     else:
         workers = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1))
+    if docs is not None:
+        workers = min(workers, docs // 2) or 1
     return workers, gpu, cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
 
 
@@ -990,10 +993,8 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         docs = None  # nothing to train: the checkpoint already has every epoch
     if not done and docs == 0:
         raise TopicsError("topics: no document has a word of the filtered vocabulary; check topics.no_below/no_above")
-    workers, gpu, _ = training_layout(cfg)  # threads follow the final worker count below
     docs_bound = docs or 0
-    workers = min(workers, docs_bound // 2) or 1
-    threads = cfg.threads_per_worker or max(1, _cluster_cpus() // workers)
+    workers, gpu, threads = training_layout(cfg, docs_bound)
     batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
     if cfg.cache_bow and not done:
         # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
@@ -1028,10 +1029,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
                 run_config=RunConfig(name=f"topics-{uuid.uuid4().hex[:8]}", storage_path=tmp),
                 datasets=None if ds is None else {"train": ds},
             )
-            try:
-                error = getattr(raytrain.fit(trainer), "error", None)
-            except Exception as e:  # noqa: BLE001 - Ray Train raises its TrainingFailedError from fit()
-                error = e
+            error = raytrain.fit(trainer)
             logger.info("topics: TorchTrainer.fit() returned after %.1fs", time.time() - t1)
             if error is not None:
                 raise TopicsError(f"topics: Ray Train training failed: {raytrain.root_message(error)}") from error

@@ -512,6 +512,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         del words, vectors
 
     is_fasttext = cfg.model == "fasttext"
+    track_loss = cfg.compute_loss and not is_fasttext  # gensim keeps no training loss for FastText
     if is_fasttext:
         # FastText recomputes every word vector from its n-grams after each train() call (a slow
         # Python loop); do it once at the end instead.
@@ -625,11 +626,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(table, op=dist.ReduceOp.SUM)
         for e in range(cfg.epochs):
-            seconds = float(table[e, 2]) / world
-            epochs_report.append({
-                "epoch": e + 1, "effective_words": int(table[e, 0]), "raw_words": int(table[e, 1]),
-                "seconds": round(seconds, 3), "words_per_s": round(float(table[e, 0]) / max(seconds, 1e-9), 1),
-                "loss": float(table[e, 3]) if cfg.compute_loss and not is_fasttext else None})
+            epochs_report.append(_epoch_row(e + 1, table[e, 0], table[e, 1], float(table[e, 2]) / world,
+                                            float(table[e, 3]) if track_loss else None))
             if rank == 0:
                 logger.info("word2vec epoch %d/%d: %s", e + 1, cfg.epochs, epochs_report[-1])
     for epoch in range(cfg.epochs if n_sync > 1 else 0):
@@ -648,7 +646,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            epochs=1, compute_loss=cfg.compute_loss)
                 trained += t_w
                 raw += r_w
-                if cfg.compute_loss and not is_fasttext:
+                if track_loss:
                     loss += float(model.get_latest_training_loss())
             if n_sync > 1:
                 t_sync = time.time()
@@ -663,13 +661,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         totals = torch.tensor([trained, raw, loss], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        seconds = time.time() - t_epoch
-        row = {"epoch": epoch + 1, "effective_words": int(totals[0]), "raw_words": int(totals[1]),
-               "seconds": round(seconds, 3), "words_per_s": round(float(totals[0]) / max(seconds, 1e-9), 1),
-               "loss": (float(totals[2]) if cfg.compute_loss and not is_fasttext else None)}
-        epochs_report.append(row)
+        epochs_report.append(_epoch_row(epoch + 1, totals[0], totals[1], time.time() - t_epoch,
+                                        float(totals[2]) if track_loss else None))
         if rank == 0:
-            logger.info("word2vec epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
+            logger.info("word2vec epoch %d/%d: %s", epoch + 1, cfg.epochs, epochs_report[-1])
     t_trained = time.time()
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -710,6 +705,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save_vectors(model.wv, config["output_url"], config["output_options"], report)
     if world > 1:
         dist.barrier()
+
+
+def _epoch_row(epoch: int, effective_words, raw_words, seconds: float, loss: Optional[float]) -> dict[str, Any]:
+    """One epoch of the report: the words of all workers, the epoch's seconds, words/s and loss."""
+    return {"epoch": epoch, "effective_words": int(effective_words), "raw_words": int(raw_words),
+            "seconds": round(seconds, 3), "words_per_s": round(float(effective_words) / max(seconds, 1e-9), 1),
+            "loss": loss}
 
 
 def _record_epochs(model, rows: list[tuple[int, int, float, float]]) -> None:
@@ -916,11 +918,7 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
                                  failure_config=FailureConfig(max_failures=cfg.max_failures)),
         )
         t = time.time()
-        try:
-            result = raytrain.fit(trainer)
-            error = getattr(result, "error", None)
-        except Exception as e:  # noqa: BLE001 - Ray Train raises its TrainingFailedError from fit()
-            error = e
+        error = raytrain.fit(trainer)
         if error is not None:
             raise Word2VecTrainingError(
                 f"word2vec: Ray Train training failed ({cfg.workers} workers, word2vec.max_failures="

@@ -111,16 +111,31 @@ def test_worker_slices_cover_a_shard_once():
 
 
 def test_raytrain_fit_polls_quicker_and_restores_the_environment(monkeypatch):
+    from types import SimpleNamespace
+
     from embedjob import raytrain
 
-    class Trainer:  # records what Ray Train's fit() would read
+    class Trainer:  # records what Ray Train's fit() would read; fails the way it is told to
+        def __init__(self, raises=None, error=None):
+            self.raises, self.error, self.seen = raises, error, []
+
         def fit(self):
-            return os.environ.get(raytrain.POLL_ENV)
+            self.seen.append(os.environ.get(raytrain.POLL_ENV))
+            if self.raises is not None:
+                raise self.raises
+            return SimpleNamespace(error=self.error)
 
     monkeypatch.delenv(raytrain.POLL_ENV, raising=False)
-    assert raytrain.fit(Trainer()) == raytrain.POLL_SECONDS and raytrain.POLL_ENV not in os.environ
+    trainer = Trainer()
+    assert raytrain.fit(trainer) is None and trainer.seen == [raytrain.POLL_SECONDS]
+    assert raytrain.POLL_ENV not in os.environ
+    raised, reported = RuntimeError("worker died"), ValueError("bad batch")
+    assert raytrain.fit(Trainer(raises=raised)) is raised and raytrain.POLL_ENV not in os.environ
+    assert raytrain.fit(Trainer(error=reported)) is reported
     monkeypatch.setenv(raytrain.POLL_ENV, "3")
-    assert raytrain.fit(Trainer()) == "3"  # the user's setting wins
+    trainer = Trainer(raises=raised)
+    assert raytrain.fit(trainer) is raised and trainer.seen == ["3"]  # the user's setting wins
+    assert os.environ[raytrain.POLL_ENV] == "3"
 
 
 def test_diversity_and_top_words():
@@ -323,6 +338,8 @@ def test_default_layout_is_one_worker_per_node_using_its_cpus(ray_local):
 
     assert training_layout(TopicsConfig(enabled=True)) == (1, False, 2)  # local Ray: 1 node, 2 CPUs, no GPU
     assert training_layout(TopicsConfig(enabled=True, workers=2)) == (2, False, 1)
+    # a tiny corpus: at most one worker per 2 documents, and that worker gets all the CPUs as threads
+    assert training_layout(TopicsConfig(enabled=True, workers=2), docs=3) == (1, False, 2)
     with pytest.raises(TopicsError, match="use_gpu='yes'"):
         training_layout(TopicsConfig(enabled=True, use_gpu="yes"))
 
