@@ -51,7 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.dry_run:
                 import yaml
 
-                print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+                from embedjob.redact import redact
+
+                print(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
                 print(f"# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first")
                 return 0
             logger.info("input %s holds no shards: building the sample corpus there (input.create_sample_if_missing)",

@@ -73,6 +73,12 @@ class InputConfig(Section):
     rows_per_block: int = Field(
         4096, ge=1, description="Rows per Ray Data block read from a shard (the unit of work and of retries)."
     )
+    on_duplicate_id: Literal["fail", "warn"] = Field(
+        "fail",
+        description="An id that occurs more than once (in one shard or across shards), found before any work "
+        "from the id column alone: 'fail' stops the job naming the id and its shards; 'warn' logs it, counts "
+        "duplicates in the manifest and goes on (the index then holds one vector per row, not per id).",
+    )
 
 
 class OutputConfig(Section):
@@ -84,6 +90,14 @@ class OutputConfig(Section):
         False,
         description="Recompute every shard and stage even when committed outputs match (old outputs "
         "are replaced only as new ones are committed).",
+    )
+    removed_shards: Literal["move", "keep"] = Field(
+        "move",
+        description="Committed outputs of shards no longer in the input: 'move' puts them under "
+        "_superseded/<run id>/ (the output mirrors the input; nothing is deleted); 'keep' keeps them, listed in "
+        "the manifest as kept-not-in-input and read by the corpus stages (for inputs whose old shards are "
+        "removed once processed). Outputs of another recipe (model, pooling, preprocessing...) are always "
+        "moved aside.",
     )
 
 

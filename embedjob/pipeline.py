@@ -21,10 +21,9 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
-import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,7 +32,9 @@ from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
 from embedjob.models import model_fingerprint
 from embedjob.progress import Progress
-from embedjob.read import InputError, ShardInfo, discover_shards
+from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
+from embedjob.reconcile import SUPERSEDED, is_intact, list_shard_files, read_shard_markers, reconcile_outputs
+from embedjob.redact import redact, redact_url
 from embedjob.storage import Storage
 from embedjob.write import DONE, TMP, TOKENS_DIR, VECTORS, read_marker
 
@@ -164,27 +165,26 @@ def shard_stage_hash(cfg: JobConfig, encoder: dict[str, Any]) -> str:
 
 
 def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
+    """Run every stage of ``cfg``; ``manifest.json`` is written whether the job succeeds or fails
+    (with ``status`` and ``error``), and always describes exactly the files in the output."""
     t_start = time.time()
     inp = cfg.input
     # 1. checks before any Ray work
     shards = discover_shards(inp.url, inp.storage_options, inp.id_column, inp.text_column,
                              on_bad_shard=inp.on_bad_shard)
+    id_stats = check_ids(shards, inp.storage_options, inp.id_column, on_bad_shard=inp.on_bad_shard,
+                         on_duplicate_id=inp.on_duplicate_id)
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
-        raise InputError(f"no readable shard at {inp.url!r}: " + "; ".join(s.error or "" for s in bad))
+        raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
     encoder = resolve_encoder_settings(cfg.encode)
     encoder["model_fingerprint"] = model_fingerprint(encoder["model_path"])
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
-        echo("# resolved job config")
-        import yaml
-
-        echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
-        echo(f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows")
-        for s in shards:
-            echo(f"{s.url}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
+        _echo_dry_run(cfg, shards, id_stats, echo)
         return None
 
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     ray_info = init_ray(cfg)
     plan = plan_encoder(cfg, ray_info["resources"])
     if plan["device"] == "cuda":
@@ -192,15 +192,18 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     encoder["device"] = plan["device"]
     stage_hash = shard_stage_hash(cfg, encoder)
 
-    # 2. which shards need work
+    # 2. which shards need work: a committed shard is skipped when its input, recipe and files are intact
+    previous = read_shard_markers(out)
+    files = list_shard_files(out)
     todo: list[ShardInfo] = []
     status: dict[str, dict[str, Any]] = {}
     for s in shards:
         if s.error:
             status[s.key] = {"status": "failed", "url": s.url, "reason": s.error}
             continue
-        marker = None if cfg.output.overwrite else read_marker(out, s.key)
-        if marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == stage_hash:
+        marker = None if cfg.output.overwrite else previous.get(s.key)
+        if (marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == stage_hash
+                and is_intact(marker, files, s.key)):
             status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
                              "marker": marker}
         else:
@@ -209,74 +212,134 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
                 sum(1 for v in status.values() if v["status"] == "skipped-unchanged"), len(bad))
 
     stages: dict[str, Any] = {}
+    error: Optional[Exception] = None
     t0 = time.time()
-    processed, failures, shard_stats = run_shard_stages(cfg, out, todo, encoder, plan, stage_hash)
+    try:
+        processed, failures, shard_stats = run_shard_stages(cfg, out, todo, encoder, plan, stage_hash)
+    except (JobError, InputError) as e:  # what was committed before the failure is kept and recorded
+        error, processed, failures = e, getattr(e, "committed", {}), {}
+        shard_stats = {"error": str(e)}
     for key, marker in processed.items():
         status[key] = {"status": "done", "url": marker["input"]["url"], "rows": marker["rows_out"], "marker": marker}
     for key, reason in failures.items():
         status[key] = {"status": "failed", "url": next(s.url for s in shards if s.key == key), "reason": reason}
+    for s in todo:
+        if s.key not in status:  # not reached: the job stopped first
+            status[s.key] = {"status": "failed", "url": s.url, "reason": f"not processed: the job stopped ({error})"}
     shard_stats["seconds"] = round(time.time() - t0, 3)
     stages["encode"] = shard_stats
-    for name in ("read", "preprocess", "encode"):
-        out.write_json(f"stats/{name}.json", _stage_stats(name, status, shard_stats))
 
-    # 3. corpus-wide stages over every committed shard
-    committed = sorted(k for k, v in status.items() if v["status"] in ("done", "skipped-unchanged"))
-    token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
-    vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
-    fingerprints = {k: status[k]["marker"].get("input") for k in committed}
-    inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
-        "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
-                         "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
-        "vectors": _hash({"shards": fingerprints, "stage": stage_hash}),
-    }
-    stages.update(run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash))
+    # 3. one recipe in the output: keep what this run vouches for, move the rest aside
+    keep, reasons = _outputs_to_keep(cfg, status, previous, stage_hash)
+    superseded = reconcile_outputs(out, keep=keep, markers=previous, reasons=reasons, run_id=run_id)
+    committed = sorted(keep)
+    if error is None:
+        for name in ("read", "preprocess", "encode"):
+            out.write_json(f"stats/{name}.json", _stage_stats(name, status, shard_stats))
+
+        # 4. corpus-wide stages over every kept shard
+        token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
+        vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
+        fingerprints = {k: keep[k].get("input") for k in committed}
+        inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
+            "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
+                             "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
+            "vectors": _hash({"shards": fingerprints, "stage": stage_hash}),
+        }
+        try:
+            run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash, stages=stages)
+        except JobError as e:
+            error = e
 
     failed = sorted(k for k, v in status.items() if v["status"] == "failed")
     manifest = {
         "embedjob_version": __version__,
         "job": cfg.name,
+        "run_id": run_id,
+        "status": "failed" if error is not None else ("partial" if failed else "ok"),
+        **({"error": str(error)} if error is not None else {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(time.time() - t_start, 3),
         "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
         "ray": ray_info,
         "encoder": {**encoder, "actors": plan},
+        "recipe": stage_hash,
         "input": {
-            "url": inp.url, "id_column": inp.id_column, "text_column": inp.text_column,
+            "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,
             "storage_options": redact(inp.storage_options),
-            "shards": {s.key: s.url for s in shards},
+            "shards": {s.key: redact_url(s.url) for s in shards},
+            "ids": id_stats,
         },
         "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | _marker_summary(v.get("marker"))
                    for k, v in sorted(status.items())},
         "totals": {
             "shards": len(shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
             "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
+            "kept_not_in_input": sum(1 for v in status.values() if v["status"] == "kept-not-in-input"),
             "failed": len(failed),
-            "rows_out": sum(v.get("rows") or 0 for v in status.values()),
+            "committed_shards": len(committed),
+            # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
+            "rows_out": sum(int(keep[k].get("rows_out") or 0) for k in committed),
         },
+        "superseded": superseded,
         "stages": stages,
-        "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/"},
+        "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
+                    "superseded": SUPERSEDED + "/"},
     }
     out.write_json("config.json", redact(cfg.model_dump(mode="json")))
-    out.write_json("manifest.json", manifest)  # written last
+    out.write_json("manifest.json", manifest)  # written last, on success and on failure
+    if error is not None:
+        logger.error("failed after %.1fs; manifest.json records what was committed (%d shards)",
+                     time.time() - t_start, len(committed))
+        raise error
     logger.info("done in %.1fs: %d shards committed (%d new), %d failed; output %s", time.time() - t_start,
                 len(committed), manifest["totals"]["done"], len(failed), out.url())
     return JobResult(out.url(), manifest, failed)
 
 
-_SECRET_KEY = re.compile(r"(^|_)(key|key_id|secret|token|password|credentials?)$", re.IGNORECASE)
+def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, Any], echo: Callable[[str], None]) -> None:
+    """``--dry-run``: the resolved config (secrets masked) and what would be read and written."""
+    import yaml
+
+    echo("# resolved job config")
+    echo(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
+    echo(f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
+         + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else ""))
+    for s in shards:
+        echo(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
 
 
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` with the values of secret-looking keys (key, secret, token...) masked, for
-    everything written beside the outputs (manifest, config)."""
-    if isinstance(obj, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and not isinstance(v, dict)
-                    and v is not None else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+def _outputs_to_keep(cfg: JobConfig, status: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]],
+                     stage_hash: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``({shard: marker} whose files stay, {shard: why its earlier commit is moved aside})``.
+
+    Kept: shards committed by this run or unchanged; a shard whose reprocessing failed keeps an
+    earlier commit of the same recipe; a shard no longer in the input keeps one only with
+    ``output.removed_shards=keep``. Updates ``status`` for the shards kept that way."""
+    keep: dict[str, dict[str, Any]] = {}
+    reasons: dict[str, str] = {}
+    for key, v in status.items():
+        if v["status"] in ("done", "skipped-unchanged"):
+            keep[key] = v["marker"]
+    for key, old in previous.items():
+        if key in keep:
+            continue
+        same_recipe = old.get("stage_hash") == stage_hash
+        if key in status:  # in the input, failed this run
+            if same_recipe:
+                keep[key] = old
+                status[key].update(previous_commit="kept", rows=old.get("rows_out"), marker=old)
+            else:
+                reasons[key] = "the shard failed and its earlier commit is of another recipe"
+        elif same_recipe and cfg.output.removed_shards == "keep":
+            keep[key] = old
+            status[key] = {"status": "kept-not-in-input", "url": (old.get("input") or {}).get("url"),
+                           "rows": old.get("rows_out"), "marker": old}
+        else:
+            reasons[key] = ("not in the input (output.removed_shards=move)" if same_recipe
+                            else "not in the input, another recipe")
+    return keep, reasons
 
 
 def _marker_summary(marker: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -421,8 +484,11 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         _settle(pending, markers, failures)
         cause = _root_cause(e)
         if isinstance(cause, InputError) and inp.on_bad_shard == "fail":
+            cause.committed = dict(markers)  # type: ignore[attr-defined] - run_job records and keeps them
             raise cause from None
-        raise JobError(f"encode stage failed ({len(markers)} shard(s) committed before the failure): {cause}") from e
+        err = JobError(f"encode stage failed ({len(markers)} shard(s) committed before the failure): {cause}")
+        err.committed = dict(markers)  # type: ignore[attr-defined]
+        raise err from e
     _settle(pending, markers, failures)
     progress.close()
     for s in todo:  # shards whose reads failed under on_bad_shard=skip
@@ -476,10 +542,14 @@ def _root_cause(e: BaseException) -> BaseException:
 
 # -- corpus-wide stages ------------------------------------------------------------------------
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
-                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str]) -> dict[str, Any]:
+                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str],
+                      stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices, each skipped when its inputs and
-    settings are unchanged since its last success (recorded in ``_done/stage-<name>.json``)."""
-    stages: dict[str, Any] = {}
+    settings are unchanged since its last success (recorded in ``_done/stage-<name>.json``).
+
+    Each stage's stats are added to ``stages`` as it ends, so a later stage's failure leaves the
+    earlier ones on record."""
+    stages = {} if stages is None else stages
     if not committed:
         logger.warning("no committed shard: corpus-wide stages skipped")
         return stages

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
@@ -109,6 +110,94 @@ def discover_shards(url: str, storage_options: dict[str, Any], id_column: str, t
             raise InputError(f"shards {keys[s.key]} and {s.url} map to the same output name {s.key!r}")
         keys[s.key] = s.url
     return infos
+
+
+def _read_ids(shard: ShardInfo, storage_options: dict[str, Any], id_column: str) -> pa.Array:
+    """The id column of one shard as strings (one column read: no text is touched)."""
+    store = Storage(shard.url, storage_options)
+    try:
+        with store.open("", "rb") as f:
+            col = pq.ParquetFile(f).read(columns=[id_column]).column(id_column)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise InputError(f"cannot read the id column {id_column!r} of shard {shard.url}: {e}") from None
+    return col.combine_chunks().cast(pa.string()) if col.num_chunks else pa.array([], pa.string())
+
+
+def _hash_ids(ids: pa.Array):
+    import numpy as np
+    import pandas as pd
+
+    if len(ids) == 0:
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_array(ids.to_numpy(zero_copy_only=False), categorize=False)
+
+
+def check_ids(shards: list[ShardInfo], storage_options: dict[str, Any], id_column: str, *,
+              on_bad_shard: str = "fail", on_duplicate_id: str = "fail", threads: int = 16) -> dict[str, Any]:
+    """Null and duplicate ids of the readable shards, from their id columns alone.
+
+    A null id is an :class:`InputError` naming the shard and row (with ``on_bad_shard='skip'`` the
+    shard is marked bad instead). Ids are hashed (64-bit) per shard and the hashes compared across
+    the corpus; only shards holding a repeated hash are read again to name the ids. Duplicates
+    raise with ``on_duplicate_id='fail'``; with ``'warn'`` they are logged. Returns the counts for
+    the manifest: ``{"rows", "duplicate_rows", "duplicated_ids", "examples"}``."""
+    import numpy as np
+
+    usable = [s for s in shards if not s.error]
+
+    def scan(s: ShardInfo):
+        ids = _read_ids(s, storage_options, id_column)
+        if ids.null_count:
+            row = int(pc.index(pc.is_null(ids), True).as_py())
+            raise InputError(f"shard {s.url}: id column {id_column!r} is null at row {row} "
+                             f"({ids.null_count} null id(s) in the shard); every row needs a unique id (input.id_column)")
+        return _hash_ids(ids)
+
+    def safe_scan(s: ShardInfo):
+        try:
+            return scan(s)
+        except InputError as e:
+            if on_bad_shard == "fail":
+                raise
+            logger.warning("skipping bad shard (input.on_bad_shard=skip): %s", e)
+            s.error = str(e)
+            return np.zeros(0, np.uint64)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(usable) or 1))) as pool:
+        hashes = list(pool.map(safe_scan, usable))
+    rows = int(sum(len(h) for h in hashes))
+    stats: dict[str, Any] = {"rows": rows, "duplicate_rows": 0, "duplicated_ids": 0, "examples": []}
+    if rows == 0:
+        return stats
+    allh = np.concatenate(hashes)
+    uniq, counts = np.unique(allh, return_counts=True)
+    repeated = uniq[counts > 1]
+    if len(repeated) == 0:
+        return stats
+    # name the ids: re-read only the shards that hold a repeated hash (64-bit collisions are ruled out here)
+    where: dict[str, list[tuple[str, int]]] = {}
+    for s, h in zip(usable, hashes):
+        hit = np.flatnonzero(np.isin(h, repeated))
+        if len(hit):
+            ids = _read_ids(s, storage_options, id_column)
+            for r in hit.tolist():
+                where.setdefault(ids[r].as_py(), []).append((s.url, r))
+    dups = {i: w for i, w in where.items() if len(w) > 1}
+    if not dups:
+        return stats
+    stats["duplicated_ids"] = len(dups)
+    stats["duplicate_rows"] = int(sum(len(w) - 1 for w in dups.values()))
+    stats["examples"] = [{"id": i, "at": [{"shard": u, "row": r} for u, r in w[:5]]}
+                         for i, w in sorted(dups.items())[:10]]
+    first_id, first_at = sorted(dups.items())[0]
+    places = ", ".join(f"{u} row {r}" for u, r in first_at[:3]) + (" ..." if len(first_at) > 3 else "")
+    more = f" (and {len(dups) - 1} more duplicated id(s))" if len(dups) > 1 else ""
+    msg = (f"id {first_id!r} occurs {len(first_at)} times: {places}{more}; {stats['duplicate_rows']} duplicate row(s) "
+           f"in column {id_column!r}")
+    if on_duplicate_id == "fail":
+        raise InputError(f"{msg}. Ids must be unique (input.id_column); set input.on_duplicate_id=warn to go on")
+    logger.warning("%s (input.on_duplicate_id=warn: going on; the manifest counts them)", msg)
+    return stats
 
 
 def read_shard_blocks(shard: ShardInfo, storage_options: dict[str, Any], id_column: str, text_column: str,

@@ -129,6 +129,7 @@ class Storage:
     def list(self, rel: str = "", *, suffix: str | None = None) -> list[str]:
         """Sorted relative names of the files directly under ``rel`` (empty if it does not exist)."""
         base = self.path(rel)
+        self.fs.invalidate_cache(base)  # other processes (Ray tasks) write here: never a stale listing
         try:
             infos = self.fs.ls(base, detail=True)
         except FileNotFoundError:
@@ -192,6 +193,20 @@ class Storage:
                 self.fs.rm(p, recursive=recursive)
         except FileNotFoundError:
             pass
+
+    def move(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` (both relative to the root): an atomic rename on local disks, a
+        server-side copy then a delete of ``src`` on object stores (``dst`` complete before ``src``
+        goes)."""
+        s, d = self.path(src), self.path(dst)
+        if self.protocol == "file":
+            os.makedirs(posixpath.dirname(d), exist_ok=True)
+            os.replace(s, d)
+            return
+        if self.protocol == "memory":
+            self.fs.makedirs(posixpath.dirname(d), exist_ok=True)
+        self.fs.copy(s, d)
+        self.fs.rm(s)
 
     def upload(self, local_path: str, rel: str) -> None:
         """Copy a local file into storage, committed like :meth:`write_bytes`."""

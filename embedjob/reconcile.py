@@ -1,0 +1,135 @@
+"""What a rerun keeps, and what it moves aside: one recipe per output folder.
+
+A reader that globs an output folder (``duckdb "select * from 'out/vectors/*.parquet'"``) must see
+the vectors, tokens and static parts of one recipe only (the shard stage hash: preprocessing,
+model, pooling, static options), and exactly the rows that ``manifest.json`` counts. After the
+per-shard stages, :func:`reconcile_outputs` makes that true:
+
+* a shard committed by this run, or unchanged since an earlier run of the same recipe, is kept;
+* a shard of the same recipe whose reprocessing failed keeps its previous commit (listed as such);
+* a shard that left the input keeps its commit only with ``output.removed_shards: keep``
+  (same recipe); by default it is moved aside;
+* everything else under the per-shard folders (another recipe's commits, leftovers of a crashed
+  run, files a kept shard's marker does not list) is moved to ``_superseded/<run id>/`` under the
+  same relative path, and listed in ``_superseded/<run id>/moved.json`` and in the manifest.
+
+Nothing is deleted: a superseded file is moved only after this run's replacements are committed,
+and the shard's done marker goes first, so a crash halfway leaves unmarked leftovers that the
+next run moves aside in turn (never a marker without its files).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+from embedjob.static_vectors import PARTS_DIR
+from embedjob.storage import Storage
+from embedjob.write import DONE, TOKENS_DIR, VECTORS
+
+logger = logging.getLogger(__name__)
+
+SUPERSEDED = "_superseded"
+PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR)  # one <shard>.parquet each, listed by the marker
+STAGE_MARKER_PREFIX = "stage-"  # _done/stage-<name>.json: corpus-wide stages, not shards
+
+
+def read_shard_markers(out: Storage, *, threads: int = 16) -> dict[str, dict[str, Any]]:
+    """Every per-shard done marker in the output, ``{shard key: marker}`` (unreadable ones are
+    treated as absent, so their shard is redone)."""
+    names = [n for n in out.list(DONE, suffix=".json") if not n.startswith(STAGE_MARKER_PREFIX)]
+
+    def read(name: str) -> Optional[dict[str, Any]]:
+        try:
+            m = out.read_json(f"{DONE}/{name}")
+        except (FileNotFoundError, OSError, ValueError):
+            logger.warning("unreadable done marker %s: its shard is redone", out.url(f"{DONE}/{name}"))
+            return None
+        return m if isinstance(m, dict) else None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names) or 1))) as pool:
+        read_back = list(pool.map(read, names))
+    return {n[: -len(".json")]: m for n, m in zip(names, read_back) if m is not None}
+
+
+def list_shard_files(out: Storage) -> dict[str, set[str]]:
+    """``{shard key: {relative paths}}`` of every file under the per-shard output folders."""
+    files: dict[str, set[str]] = {}
+    for folder in PER_SHARD_DIRS:
+        for name in out.list(folder):
+            if name.startswith("."):  # a write in flight (storage's temporary names)
+                continue
+            key = name[: -len(".parquet")] if name.endswith(".parquet") else name
+            files.setdefault(key, set()).add(f"{folder}/{name}")
+    return files
+
+
+def marker_files(marker: dict[str, Any]) -> set[str]:
+    """The per-shard output files a done marker lists (vectors, tokens, static part)."""
+    listed: set[str] = set()
+    outputs = marker.get("outputs") or {}
+    for v in outputs.values():
+        if isinstance(v, str):
+            listed.add(v)
+        elif isinstance(v, dict) and isinstance(v.get("part"), str):
+            listed.add(v["part"])
+    return listed
+
+
+def is_intact(marker: dict[str, Any], files: dict[str, set[str]], key: str) -> bool:
+    """True when every file the marker lists is present."""
+    return marker_files(marker) <= files.get(key, set())
+
+
+def reconcile_outputs(out: Storage, *, keep: dict[str, dict[str, Any]], markers: dict[str, dict[str, Any]],
+                      reasons: dict[str, str], run_id: str) -> dict[str, Any]:
+    """Move aside every per-shard output and marker that ``keep`` (``{key: marker}``) does not
+    vouch for. ``markers`` are the shard markers found before this run (for the record of what was
+    moved), ``reasons`` says why a shard with a marker is dropped (``"recipe changed"``...).
+
+    Returns ``{"run": run_id, "to": "_superseded/<run>/", "shards": {key: {"reason", "files"}}}``
+    (``shards`` empty when nothing moved)."""
+    files = list_shard_files(out)
+    current = {n[: -len(".json")] for n in out.list(DONE, suffix=".json") if not n.startswith(STAGE_MARKER_PREFIX)}
+    dest = f"{SUPERSEDED}/{run_id}"
+    moved: dict[str, dict[str, Any]] = {}
+    for key in sorted(set(files) | current):
+        if key in keep:
+            extra = files.get(key, set()) - marker_files(keep[key])
+            if extra:
+                moved[key] = {"reason": "not listed by the shard's current commit", "files": sorted(extra)}
+                _move_all(out, sorted(extra), dest)
+            continue
+        old = markers.get(key)
+        reason = reasons.get(key) or ("uncommitted leftover" if old is None else "not vouched for by this run")
+        rels = sorted(files.get(key, set()))
+        marker_rel = f"{DONE}/{key}.json"
+        entry: dict[str, Any] = {"reason": reason, "files": rels}
+        if key in current:
+            entry["marker"] = marker_rel
+            if old is not None:
+                entry["stage_hash"] = old.get("stage_hash")
+                entry["rows"] = old.get("rows_out")
+            _move_all(out, [marker_rel], dest)  # the commit point goes first
+        _move_all(out, rels, dest)
+        moved[key] = entry
+    if moved:
+        out.write_json(f"{dest}/moved.json", {"run": run_id, "moved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "shards": moved})
+        logger.warning("moved the outputs of %d shard(s) aside to %s (%s); nothing was deleted",
+                       len(moved), out.url(dest), _summary(moved))
+    return {"run": run_id, "to": dest + "/", "shards": moved}
+
+
+def _move_all(out: Storage, rels: list[str], dest: str) -> None:
+    for rel in rels:
+        out.move(rel, f"{dest}/{rel}")
+
+
+def _summary(moved: dict[str, dict[str, Any]]) -> str:
+    by_reason: dict[str, int] = {}
+    for v in moved.values():
+        by_reason[v["reason"]] = by_reason.get(v["reason"], 0) + 1
+    return ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
