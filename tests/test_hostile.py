@@ -204,3 +204,27 @@ def test_null_id_under_skip_marks_only_that_shard_bad(ray_local, tmp_path, tiny_
     assert res.failed_shards == ["part-00009"]
     assert "row 0" in res.manifest["shards"]["part-00009"]["reason"]
     assert _glob_rows(tmp_path / "out") == len(SAMPLE_TEXTS)
+
+
+def test_recipe_change_on_s3_moves_old_outputs_aside(ray_local, s3_bucket, tiny_model):
+    """The same one-recipe contract on object storage (moto's S3 server): old files copied aside, then removed."""
+    from embedjob.storage import Storage
+
+    bucket, opts = s3_bucket
+    store = Storage(f"s3://{bucket}", opts)
+    for s in range(3):
+        store.write_parquet(f"in/part-{s}.parquet", pa.table({"id": [f"d{s}-{i}" for i in range(4)],
+                                                              "text": SAMPLE_TEXTS[4 * s: 4 * s + 4]}))
+
+    def cfg(pooling):
+        return _cfg(f"s3://{bucket}/in", f"s3://{bucket}/out", tiny_model, encode={"pooling": pooling},
+                    input={"storage_options": opts}, output={"storage_options": opts})
+
+    run_job(cfg("mean"))
+    store.delete("in/part-2.parquet")
+    res = run_job(cfg("cls"))
+    assert store.list("out/vectors") == ["part-0.parquet", "part-1.parquet"]
+    assert res.manifest["totals"]["rows_out"] == 8
+    run = res.manifest["superseded"]["run"]
+    assert store.list(f"out/_superseded/{run}/vectors") == ["part-2.parquet"]
+    assert store.exists(f"out/_superseded/{run}/_done/part-2.json")
