@@ -2,7 +2,8 @@
 
 ``run_job(cfg)``:
 
-1. check the inputs and the model on the driver (errors before any Ray work);
+1. check the inputs and the model on the driver (errors before any Ray work), then take the
+   output's lease (a second run on the same output stops here, see ``lease.py``);
 2. start or join Ray;
 3. per-shard stages as one streaming Ray Data pipeline
    read -> preprocess (gensim tokens + BERT token ids) -> encode (actor pool) -> staged write,
@@ -31,6 +32,7 @@ from typing import Any, Callable, Optional
 from embedjob import __version__
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
+from embedjob.lease import OutputLease
 from embedjob.models import model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, discover_shards
@@ -184,7 +186,14 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         for s in shards:
             echo(f"{s.url}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
         return None
+    with OutputLease(out, timeout_s=cfg.output.lease_timeout_s, force=cfg.output.force_unlock) as lease:
+        return _run_leased(cfg, out, shards, encoder, lease, t_start)
 
+
+def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], encoder: dict[str, Any],
+                lease: OutputLease, t_start: float) -> JobResult:
+    """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
+    inp, bad = cfg.input, [s for s in shards if s.error]
     ray_info = init_ray(cfg)
     plan = plan_encoder(cfg, ray_info["resources"])
     if plan["device"] == "cuda":
@@ -233,8 +242,10 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     stages.update(run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash))
 
     failed = sorted(k for k, v in status.items() if v["status"] == "failed")
+    lease.check()  # another run took the output over: leave the manifest to it
     manifest = {
         "embedjob_version": __version__,
+        "run_id": lease.run_id,
         "job": cfg.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(time.time() - t_start, 3),
