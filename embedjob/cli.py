@@ -1,4 +1,4 @@
-"""Command line: ``embedjob run JOB.yaml [--set section.key=value ...] [--dry-run]`` and the
+"""Command line: ``embedjob run JOB.yaml [--set section.key=value ...] [--dry-run] [--force-unlock]`` and the
 commands that read a finished job's output (``similar``, ``search``, ``topics``), plus
 ``embedjob bench NAME`` and ``embedjob config`` (every setting with its help text)."""
 
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedjob.sample_corpus import build_sample_corpus
     from embedjob.storage import Storage, list_shards, StorageError
 
-    cfg = load_job(args.job, args.set)
+    cfg = load_job(args.job, args.set + (["output.force_unlock=true"] if args.force_unlock else []))
     if cfg.input.create_sample_if_missing:
         try:
             list_shards(cfg.input.url, cfg.input.storage_options)
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting (repeatable; value parsed as YAML)")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and the shards, then exit")
+    r.add_argument("--force-unlock", action="store_true",
+                   help="take over the output's lease even while another run holds it (output.force_unlock)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("config", help="list every job setting with its default and help text")

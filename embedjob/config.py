@@ -99,6 +99,18 @@ class OutputConfig(Section):
         "removed once processed). Outputs of another recipe (model, pooling, preprocessing...) are always "
         "moved aside.",
     )
+    lease_timeout_s: float = Field(
+        120.0, gt=0,
+        description="A run holds the output's lease (_lease.json) and refreshes it every lease_timeout_s / 4; "
+        "a second run on the same output stops at once while the lease is fresher than this, and takes it "
+        "over (with a warning) once it is older, i.e. its run was killed.",
+    )
+    force_unlock: bool = Field(
+        False,
+        description="Take over the output's lease even while another run holds it (`embedjob run "
+        "--force-unlock`); for the rare manual case of a run known to be gone. That run, if alive, stops "
+        "before writing its manifest.",
+    )
 
 
 class PreprocessConfig(Section):

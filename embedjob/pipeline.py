@@ -2,7 +2,8 @@
 
 ``run_job(cfg)``:
 
-1. check the inputs and the model on the driver (errors before any Ray work);
+1. check the inputs and the model on the driver (errors before any Ray work), then take the
+   output's lease (a second run on the same output stops here, see ``lease.py``);
 2. start or join Ray;
 3. per-shard stages as one streaming Ray Data pipeline
    read -> preprocess (gensim tokens + BERT token ids) -> encode (actor pool) -> staged write,
@@ -23,13 +24,13 @@ import os
 import platform
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from embedjob import __version__
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
+from embedjob.lease import OutputLease
 from embedjob.models import model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
@@ -183,8 +184,15 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     if dry_run:
         _echo_dry_run(cfg, shards, id_stats, echo)
         return None
+    with OutputLease(out, timeout_s=cfg.output.lease_timeout_s, force=cfg.output.force_unlock) as lease:
+        return _run_leased(cfg, out, shards, id_stats, encoder, lease, t_start)
 
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats: dict[str, Any],
+                encoder: dict[str, Any], lease: OutputLease, t_start: float) -> JobResult:
+    """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
+    inp, bad, run_id = cfg.input, [s for s in shards if s.error], lease.run_id
     ray_info = init_ray(cfg)
     plan = plan_encoder(cfg, ray_info["resources"])
     if plan["device"] == "cuda":
@@ -231,6 +239,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
 
     # 3. one recipe in the output: keep what this run vouches for, move the rest aside
     keep, reasons = _outputs_to_keep(cfg, status, previous, stage_hash)
+    lease.check()  # another run took the output over: move nothing, leave the manifest to it
     superseded = reconcile_outputs(out, keep=keep, markers=previous, reasons=reasons, run_id=run_id)
     committed = sorted(keep)
     if error is None:
@@ -252,6 +261,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
             error = e
 
     failed = sorted(k for k, v in status.items() if v["status"] == "failed")
+    lease.check()  # another run took the output over: leave the manifest to it
     manifest = {
         "embedjob_version": __version__,
         "job": cfg.name,
