@@ -10,7 +10,9 @@ writes, only after everything succeeded:
   ``vectors/<shard>.parquet`` (rows with a null vector — empty text — are not indexed);
 * ``index/docs.json`` — kind, metric, FAISS factory string, search parameters, counts, build id;
 * ``index/words-<name>.faiss`` / ``words-<name>_ids.parquet`` / ``words-<name>.json`` for each set
-  of word vectors (cosine: vectors are L2-normalised and searched by inner product).
+  of word vectors of a stage enabled in the run (``bert``: static, ``word2vec``), read from their
+  safe files (``vectors.bin``; never the pickled ``vectors.kv``); cosine: vectors are
+  L2-normalised and searched by inner product.
 
 Kinds: ``flat`` (exact), ``hnsw`` (graph; added sequentially on the driver), ``ivf_flat`` and
 ``ivf_pq`` (coarse quantizer — and product quantizer — trained on a sample drawn from every
@@ -21,7 +23,7 @@ encoder normalised the vectors (cosine), else L2.
 
 Example::
 
-    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"], {})
+    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"], ["bert"])
     hits = search("s3://bucket/out", {}, "interest rates rise", k=5)
     hits[0]  # {"id": "doc-00042", "score": 0.61, "shard": "part-00003", "text_start": "The bank..."}
 """
@@ -38,7 +40,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +49,7 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.storage import Storage, StorageError
+from embedjob.wordvectors import job_vectors_file, load_job_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,8 @@ class IndexConfig(Section):
         100_000, ge=256,
         description="ivf_*: vectors sampled uniformly across shards (proportionally to their rows) to train on.",
     )
-    words: bool = Field(True, description="Also index each set of word vectors (Word2Vec, BERT static) the job wrote.")
+    words: bool = Field(True, description="Also index the word vectors (Word2Vec, BERT static) of the stages enabled "
+                        "in the run.")
     use_gpu: Optional[bool] = Field(
         None,
         description="Train the ivf_* coarse quantizer (k-means) on a GPU with GPU FAISS; null = when GPU FAISS is "
@@ -487,23 +491,6 @@ def _add_parts(urls: list[str], storage_options: dict[str, Any], trained: np.nda
 
 
 # -- word vectors ------------------------------------------------------------------------------
-def load_keyed_vectors(url: str, storage_options: dict[str, Any]):
-    """A gensim ``KeyedVectors`` native file (and its ``.npy`` side files) from any storage."""
-    import tempfile
-
-    from gensim.models import KeyedVectors
-
-    parent_url, base = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
-    parent = Storage(parent_url, storage_options)
-    names = [nm for nm in parent.list("") if nm == base or (nm.startswith(base + ".") and nm.endswith(".npy"))]
-    if base not in names:
-        raise StorageError(f"word vectors {url!r} do not exist")
-    with tempfile.TemporaryDirectory(prefix="embedjob-kv-") as tmp:
-        for nm in names:
-            parent.download(nm, os.path.join(tmp, nm))
-        return KeyedVectors.load(os.path.join(tmp, base))
-
-
 def build_words_index(cfg: IndexConfig, name: str, kv) -> BuiltIndex:
     """A cosine index over one set of word vectors; position i is ``kv.index_to_key[i]``."""
     x = np.ascontiguousarray(kv.vectors, dtype=np.float32)
@@ -571,8 +558,10 @@ def load_index(out: Storage, name: str = DOCS) -> LoadedIndex:
 
 # -- the stage ---------------------------------------------------------------------------------
 def run_index(cfg, out: Storage, vector_urls: list[str], encoder_settings: dict[str, Any],
-              word_vector_sets: dict[str, str]) -> dict[str, Any]:
-    """Build the document index (and one index per word-vector set) and commit them to
+              word_vector_kinds: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the document index and one ``words-<kind>`` index per job word-vector set named in
+    ``word_vector_kinds`` (``'bert'``, ``'word2vec'``: the stages enabled in this run), read with
+    :func:`~embedjob.wordvectors.load_job_vectors` (never a pickle), and commit them to
     ``<out>/index/`` once all are built. Returns the stage stats (with each index's description)."""
     icfg: IndexConfig = cfg.index
     opts = out.storage_options
@@ -580,11 +569,12 @@ def run_index(cfg, out: Storage, vector_urls: list[str], encoder_settings: dict[
     built = [build_docs_index(icfg, vector_urls, opts, bool(encoder_settings.get("normalize")))]
     skipped: dict[str, str] = {}
     if icfg.words:
-        for name, url in sorted(word_vector_sets.items()):
-            if not Storage(url, opts).exists():
-                skipped[name] = f"{url} does not exist"
+        for name in sorted(word_vector_kinds):
+            rel = job_vectors_file(name)
+            if not out.exists(rel):
+                skipped[name] = f"{out.url(rel)} does not exist"
                 continue
-            kv = load_keyed_vectors(url, opts)
+            kv = load_job_vectors(out.url(), opts, name)
             if len(kv) == 0:
                 skipped[name] = "no words"
                 continue

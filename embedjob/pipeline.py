@@ -37,6 +37,7 @@ from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.reconcile import SUPERSEDED, is_intact, list_shard_files, read_shard_markers, reconcile_outputs
 from embedjob.redact import redact, redact_url
 from embedjob.storage import Storage
+from embedjob.vocab import build_vocabulary, write_dictionary
 from embedjob.write import DONE, TMP, TOKENS_DIR, VECTORS, read_marker
 
 logger = logging.getLogger(__name__)
@@ -589,18 +590,8 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         logger.info("%s: done in %.1fs", name, time.time() - t)
 
     def vocab() -> dict[str, Any]:
-        import tempfile
-
-        from embedjob.vocab import build_vocabulary
-
         d = build_vocabulary(token_urls, out.storage_options)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "dictionary.gensim")
-            d.save(path)
-            out.upload(path, "vocab/dictionary.gensim")
-            txt = os.path.join(tmp, "dictionary.txt")
-            d.save_as_text(txt)
-            out.upload(txt, "vocab/dictionary.txt")
+        write_dictionary(out, d)
         return {"words": len(d), "documents": d.num_docs, "tokens": d.num_pos}
 
     stage("vocab", cfg.preprocess.model_dump(), vocab)
@@ -612,18 +603,20 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     if cfg.word2vec.enabled:
         from embedjob.word2vec import run_word2vec
 
-        stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path"}), lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
+        # Settings that cannot change the vectors (restarts, Ray's folder, trusting a pickle) do not rerun the stage.
+        stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),
+              lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
     if cfg.topics.enabled:
         from embedjob.topics import run_topics
 
-        stage("topics", cfg.topics.model_dump(), lambda: run_topics(cfg, out, token_urls),
-              deps=("vocab", "word2vec", "static"))
+        stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
+              lambda: run_topics(cfg, out, token_urls), deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
         from embedjob.index import run_index
 
-        word_sets = {"word2vec": out.url("word2vec/vectors.kv"), "bert": out.url("static/vectors.kv")}
-        stage("index", cfg.index.model_dump(),
-              lambda: run_index(cfg, out, vector_urls, encoder, {k: v for k, v in word_sets.items()
-                                                                 if out.exists(v)}),
+        # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
+        # someone else put there) are not this run's to index.
+        word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
+        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder, word_kinds),
               deps=("word2vec", "static"), reads="vectors")
     return stages

@@ -22,9 +22,10 @@ Exactly once, at three levels:
    exactly (a stale part of a differently-cut retry is ignored; no tiling -> the commit fails and
    the shard is redone) and writes ``static/parts/<shard>.parquet`` before the shard's marker;
 3. :func:`run_static` merges the parts of the committed shards only, so a backfill adds just the
-   new shards' contributions, and writes ``static/vectors.kv`` (gensim native),
-   ``static/vectors.bin`` (word2vec binary, loads with plain gensim) and
-   ``static/vectors.vocab.txt`` (word counts) at the end.
+   new shards' contributions, and writes (:func:`embedjob.wordvectors.write_keyed_vectors`)
+   ``static/vectors.bin`` (word2vec binary, loads with plain gensim; what embedjob reads back),
+   ``static/vectors.vocab.txt`` (word counts) and ``static/vectors.kv`` (gensim native, a pickle:
+   for users only) at the end.
 
 Example::
 
@@ -39,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -47,16 +47,14 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
+from embedjob.wordvectors import BIN_NAME, KV_NAME, VECTOR_FOLDERS, make_keyed_vectors, write_keyed_vectors
 
 logger = logging.getLogger(__name__)
 
 WORD_IDS = "_word_ids"  # per BERT token: index of its word occurrence in WORDS, -1 = not counted
 WORDS = "_words"  # per word occurrence: the vocabulary word ("" = not counted)
-STATIC_DIR = "static"
+STATIC_DIR = VECTOR_FOLDERS["bert"]
 PARTS_DIR = f"{STATIC_DIR}/parts"
-KV_NAME = "vectors.kv"
-BIN_NAME = "vectors.bin"
-VOCAB_NAME = "vectors.vocab.txt"
 STATIC_RECIPE = "bert_static_v1"
 
 WORD_POOLING_MODES = ("mean", "first", "last", "max")
@@ -67,7 +65,7 @@ class StaticConfig(Section):
     enabled: bool = Field(
         True,
         description="Aggregate BERT static word vectors during encoding (no second model pass) and write "
-        "<out>/static/vectors.kv and vectors.bin.",
+        "<out>/static/vectors.bin (word2vec binary, counts in vectors.vocab.txt) and vectors.kv (gensim native).",
     )
     word_pooling: Literal["mean", "first", "last", "max"] = Field(
         "mean",
@@ -507,22 +505,16 @@ def _postprocess(vectors: np.ndarray, mode: str, components: int) -> np.ndarray:
 
 
 def build_keyed_vectors(words: list[str], counts: np.ndarray, vectors: np.ndarray):
-    """gensim KeyedVectors, most frequent first, with each word's ``count`` attribute set."""
-    from gensim.models import KeyedVectors
-
+    """gensim KeyedVectors, most frequent first (ties by word), with each word's ``count`` attribute set."""
     order = sorted(range(len(words)), key=lambda i: (-int(counts[i]), words[i]))
-    dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    kv = KeyedVectors(dim, count=0, dtype=np.float32)
-    kv.add_vectors([words[i] for i in order], np.asarray(vectors[order], dtype=np.float32))
-    for i in order:
-        kv.set_vecattr(words[i], "count", int(counts[i]))
-    return kv
+    return make_keyed_vectors([words[i] for i in order], vectors[order], [int(counts[i]) for i in order])
 
 
 def run_static(cfg, out, committed_shards: list[str]) -> dict[str, Any]:
     """Pipeline stage: merge ``static/parts/<shard>.parquet`` of the committed shards, keep words
-    seen at least ``static.min_count`` times, and write ``static/vectors.kv``, ``vectors.bin`` and
-    ``vectors.vocab.txt`` (only after everything succeeded). Returns stats."""
+    seen at least ``static.min_count`` times, and write ``static/vectors.bin``, ``vectors.vocab.txt``
+    and ``vectors.kv`` (only after everything succeeded; see :func:`embedjob.wordvectors.write_keyed_vectors`).
+    Returns stats."""
     from embedjob.write import read_marker
 
     scfg: StaticConfig = cfg.static
@@ -565,12 +557,7 @@ def run_static(cfg, out, committed_shards: list[str]) -> dict[str, Any]:
     vectors = sums / np.maximum(counts, 1)[:, None] if len(kept) else sums
     vectors = _postprocess(vectors, scfg.postprocess, scfg.abtt_components).astype(np.float32)
     kv = build_keyed_vectors(kept, counts, vectors)
-    with tempfile.TemporaryDirectory(prefix="embedjob-static-") as tmp:
-        kv.save(os.path.join(tmp, KV_NAME))
-        kv.save_word2vec_format(os.path.join(tmp, BIN_NAME), fvocab=os.path.join(tmp, VOCAB_NAME), binary=True)
-        names = sorted(os.listdir(tmp), key=lambda n: (n == KV_NAME, n))  # sidecars before vectors.kv
-        for name in names:
-            out.upload(os.path.join(tmp, name), f"{STATIC_DIR}/{name}")
+    write_keyed_vectors(kv, out.child(STATIC_DIR))
     logger.info("static: %d words (min_count=%d) from %d shard(s), %d occurrences", len(kept), scfg.min_count,
                 len(present), int(counts.sum()))
     return {

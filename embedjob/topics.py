@@ -3,7 +3,7 @@ ProdLDA (Srivastava & Sutton, 2017) in torch, trained data-parallel with Ray Tra
 
 Pipeline of :func:`run_topics`:
 
-1. bag of words: the job's corpus-wide gensim ``Dictionary`` (``vocab/dictionary.gensim``) after
+1. bag of words: the job's corpus-wide gensim ``Dictionary`` (``vocab/dictionary.json``) after
    ``filter_extremes``; each token shard becomes rows ``(word_ids, counts)`` in Ray tasks that run
    while Ray Train starts its workers (``cache_bow``, the default), or in a globally shuffled Ray
    Data pass (``cache_bow: false``);
@@ -54,10 +54,14 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedjob import raytrain
 from embedjob._config_base import Section
+from embedjob.storage import StorageError
+from embedjob.vocab import DICTIONARY_JSON, build_vocabulary, read_dictionary
+from embedjob.wordvectors import (SAFE_FORMATS, VECTOR_FOLDERS, WordVectorsError, is_pickle_name, job_vectors_file,
+                                  load_job_vectors, pickle_refusal, read_keyed_vectors)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +69,6 @@ TOPICS_DIR = "topics"
 CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
 FORMAT = "embedjob-topics-v1"
 EMBEDDING_SOURCES = ("word2vec", "bert", "learned")
-# Where the job's own word vectors live (written by the word2vec and static stages).
-JOB_VECTORS = {"word2vec": "word2vec/vectors.kv", "bert": "static/vectors.kv"}
 
 
 class TopicsError(Exception):
@@ -84,11 +86,16 @@ class TopicsConfig(Section):
     num_topics: int = Field(20, ge=2, description="Number of topics K.")
     embeddings: str = Field(
         "word2vec",
-        description="ETM word embeddings rho: 'word2vec' (<output>/word2vec/vectors.kv), 'bert' "
-        "(<output>/static/vectors.kv), 'learned' (trained from scratch), or the URL of a gensim "
-        "KeyedVectors file (.kv) or word2vec file (.bin binary, .txt/.vec text). Vocabulary words "
-        "missing from the vectors get rows that are learned (initialised at random with the vectors' "
-        "per-dimension spread). Ignored by prodlda.",
+        description="ETM word embeddings rho: 'word2vec' (<output>/word2vec/vectors.bin), 'bert' "
+        "(<output>/static/vectors.bin), 'learned' (trained from scratch), or the URL of a vector file: "
+        f"{SAFE_FORMATS}. A pickle (gensim's native .kv) is refused unless embeddings_trust_pickle is true. "
+        "Vocabulary words missing from the vectors get rows that are learned (initialised at random with the "
+        "vectors' per-dimension spread). Ignored by prodlda.",
+    )
+    embeddings_trust_pickle: bool = Field(
+        False,
+        description="Allow embeddings to be a pickle (gensim's native KeyedVectors.save file, .kv). Loading a "
+        "pickle runs any code it holds: set this only for a file you trust.",
     )
     embedding_dim: int = Field(300, ge=2, description="Dimension of rho when embeddings='learned'.")
     prior: Literal["normal", "dirichlet"] = Field(
@@ -196,12 +203,21 @@ class TopicsConfig(Section):
     @field_validator("embeddings")
     @classmethod
     def _known_embeddings(cls, v: str) -> str:
-        if v in EMBEDDING_SOURCES or "://" in v or v.endswith((".kv", ".bin", ".txt", ".vec", ".gz")) or os.sep in v:
+        if v in EMBEDDING_SOURCES or "://" in v or v.endswith((".kv", ".bin", ".txt", ".vec", ".gz", ".npy")) \
+                or os.sep in v:
             return v
         raise ValueError(
-            f"unknown embeddings {v!r}: use one of {', '.join(EMBEDDING_SOURCES)} or the URL/path of a "
-            "KeyedVectors (.kv) or word2vec (.bin/.txt/.vec) file"
+            f"unknown embeddings {v!r}: use one of {', '.join(EMBEDDING_SOURCES)} or the URL/path of a vector "
+            f"file ({SAFE_FORMATS})"
         )
+
+    @model_validator(mode="after")
+    def _check_embeddings_pickle(self) -> "TopicsConfig":
+        # Refused before any work when the name says pickle; a pickle under another name is refused when read.
+        if self.embeddings not in EMBEDDING_SOURCES and is_pickle_name(self.embeddings) \
+                and not self.embeddings_trust_pickle:
+            raise ValueError(pickle_refusal("topics.embeddings", self.embeddings, "topics.embeddings_trust_pickle"))
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,37 +585,6 @@ def load_topic_model(url: str, storage_options: Optional[dict[str, Any]] = None)
 # ---------------------------------------------------------------------------------------------
 # embeddings
 # ---------------------------------------------------------------------------------------------
-def load_keyed_vectors(url: str, storage_options: dict[str, Any]):
-    """gensim KeyedVectors from any storage URL: ``.kv`` (``KeyedVectors.save``, with its
-    ``.npy`` sidecar files), ``.bin`` (binary word2vec) or text word2vec (``.txt``/``.vec``/``.gz``)."""
-    import posixpath
-
-    from gensim.models import KeyedVectors
-
-    from embedjob.storage import Storage
-
-    store = Storage(url, storage_options)
-    if not store.exists():
-        raise TopicsError(f"topics.embeddings: vector file {url!r} does not exist")
-    name = posixpath.basename(store.path())
-    parent = Storage(store.url().rsplit("/", 1)[0], storage_options) if "/" in store.url() else store
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, name)
-        store.download("", local)
-        if name.endswith(".kv"):
-            for sib in parent.list():
-                if sib.startswith(name + ".") and sib != name:
-                    parent.download(sib, os.path.join(tmp, sib))
-            try:
-                return KeyedVectors.load(local)
-            except Exception as e:  # noqa: BLE001 - the message names the file
-                raise TopicsError(f"topics.embeddings: cannot load KeyedVectors from {url!r}: {e}") from e
-        try:
-            return KeyedVectors.load_word2vec_format(local, binary=name.endswith(".bin"))
-        except Exception as e:  # noqa: BLE001
-            raise TopicsError(f"topics.embeddings: cannot read word2vec file {url!r}: {e}") from e
-
-
 def embedding_matrix(kv, vocab: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(rho (V, E) float32, missing mask (V,))``: rows of vocabulary words from ``kv``; missing
     words get N(mean, std) rows with the known rows' per-dimension mean and spread (the model learns
@@ -626,18 +611,24 @@ def resolve_embeddings(cfg: TopicsConfig, out, vocab: list[str]) -> tuple[Option
     """rho for the ETM per ``topics.embeddings`` plus stats for the record."""
     if cfg.model != "etm" or cfg.embeddings == "learned":
         return None, np.zeros(len(vocab), bool), {"embeddings": "learned" if cfg.model == "etm" else None}
-    if cfg.embeddings in JOB_VECTORS:
-        rel = JOB_VECTORS[cfg.embeddings]
-        if not out.exists(rel):
-            stage = "word2vec" if cfg.embeddings == "word2vec" else "static"
-            raise TopicsError(
-                f"topics.embeddings={cfg.embeddings!r} needs {out.url(rel)!r}, which does not exist: enable the "
-                f"{stage} stage ({stage}.enabled=true), or set topics.embeddings to 'learned' or a vector file URL"
-            )
-        url = out.url(rel)
-    else:
-        url = cfg.embeddings
-    kv = load_keyed_vectors(url, out.storage_options)
+    try:
+        if cfg.embeddings in VECTOR_FOLDERS:
+            rel = job_vectors_file(cfg.embeddings)
+            if not out.exists(rel):
+                stage = VECTOR_FOLDERS[cfg.embeddings]
+                raise TopicsError(
+                    f"topics.embeddings={cfg.embeddings!r} needs {out.url(rel)!r}, which does not exist: enable the "
+                    f"{stage} stage ({stage}.enabled=true), or set topics.embeddings to 'learned' or a vector file URL"
+                )
+            url = out.url(rel)
+            kv = load_job_vectors(out.url(), out.storage_options, cfg.embeddings)
+        else:
+            url = cfg.embeddings
+            kv = read_keyed_vectors(url, out.storage_options, setting="topics.embeddings",
+                                    trust_pickle=cfg.embeddings_trust_pickle,
+                                    trust_setting="topics.embeddings_trust_pickle")
+    except WordVectorsError as e:
+        raise TopicsError(str(e)) from None
     rho, missing = embedding_matrix(kv, vocab, cfg.seed)
     logger.info("topics: rho from %s: %d words, dim %d, %d vocabulary words missing (learned)",
                 url, len(vocab), rho.shape[1], int(missing.sum()))
@@ -745,7 +736,7 @@ def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho: Optional[np.ndarray])
     keep = cfg.model_dump(exclude={"enabled", "epochs", "resume", "checkpoint_every", "keep_checkpoints",
                                    "workers", "threads_per_worker", "use_gpu", "top_n", "diversity_top_n",
                                    "topics_json_top_n", "coherence", "coherence_docs", "coherence_processes",
-                                   "cache_bow", "ranking_lambda"})
+                                   "cache_bow", "ranking_lambda", "embeddings_trust_pickle"})
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update("\n".join(vocab).encode())
     if rho is not None:
@@ -1114,16 +1105,15 @@ def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], 
 # the stage
 # ---------------------------------------------------------------------------------------------
 def load_job_dictionary(out, token_urls: list[str]):
-    """``<out>/vocab/dictionary.gensim`` when present, else built from the token shards."""
-    from gensim.corpora import Dictionary
-
-    if out.exists("vocab/dictionary.gensim"):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "dictionary.gensim")
-            out.download("vocab/dictionary.gensim", path)
-            return Dictionary.load(path)
-    from embedjob.vocab import build_vocabulary
-
+    """The job's dictionary, ``<out>/vocab/dictionary.json`` (:func:`embedjob.vocab.read_dictionary`;
+    never the pickled ``dictionary.gensim``), or, when there is none (an output written before it
+    existed, or no vocab stage), built from the token shards."""
+    if out.exists(DICTIONARY_JSON):
+        try:
+            return read_dictionary(out)
+        except StorageError as e:
+            raise TopicsError(str(e)) from None
+    logger.info("topics: no %s; counting the vocabulary from the token shards", out.url(DICTIONARY_JSON))
     return build_vocabulary(token_urls, out.storage_options)
 
 

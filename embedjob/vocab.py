@@ -8,20 +8,35 @@ The Dictionary carries ``cfs`` (collection frequencies, what Word2Vec's vocabula
 
     dictionary = build_vocabulary(token_urls, storage_options)
     dictionary.cfs[dictionary.token2id["cat"]]
+    write_dictionary(Storage("out"), dictionary)      # vocab/dictionary.json (+ .gensim, .txt for users)
+    read_dictionary(Storage("out")).num_docs
+
+The job's dictionary is stored as ``vocab/dictionary.json`` (plain data: what embedjob reads back)
+beside gensim's own ``dictionary.gensim`` (a pickle, for users only: loading a pickle can run any
+code, so embedjob never loads it) and ``dictionary.txt`` (``save_as_text``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from collections import Counter
 from typing import Any
 
 import pyarrow.compute as pc
 from gensim.corpora import Dictionary
 
-from embedjob.storage import Storage
+from embedjob.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
+
+VOCAB_DIR = "vocab"
+DICTIONARY_JSON = f"{VOCAB_DIR}/dictionary.json"  # what embedjob reads
+DICTIONARY_GENSIM = f"{VOCAB_DIR}/dictionary.gensim"  # gensim native (a pickle): for users only
+DICTIONARY_TXT = f"{VOCAB_DIR}/dictionary.txt"  # gensim save_as_text: for users
+DICTIONARY_FORMAT = "embedjob-dictionary-v1"
 
 
 def count_shard(url: str, storage_options: dict[str, Any]) -> tuple[Counter, Counter, int, int]:
@@ -78,3 +93,42 @@ def build_vocabulary(token_urls: list[str], storage_options: dict[str, Any] | No
         pos += p
     logger.info("vocabulary: %d words over %d documents, %d tokens", len(cfs), docs, pos)
     return dictionary_from_counts(cfs, dfs, docs, pos)
+
+
+def write_dictionary(out: Storage, d: Dictionary) -> None:
+    """Write the job's dictionary under ``<out>/vocab/``: ``dictionary.json`` (token2id, cfs, dfs,
+    num_docs, num_pos, num_nnz; what :func:`read_dictionary` reads) and, for users,
+    ``dictionary.gensim`` (``Dictionary.save``) and ``dictionary.txt`` (``save_as_text``)."""
+    doc = {"format": DICTIONARY_FORMAT, "num_docs": int(d.num_docs), "num_pos": int(d.num_pos),
+           "num_nnz": int(d.num_nnz), "token2id": {w: int(i) for w, i in d.token2id.items()},
+           "cfs": {str(i): int(c) for i, c in sorted(d.cfs.items())},
+           "dfs": {str(i): int(c) for i, c in sorted(d.dfs.items())}}
+    with tempfile.TemporaryDirectory(prefix="embedjob-vocab-") as tmp:
+        d.save(os.path.join(tmp, "dictionary.gensim"))
+        out.upload(os.path.join(tmp, "dictionary.gensim"), DICTIONARY_GENSIM)
+        d.save_as_text(os.path.join(tmp, "dictionary.txt"))
+        out.upload(os.path.join(tmp, "dictionary.txt"), DICTIONARY_TXT)
+    out.write_bytes(DICTIONARY_JSON, json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def read_dictionary(out: Storage) -> Dictionary:
+    """The gensim ``Dictionary`` of ``<out>/vocab/dictionary.json`` (never the pickled
+    ``dictionary.gensim``), with the token ids, cfs, dfs, num_docs, num_pos and num_nnz written.
+    Raises :class:`~embedjob.storage.StorageError` naming the file when it is missing or malformed."""
+    url = out.url(DICTIONARY_JSON)
+    try:
+        doc = out.read_json(DICTIONARY_JSON)
+        if not isinstance(doc, dict) or doc.get("format") != DICTIONARY_FORMAT:
+            raise ValueError(f"format is not {DICTIONARY_FORMAT!r}")
+        d = Dictionary()
+        d.token2id = {str(w): int(i) for w, i in doc["token2id"].items()}
+        d.cfs = {int(i): int(c) for i, c in doc["cfs"].items()}
+        d.dfs = {int(i): int(c) for i, c in doc["dfs"].items()}
+        d.num_docs, d.num_pos, d.num_nnz = int(doc["num_docs"]), int(doc["num_pos"]), int(doc["num_nnz"])
+    except FileNotFoundError:
+        raise StorageError(f"no dictionary at {url} (has the vocab stage run?)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise StorageError(f"{url} is not an embedjob dictionary ({type(e).__name__}: {e}); rerun the job "
+                           "with output.overwrite=true to write it again") from None
+    d.id2token = {}
+    return d

@@ -22,14 +22,16 @@ different machines (or of every worker, with ``share_memory: false``) are combin
    By default the models' *updates* since the last sync are summed (``sync_mode='sum'``), which
    keeps single-process quality; Spark-style averaging (``'average'``) divides every update by
    the number of models and so learns that many times more slowly;
-4. rank 0 writes the KeyedVectors (gensim native + word2vec binary) and ``report.json``.
+4. rank 0 writes the KeyedVectors (:func:`embedjob.wordvectors.write_keyed_vectors`) and ``report.json``.
 
-Outputs under ``<out>/word2vec/``: ``vectors.kv`` (+ gensim ``.npy`` sidecars),
-``vectors.bin`` (``KeyedVectors.load_word2vec_format(path, binary=True)``), ``report.json``::
+Outputs under ``<out>/word2vec/``: ``vectors.bin`` (``KeyedVectors.load_word2vec_format(path,
+binary=True)``) with the counts in ``vectors.vocab.txt``, FastText's matrices in
+``vectors_ngrams.npy``, ``vectors_vocab.npy`` + ``fasttext.json``, ``vectors.kv`` (gensim native, a
+pickle: for users, never read by embedjob) and ``report.json``::
 
     kv, report = train_word2vec(token_urls, Word2VecConfig(workers=2), {})
     kv.most_similar("king")
-    load_vectors("output/local", {}, kind="word2vec").most_similar("king")
+    load_job_vectors("output/local", {}, "word2vec").most_similar("king")
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
 import shutil
 import tempfile
 import time
@@ -48,13 +49,12 @@ from pydantic import Field, model_validator
 
 from embedjob import raytrain
 from embedjob._config_base import Section
+from embedjob.storage import Storage
+from embedjob.wordvectors import (KV_NAME, SAFE_FORMATS, WordVectorsError, is_pickle_name, pickle_refusal,
+                                  read_keyed_vectors, read_vector_folder, write_keyed_vectors)
 
 logger = logging.getLogger(__name__)
 
-# Where each kind of word vectors lives in a job's output.
-VECTOR_FOLDERS = {"word2vec": "word2vec", "bert": "static"}
-KV_NAME = "vectors.kv"
-BIN_NAME = "vectors.bin"
 REPORT_NAME = "report.json"
 
 
@@ -129,8 +129,13 @@ class Word2VecConfig(Section):
     init_from: Optional[str] = Field(
         None,
         description="Start vocabulary words found in this file from its vectors (the rest random): any "
-        "storage URL of word2vec text or binary vectors, or a gensim KeyedVectors file (e.g. another "
-        "job's word2vec/vectors.kv). Its dimension must equal vector_size.",
+        f"storage URL of {SAFE_FORMATS} (e.g. another job's word2vec/vectors.bin). Its dimension must "
+        "equal vector_size. A pickle (gensim's native .kv) is refused unless init_trust_pickle is true.",
+    )
+    init_trust_pickle: bool = Field(
+        False,
+        description="Allow init_from to be a pickle (gensim's native KeyedVectors.save file, e.g. another job's "
+        "word2vec/vectors.kv). Loading a pickle runs any code it holds: set this only for a file you trust.",
     )
     init_lock: Literal["trainable", "frozen"] = Field(
         "trainable",
@@ -170,6 +175,13 @@ class Word2VecConfig(Section):
     def _check_loss(self) -> "Word2VecConfig":
         if self.negative == 0 and self.hs == 0:
             raise ValueError("word2vec.negative is 0 and word2vec.hs is 0: set negative > 0 or hs = 1")
+        return self
+
+    @model_validator(mode="after")
+    def _check_init_pickle(self) -> "Word2VecConfig":
+        # Refused before any work when the name says pickle; a pickle under another name is refused when read.
+        if self.init_from and is_pickle_name(self.init_from) and not self.init_trust_pickle:
+            raise ValueError(pickle_refusal("word2vec.init_from", self.init_from, "word2vec.init_trust_pickle"))
         return self
 
 
@@ -310,8 +322,6 @@ def plan_slices(token_urls: list[str], storage_options: dict[str, Any], world: i
     worker gets the same share of each shard (balanced work, the same mix of the corpus)."""
     import pyarrow.parquet as pq
 
-    from embedjob.storage import Storage
-
     plan: list[list[tuple[str, int, int]]] = [[] for _ in range(world)]
     for url in token_urls:
         store = Storage(url, storage_options)
@@ -334,8 +344,6 @@ def read_slices(slices: list[tuple[str, int, int]], storage_options: dict[str, A
     """The token lists of rows ``[start, stop)`` of each shard (reading only the row groups needed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from embedjob.storage import Storage
 
     docs: list[list[str]] = []
     for url, start, stop in slices:
@@ -730,20 +738,11 @@ def _record_epochs(model, rows: list[tuple[int, int, float, float]]) -> None:
 
 
 def save_vectors(kv, output_url: str, storage_options: dict[str, Any], report: dict[str, Any]) -> None:
-    """Write ``vectors.kv`` (+ gensim's ``.npy`` sidecars), ``vectors.bin`` and, last,
+    """Write the vectors (:func:`~embedjob.wordvectors.write_keyed_vectors`) and, last,
     ``report.json`` under ``output_url``, each a committed write."""
-    from embedjob.storage import Storage
-
     store = Storage(output_url, storage_options)
-    with tempfile.TemporaryDirectory(prefix="embedjob-w2v-save-") as tmp:
-        kv.save(os.path.join(tmp, KV_NAME))
-        kv.save_word2vec_format(os.path.join(tmp, BIN_NAME), binary=True)
-        names = sorted(os.listdir(tmp))
-        # Sidecars first, so a reader that finds the new vectors.kv also finds its arrays.
-        for name in sorted(names, key=lambda n: (n == KV_NAME, n)):
-            store.upload(os.path.join(tmp, name), name)
-        report = {**report, "files": names}
-    store.write_json(REPORT_NAME, report)
+    names = write_keyed_vectors(kv, store)
+    store.write_json(REPORT_NAME, {**report, "files": names})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,46 +754,15 @@ def _config_error(msg: str) -> Exception:
     return ConfigError(msg)
 
 
-def read_keyed_vectors(url: str, storage_options: dict[str, Any]):
-    """Load word vectors from any storage URL: a gensim KeyedVectors file (with its ``.npy``
-    sidecars beside it) or word2vec text / binary format. Raises ``ConfigError`` naming the URL."""
-    from gensim.models import KeyedVectors
-
-    from embedjob.storage import Storage, StorageError
-
-    try:
-        store = Storage(url, storage_options)
-        parent = Storage(posixpath.dirname(store.url().rstrip("/")) or "/", storage_options)
-        base = posixpath.basename(store.url().rstrip("/"))
-        with tempfile.TemporaryDirectory(prefix="embedjob-init-") as tmp:
-            local = os.path.join(tmp, base)
-            store.download("", local)
-            with open(local, "rb") as f:
-                head = f.read(2)
-            if head[:1] == b"\x80":  # a pickle: gensim native
-                for name in parent.list():
-                    if name.startswith(base + ".") and name != base:
-                        parent.download(name, os.path.join(tmp, name))
-                return KeyedVectors.load(local)
-            first = base.endswith(".bin")
-            errors = []
-            for binary in (first, not first):
-                try:
-                    return KeyedVectors.load_word2vec_format(local, binary=binary)
-                except Exception as e:  # noqa: BLE001 - reported below with both attempts
-                    errors.append(f"{'binary' if binary else 'text'}: {type(e).__name__}: {e}")
-            raise ValueError("; ".join(errors))
-    except (StorageError, OSError, ValueError, EOFError, UnicodeDecodeError, ImportError, AttributeError) as e:
-        raise _config_error(
-            f"word2vec.init_from={url!r} cannot be read as word vectors (word2vec text/binary or gensim "
-            f"KeyedVectors): {e}"
-        ) from None
-
-
 def load_init(cfg: Word2VecConfig, storage_options: dict[str, Any], word_freq: dict[str, int]):
-    """``(words, vectors)`` of ``cfg.init_from`` restricted to the candidate vocabulary; a dimension
-    mismatch is a ``ConfigError`` naming both sizes."""
-    kv = read_keyed_vectors(cfg.init_from, cfg.init_storage_options or storage_options)
+    """``(words, vectors)`` of ``cfg.init_from`` restricted to the candidate vocabulary; an unreadable
+    file, a pickle (unless ``init_trust_pickle``) or a dimension mismatch is a ``ConfigError``."""
+    try:
+        kv = read_keyed_vectors(cfg.init_from, cfg.init_storage_options or storage_options,
+                                setting="word2vec.init_from", trust_pickle=cfg.init_trust_pickle,
+                                trust_setting="word2vec.init_trust_pickle")
+    except WordVectorsError as e:
+        raise _config_error(str(e)) from None
     if kv.vector_size != cfg.vector_size:
         raise _config_error(
             f"word2vec.init_from={cfg.init_from!r} has {kv.vector_size}-dimensional vectors but "
@@ -824,8 +792,8 @@ def train_word2vec(
     """Train on the ``tokens`` column of ``token_urls`` with ``cfg.workers`` Ray Train workers.
 
     Returns ``(KeyedVectors, report)``. The vectors and report are written to ``output_url``
-    (``vectors.kv``, ``vectors.bin``, ``report.json``) — by default a local temporary folder, read
-    back and removed. Starts a local Ray if none is running (and shuts it down after).
+    (``vectors.bin`` and its companions, ``vectors.kv``, ``report.json``) — by default a local
+    temporary folder — and the vectors are read back from the safe files (never ``vectors.kv``). Starts a local Ray if none is running (and shuts it down after).
     """
     import uuid
 
@@ -885,10 +853,9 @@ def train_word2vec(
         })
         report["vocab_seconds"] = round(vocab_seconds, 3)
         report["total_seconds"] = round(time.time() - t0, 3)
-        folder = _folder_storage(output_url, output_options)
+        folder = Storage(output_url, output_options)
         folder.write_json(REPORT_NAME, report)
-        kv = _load_folder(folder)
-        return kv, report
+        return read_vector_folder(folder), report
     finally:
         if tmp_out:
             shutil.rmtree(tmp_out, ignore_errors=True)
@@ -924,7 +891,7 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
                 f"word2vec: Ray Train training failed ({cfg.workers} workers, word2vec.max_failures="
                 f"{cfg.max_failures} restarts allowed): {raytrain.root_message(error)}") from error
         logger.info("word2vec: Ray Train finished in %.1fs", time.time() - t)
-        report = _folder_storage(loop_config["output_url"], loop_config["output_options"]).read_json(REPORT_NAME)
+        report = Storage(loop_config["output_url"], loop_config["output_options"]).read_json(REPORT_NAME)
         report["ray_train_seconds"] = round(time.time() - t, 3)
         return report
     finally:
@@ -934,41 +901,6 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
 
 class Word2VecTrainingError(RuntimeError):
     """A Ray Train worker failed (after the configured restarts)."""
-
-
-def _folder_storage(url: str, options: dict[str, Any]):
-    from embedjob.storage import Storage
-
-    return Storage(url, options)
-
-
-def _load_folder(folder):
-    """Download ``vectors.kv`` and its sidecars from a Storage folder and load them."""
-    from gensim.models import KeyedVectors
-
-    from embedjob.storage import StorageError
-
-    if not folder.exists(KV_NAME):
-        raise StorageError(f"no word vectors at {folder.url(KV_NAME)} (has the stage run?)")
-    with tempfile.TemporaryDirectory(prefix="embedjob-kv-") as tmp:
-        for name in folder.list():
-            if name == KV_NAME or name.startswith(KV_NAME + "."):
-                folder.download(name, os.path.join(tmp, name))
-        return KeyedVectors.load(os.path.join(tmp, KV_NAME))
-
-
-def load_vectors(output_url: str, storage_options: Optional[dict[str, Any]] = None, kind: str = "word2vec"):
-    """The word vectors a job wrote: ``kind='word2vec'`` reads ``<out>/word2vec/vectors.kv``,
-    ``kind='bert'`` reads ``<out>/static/vectors.kv`` (KeyedVectors, or FastTextKeyedVectors
-    that also answer unseen words)::
-
-        load_vectors("s3://bucket/out", {"anon": False}, kind="word2vec").most_similar("king")
-    """
-    from embedjob.storage import Storage
-
-    if kind not in VECTOR_FOLDERS:
-        raise ValueError(f"unknown vectors kind {kind!r}; valid: {', '.join(VECTOR_FOLDERS)}")
-    return _load_folder(Storage(output_url, storage_options or {}).child(VECTOR_FOLDERS[kind]))
 
 
 def run_word2vec(cfg, out, token_urls: list[str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 
 from embedjob.config import JobConfig
 from embedjob.storage import Storage
+from embedjob.wordvectors import write_keyed_vectors
 from embedjob.topics import (
     TopicsConfig,
     TopicsError,
@@ -75,8 +76,7 @@ def _write_vectors(out_dir: str, missing: tuple[str, ...] = ("wolf", "bond")) ->
     vecs.append(rng.normal(0, 0.3, 16))
     kv = KeyedVectors(16)
     kv.add_vectors(words, np.array(vecs, np.float32))
-    os.makedirs(os.path.join(out_dir, "word2vec"), exist_ok=True)
-    kv.save(os.path.join(out_dir, "word2vec", "vectors.kv"))
+    write_keyed_vectors(kv, Storage(os.path.join(out_dir, "word2vec")))
 
 
 def _cfg(**topics) -> JobConfig:
@@ -230,7 +230,8 @@ def test_filter_dictionary_errors_name_the_settings():
 def test_config_rejects_unknown_embeddings():
     with pytest.raises(ValueError, match="unknown embeddings"):
         TopicsConfig(embeddings="glove")
-    assert TopicsConfig(embeddings="s3://b/vectors.kv").embeddings == "s3://b/vectors.kv"
+    assert TopicsConfig(embeddings="s3://b/vectors.bin").embeddings == "s3://b/vectors.bin"
+    assert TopicsConfig(embeddings="s3://b/vectors.kv", embeddings_trust_pickle=True).embeddings == "s3://b/vectors.kv"
 
 
 # -- the stage on a real local Ray ---------------------------------------------------------------
@@ -405,8 +406,7 @@ def _planted_corpus(out_dir: str, n_docs: int = 1000, seed: int = 0) -> list[str
     vecs += [rng.normal(0, 1, 16) for _ in background]
     kv = KeyedVectors(16)
     kv.add_vectors(words, np.array(vecs, np.float32))
-    os.makedirs(os.path.join(out_dir, "word2vec"), exist_ok=True)
-    kv.save(os.path.join(out_dir, "word2vec", "vectors.kv"))
+    write_keyed_vectors(kv, Storage(os.path.join(out_dir, "word2vec")))
     return urls
 
 

@@ -21,7 +21,6 @@ from embedjob.storage import Storage
 from embedjob.word2vec import (
     Word2VecConfig,
     apply_init,
-    load_vectors,
     new_model,
     plan_slices,
     read_slices,
@@ -30,6 +29,7 @@ from embedjob.word2vec import (
     train_word2vec,
     word_frequencies,
 )
+from embedjob.wordvectors import load_job_vectors
 
 PREFIXES = ["zebra", "quartz", "violet", "marble"]
 SUFFIXES = ["ka", "ko", "mi", "nu", "pe", "ri", "so", "tu", "ve", "wy", "xa", "yo"]
@@ -193,7 +193,7 @@ def test_fasttext_two_workers_vectors_for_unseen_words(ray_local, tmp_path):
     stats = run_word2vec(cfg, out, urls)
     assert stats["model"] == "fasttext" and stats["workers"] == 2
     assert stats["shared_memory_groups"] == [2] and stats["synced_row_fraction"] == 0.0
-    kv = load_vectors(out.url(), {}, kind="word2vec")
+    kv = load_job_vectors(out.url(), {}, "word2vec")
     assert isinstance(kv, FastTextKeyedVectors)
     unseen = "zebrakx"
     assert unseen not in kv.key_to_index
@@ -235,13 +235,13 @@ def test_frozen_init_on_s3_keeps_words_bit_identical(ray_local, tmp_path, s3_buc
     wcfg = small_cfg(workers=2, init_from=store.url("init/vectors.txt"), init_lock="frozen", enabled=True)
     stats = run_word2vec(JobConfig(word2vec=wcfg), store, urls)
     assert stats["init_words"] == 4
-    kv = load_vectors(store.url(), opts)
+    kv = load_job_vectors(store.url(), opts, "word2vec")
     for w in frozen:
         assert np.array_equal(kv[w], init[w]), w
     start = new_model(wcfg, {w: kv.get_vecattr(w, "count") for w in kv.index_to_key}, 1)
     assert not np.allclose(kv["zebraso"], start.wv["zebraso"])  # the others trained
     names = store.list("word2vec")
-    assert {"vectors.kv", "vectors.bin", "report.json"} <= set(names)
+    assert {"vectors.kv", "vectors.bin", "vectors.vocab.txt", "report.json"} <= set(names)
     report = store.read_json("word2vec/report.json")
     assert report["workers"] == 2 and len(report["epochs"]) == 5
     with store.open("word2vec/vectors.bin") as f:
@@ -259,7 +259,7 @@ def test_trainable_init_from_native_keyedvectors_moves_words(ray_local, tmp_path
     init = KeyedVectors(24)
     init.add_vectors(words, np.random.default_rng(5).normal(size=(2, 24)).astype(np.float32))
     init.save(str(tmp_path / "init.kv"))
-    cfg = small_cfg(workers=1, init_from=str(tmp_path / "init.kv"), init_lock="trainable")
+    cfg = small_cfg(workers=1, init_from=str(tmp_path / "init.kv"), init_lock="trainable", init_trust_pickle=True)
     kv, report = train_word2vec(urls, cfg, {})
     assert report["init_words"] == 2
     for w in words:

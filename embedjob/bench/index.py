@@ -68,7 +68,7 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
     path = os.path.join(cache, f"bench-index-{key}.npy") if cache else None
     if path and os.path.exists(path):
         logger.info("bench index: vectors from cache %s", path)
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     texts: list[str] = []
     for url in list_shards(corpus_url):
         with Storage(url).open("", "rb") as f:

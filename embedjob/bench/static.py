@@ -176,12 +176,12 @@ def _run_and_score(args, work: str):
 
 def _score(args, cfg, out_dir: str, docs: int, encoder: dict, job_seconds, docs_per_second):
     """WordSim-353 of the output's BERT static vectors and of gensim Word2Vec on its tokens."""
-    from gensim.models import KeyedVectors
     from gensim.parsing import preprocess_string
 
     from embedjob.preprocess import build_filters
+    from embedjob.wordvectors import load_job_vectors
 
-    kv = KeyedVectors.load(os.path.join(out_dir, "static", "vectors.kv"))
+    kv = load_job_vectors(out_dir, {}, "bert")
 
     filters = build_filters(cfg.preprocess)
 

@@ -8,7 +8,7 @@ Steps, on the first ``--limit`` documents of ``--corpus``:
 1. tokens: the job's preprocessing (``embedjob.preprocess.preprocess_texts`` with the default
    ``PreprocessConfig`` = gensim ``preprocess_string`` default filters), one Ray task per shard,
    written as the job's ``tokens/<shard>.parquet``; the corpus-wide Dictionary (``build_vocabulary``)
-   as ``vocab/dictionary.gensim``;
+   as the job's ``vocab/dictionary.json`` (``write_dictionary``);
 2. rho (``--embeddings word2vec``): a gensim ``Word2Vec`` trained on the same tokens stands in for
    the job's word2vec stage (its time is reported apart, ``w2v_seconds``); ``learned`` trains rho
    with the model; any other value is a vector file URL;
@@ -96,15 +96,20 @@ def read_tokens(urls: list[str]) -> list[list[str]]:
     return out
 
 
-def train_word2vec(docs: list[list[str]], path: str, *, cpus: int, dim: int, epochs: int, min_count: int) -> float:
+def train_word2vec(docs: list[list[str]], folder: str, *, cpus: int, dim: int, epochs: int, min_count: int) -> float:
+    """Train gensim Word2Vec on ``docs`` and write its vectors to ``folder`` as the job's word2vec
+    stage does (``vectors.bin`` and companions); returns the training seconds."""
     from gensim.models import Word2Vec
+
+    from embedjob.storage import Storage
+    from embedjob.wordvectors import write_keyed_vectors
 
     t = time.time()
     w2v = Word2Vec(sentences=[d for d in docs if d], vector_size=dim, window=5, min_count=min_count, sg=0,
                    workers=cpus, epochs=epochs, seed=0)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    w2v.wv.save(path)
-    return time.time() - t
+    seconds = time.time() - t
+    write_keyed_vectors(w2v.wv, Storage(folder))
+    return seconds
 
 
 def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int, seed: int):
@@ -129,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
                    "(default: a temporary folder, deleted)")
     p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
-                   "WORKDIR/word2vec/vectors.kv exists), learned, or a vector file URL")
+                   "WORKDIR/word2vec/vectors.bin exists), learned, or a vector file URL")
     w2v = Word2VecConfig()
     p.add_argument("--w2v-dim", type=int, default=w2v.vector_size,
                    help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
@@ -151,7 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from embedjob.storage import Storage
     from embedjob.topics import (TopicsConfig, corpus_word_counts, evaluate_topics, filter_dictionary,
                                  reference_texts, relevance, run_topics, top_words, vocab_list)
-    from embedjob.vocab import build_vocabulary
+    from embedjob.vocab import DICTIONARY_JSON, build_vocabulary, read_dictionary, write_dictionary
+    from embedjob.wordvectors import job_vectors_file
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -163,14 +169,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         urls = prepare_tokens(args.corpus, workdir, args.limit)
         token_seconds = time.time() - t
         out = Storage(workdir)
-        if not out.exists("vocab/dictionary.gensim") or not out.exists("vocab/_bench.json") or \
+        if not out.exists(DICTIONARY_JSON) or not out.exists("vocab/_bench.json") or \
                 out.read_json("vocab/_bench.json") != {"urls": urls}:
-            os.makedirs(os.path.join(workdir, "vocab"), exist_ok=True)
-            build_vocabulary(urls).save(os.path.join(workdir, "vocab", "dictionary.gensim"))
+            write_dictionary(out, build_vocabulary(urls))
             out.write_json("vocab/_bench.json", {"urls": urls})
-        from gensim.corpora import Dictionary
-
-        full_dict = Dictionary.load(os.path.join(workdir, "vocab", "dictionary.gensim"))
+        full_dict = read_dictionary(out)
         docs = read_tokens(urls)
         w2v_seconds = 0.0
         data: dict[str, Any] = {}
@@ -179,11 +182,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         topics_overrides = data.get("topics", {})
         base = TopicsConfig(**{"enabled": True, **topics_overrides})
         embeddings = args.embeddings
-        if embeddings == "word2vec":
-            kv = os.path.join(workdir, "word2vec", "vectors.kv")
-            if not os.path.exists(kv):
-                w2v_seconds = train_word2vec(docs, kv, cpus=args.cpus, dim=args.w2v_dim, epochs=args.w2v_epochs,
-                                             min_count=base.no_below)
+        if embeddings == "word2vec" and not out.exists(job_vectors_file("word2vec")):
+            w2v_seconds = train_word2vec(docs, os.path.join(workdir, "word2vec"), cpus=args.cpus, dim=args.w2v_dim,
+                                         epochs=args.w2v_epochs, min_count=base.no_below)
         for k, seed in [(k, base.seed + i) for k in args.k for i in range(max(1, args.seeds))]:
             tc = base.model_copy(update={"num_topics": k, "embeddings": embeddings, "resume": False, "seed": seed})
             tc = TopicsConfig(**tc.model_dump())
