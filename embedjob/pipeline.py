@@ -32,7 +32,7 @@ from embedjob import __version__
 from embedjob.causes import root_cause
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
-from embedjob.models import model_fingerprint
+from embedjob.models import check_model, model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, discover_shards
 from embedjob.storage import Storage
@@ -173,6 +173,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
         raise InputError(f"no readable shard at {inp.url!r}: " + "; ".join(s.error or "" for s in bad))
+    check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder["model_fingerprint"] = model_fingerprint(encoder["model_path"])
     out = Storage(cfg.output.url, cfg.output.storage_options)
