@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from embedjob.storage import StorageError
+from embedjob.storage import Storage, StorageError
+
+STATS = {"bert": "stats/static.json", "word2vec": "stats/word2vec.json"}
 
 
 def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10,
@@ -13,6 +15,10 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
     from embedjob.word2vec import load_vectors
 
     kv = load_vectors(output_url, storage_options or {}, kind=kind)
+    if len(kv) == 0:
+        raise StorageError(f"the {kind} word vectors of {output_url} hold no words"
+                           f"{_empty_reason(output_url, storage_options or {}, kind)}: there is nothing to "
+                           f"compare {word!r} with")
     try:
         return kv.most_similar(word, topn=n)
     except KeyError:
@@ -20,3 +26,12 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
             f"word {word!r} is not in the {kind} vectors of {output_url} ({len(kv)} words; "
             "words are matched after the job's preprocessing, e.g. lower-cased and stemmed)"
         ) from None
+
+
+def _empty_reason(output_url: str, storage_options: dict[str, Any], kind: str) -> str:
+    """`` (<why>)`` from the stage's stats when it recorded why it kept no word, else ``''``."""
+    try:
+        reason = Storage(output_url, storage_options).read_json(STATS[kind]).get("empty_reason")
+    except (StorageError, OSError, ValueError, AttributeError):
+        return ""
+    return f" ({reason})" if reason else ""
