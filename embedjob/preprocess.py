@@ -76,14 +76,14 @@ class Preprocessor:
         texts = batch.column(self.text_column).to_pylist()
         empty = is_empty(texts)
         if self.on_empty_text == "fail" and empty.any():
-            from embedjob.read import SHARD, InputError
+            from embedjob.read import ROW, SHARD, row_error
 
             i = int(np.argmax(empty))
             shard = batch.column(SHARD)[i].as_py() if SHARD in batch.column_names else "?"
-            raise InputError(
-                f"shard {shard}: document {batch.column(self.id_column)[i].as_py()!r} has empty text "
-                f"(input.on_empty_text=fail; use keep or skip to accept such rows)"
-            )
+            row = batch.column(ROW)[i].as_py() if ROW in batch.column_names else i
+            raise row_error(shard, row, batch.column(self.id_column)[i].as_py(),
+                            f"empty text in column {self.text_column!r} (input.on_empty_text=fail; "
+                            "keep or skip accept such rows)")
         tokens = preprocess_texts(texts, self.cfg, self.filters)
         out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
         out = out.append_column(EMPTY, pa.array(empty))

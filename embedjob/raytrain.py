@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from embedjob.causes import RemoteError, one_line, root_cause
+
 # Ray Train's controller checks on its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so
 # a run is seen to have started and ended up to that much late: seconds lost on every run of a stage.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -29,13 +31,10 @@ def fit(trainer) -> Optional[BaseException]:
 
 
 def root_message(error: BaseException) -> str:
-    """The innermost cause's ``Type: message`` (Ray wraps a worker's error several times)."""
-    seen = set()
-    while True:
-        inner = error.__cause__ or error.__context__
-        if inner is None or id(inner) in seen:
-            break
-        seen.add(id(error))
-        error = inner
-    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    """The root cause's ``Type: message`` on one line: Ray Train wraps a worker's error in
+    ``WorkerGroupError`` (``worker_failures``), ``UserExceptionWithTraceback`` and Ray's task errors,
+    whose text is a whole traceback (see :mod:`embedjob.causes`)."""
+    cause = root_cause(error)
+    if isinstance(cause, RemoteError):
+        return str(cause)
+    return f"{type(cause).__name__}: {one_line(str(cause))}"

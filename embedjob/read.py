@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
+from embedjob.causes import one_line
 from embedjob.storage import Storage, StorageError, list_shards, shard_key
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,27 @@ ROW = "_row"
 
 
 class InputError(Exception):
-    """Input shards are missing, unreadable or lack the configured columns (names file/column)."""
+    """Input shards are missing, unreadable or lack the configured columns (names file/column).
+
+    An error about one row, raised where only the shard's key is known (a Ray task after the read),
+    is made by :func:`row_error`; the driver swaps the key for the file's URL with :meth:`naming`."""
+
+    def __init__(self, message: str, *, shard: Optional[str] = None, detail: Optional[str] = None):
+        super().__init__(message)
+        self.shard = shard  # the shard's key (output name), when the message names only that
+        self.detail = detail  # the message after "shard <key>, "
+
+    def naming(self, url: str) -> "InputError":
+        """The same error naming the shard by its file ``url`` instead of its key."""
+        if self.detail is None:
+            return self
+        return InputError(f"shard {url}, {self.detail}", shard=self.shard, detail=self.detail)
+
+
+def row_error(shard: str, row: Any, doc_id: Any, problem: str) -> InputError:
+    """``InputError('shard <shard>, row <row> (id <doc_id>): <problem>')`` for one input row."""
+    detail = f"row {row} (id {doc_id!r}): {problem}"
+    return InputError(f"shard {shard}, {detail}", shard=shard, detail=detail)
 
 
 @dataclass
@@ -213,6 +234,7 @@ def read_shard_blocks(shard: ShardInfo, storage_options: dict[str, Any], id_colu
                 n = t.num_rows
                 ids = t.column(id_column).cast(pa.string())
                 text = t.column(text_column)
+                _check_utf8(text, ids, shard.url, text_column, start)
                 if not pat.is_string(text.type):
                     text = text.cast(pa.string())
                 yield pa.table({
@@ -223,7 +245,33 @@ def read_shard_blocks(shard: ShardInfo, storage_options: dict[str, Any], id_colu
                 })
                 start += n
     except (OSError, pa.ArrowException) as e:
-        raise InputError(f"cannot read Parquet shard {shard.url} (at row {start}): {e}") from e
+        raise InputError(f"cannot read Parquet shard {shard.url} (at row {start}): {one_line(str(e))}") from e
+
+
+def _check_utf8(text: pa.ChunkedArray, ids: pa.ChunkedArray, url: str, text_column: str, start: int) -> None:
+    """Parquet does not check that strings are UTF-8: invalid bytes would only fail deep in the
+    preprocess task. Raises :class:`InputError` naming the file, row, id and byte offset."""
+    if pat.is_null(text.type):
+        return
+    try:
+        text.validate(full=True)
+        return
+    except pa.ArrowInvalid as e:
+        invalid = one_line(str(e))
+    try:
+        raws = text.cast(pa.large_binary()).to_pylist()
+    except pa.ArrowException:
+        raws = []
+    for i, raw in enumerate(raws):
+        try:
+            if raw is not None:
+                raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"shard {url}, row {start + i} (id {ids[i].as_py()!r}): column {text_column!r} is not valid "
+                f"UTF-8 at byte {e.start} of the document ({e.reason}: {raw[e.start:e.start + 4]!r})"
+            ) from None
+    raise InputError(f"shard {url}, rows {start}-{start + len(text) - 1}: column {text_column!r}: {invalid}")
 
 
 class ShardDatasource:

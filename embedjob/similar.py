@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from embedjob.storage import StorageError
+from embedjob.storage import Storage, StorageError
 from embedjob.wordvectors import load_job_vectors
+
+STATS = {"bert": "stats/static.json", "word2vec": "stats/word2vec.json"}
 
 
 def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10,
@@ -15,6 +17,10 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
     """The ``n`` words nearest (cosine) to ``word`` in the job's ``kind`` vectors ('bert' or
     'word2vec'; FastText vectors also answer words never seen in training)."""
     kv = load_job_vectors(output_url, storage_options or {}, kind)
+    if len(kv) == 0:
+        raise StorageError(f"the {kind} word vectors of {output_url} hold no words"
+                           f"{_empty_reason(output_url, storage_options or {}, kind)}: there is nothing to "
+                           f"compare {word!r} with")
     try:
         return kv.most_similar(word, topn=n)
     except KeyError:
@@ -22,3 +28,12 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
             f"word {word!r} is not in the {kind} vectors of {output_url} ({len(kv)} words; "
             "words are matched after the job's preprocessing, e.g. lower-cased and stemmed)"
         ) from None
+
+
+def _empty_reason(output_url: str, storage_options: dict[str, Any], kind: str) -> str:
+    """`` (<why>)`` from the stage's stats when it recorded why it kept no word, else ``''``."""
+    try:
+        reason = Storage(output_url, storage_options).read_json(STATS[kind]).get("empty_reason")
+    except (StorageError, OSError, ValueError, AttributeError):
+        return ""
+    return f" ({reason})" if reason else ""

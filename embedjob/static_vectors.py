@@ -554,13 +554,16 @@ def run_static(cfg, out, committed_shards: list[str]) -> dict[str, Any]:
         m = pos >= 0
         if m.any():
             sums[pos[m]] += _sums_of(t)[m]
+    empty_reason = _empty_vocabulary_reason(totals, scfg.min_count, len(present))
+    if empty_reason:
+        logger.warning("static: no word vectors: %s; writing empty vector files (0 words)", empty_reason)
     vectors = sums / np.maximum(counts, 1)[:, None] if len(kept) else sums
     vectors = _postprocess(vectors, scfg.postprocess, scfg.abtt_components).astype(np.float32)
     kv = build_keyed_vectors(kept, counts, vectors)
     write_keyed_vectors(kv, out.child(STATIC_DIR))
     logger.info("static: %d words (min_count=%d) from %d shard(s), %d occurrences", len(kept), scfg.min_count,
                 len(present), int(counts.sum()))
-    return {
+    stats = {
         "recipe": STATIC_RECIPE,
         "words": len(kept),
         "words_seen": len(totals),
@@ -575,6 +578,21 @@ def run_static(cfg, out, committed_shards: list[str]) -> dict[str, Any]:
         "vectors": out.url(f"{STATIC_DIR}/{KV_NAME}"),
         "word2vec_binary": out.url(f"{STATIC_DIR}/{BIN_NAME}"),
     }
+    if empty_reason:
+        stats["empty_reason"] = empty_reason
+    return stats
+
+
+def _empty_vocabulary_reason(totals: dict[str, int], min_count: int, shards: int) -> Optional[str]:
+    """Why no word reached the static vocabulary (None when some did): an empty result is recorded,
+    not an error (a small or all-null corpus is a valid input)."""
+    if any(c >= min_count for c in totals.values()):
+        return None
+    if not totals:
+        return (f"no word of the job's vocabulary occurred in the {shards} committed shard(s) (empty or null "
+                "texts, or every token dropped by preprocessing)")
+    return (f"none of the {len(totals)} word(s) seen occurs static.min_count={min_count} times or more (the most "
+            f"frequent occurs {max(totals.values())} times); lower static.min_count for a small corpus")
 
 
 # -- queries -----------------------------------------------------------------------------------

@@ -629,6 +629,9 @@ def resolve_embeddings(cfg: TopicsConfig, out, vocab: list[str]) -> tuple[Option
                                     trust_setting="topics.embeddings_trust_pickle")
     except WordVectorsError as e:
         raise TopicsError(str(e)) from None
+    if len(kv) == 0:  # e.g. the static stage kept no word (none reached static.min_count)
+        raise TopicsError(f"topics.embeddings={cfg.embeddings!r}: {url!r} holds no word vectors (see the stats of the "
+                          "stage that wrote it); set topics.embeddings to 'learned' or to another vector file")
     rho, missing = embedding_matrix(kv, vocab, cfg.seed)
     logger.info("topics: rho from %s: %d words, dim %d, %d vocabulary words missing (learned)",
                 url, len(vocab), rho.shape[1], int(missing.sum()))
