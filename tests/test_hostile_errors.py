@@ -99,11 +99,13 @@ def test_topics_on_empty_bert_vectors_is_a_clear_error(tmp_path):
     from embedjob.storage import Storage
     from embedjob.topics import TopicsConfig, TopicsError, resolve_embeddings
 
-    (tmp_path / "static").mkdir()
-    build_keyed_vectors([], np.zeros(0, np.int64), np.zeros((0, 8), np.float32)).save(
-        str(tmp_path / "static" / "vectors.kv"))
+    from embedjob.wordvectors import write_keyed_vectors
+
+    out = Storage(str(tmp_path))
+    write_keyed_vectors(build_keyed_vectors([], np.zeros(0, np.int64), np.zeros((0, 8), np.float32)),
+                        out.child("static"))
     with pytest.raises(TopicsError, match="holds no word vectors"):
-        resolve_embeddings(TopicsConfig(model="etm", embeddings="bert"), Storage(str(tmp_path)), ["cat"])
+        resolve_embeddings(TopicsConfig(model="etm", embeddings="bert"), out, ["cat"])
 
 
 # -- defect 6: errors raised inside Ray tasks keep their message ---------------------------------
@@ -128,23 +130,30 @@ def test_invalid_utf8_text_names_the_shard_row_id_and_byte(ray_local, tmp_path, 
     _one_error_line(capsys.readouterr().err, "p.parquet", "row 1", "'b'", "UTF-8", "byte 3")
 
 
-def _corrupt_column_chunk(path):
-    """Overwrite bytes in the middle of the data pages, leaving the footer (the launch check) valid."""
+def _corrupt_column_chunk(path, column: int):
+    """Overwrite the middle of one column chunk's pages, leaving the footer (the launch check) valid."""
+    import pyarrow.parquet as pq
+
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    size = chunk.total_compressed_size
     data = bytearray(path.read_bytes())
-    footer_len = int.from_bytes(data[-8:-4], "little")
-    end = len(data) - footer_len - 8
-    for i in range(8 + (end - 8) // 4, 8 + 3 * (end - 8) // 4):
+    for i in range(start + size // 4, start + 3 * size // 4):
         data[i] = 0xFF
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_data_page_under_fail_is_one_line_without_colour_codes(ray_local, tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("column,needle", [(0, "cannot read the id column"), (1, "cannot read Parquet shard")],
+                         ids=["id-page-found-at-launch", "text-page-found-in-a-ray-task"])
+def test_corrupt_data_page_under_fail_is_one_line_without_colour_codes(ray_local, tmp_path, tiny_model, capsys,
+                                                                       column, needle):
     """A corrupt data page under input.on_bad_shard=fail: exit 2 and one line naming the file, with
-    no terminal colour codes and no Ray traceback."""
+    no terminal colour codes and no Ray traceback (an id page is found by the launch check, a text
+    page by the read task)."""
     write_shards(tmp_path / "in", [f"document number {i} about cats" for i in range(60)], n_shards=3)
-    _corrupt_column_chunk(tmp_path / "in" / "part-00001.parquet")
+    _corrupt_column_chunk(tmp_path / "in" / "part-00001.parquet", column)
     assert main(["run", _spec(tmp_path, tmp_path / "in", tiny_model)]) == 2
-    _one_error_line(capsys.readouterr().err, "part-00001.parquet", "cannot read Parquet shard")
+    _one_error_line(capsys.readouterr().err, "part-00001.parquet", needle)
 
 
 def test_cli_prints_a_multi_line_user_error_as_one_line(monkeypatch, capsys):
