@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedjob.config import build_config
 from embedjob.pipeline import JobError, run_job
 from embedjob.read import InputError
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
+from tests.helpers import small_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,15 +56,6 @@ def _encoder_actor_pids():
     return pids
 
 
-def _cfg(inp, out, model, **sections):
-    data = {"input": {"url": str(inp), "rows_per_block": 16}, "output": {"url": str(out)},
-            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
-            "encode": {"model": model, "dtype": "float32", "rows_per_call": 16}}
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
-    return build_config(data)
-
-
 def _ids(out):
     return pq.read_table(os.path.join(out, "vectors"), columns=["id"]).column("id").to_pylist()
 
@@ -100,7 +91,7 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
         proc.wait(timeout=60)
     committed = sorted(p.stem for p in done_dir.glob("part-*.json"))
     assert 2 <= len(committed) < 8, committed
-    res = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model,
+    res = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model,
                        input={"rows_per_block": 4}, encode={"rows_per_call": 4, "actors": 1}))
     status = _status(res)
     assert sorted(k for k, v in status.items() if v == "skipped-unchanged") == committed
@@ -113,7 +104,7 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
 def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny_model):
     texts = [f"{t} item {i}" for i in range(30) for t in SAMPLE_TEXTS[:4]]  # 120 docs
     ids = write_shards(tmp_path / "in", texts, n_shards=3)
-    cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 4},
+    cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 4},
                encode={"rows_per_call": 4, "actors": 1, "max_restarts": 2, "max_task_retries": 3})
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("res", run_job(cfg)))
@@ -138,7 +129,7 @@ def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny
 
 def test_rerun_unchanged_then_two_new_shards_then_config_change(ray_local, tmp_path, tiny_model):
     write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=3)
-    cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_model)
+    cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model)
     run_job(cfg)
     again = run_job(cfg)
     assert set(_status(again).values()) == {"skipped-unchanged"}
@@ -151,14 +142,14 @@ def test_rerun_unchanged_then_two_new_shards_then_config_change(ray_local, tmp_p
     assert grown.manifest["stages"]["encode"]["documents"] == 4
     assert grown.manifest["stages"]["vocab"]["status"] == "done"  # recomputed from per-shard outputs
     # an encoder change re-encodes every shard but leaves token-based stages alone
-    changed = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"}))
+    changed = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"}))
     assert set(_status(changed).values()) == {"done"}
     assert changed.manifest["stages"]["vocab"]["status"] == "skipped-unchanged"
     # a preprocessing change recomputes the vocabulary too
-    pre = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
+    pre = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
                        preprocess={"min_token_length": 2}))
     assert pre.manifest["stages"]["vocab"]["status"] == "done"
-    forced = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
+    forced = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, encode={"pooling": "cls"},
                           preprocess={"min_token_length": 2}, output={"overwrite": True}))
     assert set(_status(forced).values()) == {"done"}
     assert len(_ids(tmp_path / "out")) == len(SAMPLE_TEXTS) + 4
@@ -176,13 +167,13 @@ def _corrupt_data_pages(path):
 def test_bad_shard_skip_is_recorded_and_fail_stops(ray_local, tmp_path, tiny_model):
     write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=3)
     _corrupt_data_pages(tmp_path / "in" / "part-00001.parquet")
-    res = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"on_bad_shard": "skip"}))
+    res = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, input={"on_bad_shard": "skip"}))
     assert not res.ok and res.failed_shards == ["part-00001"]
     st = res.manifest["shards"]["part-00001"]
     assert st["status"] == "failed" and "part-00001.parquet" in st["reason"]
     assert _status(res)["part-00000"] == "done" and _status(res)["part-00002"] == "done"
     with pytest.raises((InputError, JobError), match="part-00001.parquet"):
-        run_job(_cfg(tmp_path / "in", tmp_path / "out2", tiny_model))
+        run_job(small_job(tmp_path / "in", tmp_path / "out2", tiny_model))
 
 
 def test_cli_exit_code_when_shards_were_skipped(tmp_path, tiny_model):

@@ -17,22 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.cli import main
-from embedjob.config import build_config
 from embedjob.pipeline import JobError, run_job
-from embedjob.read import InputError
-from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
+from tests.conftest import SAMPLE_TEXTS, write_shards
+from tests.helpers import small_job
 
 SECRET_KEY = "AKIAEMBEDJOBFAKE0042"
 SECRET = "s3cr3t-Embedjob-DoNotPrint-9f1c"
-
-
-def _cfg(inp, out, model, **sections):
-    data = {"input": {"url": str(inp), "rows_per_block": 16}, "output": {"url": str(out)},
-            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
-            "encode": {"model": model, "dtype": "float32", "rows_per_call": 16}}
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
-    return build_config(data)
 
 
 def _glob_rows(out, folder="vectors"):
@@ -70,7 +60,7 @@ def test_no_output_file_holds_a_secret(ray_local, tmp_path, tiny_model):
     """Nothing written beside the outputs (manifest, config, stats, markers) holds a credential."""
     write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=2)
     opts = {"key": SECRET_KEY, "secret": SECRET}  # the local filesystem ignores them; they travel all the same
-    run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"storage_options": opts},
+    run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, input={"storage_options": opts},
                  output={"storage_options": dict(opts)}))
     for root, _, names in os.walk(tmp_path / "out"):
         for name in names:
@@ -85,10 +75,10 @@ def test_recipe_change_after_a_shard_left_the_input(ray_local, tmp_path, tiny_mo
     it gets exactly the rows the manifest counts; the old files are moved aside, not deleted."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_shards(inp, SAMPLE_TEXTS * 3, n_shards=3)  # 12 rows per shard
-    run_job(_cfg(inp, out, tiny_model, encode={"pooling": "mean"}))
+    run_job(small_job(inp, out, tiny_model, encode={"pooling": "mean"}))
     assert _glob_rows(out) == 36
     os.remove(inp / "part-00002.parquet")
-    res = run_job(_cfg(inp, out, tiny_model, encode={"pooling": "cls"}))
+    res = run_job(small_job(inp, out, tiny_model, encode={"pooling": "cls"}))
     assert _glob_rows(out) == 24 == res.manifest["totals"]["rows_out"]
     assert _glob_rows(out, "tokens") == 24
     assert sorted(os.listdir(out / "vectors")) == ["part-00000.parquet", "part-00001.parquet"]
@@ -106,13 +96,13 @@ def test_removed_shard_same_recipe_moved_by_default_kept_on_request(ray_local, t
     with output.removed_shards=keep; either way the manifest's rows equal the globbed rows."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_shards(inp, SAMPLE_TEXTS * 3, n_shards=3)
-    run_job(_cfg(inp, out, tiny_model))
+    run_job(small_job(inp, out, tiny_model))
     os.remove(inp / "part-00001.parquet")
-    kept = run_job(_cfg(inp, out, tiny_model, output={"removed_shards": "keep"}))
+    kept = run_job(small_job(inp, out, tiny_model, output={"removed_shards": "keep"}))
     assert kept.manifest["shards"]["part-00001"]["status"] == "kept-not-in-input"
     assert _glob_rows(out) == 36 == kept.manifest["totals"]["rows_out"]
     assert kept.manifest["totals"]["done"] == 0  # nothing re-encoded
-    moved = run_job(_cfg(inp, out, tiny_model))
+    moved = run_job(small_job(inp, out, tiny_model))
     assert "part-00001" not in moved.manifest["shards"]
     assert "not in the input" in moved.manifest["superseded"]["shards"]["part-00001"]["reason"]
     assert _glob_rows(out) == 24 == moved.manifest["totals"]["rows_out"]
@@ -123,19 +113,19 @@ def test_failed_shard_keeps_no_vectors_of_another_recipe(ray_local, tmp_path, ti
     under the same recipe keeps its previous commit, listed as such and counted."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_shards(inp, SAMPLE_TEXTS * 3, n_shards=3)
-    run_job(_cfg(inp, out, tiny_model))
+    run_job(small_job(inp, out, tiny_model))
     good = open(inp / "part-00000.parquet", "rb").read()
     (inp / "part-00000.parquet").write_bytes(b"not parquet at all")
-    same = run_job(_cfg(inp, out, tiny_model, input={"on_bad_shard": "skip"}))
+    same = run_job(small_job(inp, out, tiny_model, input={"on_bad_shard": "skip"}))
     row = same.manifest["shards"]["part-00000"]
     assert row["status"] == "failed" and row["previous_commit"] == "kept"
     assert _glob_rows(out) == 36 == same.manifest["totals"]["rows_out"]
-    changed = run_job(_cfg(inp, out, tiny_model, input={"on_bad_shard": "skip"}, encode={"pooling": "max"}))
+    changed = run_job(small_job(inp, out, tiny_model, input={"on_bad_shard": "skip"}, encode={"pooling": "max"}))
     assert changed.manifest["shards"]["part-00000"]["status"] == "failed"
     assert "part-00000" in changed.manifest["superseded"]["shards"]
     assert _glob_rows(out) == 24 == changed.manifest["totals"]["rows_out"]
     (inp / "part-00000.parquet").write_bytes(good)
-    back = run_job(_cfg(inp, out, tiny_model, encode={"pooling": "max"}))
+    back = run_job(small_job(inp, out, tiny_model, encode={"pooling": "max"}))
     assert back.manifest["totals"]["done"] == 1 and _glob_rows(out) == 36
 
 
@@ -143,11 +133,11 @@ def test_leftovers_and_missing_files_are_never_trusted(ray_local, tmp_path, tiny
     """Files no commit vouches for are moved aside; a marker whose files are gone is redone."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_shards(inp, SAMPLE_TEXTS, n_shards=2)
-    run_job(_cfg(inp, out, tiny_model))
+    run_job(small_job(inp, out, tiny_model))
     pq.write_table(pa.table({"id": ["planted"], "vector": [[0.0] * 32], "n_tokens": [1]}),
                    out / "vectors" / "zz-orphan.parquet")
     os.remove(out / "vectors" / "part-00001.parquet")
-    res = run_job(_cfg(inp, out, tiny_model))
+    res = run_job(small_job(inp, out, tiny_model))
     assert res.manifest["shards"]["part-00001"]["status"] == "done"
     assert res.manifest["superseded"]["shards"]["zz-orphan"]["reason"] == "uncommitted leftover"
     assert sorted(os.listdir(out / "vectors")) == ["part-00000.parquet", "part-00001.parquet"]
@@ -159,7 +149,7 @@ def test_manifest_is_written_when_a_stage_fails(ray_local, tmp_path, tiny_model)
     inp, out = tmp_path / "in", tmp_path / "out"
     write_shards(inp, SAMPLE_TEXTS, n_shards=2)
     with pytest.raises(JobError, match="word2vec"):
-        run_job(_cfg(inp, out, tiny_model, word2vec={"enabled": True, "min_count": 10_000}))
+        run_job(small_job(inp, out, tiny_model, word2vec={"enabled": True, "min_count": 10_000}))
     m = _manifest(out)
     assert m["status"] == "failed" and "word2vec" in m["error"]
     assert m["totals"]["committed_shards"] == 2 and m["totals"]["rows_out"] == len(SAMPLE_TEXTS)
@@ -190,7 +180,7 @@ def test_duplicate_ids_fail_naming_both_shards_or_warn_and_count(ray_local, tmp_
     assert code == 2 and len(err) == 1
     assert "'b'" in err[0] and "p0.parquet row 1" in err[0] and "p1.parquet row 1" in err[0]
     assert not os.path.exists(tmp_path / "out")
-    res = run_job(_cfg(inp, tmp_path / "out", tiny_model, input={"on_duplicate_id": "warn"}))
+    res = run_job(small_job(inp, tmp_path / "out", tiny_model, input={"on_duplicate_id": "warn"}))
     ids = res.manifest["input"]["ids"]
     assert ids["duplicate_rows"] == 1 and ids["duplicated_ids"] == 1 and ids["examples"][0]["id"] == "b"
 
@@ -200,7 +190,7 @@ def test_null_id_under_skip_marks_only_that_shard_bad(ray_local, tmp_path, tiny_
     inp = tmp_path / "in"
     write_shards(inp, SAMPLE_TEXTS, n_shards=2)
     pq.write_table(pa.table({"id": pa.array([None], pa.string()), "text": ["lonely text"]}), inp / "part-00009.parquet")
-    res = run_job(_cfg(inp, tmp_path / "out", tiny_model, input={"on_bad_shard": "skip"}))
+    res = run_job(small_job(inp, tmp_path / "out", tiny_model, input={"on_bad_shard": "skip"}))
     assert res.failed_shards == ["part-00009"]
     assert "row 0" in res.manifest["shards"]["part-00009"]["reason"]
     assert _glob_rows(tmp_path / "out") == len(SAMPLE_TEXTS)
@@ -217,7 +207,7 @@ def test_recipe_change_on_s3_moves_old_outputs_aside(ray_local, s3_bucket, tiny_
                                                               "text": SAMPLE_TEXTS[4 * s: 4 * s + 4]}))
 
     def cfg(pooling):
-        return _cfg(f"s3://{bucket}/in", f"s3://{bucket}/out", tiny_model, encode={"pooling": pooling},
+        return small_job(f"s3://{bucket}/in", f"s3://{bucket}/out", tiny_model, encode={"pooling": pooling},
                     input={"storage_options": opts}, output={"storage_options": opts})
 
     run_job(cfg("mean"))

@@ -15,7 +15,8 @@ import ray.data  # noqa: F401 - see below
 from transformers.utils import logging as hf_logging
 
 from embedjob.cli import main
-from tests.conftest import ONLY_SHARD_STAGES, write_shards
+from tests.conftest import write_shards
+from tests.helpers import small_job_data
 
 # Ray Data and transformers bind their console log handlers to sys.stderr when first set up: done
 # here, at collection, not inside a test whose capsys stream is closed once it ends.
@@ -27,11 +28,7 @@ RAY_LOG_LINE = re.compile(r"^(\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+.*(INFO|WA
 
 
 def _spec(tmp_path, inp, model, **sections):
-    data = {"input": {"url": str(inp), "rows_per_block": 16}, "output": {"url": str(tmp_path / "out")},
-            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
-            "encode": {"model": model, "dtype": "float32", "rows_per_call": 16}, "ray": {"num_cpus": 2}}
-    for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
+    data = small_job_data(inp, tmp_path / "out", model, ray={"num_cpus": 2}, **sections)
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(data))  # JSON is YAML
     return str(path)

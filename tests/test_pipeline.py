@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from embedjob.config import build_config
 from embedjob.pipeline import run_job

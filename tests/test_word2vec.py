@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from embedjob.config import ConfigError, JobConfig

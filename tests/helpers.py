@@ -1,0 +1,24 @@
+"""Helpers shared by the test modules (fixtures stay in conftest.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedjob.config import JobConfig, build_config
+from tests.conftest import ONLY_SHARD_STAGES
+
+
+def small_job_data(inp, out, model, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A job spec (as a dict) for a few small shards: per-shard stages only, float32, blocks of 16
+    rows; ``sections`` update it (``encode={"pooling": "cls"}``...)."""
+    data: dict[str, Any] = {"input": {"url": str(inp), "rows_per_block": 16}, "output": {"url": str(out)},
+                            **{k: dict(v) for k, v in ONLY_SHARD_STAGES.items()},
+                            "encode": {"model": model, "dtype": "float32", "rows_per_call": 16}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return data
+
+
+def small_job(inp, out, model, **sections: dict[str, Any]) -> JobConfig:
+    """:func:`small_job_data`, validated."""
+    return build_config(small_job_data(inp, out, model, **sections))
