@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedjob.config import load_job
     from embedjob.pipeline import run_job
     from embedjob.sample_corpus import build_sample_corpus
-    from embedjob.storage import Storage, list_shards, StorageError
+    from embedjob.storage import list_shards, StorageError
 
     cfg = load_job(args.job, args.set + (["output.force_unlock=true"] if args.force_unlock else []))
     if cfg.input.create_sample_if_missing:

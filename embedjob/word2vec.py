@@ -36,7 +36,6 @@ pickle: for users, never read by embedjob) and ``report.json``::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

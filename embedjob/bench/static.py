@@ -23,7 +23,6 @@ import tempfile
 import time
 from typing import Any, Optional
 
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
