@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedjob.config import load_job
     from embedjob.pipeline import run_job
     from embedjob.sample_corpus import build_sample_corpus
-    from embedjob.storage import list_shards, StorageError
+    from embedjob.storage import StorageError, list_shards
 
     cfg = load_job(args.job, args.set + (["output.force_unlock=true"] if args.force_unlock else []))
     if cfg.input.create_sample_if_missing:
@@ -163,8 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from embedjob.causes import one_line
-    from embedjob.errors import USER_ERRORS
+    from embedjob.errors import USER_ERRORS, one_line
 
     try:
         return args.func(args)

@@ -16,15 +16,11 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from embedjob._config_base import Section
+from embedjob.errors import ConfigError
 from embedjob.index import IndexConfig
 from embedjob.static_vectors import StaticConfig
 from embedjob.topics import TopicsConfig
 from embedjob.word2vec import Word2VecConfig
-
-
-class ConfigError(Exception):
-    """The job spec is invalid; the message names the key, file or column at fault."""
-
 
 # The gensim.parsing filters a job may name, in gensim's default order.
 GENSIM_FILTERS = (

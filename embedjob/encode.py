@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.models import model_defaults, model_fingerprint, resolve_model_path
+from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,9 @@ ENCODER_RECIPE = "bert_docvec_v1"
 DEBUG_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 
 # Columns the preprocess stage adds for the encoder (tokenised off the actor's critical path).
-INPUT_IDS = "_input_ids"
 # Batch widths are rounded up to a multiple of this (see TextEncoder.pad_multiple).
 PAD_MULTIPLE = 16
 # Column the encoder actor adds: the Ray node it ran on (aggregated into the encode stats).
-ENCODER_NODE = "_encoder_node"
-ENCODER_RSS = "_encoder_peak_rss_mb"  # the actor process's peak resident memory so far (MiB)
 
 
 def cpu_supports_bf16() -> bool:

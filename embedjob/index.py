@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import sys
 import time
 import uuid
@@ -48,12 +47,12 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from embedjob._config_base import Section
+from embedjob.layout import INDEX_DIR, shard_key_of
 from embedjob.storage import Storage, StorageError
 from embedjob.wordvectors import job_vectors_file, load_job_vectors
 
 logger = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
 DOCS = "docs"
 INDEX_RECIPE = "faiss_index_v1"
 KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
@@ -257,11 +256,6 @@ def to_float32_matrix(column: pa.ChunkedArray | pa.Array, dim: Optional[int] = N
 
 
 # -- reading vector shards (Ray tasks) ---------------------------------------------------------
-def shard_key_of(url: str) -> str:
-    name = posixpath.basename(url.rstrip("/"))
-    return name[: -len(".parquet")] if name.endswith(".parquet") else name
-
-
 def _shard_rows(url: str, storage_options: dict[str, Any]) -> int:
     import pyarrow.parquet as pq
 

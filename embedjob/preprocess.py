@@ -17,10 +17,10 @@ import pyarrow as pa
 from gensim import parsing
 from gensim.parsing.preprocessing import STOPWORDS
 
+from embedjob.schema import EMPTY, TOKENS
+
 logger = logging.getLogger(__name__)
 
-TOKENS = "tokens"
-EMPTY = "_empty"
 
 
 def build_filters(cfg) -> list[Callable[[str], str]]:
@@ -71,12 +71,13 @@ class Preprocessor:
         self.static_settings = static_settings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from embedjob.encode import INPUT_IDS
+        from embedjob.schema import INPUT_IDS
 
         texts = batch.column(self.text_column).to_pylist()
         empty = is_empty(texts)
         if self.on_empty_text == "fail" and empty.any():
-            from embedjob.read import ROW, SHARD, row_error
+            from embedjob.read import row_error
+            from embedjob.schema import ROW, SHARD
 
             i = int(np.argmax(empty))
             shard = batch.column(SHARD)[i].as_py() if SHARD in batch.column_names else "?"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from embedjob.causes import RemoteError, one_line, root_cause
+from embedjob.errors import RemoteError, one_line, root_cause
 
 # Ray Train's controller checks on its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so
 # a run is seen to have started and ended up to that much late: seconds lost on every run of a stage.
@@ -33,7 +33,7 @@ def fit(trainer) -> Optional[BaseException]:
 def root_message(error: BaseException) -> str:
     """The root cause's ``Type: message`` on one line: Ray Train wraps a worker's error in
     ``WorkerGroupError`` (``worker_failures``), ``UserExceptionWithTraceback`` and Ray's task errors,
-    whose text is a whole traceback (see :mod:`embedjob.causes`)."""
+    whose text is a whole traceback (see :mod:`embedjob.errors`)."""
     cause = root_cause(error)
     if isinstance(cause, RemoteError):
         return str(cause)

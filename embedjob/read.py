@@ -21,31 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.types as pat
 
-from embedjob.causes import one_line
+from embedjob.errors import InputError, one_line
+from embedjob.schema import ROW, SHARD
 from embedjob.storage import Storage, StorageError, list_shards, shard_key
 
 logger = logging.getLogger(__name__)
 
-SHARD = "_shard"
-ROW = "_row"
-
-
-class InputError(Exception):
-    """Input shards are missing, unreadable or lack the configured columns (names file/column).
-
-    An error about one row, raised where only the shard's key is known (a Ray task after the read),
-    is made by :func:`row_error`; the driver swaps the key for the file's URL with :meth:`naming`."""
-
-    def __init__(self, message: str, *, shard: Optional[str] = None, detail: Optional[str] = None):
-        super().__init__(message)
-        self.shard = shard  # the shard's key (output name), when the message names only that
-        self.detail = detail  # the message after "shard <key>, "
-
-    def naming(self, url: str) -> "InputError":
-        """The same error naming the shard by its file ``url`` instead of its key."""
-        if self.detail is None:
-            return self
-        return InputError(f"shard {url}, {self.detail}", shard=self.shard, detail=self.detail)
 
 
 def row_error(shard: str, row: Any, doc_id: Any, problem: str) -> InputError:

@@ -25,15 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from embedjob.static_vectors import PARTS_DIR
+from embedjob.layout import DONE, PER_SHARD_DIRS, STAGE_MARKER_PREFIX, SUPERSEDED
 from embedjob.storage import Storage
-from embedjob.write import DONE, TOKENS_DIR, VECTORS
 
 logger = logging.getLogger(__name__)
 
-SUPERSEDED = "_superseded"
-PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR)  # one <shard>.parquet each, listed by the marker
-STAGE_MARKER_PREFIX = "stage-"  # _done/stage-<name>.json: corpus-wide stages, not shards
 
 
 def read_shard_markers(out: Storage, *, threads: int = 16) -> dict[str, dict[str, Any]]:

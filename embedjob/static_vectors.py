@@ -47,14 +47,18 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
-from embedjob.wordvectors import BIN_NAME, KV_NAME, VECTOR_FOLDERS, make_keyed_vectors, write_keyed_vectors
+from embedjob.errors import StaticVectorsError
+from embedjob.layout import PARTS_DIR, STATIC_DIR
+from embedjob.schema import WORD_IDS, WORDS, contiguous_runs
+from embedjob.wordvectors import (
+    BIN_NAME,
+    KV_NAME,
+    make_keyed_vectors,
+    write_keyed_vectors,
+)
 
 logger = logging.getLogger(__name__)
 
-WORD_IDS = "_word_ids"  # per BERT token: index of its word occurrence in WORDS, -1 = not counted
-WORDS = "_words"  # per word occurrence: the vocabulary word ("" = not counted)
-STATIC_DIR = VECTOR_FOLDERS["bert"]
-PARTS_DIR = f"{STATIC_DIR}/parts"
 STATIC_RECIPE = "bert_static_v1"
 
 WORD_POOLING_MODES = ("mean", "first", "last", "max")
@@ -97,10 +101,6 @@ class StaticConfig(Section):
         if isinstance(v, list) and not v:
             raise ValueError("static.layers: give at least one layer index, or 'last' / 'last4' / 'all'")
         return v
-
-
-class StaticVectorsError(Exception):
-    """Static vector parts are missing or inconsistent (names the shard and file)."""
 
 
 # -- settings handed to preprocess tasks and encoder actors ---------------------------------------
@@ -192,8 +192,7 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     vocabulary word per counted word occurrence. ``_input_ids`` is (re)written from the same
     tokenisation so the two always agree (same truncation). A word cut by truncation is not
     counted (its pieces are incomplete)."""
-    from embedjob.encode import INPUT_IDS
-    from embedjob.preprocess import TOKENS
+    from embedjob.schema import INPUT_IDS, TOKENS
 
     n = len(texts)
     todo = [i for i in range(n) if not empty[i]]
@@ -249,17 +248,12 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
 # -- encoder side: accumulate sums per (shard row run, word) --------------------------------------
 def _row_runs(shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
     """Run index of every row, and (shard, first row, last row) of each run of consecutive rows of
-    one shard — the same cut as the write stage's staged parts."""
-    n = len(rows)
-    order = np.lexsort((rows, shards))
-    s, r = shards[order], rows[order]
-    breaks = np.flatnonzero((s[1:] != s[:-1]) | (np.diff(r) != 1)) + 1
-    bounds = [0, *breaks.tolist(), n]
-    run_of = np.empty(n, dtype=np.int64)
+    one shard — the write stage's cut (:func:`embedjob.schema.contiguous_runs`)."""
+    run_of = np.empty(len(rows), dtype=np.int64)
     runs = []
-    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        run_of[order[a:b]] = k
-        runs.append((str(s[a]), int(r[a]), int(r[b - 1])))
+    for k, (shard, r0, r1, positions) in enumerate(contiguous_runs(shards, rows)):
+        run_of[positions] = k
+        runs.append((shard, r0, r1))
     return run_of, runs
 
 
@@ -288,7 +282,7 @@ class StaticAccumulator:
     # one encoder call ----------------------------------------------------------------------------
     def hook_for(self, batch: pa.Table, keep: np.ndarray):
         """Prepare the word-slot bookkeeping of one encoder call; returns the token hook."""
-        from embedjob.read import ROW, SHARD
+        from embedjob.schema import ROW, SHARD
 
         run_of, runs = _row_runs(batch.column(SHARD).to_numpy(zero_copy_only=False).astype(str),
                                  batch.column(ROW).to_numpy())
@@ -361,7 +355,7 @@ class StaticAccumulator:
     def attach(self, out: pa.Table) -> pa.Table:
         """Write this call's staged parts (one per shard row run, also for runs without words, so the
         parts tile the shard) and drop the word columns from the encoder's output."""
-        from embedjob.write import STATIC_PART_SUFFIX, part_name
+        from embedjob.layout import STATIC_PART_SUFFIX, part_name
 
         st, self._state = self._state, None
         if st is None:

@@ -39,6 +39,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedjob.errors import StorageError
+
 logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
@@ -46,10 +48,6 @@ _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 # Serialises conditional writes on stores that offer no atomic ones (memory://, gs://...): exact
 # within one process, best effort across processes (the lease reads its writes back).
 _FALLBACK_LOCK = threading.Lock()
-
-
-class StorageError(Exception):
-    """A URL cannot be read or written (names the URL and the reason)."""
 
 
 def _has_glob(path: str) -> bool:

@@ -58,21 +58,25 @@ from pydantic import Field, field_validator, model_validator
 
 from embedjob import raytrain
 from embedjob._config_base import Section
+from embedjob.errors import TopicsError
+from embedjob.layout import CKPT_DIR, DICTIONARY_JSON, TOPICS_DIR, shard_key_of
 from embedjob.storage import StorageError
-from embedjob.vocab import DICTIONARY_JSON, build_vocabulary, read_dictionary
-from embedjob.wordvectors import (SAFE_FORMATS, VECTOR_FOLDERS, WordVectorsError, is_pickle_name, job_vectors_file,
-                                  load_job_vectors, pickle_refusal, read_keyed_vectors)
+from embedjob.vocab import build_vocabulary, read_dictionary
+from embedjob.wordvectors import (
+    SAFE_FORMATS,
+    VECTOR_FOLDERS,
+    WordVectorsError,
+    is_pickle_name,
+    job_vectors_file,
+    load_job_vectors,
+    pickle_refusal,
+    read_keyed_vectors,
+)
 
 logger = logging.getLogger(__name__)
 
-TOPICS_DIR = "topics"
-CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
 FORMAT = "embedjob-topics-v1"
 EMBEDDING_SOURCES = ("word2vec", "bert", "learned")
-
-
-class TopicsError(Exception):
-    """The topic stage cannot run; the message names the setting or file at fault."""
 
 
 class TopicsConfig(Section):
@@ -976,7 +980,9 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     done = bool(resume and resume["epoch"] >= cfg.epochs)
     ds = counts = None
     if cfg.cache_bow and not done:
-        from embedjob.word2vec import plan_slices  # the token shards' row counts, from their footers
+        from embedjob.word2vec import (
+            plan_slices,  # the token shards' row counts, from their footers
+        )
 
         # an upper bound on the documents (empty ones count here); the BoW itself is built below
         docs = sum(stop - start for _, start, stop in plan_slices(token_urls, out.storage_options, 1)[0])
@@ -1081,12 +1087,6 @@ class ThetaWriter:
             docs.append(table.num_rows)
             empty.append(int((pc.list_value_length(ids).to_numpy() == 0).sum()))
         return {"key": np.array(keys), "docs": np.array(docs), "empty": np.array(empty)}
-
-
-def shard_key_of(token_url: str) -> str:
-    """``.../tokens/part-00003.parquet`` -> ``part-00003``."""
-    name = token_url.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 
 def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], staging: str, *,

@@ -28,14 +28,11 @@ from typing import Any
 import pyarrow.compute as pc
 from gensim.corpora import Dictionary
 
+from embedjob.layout import DICTIONARY_GENSIM, DICTIONARY_JSON, DICTIONARY_TXT
 from embedjob.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
-VOCAB_DIR = "vocab"
-DICTIONARY_JSON = f"{VOCAB_DIR}/dictionary.json"  # what embedjob reads
-DICTIONARY_GENSIM = f"{VOCAB_DIR}/dictionary.gensim"  # gensim native (a pickle): for users only
-DICTIONARY_TXT = f"{VOCAB_DIR}/dictionary.txt"  # gensim save_as_text: for users
 DICTIONARY_FORMAT = "embedjob-dictionary-v1"
 
 

@@ -48,9 +48,18 @@ from pydantic import Field, model_validator
 
 from embedjob import raytrain
 from embedjob._config_base import Section
+from embedjob.errors import Word2VecTrainingError
 from embedjob.storage import Storage
-from embedjob.wordvectors import (KV_NAME, SAFE_FORMATS, WordVectorsError, is_pickle_name, pickle_refusal,
-                                  read_keyed_vectors, read_vector_folder, write_keyed_vectors)
+from embedjob.wordvectors import (
+    KV_NAME,
+    SAFE_FORMATS,
+    WordVectorsError,
+    is_pickle_name,
+    pickle_refusal,
+    read_keyed_vectors,
+    read_vector_folder,
+    write_keyed_vectors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -896,10 +905,6 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     finally:
         if tmp_storage:
             shutil.rmtree(tmp_storage, ignore_errors=True)
-
-
-class Word2VecTrainingError(RuntimeError):
-    """A Ray Train worker failed (after the configured restarts)."""
 
 
 def run_word2vec(cfg, out, token_urls: list[str]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from embedjob.errors import WordVectorsError
 from embedjob.storage import Storage, StorageError, join_url
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,6 @@ PICKLE_SUFFIXES = (".kv", ".model", ".pkl", ".pickle")
 PICKLE_OPCODE = b"\x80"  # first byte of every pickle of protocol 2 or later (gensim writes 4)
 SAFE_FORMATS = ("word2vec binary (.bin) or text (.txt, .vec, optionally .gz), or a float .npy matrix with "
                 "its words in <name>.vocab.txt beside it")
-
-
-class WordVectorsError(StorageError):
-    """A word-vector file cannot be read, or is refused because it is a pickle; the message names
-    the setting (or folder), the URL and the formats embedjob reads."""
 
 
 # -- names -----------------------------------------------------------------------------------------

@@ -22,18 +22,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.encode import ENCODER_NODE, ENCODER_RSS
-from embedjob.preprocess import EMPTY, TOKENS
-from embedjob.read import ROW, SHARD
+from embedjob.errors import IncompleteShardError
+from embedjob.layout import DONE, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS
+from embedjob.schema import (
+    EMPTY,
+    ENCODER_NODE,
+    ENCODER_RSS,
+    ROW,
+    SHARD,
+    TOKENS,
+    contiguous_runs,
+)
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-TMP = "_tmp"
-DONE = "_done"
-VECTORS = "vectors"
-TOKENS_DIR = "tokens"
-STATIC_PART_SUFFIX = ".static.parquet"
 
 
 def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:
@@ -75,15 +78,9 @@ class BlockWriter:
 
 def _contiguous_runs(batch: pa.Table):
     """(shard, rows) pieces of a batch, each a run of consecutive row indices of one shard."""
-    if batch.num_rows == 0:
-        return
-    batch = batch.sort_by([(SHARD, "ascending"), (ROW, "ascending")])
-    shards = batch.column(SHARD).to_numpy(zero_copy_only=False)
-    rows = batch.column(ROW).to_numpy()
-    breaks = np.flatnonzero((shards[1:] != shards[:-1]) | (np.diff(rows) != 1)) + 1
-    bounds = [0, *breaks.tolist(), batch.num_rows]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yield str(shards[a]), batch.slice(a, b - a)
+    shards = batch.column(SHARD).to_numpy(zero_copy_only=False).astype(str)
+    for shard, _, _, positions in contiguous_runs(shards, batch.column(ROW).to_numpy()):
+        yield shard, batch.take(pa.array(positions))
 
 
 REPORT_SCHEMA = pa.schema([
@@ -92,10 +89,6 @@ REPORT_SCHEMA = pa.schema([
     ("node", pa.string()),  # Ray node of the encoder actor that encoded these rows
     ("rss_mb", pa.float64()),  # peak RSS of that encoder actor when it encoded them (MiB)
 ])
-
-
-class IncompleteShardError(Exception):
-    pass
 
 
 def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expected_rows: int,

@@ -95,7 +95,6 @@ def test_topics_on_empty_bert_vectors_is_a_clear_error(tmp_path):
     from embedjob.static_vectors import build_keyed_vectors
     from embedjob.storage import Storage
     from embedjob.topics import TopicsConfig, TopicsError, resolve_embeddings
-
     from embedjob.wordvectors import write_keyed_vectors
 
     out = Storage(str(tmp_path))
@@ -176,7 +175,7 @@ def test_root_cause_unwraps_ray_task_errors():
     worker's traceback text; Ray Train's WorkerGroupError -> the worker's error."""
     from ray.exceptions import RayTaskError, UserCodeException
 
-    from embedjob.causes import RemoteError, root_cause
+    from embedjob.errors import RemoteError, root_cause
     from embedjob.raytrain import root_message
     from embedjob.read import InputError
 

@@ -24,7 +24,8 @@ import pytest
 
 from embedjob.cli import main
 from embedjob.config import build_config
-from embedjob.lease import LEASE_FILE, LeaseError, OutputLease
+from embedjob.layout import LEASE_FILE
+from embedjob.lease import LeaseError, OutputLease
 from embedjob.pipeline import run_job
 from embedjob.storage import Storage
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards

@@ -32,7 +32,6 @@ import yaml
 from embedjob import cli
 from embedjob.config import ConfigError, JobConfig, build_config
 from embedjob.storage import Storage
-
 from tests.conftest import SAMPLE_TEXTS, write_shards
 
 

@@ -26,7 +26,6 @@ from embedjob.index import (
 )
 from embedjob.storage import Storage
 from embedjob.wordvectors import write_keyed_vectors
-
 from tests.conftest import SAMPLE_TEXTS, write_shards
 
 

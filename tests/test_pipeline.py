@@ -43,7 +43,7 @@ def test_vectors_equal_sentence_transformers(ray_local, tmp_path, minilm_path):
 def test_every_row_exactly_once_with_empty_text_kept(ray_local, tmp_path, tiny_model):
     texts = SAMPLE_TEXTS + [None, "", "   "] + SAMPLE_TEXTS
     ids = write_shards(tmp_path / "in", texts, n_shards=4)
-    res = run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 16}))
+    run_job(_cfg(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 16}))
     out = tmp_path / "out"
     t = _read_vectors(out)
     assert sorted(t.column("id").to_pylist()) == sorted(ids)

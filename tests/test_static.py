@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.layout import PARTS_DIR
 from embedjob.static_vectors import (
-    PARTS_DIR,
     StaticVectorsError,
     choose_tiling,
     commit_static_parts,
@@ -71,9 +71,9 @@ def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_l
     """Preprocess -> EncodeActor (with the accumulator) -> commit_static_parts, in-process."""
     from embedjob.config import EncodeConfig, PreprocessConfig
     from embedjob.encode import EncodeActor
+    from embedjob.layout import STATIC_PART_SUFFIX, TMP
     from embedjob.preprocess import Preprocessor
     from embedjob.static_vectors import StaticConfig, static_actor_settings
-    from embedjob.write import STATIC_PART_SUFFIX, TMP
 
     out = Storage(str(tmp_path / "out"))
 
@@ -126,8 +126,9 @@ def test_truncated_word_is_not_counted_and_ids_match(tmp_path, tiny_model):
 
 def test_align_words_input_ids_equal_plain_tokenizer(minilm_path):
     from embedjob.config import PreprocessConfig
-    from embedjob.encode import INPUT_IDS, Tokenizer
+    from embedjob.encode import Tokenizer
     from embedjob.preprocess import Preprocessor
+    from embedjob.schema import INPUT_IDS
 
     settings = _encoder_settings(minilm_path, 16)
     texts = SAMPLE_TEXTS[:4] + [None, "  "]

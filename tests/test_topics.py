@@ -13,7 +13,6 @@ import pytest
 
 from embedjob.config import JobConfig
 from embedjob.storage import Storage
-from embedjob.wordvectors import write_keyed_vectors
 from embedjob.topics import (
     TopicsConfig,
     TopicsError,
@@ -29,6 +28,7 @@ from embedjob.topics import (
     top_words,
     topic_diversity,
 )
+from embedjob.wordvectors import write_keyed_vectors
 
 ANIMALS = ["cat", "dog", "hors", "cow", "sheep", "goat", "pig", "duck", "mous", "lion", "tiger", "wolf"]
 MONEY = ["bank", "stock", "share", "market", "price", "rate", "loan", "debt", "fund", "tax", "bond", "cash"]

@@ -297,7 +297,12 @@ def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
 def test_memory_groups_and_shared_arrays(tmp_path):
     """Workers are grouped by machine; a second model mapping the first one's files trains the very
     same weights (what two worker processes on one machine do, here in one process)."""
-    from embedjob.word2vec import memory_groups, share_arrays, trainable_arrays, trainable_slots
+    from embedjob.word2vec import (
+        memory_groups,
+        share_arrays,
+        trainable_arrays,
+        trainable_slots,
+    )
 
     assert memory_groups(["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.1"]) == [[0, 2], [1, 3]]
     docs = [d for d in synthetic_docs(400) if d]

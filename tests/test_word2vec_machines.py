@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from embedjob.word2vec import MACHINE_SIZE_ENV, train_word2vec
-from tests.test_word2vec import group_margin, group_of, small_cfg, synthetic_docs, write_token_shards
+from tests.test_word2vec import (
+    group_margin,
+    group_of,
+    small_cfg,
+    synthetic_docs,
+    write_token_shards,
+)
 
 
 @pytest.fixture(scope="module")

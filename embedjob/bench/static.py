@@ -23,7 +23,6 @@ import tempfile
 import time
 from typing import Any, Optional
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",

@@ -35,7 +35,6 @@ from typing import Any, Optional
 
 from embedjob.word2vec import Word2VecConfig
 
-
 DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
                                               "mixed-en"))
 
@@ -153,10 +152,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
 
     from embedjob.config import JobConfig, apply_override
+    from embedjob.layout import DICTIONARY_JSON
     from embedjob.storage import Storage
-    from embedjob.topics import (TopicsConfig, corpus_word_counts, evaluate_topics, filter_dictionary,
-                                 reference_texts, relevance, run_topics, top_words, vocab_list)
-    from embedjob.vocab import DICTIONARY_JSON, build_vocabulary, read_dictionary, write_dictionary
+    from embedjob.topics import (
+        TopicsConfig,
+        corpus_word_counts,
+        evaluate_topics,
+        filter_dictionary,
+        reference_texts,
+        relevance,
+        run_topics,
+        top_words,
+        vocab_list,
+    )
+    from embedjob.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.wordvectors import job_vectors_file
 
     started_ray = not ray.is_initialized()

@@ -1,0 +1,53 @@
+"""Every path under ``<output>/``: folders, file names, staged part names and markers.
+
+Ground floor: imports nothing of embedjob. A stage writes and reads its files by these names, so a
+reader (or a newcomer) finds what goes where in one place.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+# per-shard outputs: one <shard>.parquet each, committed together with the shard's done marker
+VECTORS = "vectors"
+TOKENS_DIR = "tokens"
+STATIC_DIR = "static"
+PARTS_DIR = f"{STATIC_DIR}/parts"  # per-shard static word-vector partial sums
+PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR)
+
+# bookkeeping
+TMP = "_tmp"  # staged parts of shards being written: _tmp/<shard>/<first>-<last>.parquet
+DONE = "_done"  # commit markers: _done/<shard>.json, and _done/stage-<name>.json for corpus stages
+STAGE_MARKER_PREFIX = "stage-"
+SUPERSEDED = "_superseded"  # outputs a rerun moved aside: _superseded/<run id>/<same path>
+LEASE_FILE = "_lease.json"  # the output's lease: one writer at a time
+STATS_DIR = "stats"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+STATIC_PART_SUFFIX = ".static.parquet"
+
+# corpus-wide stages
+VOCAB_DIR = "vocab"
+DICTIONARY_JSON = f"{VOCAB_DIR}/dictionary.json"  # what embedjob reads
+DICTIONARY_GENSIM = f"{VOCAB_DIR}/dictionary.gensim"  # gensim native (a pickle): for users only
+DICTIONARY_TXT = f"{VOCAB_DIR}/dictionary.txt"  # gensim save_as_text: for users
+WORD2VEC_DIR = "word2vec"
+TOPICS_DIR = "topics"
+CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
+INDEX_DIR = "index"
+
+
+def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:
+    """``_tmp/<shard>/<first row>-<last row><suffix>``: a retried block rewrites the same name."""
+    return f"{TMP}/{shard}/{row_start:012d}-{row_end:012d}{suffix}"
+
+
+def shard_key_of(url: str) -> str:
+    """The shard key of a per-shard output file: ``.../tokens/part-00003.parquet`` -> ``part-00003``."""
+    name = posixpath.basename(url.rstrip("/"))
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def stage_marker(name: str) -> str:
+    """``_done/stage-<name>.json``: the last success of a corpus-wide stage."""
+    return f"{DONE}/{STAGE_MARKER_PREFIX}{name}.json"

@@ -1,0 +1,36 @@
+"""Batch columns: the names of the columns that travel between stages inside a Ray Data pipeline,
+and the one cut of a batch into runs of consecutive rows of one shard.
+
+Ground floor: imports nothing of embedjob. Columns whose names start with ``_`` never reach an
+output file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHARD = "_shard"  # the input shard's key (its output name)
+ROW = "_row"  # the row's index in its shard: with SHARD, the identity behind exactly-once commits
+TOKENS = "tokens"  # gensim preprocess_string tokens (list<string>), written to tokens/<shard>.parquet
+EMPTY = "_empty"  # the text was null or blank
+INPUT_IDS = "_input_ids"  # BERT token ids of the document
+WORD_IDS = "_word_ids"  # per BERT token: index of its word occurrence in WORDS, -1 = not counted
+WORDS = "_words"  # per word occurrence: the vocabulary word ("" = not counted)
+ENCODER_NODE = "_encoder_node"  # Ray node of the encoder actor that encoded the row
+ENCODER_RSS = "_encoder_peak_rss_mb"  # the encoder actor process's peak resident memory so far (MiB)
+
+
+def contiguous_runs(shards: np.ndarray, rows: np.ndarray) -> list[tuple[str, int, int, np.ndarray]]:
+    """``(shard, first row, last row, positions)`` of each run of consecutive rows of one shard,
+    ordered by shard then row; ``positions`` index the batch in row order.
+
+    The write stage names its staged parts by these runs, and the static stage its partial sums:
+    both must cut alike for a shard's parts to tile it exactly once."""
+    n = len(rows)
+    if n == 0:
+        return []
+    order = np.lexsort((rows, shards))
+    s, r = shards[order], rows[order]
+    breaks = np.flatnonzero((s[1:] != s[:-1]) | (np.diff(r) != 1)) + 1
+    bounds = [0, *breaks.tolist(), n]
+    return [(str(s[a]), int(r[a]), int(r[b - 1]), order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
