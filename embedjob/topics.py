@@ -61,6 +61,7 @@ from embedjob._config_base import Section
 from embedjob.errors import TopicsError
 from embedjob.layout import CKPT_DIR, DICTIONARY_JSON, TOPICS_DIR, shard_key_of
 from embedjob.storage import StorageError
+from embedjob.token_shards import plan_slices
 from embedjob.vocab import build_vocabulary, read_dictionary
 from embedjob.wordvectors import (
     SAFE_FORMATS,
@@ -980,9 +981,6 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     done = bool(resume and resume["epoch"] >= cfg.epochs)
     ds = counts = None
     if cfg.cache_bow and not done:
-        from embedjob.word2vec import (
-            plan_slices,  # the token shards' row counts, from their footers
-        )
 
         # an upper bound on the documents (empty ones count here); the BoW itself is built below
         docs = sum(stop - start for _, start, stop in plan_slices(token_urls, out.storage_options, 1)[0])

@@ -17,12 +17,11 @@ import pytest
 
 from embedjob.config import ConfigError, JobConfig
 from embedjob.storage import Storage
+from embedjob.token_shards import plan_slices, read_slices
 from embedjob.word2vec import (
     Word2VecConfig,
     apply_init,
     new_model,
-    plan_slices,
-    read_slices,
     run_word2vec,
     split_segments,
     train_word2vec,
