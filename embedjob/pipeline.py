@@ -20,19 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from embedjob import __version__
+from embedjob.cluster import init_ray, plan_encoder
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
 from embedjob.errors import JobError, root_cause
 from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS
 from embedjob.lease import OutputLease
+from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
 from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
@@ -63,101 +63,6 @@ class JobResult:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "embedjob": __version__}
-    for pkg in ("ray", "torch", "transformers", "gensim", "pyarrow", "fsspec", "s3fs", "faiss-cpu", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def init_ray(cfg: JobConfig) -> dict[str, Any]:
-    """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, else start a local Ray in-process."""
-    import ray
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        mode = "existing"
-    elif address:
-        ray.init(address=address, log_to_driver=True)
-        mode = f"cluster {address}"
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-        mode = "local"
-    res = ray.cluster_resources()
-    logger.info("ray: %s, %d CPUs, %d GPUs, %d nodes", mode, int(res.get("CPU", 0)), int(res.get("GPU", 0)),
-                len([n for n in ray.nodes() if n.get("Alive")]))
-    return {"mode": mode, "resources": {k: v for k, v in res.items() if not k.startswith("node:")}}
-
-
-def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
-    """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster.
-
-    ``resources`` is ``ray.cluster_resources()``: one GPU actor per GPU, else CPU actors (with a
-    log line saying so). ``encode.resources`` (custom Ray resources per actor) caps the actor
-    count at what the cluster holds, unless ``encode.actors`` is set (an autoscaler may add the
-    nodes that hold them)."""
-    e = cfg.encode
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    if e.device == "cuda" and gpus == 0:
-        if not e.actors:
-            raise JobError("encode.device=cuda but the Ray cluster has no GPUs (set encode.device=auto or cpu, "
-                           "or encode.actors=N to wait for an autoscaler to add N GPU workers)")
-        logger.warning("encode: the cluster has no GPUs yet; asking for %d GPU actor(s), to be placed when the "
-                       "autoscaler adds GPU nodes", e.actors)
-    device = "cuda" if (e.device == "auto" and gpus > 0) or e.device == "cuda" else "cpu"
-    if e.actors:
-        actors = e.actors
-    elif device == "cuda":
-        actors = gpus
-    else:
-        actors = max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
-    if e.resources:
-        fit = min(int(resources.get(k, 0) // v) if v > 0 else actors for k, v in e.resources.items())
-        if fit == 0 and not e.actors:
-            raise JobError(f"encode.resources={dict(e.resources)} asks for resources the Ray cluster does not hold "
-                           f"(its custom resources: {_custom_resources(resources)}); start nodes with "
-                           "`ray start --resources`, or set encode.actors to wait for an autoscaler to add them")
-        if fit < actors and e.actors:
-            logger.warning("encode: encode.resources=%s fits %d of the %d actors (encode.actors) now; the rest "
-                           "wait for nodes that hold them", dict(e.resources), fit, actors)
-        elif fit < actors:
-            actors = fit
-    if device == "cuda":
-        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": e.cpus_per_actor,
-                "threads": e.threads_per_actor or 2}
-        logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
-    else:
-        threads = e.threads_per_actor or max(1, cpus // actors)
-        num_cpus = e.cpus_per_actor
-        if actors * num_cpus > cpus - 1:  # leave a CPU for the read/preprocess/write tasks
-            num_cpus = max(0.1, (cpus - 1) / actors) if cpus > 1 else 0.5
-            logger.info("encode: %d CPU(s) in the cluster: each encoder actor reserves %.2f CPU so the read "
-                        "and write tasks can run beside it", cpus, num_cpus)
-        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": num_cpus, "threads": threads}
-        if e.device == "auto":
-            logger.info("encode: no GPUs in the cluster, encoding with %d CPU actor(s) x %d threads", actors, threads)
-        else:
-            logger.info("encode: %d CPU actor(s) x %d threads (encode.device=cpu)", actors, threads)
-    if e.resources:
-        plan["resources"] = dict(e.resources)
-        logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
-    return plan
-
-
-def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in resources.items()
-            if not k.startswith("node:") and k not in ("CPU", "GPU", "memory", "object_store_memory")}
 
 
 def shard_stage_hash(cfg: JobConfig, encoder: dict[str, Any]) -> str:
@@ -248,7 +153,7 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
     committed = sorted(keep)
     if error is None:
         for name in ("read", "preprocess", "encode"):
-            out.write_json(f"stats/{name}.json", _stage_stats(name, status, shard_stats))
+            out.write_json(f"stats/{name}.json", stage_stats(name, status, shard_stats))
 
         # 4. corpus-wide stages over every kept shard
         token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
@@ -285,7 +190,7 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
             "shards": {s.key: redact_url(s.url) for s in shards},
             "ids": id_stats,
         },
-        "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | _marker_summary(v.get("marker"))
+        "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | marker_summary(v.get("marker"))
                    for k, v in sorted(status.items())},
         "totals": {
             "shards": len(shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
@@ -354,30 +259,6 @@ def _outputs_to_keep(cfg: JobConfig, status: dict[str, dict[str, Any]], previous
             reasons[key] = ("not in the input (output.removed_shards=move)" if same_recipe
                             else "not in the input, another recipe")
     return keep, reasons
-
-
-def _marker_summary(marker: Optional[dict[str, Any]]) -> dict[str, Any]:
-    if not marker:
-        return {}
-    keys = ("rows_in", "rows_out", "empty_text", "skipped_empty", "bert_tokens", "words", "outputs")
-    return {k: marker[k] for k in keys if k in marker}
-
-
-def _stage_stats(name: str, status: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
-    done = [v["marker"] for v in status.values() if v["status"] == "done"]
-    base = {"stage": name, "shards_processed": len(done),
-            "shards_skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
-            "shards_failed": sum(1 for v in status.values() if v["status"] == "failed")}
-    if name == "read":
-        base["rows"] = sum(m["rows_in"] for m in done)
-    elif name == "preprocess":
-        base["rows"] = sum(m["rows_in"] for m in done)
-        base["empty_text"] = sum(m["empty_text"] for m in done)
-        base["skipped_empty"] = sum(m["skipped_empty"] for m in done)
-        base["gensim_tokens"] = sum(m["words"] for m in done)
-    else:
-        base.update(stats)
-    return base
 
 
 BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pipeline

@@ -112,8 +112,9 @@ def test_kuberay_rayjob_manifest():
 
 
 def test_plan_encoder_sizes_the_pool_from_the_cluster(caplog):
+    from embedjob.cluster import plan_encoder
     from embedjob.config import build_config
-    from embedjob.pipeline import JobError, plan_encoder
+    from embedjob.errors import JobError
 
     gpus = plan_encoder(build_config({}), {"CPU": 32.0, "GPU": 4.0})
     assert (gpus["device"], gpus["actors"], gpus["num_gpus"]) == ("cuda", 4, 1)

@@ -1,0 +1,102 @@
+"""Where the job runs: starting or joining Ray, and sizing the encoder actor pool from the cluster.
+
+``init_ray(cfg)`` joins the cluster at ``ray.address`` / ``RAY_ADDRESS`` or starts a local Ray;
+``plan_encoder(cfg, resources)`` turns ``encode.*`` settings and ``ray.cluster_resources()`` into
+the actor pool's device, size, CPUs and threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from embedjob.errors import JobError
+
+if TYPE_CHECKING:
+    from embedjob.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(cfg: JobConfig) -> dict[str, Any]:
+    """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, else start a local Ray in-process."""
+    import ray
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        mode = "existing"
+    elif address:
+        ray.init(address=address, log_to_driver=True)
+        mode = f"cluster {address}"
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        mode = "local"
+    res = ray.cluster_resources()
+    logger.info("ray: %s, %d CPUs, %d GPUs, %d nodes", mode, int(res.get("CPU", 0)), int(res.get("GPU", 0)),
+                len([n for n in ray.nodes() if n.get("Alive")]))
+    return {"mode": mode, "resources": {k: v for k, v in res.items() if not k.startswith("node:")}}
+
+
+def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster.
+
+    ``resources`` is ``ray.cluster_resources()``: one GPU actor per GPU, else CPU actors (with a
+    log line saying so). ``encode.resources`` (custom Ray resources per actor) caps the actor
+    count at what the cluster holds, unless ``encode.actors`` is set (an autoscaler may add the
+    nodes that hold them)."""
+    e = cfg.encode
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if e.device == "cuda" and gpus == 0:
+        if not e.actors:
+            raise JobError("encode.device=cuda but the Ray cluster has no GPUs (set encode.device=auto or cpu, "
+                           "or encode.actors=N to wait for an autoscaler to add N GPU workers)")
+        logger.warning("encode: the cluster has no GPUs yet; asking for %d GPU actor(s), to be placed when the "
+                       "autoscaler adds GPU nodes", e.actors)
+    device = "cuda" if (e.device == "auto" and gpus > 0) or e.device == "cuda" else "cpu"
+    if e.actors:
+        actors = e.actors
+    elif device == "cuda":
+        actors = gpus
+    else:
+        actors = max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
+    if e.resources:
+        fit = min(int(resources.get(k, 0) // v) if v > 0 else actors for k, v in e.resources.items())
+        if fit == 0 and not e.actors:
+            raise JobError(f"encode.resources={dict(e.resources)} asks for resources the Ray cluster does not hold "
+                           f"(its custom resources: {_custom_resources(resources)}); start nodes with "
+                           "`ray start --resources`, or set encode.actors to wait for an autoscaler to add them")
+        if fit < actors and e.actors:
+            logger.warning("encode: encode.resources=%s fits %d of the %d actors (encode.actors) now; the rest "
+                           "wait for nodes that hold them", dict(e.resources), fit, actors)
+        elif fit < actors:
+            actors = fit
+    if device == "cuda":
+        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": e.cpus_per_actor,
+                "threads": e.threads_per_actor or 2}
+        logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
+    else:
+        threads = e.threads_per_actor or max(1, cpus // actors)
+        num_cpus = e.cpus_per_actor
+        if actors * num_cpus > cpus - 1:  # leave a CPU for the read/preprocess/write tasks
+            num_cpus = max(0.1, (cpus - 1) / actors) if cpus > 1 else 0.5
+            logger.info("encode: %d CPU(s) in the cluster: each encoder actor reserves %.2f CPU so the read "
+                        "and write tasks can run beside it", cpus, num_cpus)
+        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": num_cpus, "threads": threads}
+        if e.device == "auto":
+            logger.info("encode: no GPUs in the cluster, encoding with %d CPU actor(s) x %d threads", actors, threads)
+        else:
+            logger.info("encode: %d CPU actor(s) x %d threads (encode.device=cpu)", actors, threads)
+    if e.resources:
+        plan["resources"] = dict(e.resources)
+        logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
+    return plan
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in resources.items()
+            if not k.startswith("node:") and k not in ("CPU", "GPU", "memory", "object_store_memory")}
