@@ -27,14 +27,14 @@ from typing import Any, Callable, Optional
 
 from embedjob import __version__
 from embedjob.cluster import init_ray, plan_encoder
+from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.encode import resolve_encoder_settings
 from embedjob.errors import JobError, root_cause
-from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS
+from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
-from embedjob.progress import Progress
 from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.reconcile import (
     is_intact,
@@ -44,7 +44,7 @@ from embedjob.reconcile import (
 )
 from embedjob.redact import redact, redact_url
 from embedjob.storage import Storage
-from embedjob.vocab import build_vocabulary, write_dictionary
+from embedjob.vocab import run_vocab
 from embedjob.write import read_marker
 
 logger = logging.getLogger(__name__)
@@ -98,123 +98,169 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         return _run_leased(cfg, out, shards, id_stats, encoder, lease, t_start)
 
 
+@dataclass
+class _Run:
+    """What one run knows as it goes, handed from phase to phase of :func:`_run_leased`."""
+
+    cfg: JobConfig
+    out: Storage
+    shards: list[ShardInfo]
+    id_stats: dict[str, Any]
+    encoder: dict[str, Any]
+    lease: OutputLease
+    t_start: float
+    ray_info: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    stage_hash: str = ""
+    status: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> status, rows, marker
+    stages: dict[str, Any] = field(default_factory=dict)
+    keep: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> the marker whose files stay
+    superseded: dict[str, Any] = field(default_factory=dict)
+    error: Optional[Exception] = None
+
+
 def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats: dict[str, Any],
                 encoder: dict[str, Any], lease: OutputLease, t_start: float) -> JobResult:
     """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
-    inp, bad, run_id = cfg.input, [s for s in shards if s.error], lease.run_id
-    ray_info = init_ray(cfg)
-    plan = plan_encoder(cfg, ray_info["resources"])
-    if plan["device"] == "cuda":
-        encoder["dtype"] = resolve_encoder_settings(cfg.encode, "cuda")["dtype"]
-    encoder["device"] = plan["device"]
-    stage_hash = shard_stage_hash(cfg, encoder)
-
-    # 2. which shards need work: a committed shard is skipped when its input, recipe and files are intact
+    run = _Run(cfg, out, shards, id_stats, encoder, lease, t_start)
+    _start_ray(run)
     previous = read_shard_markers(out)
-    files = list_shard_files(out)
+    todo = _plan_shards(run, previous)
+    _encode_shards(run, todo)
+    # one recipe in the output: keep what this run vouches for, move the rest aside
+    run.keep, reasons = _outputs_to_keep(cfg, run.status, previous, run.stage_hash)
+    lease.check()  # another run took the output over: move nothing, leave the manifest to it
+    run.superseded = reconcile_outputs(out, keep=run.keep, markers=previous, reasons=reasons, run_id=lease.run_id)
+    if run.error is None:
+        for name in ("read", "preprocess", "encode"):
+            out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages["encode"]))
+        _corpus_stages(run)
+    lease.check()  # another run took the output over: leave the manifest to it
+    manifest = _manifest(run)
+    out.write_json("config.json", redact(cfg.model_dump(mode="json")))
+    out.write_json("manifest.json", manifest)  # written last, on success and on failure
+    committed, failed = manifest["totals"]["committed_shards"], manifest["totals"]["failed"]
+    if run.error is not None:
+        logger.error("failed after %.1fs; manifest.json records what was committed (%d shards)",
+                     time.time() - t_start, committed)
+        raise run.error
+    logger.info("done in %.1fs: %d shards committed (%d new), %d failed; output %s", time.time() - t_start,
+                committed, manifest["totals"]["done"], failed, out.url())
+    return JobResult(out.url(), manifest, sorted(k for k, v in run.status.items() if v["status"] == "failed"))
+
+
+def _start_ray(run: _Run) -> None:
+    """Start or join Ray, size the encoder pool, and fix the recipe (the shard stage hash)."""
+    run.ray_info = init_ray(run.cfg)
+    run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
+    if run.plan["device"] == "cuda":
+        run.encoder["dtype"] = resolve_encoder_settings(run.cfg.encode, "cuda")["dtype"]
+    run.encoder["device"] = run.plan["device"]
+    run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
+
+
+def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardInfo]:
+    """The shards that need work; a committed shard is skipped when its input, recipe and files
+    are intact. Bad shards are recorded as failed."""
+    files = list_shard_files(run.out)
     todo: list[ShardInfo] = []
-    status: dict[str, dict[str, Any]] = {}
-    for s in shards:
+    for s in run.shards:
         if s.error:
-            status[s.key] = {"status": "failed", "url": s.url, "reason": s.error}
+            run.status[s.key] = {"status": "failed", "url": s.url, "reason": s.error}
             continue
-        marker = None if cfg.output.overwrite else previous.get(s.key)
-        if (marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == stage_hash
+        marker = None if run.cfg.output.overwrite else previous.get(s.key)
+        if (marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == run.stage_hash
                 and is_intact(marker, files, s.key)):
-            status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
-                             "marker": marker}
+            run.status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
+                                 "marker": marker}
         else:
             todo.append(s)
     logger.info("shards: %d to process, %d unchanged, %d bad", len(todo),
-                sum(1 for v in status.values() if v["status"] == "skipped-unchanged"), len(bad))
+                sum(1 for v in run.status.values() if v["status"] == "skipped-unchanged"),
+                sum(1 for s in run.shards if s.error))
+    return todo
 
-    stages: dict[str, Any] = {}
-    error: Optional[Exception] = None
+
+def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:
+    """The per-shard stages over ``todo``; a failure is recorded in ``run.error`` with the shards
+    committed before it."""
     t0 = time.time()
     try:
-        processed, failures, shard_stats = run_shard_stages(cfg, out, todo, encoder, plan, stage_hash)
+        processed, failures, shard_stats = run_shard_stages(run.cfg, run.out, todo, run.encoder, run.plan,
+                                                            run.stage_hash)
     except (JobError, InputError) as e:  # what was committed before the failure is kept and recorded
-        error, processed, failures = e, getattr(e, "committed", {}), {}
+        run.error, processed, failures = e, getattr(e, "committed", {}), {}
         shard_stats = {"error": str(e)}
+    status = run.status
     for key, marker in processed.items():
         status[key] = {"status": "done", "url": marker["input"]["url"], "rows": marker["rows_out"], "marker": marker}
     for key, reason in failures.items():
-        status[key] = {"status": "failed", "url": next(s.url for s in shards if s.key == key), "reason": reason}
+        status[key] = {"status": "failed", "url": next(s.url for s in run.shards if s.key == key), "reason": reason}
     for s in todo:
         if s.key not in status:  # not reached: the job stopped first
-            status[s.key] = {"status": "failed", "url": s.url, "reason": f"not processed: the job stopped ({error})"}
+            status[s.key] = {"status": "failed", "url": s.url,
+                             "reason": f"not processed: the job stopped ({run.error})"}
     shard_stats["seconds"] = round(time.time() - t0, 3)
-    stages["encode"] = shard_stats
+    run.stages["encode"] = shard_stats
 
-    # 3. one recipe in the output: keep what this run vouches for, move the rest aside
-    keep, reasons = _outputs_to_keep(cfg, status, previous, stage_hash)
-    lease.check()  # another run took the output over: move nothing, leave the manifest to it
-    superseded = reconcile_outputs(out, keep=keep, markers=previous, reasons=reasons, run_id=run_id)
-    committed = sorted(keep)
-    if error is None:
-        for name in ("read", "preprocess", "encode"):
-            out.write_json(f"stats/{name}.json", stage_stats(name, status, shard_stats))
 
-        # 4. corpus-wide stages over every kept shard
-        token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
-        vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
-        fingerprints = {k: keep[k].get("input") for k in committed}
-        inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
-            "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
-                             "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
-            "vectors": _hash({"shards": fingerprints, "stage": stage_hash}),
-        }
-        try:
-            run_corpus_stages(cfg, out, token_urls, vector_urls, committed, encoder, inputs_hash, stages=stages)
-        except JobError as e:
-            error = e
+def _corpus_stages(run: _Run) -> None:
+    """The corpus-wide stages over every kept shard; a failure is recorded in ``run.error``."""
+    cfg, out, inp = run.cfg, run.out, run.cfg.input
+    committed = sorted(run.keep)
+    token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
+    vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
+    fingerprints = {k: run.keep[k].get("input") for k in committed}
+    inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
+        "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
+                         "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
+        "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
+    }
+    try:
+        run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages)
+    except JobError as e:
+        run.error = e
 
-    failed = sorted(k for k, v in status.items() if v["status"] == "failed")
-    lease.check()  # another run took the output over: leave the manifest to it
-    manifest = {
+
+def _manifest(run: _Run) -> dict[str, Any]:
+    """``manifest.json``: what this run read, made, kept and moved aside, and how it went."""
+    cfg, inp, status, keep = run.cfg, run.cfg.input, run.status, run.keep
+    failed = sum(1 for v in status.values() if v["status"] == "failed")
+    return {
         "embedjob_version": __version__,
         "job": cfg.name,
-        "run_id": run_id,
-        "status": "failed" if error is not None else ("partial" if failed else "ok"),
-        **({"error": str(error)} if error is not None else {}),
+        "run_id": run.lease.run_id,
+        "status": "failed" if run.error is not None else ("partial" if failed else "ok"),
+        **({"error": str(run.error)} if run.error is not None else {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_seconds": round(time.time() - t_start, 3),
+        "wall_seconds": round(time.time() - run.t_start, 3),
         "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
-        "ray": ray_info,
-        "encoder": {**encoder, "actors": plan},
-        "recipe": stage_hash,
+        "ray": run.ray_info,
+        "encoder": {**run.encoder, "actors": run.plan},
+        "recipe": run.stage_hash,
         "input": {
             "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,
             "storage_options": redact(inp.storage_options),
-            "shards": {s.key: redact_url(s.url) for s in shards},
-            "ids": id_stats,
+            "shards": {s.key: redact_url(s.url) for s in run.shards},
+            "ids": run.id_stats,
         },
         "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | marker_summary(v.get("marker"))
                    for k, v in sorted(status.items())},
         "totals": {
-            "shards": len(shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
+            "shards": len(run.shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
             "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
             "kept_not_in_input": sum(1 for v in status.values() if v["status"] == "kept-not-in-input"),
-            "failed": len(failed),
-            "committed_shards": len(committed),
+            "failed": failed,
+            "committed_shards": len(keep),
             # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
-            "rows_out": sum(int(keep[k].get("rows_out") or 0) for k in committed),
+            "rows_out": sum(int(m.get("rows_out") or 0) for m in keep.values()),
         },
-        "superseded": superseded,
-        "stages": stages,
+        "superseded": run.superseded,
+        "stages": run.stages,
         "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
                     "superseded": SUPERSEDED + "/"},
     }
-    out.write_json("config.json", redact(cfg.model_dump(mode="json")))
-    out.write_json("manifest.json", manifest)  # written last, on success and on failure
-    if error is not None:
-        logger.error("failed after %.1fs; manifest.json records what was committed (%d shards)",
-                     time.time() - t_start, len(committed))
-        raise error
-    logger.info("done in %.1fs: %d shards committed (%d new), %d failed; output %s", time.time() - t_start,
-                len(committed), manifest["totals"]["done"], len(failed), out.url())
-    return JobResult(out.url(), manifest, failed)
 
 
 def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -270,23 +316,35 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     """read -> preprocess -> encode -> staged write, committing shards as they complete.
 
     Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
-    import numpy as np
+    commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash)
+    if not todo:
+        return {}, {}, commits.stats
+    for s in todo:  # leftovers of an interrupted run are never mixed with new parts
+        out.delete(f"{TMP}/{s.key}", recursive=True)
+    ds = _shard_dataset(cfg, out, todo, encoder, plan)
+    commits.start()
+    try:
+        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            commits.add_report(rep)
+    except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
+        err = commits.failed(e)
+        raise err from (None if isinstance(err, InputError) else e)
+    return commits.finish()
+
+
+def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+                   plan: dict[str, Any]):
+    """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
+    write; each output row reports one staged part (shard, row range, counts)."""
     import ray
     from ray.data import DataContext
 
     from embedjob.encode import EncodeActor
     from embedjob.preprocess import preprocess_batch
     from embedjob.read import ShardDatasource
-    from embedjob.write import commit_shard, write_block
+    from embedjob.write import write_block
 
-    stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"], "device": plan["device"],
-                             "dtype": encoder["dtype"], "actor_nodes": {}}
-    if not todo:
-        return {}, {}, stats
     inp = cfg.input
-    for s in todo:  # leftovers of an interrupted run are never mixed with new parts
-        out.delete(f"{TMP}/{s.key}", recursive=True)
-
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.execution_options.preserve_order = False
@@ -327,154 +385,58 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], **actor_args,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         write_block, fn_kwargs={"out_url": out.url(), "storage_options": out.storage_options,
-                                            "id_column": inp.id_column},
+                                "id_column": inp.id_column},
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
     )
 
-    commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
-    by_key = {s.key: s for s in todo}
-    covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
-    pending: dict[str, Any] = {}
-    markers: dict[str, Any] = {}
-    failures: dict[str, str] = {}
-    total_rows = sum(s.num_rows for s in todo)
-    progress = Progress("encode", total=total_rows, unit="docs")
-
-    def submit(key: str) -> None:
-        s = by_key[key]
-        marker = {"input": s.fingerprint(), "stage_hash": stage_hash, "encoder": {
-            k: encoder[k] for k in ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype")}}
-        pending[key] = commit.remote(out.url(), out.storage_options, key, s.num_rows, inp.on_empty_text, marker,
-                                     encoder.get("dim"))
-
-    for s in todo:
-        if s.num_rows == 0:
-            submit(s.key)
-    first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
-    tokens_after_first = 0
-    try:
-        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            now = time.time()
-            if first_output is None:
-                first_output = now
-            else:
-                tokens_after_first += int(sum(rep.column("tokens").to_pylist()))
-            last_output = now
-            for r in rep.to_pylist():
-                cov = covered[r["shard"]]
-                new = int((~cov[r["row_start"]: r["row_end"] + 1]).sum())
-                cov[r["row_start"]: r["row_end"] + 1] = True
-                stats["documents"] += new
-                stats["bert_tokens"] += r["tokens"] if new else 0
-                if r.get("rss_mb") and r["rss_mb"] > stats.get("encoder_peak_rss_mb", 0.0):
-                    # peak RSS of the encoder actors and when it grew: [documents done, MiB]
-                    stats["encoder_peak_rss_mb"] = r["rss_mb"]
-                    stats.setdefault("encoder_rss_growth", []).append([stats["documents"], r["rss_mb"]])
-                if new and r.get("node"):  # documents encoded per Ray node (where the actors ran)
-                    stats["actor_nodes"][r["node"]] = stats["actor_nodes"].get(r["node"], 0) + new
-                progress.update(new, tokens=r["tokens"] if new else 0,
-                                extra=f"{len(markers) + len(pending)}/{len(todo)} shards written")
-                if new and cov.all() and r["shard"] not in pending:
-                    submit(r["shard"])
-    except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
-        _settle(pending, markers, failures)
-        cause = _root_cause(e)
-        if isinstance(cause, InputError) and cause.shard in by_key:  # a Ray task knew only the shard's key
-            cause = cause.naming(by_key[cause.shard].url)
-        if isinstance(cause, InputError) and inp.on_bad_shard == "fail":
-            cause.committed = dict(markers)  # type: ignore[attr-defined] - run_job records and keeps them
-            raise cause from None
-        err = JobError(f"encode stage failed ({len(markers)} shard(s) committed before the failure): {cause}")
-        err.committed = dict(markers)  # type: ignore[attr-defined]
-        raise err from e
-    _settle(pending, markers, failures)
-    progress.close()
-    for s in todo:  # shards whose reads failed under on_bad_shard=skip
-        if s.key not in markers and s.key not in failures:
-            reason = _failure_reason(out, s.key) or "not all rows were encoded"
-            failures[s.key] = reason
-            logger.error("shard %s failed: %s", s.url, reason)
-    for key in failures:  # the reason is in the manifest; a rerun starts the shard afresh anyway
-        out.delete(f"{TMP}/{key}", recursive=True)
-    if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
-        out.fs.rmdir(out.path(TMP))
-    if first_output is not None and last_output > first_output:
-        stats["steady_tokens_per_second"] = round(tokens_after_first / (last_output - first_output), 1)
-    stats["docs_per_second"] = round(stats["documents"] / max(progress.elapsed, 1e-9), 1)
-    stats["tokens_per_second"] = round(stats["bert_tokens"] / max(progress.elapsed, 1e-9), 1)
-    return markers, failures, stats
-
-
-def _settle(pending: dict[str, Any], markers: dict[str, Any], failures: dict[str, str]) -> None:
-    import ray
-
-    for key, ref in list(pending.items()):
-        try:
-            markers[key] = ray.get(ref)
-        except Exception as e:  # noqa: BLE001
-            failures[key] = f"commit failed: {_root_cause(e)}"
-        del pending[key]
-
-
-def _failure_reason(out: Storage, key: str) -> Optional[str]:
-    try:
-        return out.read_json(f"{TMP}/{key}/_FAILED.json").get("reason")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The user-facing error inside Ray's wrappers (RayTaskError, UserCodeException, Ray Train's),
-    with a one-line message (:func:`embedjob.errors.root_cause`)."""
-    return root_cause(e)
-
 
 # -- corpus-wide stages ------------------------------------------------------------------------
-def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
-                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str],
-                      stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Vocabulary, static vectors, Word2Vec, topics and indices, each skipped when its inputs and
-    settings are unchanged since its last success (recorded in ``_done/stage-<name>.json``).
+class CorpusStages:
+    """Runs corpus-wide stages, each skipped when its inputs (token or vector files), its settings
+    and the stages it reads are unchanged since its last success (``_done/stage-<name>.json``).
 
     Each stage's stats are added to ``stages`` as it ends, so a later stage's failure leaves the
     earlier ones on record."""
-    stages = {} if stages is None else stages
-    if not committed:
-        logger.warning("no committed shard: corpus-wide stages skipped")
-        return stages
 
-    def stage(name: str, settings: Any, fn: Callable[[], dict[str, Any]], deps: tuple[str, ...] = (),
-              reads: str = "tokens") -> None:
-        """Run one stage unless its inputs (token or vector files), its settings and the stages it
-        reads are unchanged."""
-        key = _hash({"inputs": inputs_hash[reads], "settings": settings,
-                     "deps": {d: stages[d].get("hash") for d in deps if d in stages}})
-        prev = None if cfg.output.overwrite else read_marker(out, f"stage-{name}")
+    def __init__(self, cfg: JobConfig, out: Storage, inputs_hash: dict[str, str], stages: dict[str, Any]):
+        self.cfg, self.out, self.inputs_hash, self.stages = cfg, out, inputs_hash, stages
+
+    def run(self, name: str, settings: Any, fn: Callable[[], dict[str, Any]], deps: tuple[str, ...] = (),
+            reads: str = "tokens") -> None:
+        key = _hash({"inputs": self.inputs_hash[reads], "settings": settings,
+                     "deps": {d: self.stages[d].get("hash") for d in deps if d in self.stages}})
+        prev = None if self.cfg.output.overwrite else read_marker(self.out, f"stage-{name}")
         if prev and prev.get("hash") == key:
             logger.info("%s: unchanged since its last run, kept", name)
-            stages[name] = {**prev.get("stats", {}), "status": "skipped-unchanged", "hash": key}
+            self.stages[name] = {**prev.get("stats", {}), "status": "skipped-unchanged", "hash": key}
             return
         t = time.time()
         logger.info("%s: started", name)
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
-            raise JobError(f"{name} stage failed: {_root_cause(e)} (the outputs of its last successful run, "
+            raise JobError(f"{name} stage failed: {root_cause(e)} (the outputs of its last successful run, "
                            "if any, are untouched)") from e
         result = {**result, "seconds": round(time.time() - t, 3)}
-        out.write_json(f"stats/{name}.json", result)
-        out.write_json(f"{DONE}/stage-{name}.json", {"hash": key, "stats": result})
-        stages[name] = {**result, "status": "done", "hash": key}
+        self.out.write_json(f"stats/{name}.json", result)
+        self.out.write_json(stage_marker(name), {"hash": key, "stats": result})
+        self.stages[name] = {**result, "status": "done", "hash": key}
         logger.info("%s: done in %.1fs", name, time.time() - t)
 
-    def vocab() -> dict[str, Any]:
-        d = build_vocabulary(token_urls, out.storage_options)
-        write_dictionary(out, d)
-        return {"words": len(d), "documents": d.num_docs, "tokens": d.num_pos}
 
-    stage("vocab", cfg.preprocess.model_dump(), vocab)
+def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
+                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str],
+                      stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
+    that order (each reads what the ones before it wrote)."""
+    stages = {} if stages is None else stages
+    if not committed:
+        logger.warning("no committed shard: corpus-wide stages skipped")
+        return stages
+    stage = CorpusStages(cfg, out, inputs_hash, stages).run
+    stage("vocab", cfg.preprocess.model_dump(), lambda: run_vocab(out, token_urls))
     if cfg.static.enabled:
         from embedjob.static_vectors import run_static
 

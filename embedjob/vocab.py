@@ -129,3 +129,11 @@ def read_dictionary(out: Storage) -> Dictionary:
                            "with output.overwrite=true to write it again") from None
     d.id2token = {}
     return d
+
+
+def run_vocab(out: Storage, token_urls: list[str]) -> dict[str, Any]:
+    """Pipeline stage: the corpus-wide Dictionary of the token shards, written to ``vocab/``;
+    returns its stats."""
+    d = build_vocabulary(token_urls, out.storage_options)
+    write_dictionary(out, d)
+    return {"words": len(d), "documents": d.num_docs, "tokens": d.num_pos}

@@ -1,0 +1,151 @@
+"""Driver-side bookkeeping of the per-shard stream: which rows of each shard have been written,
+a commit task for each shard as soon as all its rows are (``write.commit_shard``), the encode
+counters and the progress line.
+
+The write stage reports one row per staged part (shard, row range, counts); a block that Ray ran
+twice reports the same rows twice and counts once, since rows are tracked per shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob.errors import InputError, JobError, root_cause
+from embedjob.layout import TMP
+from embedjob.progress import Progress
+from embedjob.read import ShardInfo
+from embedjob.storage import Storage
+from embedjob.write import commit_shard
+
+if TYPE_CHECKING:
+    from embedjob.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+MARKER_ENCODER_KEYS = ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype")
+
+
+class ShardCommits:
+    """Tracks the rows written per shard and commits each shard once all its rows are written."""
+
+    def __init__(self, cfg: "JobConfig", out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+                 plan: dict[str, Any], stage_hash: str):
+        self.cfg, self.out, self.todo, self.encoder, self.stage_hash = cfg, out, todo, encoder, stage_hash
+        self.by_key = {s.key: s for s in todo}
+        self.covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
+        self.pending: dict[str, Any] = {}  # shard -> commit task
+        self.markers: dict[str, Any] = {}
+        self.failures: dict[str, str] = {}
+        self.stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"],
+                                      "device": plan["device"], "dtype": encoder["dtype"], "actor_nodes": {}}
+        self.first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
+        self.last_output = 0.0
+        self.tokens_after_first = 0
+        self.progress: Optional[Progress] = None
+        self._commit = None
+
+    def start(self) -> None:
+        """Start the progress line; commit the empty shards at once (no row will report them)."""
+        import ray
+
+        self._commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
+        self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs")
+        for s in self.todo:
+            if s.num_rows == 0:
+                self.submit(s.key)
+
+    def submit(self, key: str) -> None:
+        s = self.by_key[key]
+        marker = {"input": s.fingerprint(), "stage_hash": self.stage_hash,
+                  "encoder": {k: self.encoder[k] for k in MARKER_ENCODER_KEYS}}
+        self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
+                                                self.cfg.input.on_empty_text, marker, self.encoder.get("dim"))
+
+    def add_report(self, rep: pa.Table) -> None:
+        """One batch of the write stage's reports."""
+        now = time.time()
+        if self.first_output is None:
+            self.first_output = now
+        else:
+            self.tokens_after_first += int(sum(rep.column("tokens").to_pylist()))
+        self.last_output = now
+        for r in rep.to_pylist():
+            self._add_part(r)
+
+    def _add_part(self, r: dict[str, Any]) -> None:
+        stats = self.stats
+        cov = self.covered[r["shard"]]
+        new = int((~cov[r["row_start"]: r["row_end"] + 1]).sum())
+        cov[r["row_start"]: r["row_end"] + 1] = True
+        stats["documents"] += new
+        stats["bert_tokens"] += r["tokens"] if new else 0
+        if r.get("rss_mb") and r["rss_mb"] > stats.get("encoder_peak_rss_mb", 0.0):
+            # peak RSS of the encoder actors and when it grew: [documents done, MiB]
+            stats["encoder_peak_rss_mb"] = r["rss_mb"]
+            stats.setdefault("encoder_rss_growth", []).append([stats["documents"], r["rss_mb"]])
+        if new and r.get("node"):  # documents encoded per Ray node (where the actors ran)
+            stats["actor_nodes"][r["node"]] = stats["actor_nodes"].get(r["node"], 0) + new
+        self.progress.update(new, tokens=r["tokens"] if new else 0,
+                             extra=f"{len(self.markers) + len(self.pending)}/{len(self.todo)} shards written")
+        if new and cov.all() and r["shard"] not in self.pending:
+            self.submit(r["shard"])
+
+    def settle(self) -> None:
+        """Wait for the commit tasks submitted so far."""
+        import ray
+
+        for key, ref in list(self.pending.items()):
+            try:
+                self.markers[key] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                self.failures[key] = f"commit failed: {root_cause(e)}"
+            del self.pending[key]
+
+    def failed(self, e: BaseException) -> Exception:
+        """The error to raise for a failure of the stream: the user's own error (an InputError
+        under on_bad_shard=fail) or a JobError; either carries the shards committed before it."""
+        self.settle()
+        cause = root_cause(e)
+        if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
+            cause = cause.naming(self.by_key[cause.shard].url)
+        if isinstance(cause, InputError) and self.cfg.input.on_bad_shard == "fail":
+            err: Exception = cause
+        else:
+            err = JobError(f"encode stage failed ({len(self.markers)} shard(s) committed before the failure): {cause}")
+        err.committed = dict(self.markers)  # type: ignore[attr-defined] - run_job records and keeps them
+        return err
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+        """After the stream: settle the commits, record the shards that never completed, clean up.
+        Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
+        self.settle()
+        self.progress.close()
+        out = self.out
+        for s in self.todo:  # shards whose reads failed under on_bad_shard=skip
+            if s.key not in self.markers and s.key not in self.failures:
+                reason = _failure_reason(out, s.key) or "not all rows were encoded"
+                self.failures[s.key] = reason
+                logger.error("shard %s failed: %s", s.url, reason)
+        for key in self.failures:  # the reason is in the manifest; a rerun starts the shard afresh anyway
+            out.delete(f"{TMP}/{key}", recursive=True)
+        if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
+            out.fs.rmdir(out.path(TMP))
+        stats = self.stats
+        if self.first_output is not None and self.last_output > self.first_output:
+            stats["steady_tokens_per_second"] = round(
+                self.tokens_after_first / (self.last_output - self.first_output), 1)
+        stats["docs_per_second"] = round(stats["documents"] / max(self.progress.elapsed, 1e-9), 1)
+        stats["tokens_per_second"] = round(stats["bert_tokens"] / max(self.progress.elapsed, 1e-9), 1)
+        return self.markers, self.failures, stats
+
+
+def _failure_reason(out: Storage, key: str) -> Optional[str]:
+    try:
+        return out.read_json(f"{TMP}/{key}/_FAILED.json").get("reason")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
