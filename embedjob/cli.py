@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_similar)
 
     for name, module, func, helptext in (
-        ("search", "embedjob.index", "main", "nearest documents to a query text (FAISS index of a finished job)"),
+        ("search", "embedjob.stages.index.stage", "main", "nearest documents to a query text (FAISS index of a finished job)"),
         ("topics", "embedjob.topics", "main", "print a finished job's topics with their coherence"),
     ):
         q = sub.add_parser(name, help=helptext, add_help=False)

@@ -12,7 +12,7 @@ import pytest
 
 from embedjob.config import JobConfig
 from embedjob.encode import vectors_to_arrow
-from embedjob.index import (
+from embedjob.stages.index.stage import (
     IndexConfig,
     Searcher,
     choose_kind,
@@ -147,7 +147,7 @@ def test_word_vector_indices(tmp_path):
     assert stats["words"]["word2vec"]["count"] == 40, stats
     assert "bert" in stats["words_skipped"]  # no static/vectors.bin
     assert out.exists("index/words-word2vec.faiss") and out.exists("index/words-word2vec_ids.parquet")
-    from embedjob.index import similar_words
+    from embedjob.stages.index.stage import similar_words
 
     top = similar_words(out.url(), {}, "word2vec", "w0", k=3)
     assert top[0]["word"] == "w1" and top[0]["score"] > 0.99
