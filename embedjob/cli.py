@@ -109,6 +109,17 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from embedjob.stages.index.search import search_report
+
+    in_opts = None if args.input_storage_option is None else _storage_options(args.input_storage_option)
+    text = search_report(args.output, args.query, k=args.k, storage_options=_storage_options(args.storage_option),
+                         input_storage_options=in_opts, words=args.words, as_json=args.json)
+    if text:
+        print(text)
+    return 0
+
+
 def _delegate(module: str, func: str = "main"):
     def run(args: argparse.Namespace) -> int:
         mod = importlib.import_module(module)
@@ -142,8 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec option for the output (dotted keys nest)")
     s.set_defaults(func=cmd_similar)
 
+    q = sub.add_parser("search", help="nearest documents to a query text (FAISS index of a finished job)",
+                       description="Nearest documents to a query text in a finished job's FAISS index; "
+                       "the query is encoded with the job's own model and settings (from manifest.json).")
+    q.add_argument("output", help="the job's output URL (path, s3://...)")
+    q.add_argument("query", help="query text (with --words NAME: a word)")
+    q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    q.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for the output (dotted keys nest: client_kwargs.endpoint_url=...)")
+    q.add_argument("--input-storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="fsspec option for reading the input shards' text (default: the manifest's, "
+                   "with the output's credentials when on the same store)")
+    q.add_argument("--words", metavar="NAME", help="search the word index NAME (word2vec, bert) for words near QUERY")
+    q.add_argument("--json", action="store_true", help="print the hits as one JSON object")
+    q.set_defaults(func=cmd_search)
+
     for name, module, func, helptext in (
-        ("search", "embedjob.index", "main", "nearest documents to a query text (FAISS index of a finished job)"),
         ("topics", "embedjob.topics", "main", "print a finished job's topics with their coherence"),
     ):
         q = sub.add_parser(name, help=helptext, add_help=False)

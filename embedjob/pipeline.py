@@ -454,7 +454,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
               lambda: run_topics(cfg, out, token_urls), deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
-        from embedjob.index import run_index
+        from embedjob.stages.index.stage import run_index
 
         # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
         # someone else put there) are not this run's to index.

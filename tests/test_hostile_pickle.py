@@ -233,7 +233,7 @@ def test_index_rerun_with_vector_stages_off_reads_no_word_vectors(finished, tmp_
 def test_index_stage_reads_word_vectors_from_safe_files(tmp_path):
     """With a vector stage enabled, its word index is built from vectors.bin; a vectors.kv beside it
     is never loaded."""
-    from embedjob.index import run_index
+    from embedjob.stages.index.stage import run_index
     from embedjob.wordvectors import write_keyed_vectors
     from tests.test_index import _write_vector_shards
 

@@ -10,20 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.cli import main as cli_main
 from embedjob.config import JobConfig
 from embedjob.encode import vectors_to_arrow
-from embedjob.index import (
-    IndexConfig,
-    Searcher,
+from embedjob.stages.index import IndexConfig
+from embedjob.stages.index.config import (
     choose_kind,
     default_nlist,
     default_pq_m,
-    load_index,
-    main,
     resolve_metric,
-    run_index,
-    search,
 )
+from embedjob.stages.index.search import Searcher, load_index, search
+from embedjob.stages.index.stage import run_index
 from embedjob.storage import Storage
 from embedjob.wordvectors import write_keyed_vectors
 from tests.conftest import SAMPLE_TEXTS, write_shards
@@ -147,7 +145,7 @@ def test_word_vector_indices(tmp_path):
     assert stats["words"]["word2vec"]["count"] == 40, stats
     assert "bert" in stats["words_skipped"]  # no static/vectors.bin
     assert out.exists("index/words-word2vec.faiss") and out.exists("index/words-word2vec_ids.parquet")
-    from embedjob.index import similar_words
+    from embedjob.stages.index.search import similar_words
 
     top = similar_words(out.url(), {}, "word2vec", "w0", k=3)
     assert top[0]["word"] == "w1" and top[0]["score"] > 0.99
@@ -192,10 +190,10 @@ def test_search_finds_document_by_its_own_text(tmp_path, minilm_path, capsys):
     assert {h["id"] for h in hits} <= {"doc-00002", "doc-00003", "doc-00009"}
 
     # the CLI: ids, scores and the start of the text
-    assert main([out.url(), SAMPLE_TEXTS[4], "-k", "2", "--json"]) == 0
+    assert cli_main(["search", out.url(), SAMPLE_TEXTS[4], "-k", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["hits"][0]["id"] == "doc-00004" and printed["hits"][0]["text_start"].startswith("The football")
-    assert main([out.url(), "a symphony concert", "-k", "1"]) == 0
+    assert cli_main(["search", out.url(), "a symphony concert", "-k", "1"]) == 0
     assert "doc-00011" in capsys.readouterr().out
 
 
@@ -254,3 +252,14 @@ def test_bench_index_small(tmp_path, capsys):
     for key in ("recall_at_10", "speedup", "qps_ann", "qps_exact", "n_vectors"):
         assert key in res
     assert res["n_vectors"] == 2900 and res["recall_at_10"] > 0.8
+
+
+def test_search_help_lists_its_flags(capsys):
+    """`embedjob search --help` is a real subcommand's help, not an error."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["search", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("output", "query", "-k", "--storage-option", "--input-storage-option",
+                 "--words", "--json", "dotted keys nest"):
+        assert flag in text, flag

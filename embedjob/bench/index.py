@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def load_job_vectors(output_url: str, storage_options: dict[str, Any], limit: Optional[int]) -> np.ndarray:
     """The non-null document vectors of a job output, in shard then row order."""
-    from embedjob.index import scan_vector_shard
+    from embedjob.stages.index.shards import scan_vector_shard
     from embedjob.storage import Storage, StorageError
 
     out = Storage(output_url, storage_options)
@@ -114,7 +114,9 @@ def run_bench(x: np.ndarray, *, kind: str, queries: int, k: int, batch_size: Opt
     import pyarrow as pa
 
     from embedjob.config import load_job
-    from embedjob.index import build_from_matrix, resolve_metric, set_search_params
+    from embedjob.stages.index.build import build_from_matrix
+    from embedjob.stages.index.config import resolve_metric
+    from embedjob.stages.index.faiss_index import set_search_params
 
     cfg = load_job(None, [f"index.kind={kind}", *overrides]).index
     rng = np.random.default_rng(seed)

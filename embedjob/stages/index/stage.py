@@ -1,0 +1,78 @@
+"""The index stage: build FAISS indices over the document vectors and word vectors of a job and
+commit them to ``<output>/index/``, only after everything succeeded:
+
+* ``index/docs.faiss`` — a plain FAISS index (``faiss.read_index`` reads it; no pickle). Its labels
+  are *positions* ``0..n-1``;
+* ``index/docs_ids.parquet`` — ``position`` -> ``id`` plus the ``shard`` key and ``row`` in
+  ``vectors/<shard>.parquet`` (rows with a null vector — empty text — are not indexed);
+* ``index/docs.json`` — kind, metric, FAISS factory string, search parameters, counts, build id;
+* ``index/words-<name>.faiss`` / ``words-<name>_ids.parquet`` / ``words-<name>.json`` for each set
+  of word vectors of a stage enabled in the run (``bert``: static, ``word2vec``), read from their
+  safe files (``vectors.bin``; never the pickled ``vectors.kv``); cosine: vectors are
+  L2-normalised and searched by inner product.
+
+Example::
+
+    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"], ["bert"])
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from embedjob.stages.index.build import BuiltIndex, build_docs_index, build_words_index
+from embedjob.stages.index.config import IndexConfig, index_files
+from embedjob.storage import Storage
+from embedjob.wordvectors import job_vectors_file, load_job_vectors
+
+if TYPE_CHECKING:
+    from embedjob.config import JobConfig
+
+
+def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
+    """Commit the id map, the metadata and the FAISS file (each an atomic write)."""
+    import faiss
+
+    files = index_files(built.meta["name"])
+    ids = built.ids.replace_schema_metadata({b"embedjob.build_id": built.meta["build_id"].encode()})
+    out.write_parquet(files["ids"], ids)
+    out.write_json(files["meta"], {**built.meta, "files": files})
+    out.write_bytes(files["index"], faiss.serialize_index(built.index).tobytes())
+    return files
+
+
+def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], encoder_settings: dict[str, Any],
+              word_vector_kinds: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the document index and one ``words-<kind>`` index per job word-vector set named in
+    ``word_vector_kinds`` (``'bert'``, ``'word2vec'``: the stages enabled in this run), read with
+    :func:`~embedjob.wordvectors.load_job_vectors` (never a pickle), and commit them to
+    ``<out>/index/`` once all are built. Returns the stage stats (with each index's description)."""
+    icfg: IndexConfig = cfg.index
+    opts = out.storage_options
+    t0 = time.time()
+    built = [build_docs_index(icfg, vector_urls, opts, bool(encoder_settings.get("normalize")))]
+    skipped: dict[str, str] = {}
+    if icfg.words:
+        for name in sorted(word_vector_kinds):
+            rel = job_vectors_file(name)
+            if not out.exists(rel):
+                skipped[name] = f"{out.url(rel)} does not exist"
+                continue
+            kv = load_job_vectors(out.url(), opts, name)
+            if len(kv) == 0:
+                skipped[name] = "no words"
+                continue
+            built.append(build_words_index(icfg, name, kv))
+    files = {}
+    for b in built:  # every index is built before any is written
+        files[b.meta["name"]] = write_index(out, b)
+    stats = {
+        "docs": {k: v for k, v in built[0].meta.items()},
+        "words": {b.meta["name"][len("words-"):]: b.meta for b in built[1:]},
+        "files": files,
+        "seconds_total": round(time.time() - t0, 3),
+    }
+    if skipped:
+        stats["words_skipped"] = skipped
+    return stats
