@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from embedjob._config_base import Section
 from embedjob.errors import ConfigError
 from embedjob.stages.index import IndexConfig
-from embedjob.static_vectors import StaticConfig
+from embedjob.stages.static import StaticConfig
 from embedjob.topics import TopicsConfig
 from embedjob.word2vec import Word2VecConfig
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from embedjob.models import model_defaults, model_fingerprint, resolve_model_path
 from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
+from embedjob.stages.static.accumulate import StaticAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +287,6 @@ class EncodeActor:
                                    num_threads=num_threads)
         self.static = None
         if static:
-            from embedjob.static_vectors import StaticAccumulator
-
             self.static = StaticAccumulator(self.encoder, **static)
         self.node_id = _ray_node_id()
         logger.info("encoder actor ready: %s on %s (%s), %d threads", settings["model"], settings["device"],

@@ -358,7 +358,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     ctx.raise_original_map_exception = True
     static = None
     if cfg.static.enabled:
-        from embedjob.static_vectors import static_actor_settings
+        from embedjob.stages.static.config import static_actor_settings
 
         static = static_actor_settings(cfg, out)
 
@@ -438,7 +438,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     stage = CorpusStages(cfg, out, inputs_hash, stages).run
     stage("vocab", cfg.preprocess.model_dump(), lambda: run_vocab(out, token_urls))
     if cfg.static.enabled:
-        from embedjob.static_vectors import run_static
+        from embedjob.stages.static.stage import run_static
 
         stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed), deps=("vocab",),
               reads="vectors")

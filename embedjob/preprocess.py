@@ -18,6 +18,7 @@ from gensim import parsing
 from gensim.parsing.preprocessing import STOPWORDS
 
 from embedjob.schema import EMPTY, TOKENS
+from embedjob.stages.static.align import align_words
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ class Preprocessor:
             tok = _tokenizer(self.encoder_settings["model_path"], self.encoder_settings["max_length"])
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
-                from embedjob.static_vectors import align_words
-
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
             else:
                 todo = [t for t, e in zip(texts, empty) if not e]

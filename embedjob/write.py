@@ -33,6 +33,7 @@ from embedjob.schema import (
     TOKENS,
     contiguous_runs,
 )
+from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     extra: dict[str, Any] = {}
     if static_parts:
-        from embedjob.static_vectors import commit_static_parts
-
         extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts],
                                                expected_rows=expected_rows)
     marker = dict(marker)

@@ -8,14 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.errors import StaticVectorsError
 from embedjob.layout import PARTS_DIR
-from embedjob.static_vectors import (
-    StaticVectorsError,
-    choose_tiling,
-    commit_static_parts,
-    part_table,
-    resolve_layers,
-)
+from embedjob.stages.static.config import resolve_layers
+from embedjob.stages.static.parts import choose_tiling, commit_static_parts, part_table
 from embedjob.storage import Storage
 from tests.conftest import SAMPLE_TEXTS, write_shards
 
@@ -73,7 +69,7 @@ def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_l
     from embedjob.encode import EncodeActor
     from embedjob.layout import STATIC_PART_SUFFIX, TMP
     from embedjob.preprocess import Preprocessor
-    from embedjob.static_vectors import StaticConfig, static_actor_settings
+    from embedjob.stages.static.config import StaticConfig, static_actor_settings
 
     out = Storage(str(tmp_path / "out"))
 
@@ -241,7 +237,7 @@ def test_job_writes_gensim_loadable_vectors_and_backfill_adds_only_new_shards(ra
 
 
 def test_normalize_query_word_uses_the_jobs_preprocessing(tmp_path):
-    from embedjob.static_vectors import normalize_query_word
+    from embedjob.similar import normalize_query_word
 
     out = Storage(str(tmp_path))
     out.write_json("manifest.json", {"config": {"preprocess": {"filters": ["lower", "stem_text"]}}})

@@ -1,0 +1,153 @@
+"""Encoder side of the static vectors: sum every counted word occurrence's pooled vector per (shard
+row run, word) while the encoder runs, and write one staged part per run.
+
+The encoder actors hand every model batch's hidden states to a :class:`StaticAccumulator` (a token
+hook of :meth:`embedjob.encode.TextEncoder.encode_ids`), so nothing runs a second BERT pass. The
+contextual vector of one occurrence pools the word's word pieces (``mean`` by default; ``first``,
+``last`` or ``max``) from the chosen layer(s), averaged when there are several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob.layout import STATIC_PART_SUFFIX, part_name
+from embedjob.schema import ROW, SHARD, WORD_IDS, WORDS, contiguous_runs
+from embedjob.stages.static.config import check_word_pooling, resolve_layers
+from embedjob.stages.static.parts import part_table
+from embedjob.storage import Storage
+
+
+def _row_runs(shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Run index of every row, and (shard, first row, last row) of each run of consecutive rows of
+    one shard — the write stage's cut (:func:`embedjob.schema.contiguous_runs`)."""
+    run_of = np.empty(len(rows), dtype=np.int64)
+    runs = []
+    for k, (shard, r0, r1, positions) in enumerate(contiguous_runs(shards, rows)):
+        run_of[positions] = k
+        runs.append((shard, r0, r1))
+    return run_of, runs
+
+
+@dataclass
+class _CallState:
+    """The word-slot bookkeeping of one encoder call (a slot = one (row run, word) pair)."""
+
+    runs: list[tuple[str, int, int]]  # (shard, first row, last row) per run
+    slot_of: dict[tuple[int, str], int]  # (run, word) -> slot
+    counts: np.ndarray  # occurrences per slot
+    tok_inst: list[np.ndarray]  # per kept doc: instance (word occurrence) index per token, -1 = none
+    inst_slot: list[np.ndarray]  # per kept doc: slot of each instance
+    sums: Any  # torch (slots, dim) float32 on the encoder's device
+
+
+class StaticAccumulator:
+    """Held by an encoder actor: sums every counted word occurrence's pooled vector per (shard row
+    run, word) while the encoder runs, then writes one staged part per run.
+
+    Use per encoder call: ``hook = acc.hook_for(batch, keep)``, ``encoder.encode_ids(..., token_hook=hook)``,
+    ``out = acc.attach(out)``."""
+
+    def __init__(self, encoder, *, out_url: str, storage_options: Optional[dict[str, Any]] = None,
+                 word_pooling: str = "mean", layers: Union[str, list[int]] = "last", **_ignored: Any):
+        self.encoder = encoder
+        self.torch = encoder.torch
+        self.pooling = check_word_pooling(word_pooling)
+        self.out = Storage(out_url, storage_options or {})
+        # The encoder returns these hidden states to the hook (None = last_hidden_state only).
+        encoder.output_hidden_layers = resolve_layers(layers, encoder.model.config.num_hidden_layers)
+        self.dim = encoder.dim
+        self._state: Optional[_CallState] = None
+
+    # one encoder call ----------------------------------------------------------------------------
+    def hook_for(self, batch: pa.Table, keep: np.ndarray):
+        """Prepare the word-slot bookkeeping of one encoder call; returns the token hook."""
+        run_of, runs = _row_runs(batch.column(SHARD).to_numpy(zero_copy_only=False).astype(str),
+                                 batch.column(ROW).to_numpy())
+        wid_col = batch.column(WORD_IDS).to_pylist()
+        words_col = batch.column(WORDS).to_pylist()
+        slot_of: dict[tuple[int, str], int] = {}
+        tok_inst: list[np.ndarray] = []
+        inst_slot: list[np.ndarray] = []
+        for row in np.flatnonzero(keep):
+            run = int(run_of[row])
+            words = words_col[row]
+            slots = np.empty(len(words), dtype=np.int64)
+            for w, word in enumerate(words):
+                key = (run, word)
+                s = slot_of.get(key)
+                if s is None:
+                    s = slot_of[key] = len(slot_of)
+                slots[w] = s
+            tok_inst.append(np.asarray(wid_col[row], dtype=np.int64))
+            inst_slot.append(slots)
+        n_slots = len(slot_of)
+        counts = np.bincount(np.concatenate(inst_slot) if inst_slot else np.zeros(0, np.int64),
+                             minlength=n_slots).astype(np.int64)
+        sums = self.torch.zeros((n_slots, self.dim), dtype=self.torch.float32, device=self.encoder.device)
+        self._state = _CallState(runs, slot_of, counts, tok_inst, inst_slot, sums)
+        return self._hook
+
+    def _hook(self, layers, mask, idx: np.ndarray) -> None:
+        torch = self.torch
+        st = self._state
+        h = layers[0].float() if len(layers) == 1 else torch.stack([x.float() for x in layers]).mean(0)
+        B, S, D = h.shape
+        pos, inst, slots = [], [], []
+        offset = 0
+        for r, j in enumerate(idx):
+            t = st.tok_inst[j]
+            p = np.flatnonzero(t >= 0)
+            pos.append(r * S + p)
+            inst.append(offset + t[p])
+            slots.append(st.inst_slot[j])
+            offset += len(st.inst_slot[j])
+        if offset == 0:
+            return
+        vec = self._pool(h.reshape(B * S, D), np.concatenate(pos), np.concatenate(inst), offset)
+        st.sums.index_add_(0, torch.from_numpy(np.concatenate(slots)).to(h.device), vec)
+
+    def _pool(self, flat, pos_a: np.ndarray, inst_a: np.ndarray, n_inst: int):
+        """One vector per word occurrence (``n_inst`` of them) from its pieces' rows ``pos_a`` of
+        ``flat`` (tokens x dim); ``inst_a`` is each piece's occurrence."""
+        torch = self.torch
+        dev = flat.device
+        D = flat.shape[1]
+        if self.pooling in ("first", "last"):
+            # pieces of one occurrence are consecutive, in position order
+            if self.pooling == "first":
+                _, pick = np.unique(inst_a, return_index=True)
+            else:
+                _, rev = np.unique(inst_a[::-1], return_index=True)
+                pick = len(inst_a) - 1 - rev
+            return flat.index_select(0, torch.from_numpy(pos_a[pick]).to(dev))
+        tok_vec = flat.index_select(0, torch.from_numpy(pos_a).to(dev))
+        inst_t = torch.from_numpy(inst_a).to(dev)
+        if self.pooling == "mean":
+            vec = torch.zeros((n_inst, D), dtype=torch.float32, device=dev).index_add_(0, inst_t, tok_vec)
+            n = torch.bincount(inst_t, minlength=n_inst).clamp_(min=1).unsqueeze(1)
+            return vec / n
+        # max
+        vec = torch.full((n_inst, D), float("-inf"), dtype=torch.float32, device=dev)
+        return vec.scatter_reduce_(0, inst_t.unsqueeze(1).expand(-1, D), tok_vec, "amax")
+
+    def attach(self, out: pa.Table) -> pa.Table:
+        """Write this call's staged parts (one per shard row run, also for runs without words, so the
+        parts tile the shard) and drop the word columns from the encoder's output."""
+        st, self._state = self._state, None
+        if st is None:
+            raise RuntimeError("StaticAccumulator.attach called without hook_for (one call per encoder batch)")
+        sums = st.sums.cpu().numpy()
+        by_run: list[list[tuple[str, int]]] = [[] for _ in st.runs]
+        for (run, word), s in st.slot_of.items():
+            by_run[run].append((word, s))
+        for (shard, r0, r1), items in zip(st.runs, by_run):
+            items.sort()
+            sl = np.fromiter((s for _, s in items), dtype=np.int64, count=len(items))
+            table = part_table([w for w, _ in items], st.counts[sl], sums[sl], self.dim)
+            self.out.write_parquet(part_name(shard, r0, r1, STATIC_PART_SUFFIX), table, compression="none")
+        return out.drop_columns([c for c in (WORD_IDS, WORDS) if c in out.column_names])

@@ -1,0 +1,107 @@
+"""Preprocessing side of the static vectors: map every BERT token to a vocabulary word occurrence.
+
+A BERT word (the fast tokenizer's pre-tokenised word, found with ``word_ids()``) counts only when the
+job's gensim filter chain, applied to the word alone, turns it into exactly one token that is among
+the document's own gensim tokens. So ``Cats`` is accumulated as ``cat`` with the default chain
+(stemming), stop words are skipped, and the static vectors' keys are the same strings as ``tokens/``
+and the Word2Vec vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+from gensim.parsing import preprocess_string
+
+from embedjob.schema import INPUT_IDS, TOKENS, WORD_IDS, WORDS
+
+_NORM_CACHE: dict[int, tuple[Any, dict[str, str]]] = {}
+_NORM_CACHE_MAX = 500_000
+
+
+def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
+    """The vocabulary word for one surface word: the gensim filter chain applied to the word alone;
+    "" when the chain drops it (stop word, too short, number) or splits it into several tokens."""
+    entry = _NORM_CACHE.get(id(filters))
+    if entry is None or entry[0] is not filters:
+        entry = _NORM_CACHE[id(filters)] = (filters, {})  # keeps `filters` alive, so the id stays its own
+    cache = entry[1]
+    got = cache.get(word)
+    if got is None:
+        toks = preprocess_string(word, filters)
+        got = toks[0] if len(toks) == 1 else ""
+        if len(cache) >= _NORM_CACHE_MAX:
+            cache.clear()
+        cache[word] = got
+    return got
+
+
+def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, tok, filters,
+                settings: dict[str, Any]) -> pa.Table:
+    """Add the columns that map every BERT token to a vocabulary word occurrence.
+
+    ``_word_ids`` (list<int32>, one per token of ``_input_ids``): index into the row's ``_words``,
+    -1 for special tokens and for words that are not counted; ``_words`` (list<string>): one
+    vocabulary word per counted word occurrence. ``_input_ids`` is (re)written from the same
+    tokenisation so the two always agree (same truncation). A word cut by truncation is not
+    counted (its pieces are incomplete)."""
+    n = len(texts)
+    todo = [i for i in range(n) if not empty[i]]
+    ids_col: list[Any] = [[] for _ in range(n)]
+    wid_col: list[Any] = [[] for _ in range(n)]
+    words_col: list[list[str]] = [[] for _ in range(n)]
+    if todo:
+        enc = tok.tok([texts[i] for i in todo], truncation=True, max_length=tok.max_length,
+                      add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False,
+                      return_token_type_ids=False)
+        doc_tokens = table.column(TOKENS).to_pylist() if TOKENS in table.column_names else None
+        for k, i in enumerate(todo):
+            ids = enc["input_ids"][k]
+            allowed = set(doc_tokens[i]) if doc_tokens is not None else None
+            truncated = len(ids) >= tok.max_length
+            ids_col[i] = ids
+            wid_col[i], words_col[i] = _align_doc(texts[i], enc.word_ids(k), enc["offset_mapping"][k],
+                                                  truncated, allowed, filters)
+    return _with_alignment(table, ids_col, wid_col, words_col)
+
+
+def _align_doc(text: str, word_ids: list[Optional[int]], offsets, truncated: bool,
+               allowed: Optional[set[str]], filters) -> tuple[list[int], list[str]]:
+    """One document: (word index per token, -1 = not counted; the counted vocabulary words)."""
+    last_word = None
+    if truncated:
+        last_word = next((w for w in reversed(word_ids) if w is not None), None)
+    # character span of each word (first piece's start .. last piece's end)
+    spans: dict[int, list[int]] = {}
+    for w, (a, b) in zip(word_ids, offsets):
+        if w is None:
+            continue
+        sp = spans.get(w)
+        if sp is None:
+            spans[w] = [a, b]
+        else:
+            sp[1] = b
+    local: dict[int, int] = {}
+    words: list[str] = []
+    for w, (a, b) in spans.items():
+        if w == last_word:
+            continue
+        v = normalize_word(text[a:b], filters)
+        if v and (allowed is None or v in allowed):
+            local[w] = len(words)
+            words.append(v)
+    return [-1 if w is None else local.get(w, -1) for w in word_ids], words
+
+
+def _with_alignment(table: pa.Table, ids_col: list[Any], wid_col: list[Any],
+                    words_col: list[list[str]]) -> pa.Table:
+    """``table`` with ``_input_ids`` set (replaced when present) and ``_word_ids``, ``_words`` appended."""
+    ids_arr = pa.array(ids_col, type=pa.list_(pa.int32()))
+    if INPUT_IDS in table.column_names:
+        table = table.set_column(table.column_names.index(INPUT_IDS), INPUT_IDS, ids_arr)
+    else:
+        table = table.append_column(INPUT_IDS, ids_arr)
+    table = table.append_column(WORD_IDS, pa.array(wid_col, type=pa.list_(pa.int32())))
+    return table.append_column(WORDS, pa.array(words_col, type=pa.list_(pa.string())))

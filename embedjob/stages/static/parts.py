@@ -1,0 +1,133 @@
+"""Static-vector part tables and the shard commit's merge of the staged parts.
+
+Every encoder call writes its sums per (shard, contiguous row run) to a staged part named by the row
+range (``_tmp/<shard>/<r0>-<r1>.static.parquet``); a retried call rewrites the same name. At shard
+commit :func:`commit_static_parts` picks staged parts whose row ranges tile the shard exactly (a stale
+part of a differently-cut retry is ignored; no tiling -> the commit fails and the shard is redone) and
+writes ``static/parts/<shard>.parquet`` before the shard's marker.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob.errors import StaticVectorsError
+from embedjob.layout import PARTS_DIR
+
+if TYPE_CHECKING:
+    from embedjob.storage import Storage
+
+_PART_RE = re.compile(r"(\d+)-(\d+)\.static\.parquet$")
+
+
+def part_table(words: list[str], counts: np.ndarray, sums: np.ndarray, dim: int) -> pa.Table:
+    """The parts' schema: ``word`` (string), ``count`` (int64 occurrences), ``sum``
+    (fixed_size_list<float32>[dim], sum of the occurrences' vectors)."""
+    flat = pa.array(np.ascontiguousarray(sums, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.table({
+        "word": pa.array(words, type=pa.string()),
+        "count": pa.array(np.asarray(counts, dtype=np.int64), type=pa.int64()),
+        "sum": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+
+
+def part_sums(table: pa.Table) -> np.ndarray:
+    """The ``sum`` column of a part table as a (rows, dim) array."""
+    col = table.column("sum").combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def choose_tiling(ranges: list[tuple[int, int]], n_rows: Optional[int] = None) -> Optional[list[int]]:
+    """Indices of ranges (inclusive ``(first, last)`` rows) that cover ``0 .. n_rows-1`` exactly once,
+    or None. ``n_rows`` defaults to the largest last row + 1. Depth-first, remembering dead ends,
+    so it is linear in the number of ranges for the usual one-or-two-candidates-per-row case."""
+    if not ranges:
+        return [] if not n_rows else None
+    end = (max(b for _, b in ranges) + 1) if n_rows is None else n_rows
+    if end <= 0:
+        return [] if end == 0 else None
+    starts: dict[int, list[int]] = {}
+    for i, (a, b) in enumerate(ranges):
+        if b >= a:
+            starts.setdefault(a, []).append(i)
+    for lst in starts.values():  # prefer longer runs (fewer parts), then later-listed
+        lst.sort(key=lambda i: (-ranges[i][1], -i))
+    # An explicit stack (no recursion limit): each frame is a row position and its untried candidates;
+    # path[k] is the range that led from frame k to frame k + 1.
+    dead: set[int] = set()
+    path: list[int] = []
+    frames = [(0, iter(starts.get(0, [])))]
+    while frames:
+        pos, candidates = frames[-1]
+        i = next(candidates, None)
+        if i is None:  # every range starting here leads to a dead end
+            dead.add(pos)
+            frames.pop()
+            if path:
+                path.pop()
+            continue
+        nxt = ranges[i][1] + 1
+        if nxt == end:
+            return path + [i]
+        if nxt in dead or nxt > end:
+            continue
+        path.append(i)
+        frames.append((nxt, iter(starts.get(nxt, []))))
+    return None
+
+
+def merge_part_tables(tables: list[pa.Table]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Sum ``count`` and ``sum`` by ``word`` over part tables: (sorted words, counts, float64 sums)."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float64)
+    words = np.concatenate([np.asarray(t.column("word").to_pylist(), dtype=object) for t in tables])
+    counts = np.concatenate([t.column("count").to_numpy() for t in tables])
+    sums = np.concatenate([part_sums(t) for t in tables]).astype(np.float64)
+    uniq, inv = np.unique(words.astype(str), return_inverse=True)
+    out_counts = np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.int64)
+    out_sums = np.zeros((len(uniq), sums.shape[1]), dtype=np.float64)
+    np.add.at(out_sums, inv, sums)
+    return uniq.tolist(), out_counts, out_sums
+
+
+def commit_static_parts(out: "Storage", shard: str, part_paths: list[str],
+                        expected_rows: Optional[int] = None) -> dict[str, Any]:
+    """Merge the staged static parts of one shard into ``static/parts/<shard>.parquet``.
+
+    Only parts whose row ranges tile the shard exactly are used (a retried call cut differently may
+    leave a stale part beside the complete set; it is ignored), so each row counts once. Raises
+    :class:`StaticVectorsError` when no tiling exists (the shard is then not committed and redone).
+    Returns a small summary for the shard's marker."""
+    ranges = [_row_range(shard, p) for p in part_paths]
+    pick = choose_tiling(ranges, expected_rows)
+    if pick is None:
+        have = ", ".join(f"{a}-{b}" for a, b in sorted(ranges)) or "none"
+        rows = f"rows 0-{expected_rows - 1}" if expected_rows else "its rows"
+        raise StaticVectorsError(
+            f"shard {shard}: the staged static parts ({have}) do not cover {rows} exactly once; "
+            "the shard is not committed and will be redone"
+        )
+    tables = [out.read_parquet(part_paths[i]) for i in sorted(pick, key=lambda i: ranges[i])]
+    dim = tables[0].schema.field("sum").type.list_size if tables else None
+    words, counts, sums = merge_part_tables(tables)
+    if not words:
+        sums = np.zeros((0, dim or 0), np.float64)
+    rel = f"{PARTS_DIR}/{shard}.parquet"
+    out.write_parquet(rel, part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0)))
+    return {"part": rel, "words": len(words), "occurrences": int(counts.sum()),
+            "staged_parts": len(pick), "stale_parts_ignored": len(part_paths) - len(pick)}
+
+
+def _row_range(shard: str, path: str) -> tuple[int, int]:
+    """(first, last) row of a staged part, from its name."""
+    m = _PART_RE.search(path)
+    if not m:
+        raise StaticVectorsError(f"shard {shard}: staged static part {path!r} is not named <first>-<last>"
+                                 ".static.parquet")
+    return int(m.group(1)), int(m.group(2))

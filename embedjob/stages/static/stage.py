@@ -1,0 +1,164 @@
+"""The corpus-wide static stage: merge the committed shards' parts into the static word vectors.
+
+:func:`run_static` merges ``static/parts/<shard>.parquet`` of the committed shards only, so a
+backfill adds just the new shards' contributions, averages each word's sum over its occurrences,
+and writes (:func:`embedjob.wordvectors.write_keyed_vectors`) ``static/vectors.bin`` (word2vec
+binary, loads with plain gensim; what embedjob reads back), ``static/vectors.vocab.txt`` (word
+counts) and ``static/vectors.kv`` (gensim native, a pickle: for users only) at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from embedjob.errors import StaticVectorsError
+from embedjob.layout import DONE, PARTS_DIR, STATIC_DIR
+from embedjob.stages.static.parts import part_sums
+from embedjob.wordvectors import (
+    BIN_NAME,
+    KV_NAME,
+    make_keyed_vectors,
+    write_keyed_vectors,
+)
+
+if TYPE_CHECKING:
+    from embedjob.config import JobConfig
+    from embedjob.stages.static.config import StaticConfig
+    from embedjob.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+STATIC_RECIPE = "bert_static_v1"
+
+
+def run_static(cfg: "JobConfig", out: "Storage", committed_shards: list[str]) -> dict[str, Any]:
+    """Pipeline stage: merge ``static/parts/<shard>.parquet`` of the committed shards, keep words
+    seen at least ``static.min_count`` times, and write ``static/vectors.bin``, ``vectors.vocab.txt``
+    and ``vectors.kv`` (only after everything succeeded; see :func:`embedjob.wordvectors.write_keyed_vectors`).
+    Returns stats."""
+    scfg: StaticConfig = cfg.static
+    present = _present_parts(out, committed_shards)
+    # pass 1: counts only, to apply min_count before touching the sums
+    totals, dim = _word_totals(out, present)
+    kept = sorted(w for w, c in totals.items() if c >= scfg.min_count)
+    counts = np.array([totals[w] for w in kept], dtype=np.int64)
+    # pass 2: sums of the kept words
+    sums = _kept_sums(out, present, kept, dim)
+    empty_reason = _empty_vocabulary_reason(totals, scfg.min_count, len(present))
+    if empty_reason:
+        logger.warning("static: no word vectors: %s; writing empty vector files (0 words)", empty_reason)
+    vectors = sums / np.maximum(counts, 1)[:, None] if len(kept) else sums
+    vectors = _postprocess(vectors, scfg.postprocess, scfg.abtt_components).astype(np.float32)
+    kv = build_keyed_vectors(kept, counts, vectors)
+    write_keyed_vectors(kv, out.child(STATIC_DIR))
+    logger.info("static: %d words (min_count=%d) from %d shard(s), %d occurrences", len(kept), scfg.min_count,
+                len(present), int(counts.sum()))
+    stats = {
+        "recipe": STATIC_RECIPE,
+        "words": len(kept),
+        "words_seen": len(totals),
+        "occurrences": int(sum(totals.values())),
+        "occurrences_kept": int(counts.sum()),
+        "shards": len(present),
+        "dim": dim,
+        "min_count": scfg.min_count,
+        "word_pooling": scfg.word_pooling,
+        "layers": scfg.layers,
+        "postprocess": scfg.postprocess,
+        "vectors": out.url(f"{STATIC_DIR}/{KV_NAME}"),
+        "word2vec_binary": out.url(f"{STATIC_DIR}/{BIN_NAME}"),
+    }
+    if empty_reason:
+        stats["empty_reason"] = empty_reason
+    return stats
+
+
+def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
+    """The ``static/parts/<shard>.parquet`` of the committed shards; a committed shard with rows
+    but no part is an error (a shard without rows may have none)."""
+    present = []
+    for key in committed_shards:
+        rel = f"{PARTS_DIR}/{key}.parquet"
+        if out.exists(rel):
+            present.append(rel)
+            continue
+        marker = _shard_marker(out, key) or {}
+        if marker.get("rows_in", 0) and "static" not in marker.get("outputs", {}):
+            raise StaticVectorsError(
+                f"shard {key} was committed without static word vector parts ({out.url(rel)} is missing); "
+                "rerun with output.overwrite=true to encode it again"
+            )
+        if marker.get("rows_in", 0):
+            raise StaticVectorsError(f"static word vector part {out.url(rel)} of shard {key} is missing")
+    return present
+
+
+def _shard_marker(out: "Storage", shard: str) -> Optional[dict[str, Any]]:
+    """The shard's done marker (``_done/<shard>.json``), None when missing or unreadable."""
+    try:
+        return out.read_json(f"{DONE}/{shard}.json")
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _word_totals(out: "Storage", present: list[str]) -> tuple[dict[str, int], int]:
+    """Occurrences per word over the parts, and the vectors' dimension (0 without parts)."""
+    totals: dict[str, int] = {}
+    dim = None
+    for rel in present:
+        t = out.read_parquet(rel, columns=["word", "count"])
+        for w, c in zip(t.column("word").to_pylist(), t.column("count").to_pylist()):
+            totals[w] = totals.get(w, 0) + c
+        if dim is None:
+            dim = out.read_parquet_schema(rel).field("sum").type.list_size
+    return totals, dim or 0
+
+
+def _kept_sums(out: "Storage", present: list[str], kept: list[str], dim: int) -> np.ndarray:
+    """float64 sums of the ``kept`` words over the parts (words are unique within one shard part)."""
+    index = {w: i for i, w in enumerate(kept)}
+    sums = np.zeros((len(kept), dim), dtype=np.float64)
+    for rel in present:
+        t = out.read_parquet(rel)
+        pos = np.fromiter((index.get(w, -1) for w in t.column("word").to_pylist()), dtype=np.int64,
+                          count=t.num_rows)
+        m = pos >= 0
+        if m.any():
+            sums[pos[m]] += part_sums(t)[m]
+    return sums
+
+
+def _postprocess(vectors: np.ndarray, mode: str, components: int) -> np.ndarray:
+    """``static.postprocess``: the vectors as they are, centred, or centred with the top
+    ``components`` principal directions removed (all-but-the-top)."""
+    if mode == "none" or len(vectors) == 0:
+        return vectors
+    x = vectors - vectors.mean(axis=0, keepdims=True)
+    if mode == "abtt" and components > 0:
+        k = min(components, x.shape[1], max(len(x) - 1, 0))
+        if k:
+            _, _, vt = np.linalg.svd(x, full_matrices=False)
+            top = vt[:k]
+            x = x - (x @ top.T) @ top
+    return x
+
+
+def build_keyed_vectors(words: list[str], counts: np.ndarray, vectors: np.ndarray):
+    """gensim KeyedVectors, most frequent first (ties by word), with each word's ``count`` attribute set."""
+    order = sorted(range(len(words)), key=lambda i: (-int(counts[i]), words[i]))
+    return make_keyed_vectors([words[i] for i in order], vectors[order], [int(counts[i]) for i in order])
+
+
+def _empty_vocabulary_reason(totals: dict[str, int], min_count: int, shards: int) -> Optional[str]:
+    """Why no word reached the static vocabulary (None when some did): an empty result is recorded,
+    not an error (a small or all-null corpus is a valid input)."""
+    if any(c >= min_count for c in totals.values()):
+        return None
+    if not totals:
+        return (f"no word of the job's vocabulary occurred in the {shards} committed shard(s) (empty or null "
+                "texts, or every token dropped by preprocessing)")
+    return (f"none of the {len(totals)} word(s) seen occurs static.min_count={min_count} times or more (the most "
+            f"frequent occurs {max(totals.values())} times); lower static.min_count for a small corpus")
