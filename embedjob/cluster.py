@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
+from pydantic import Field
+
+from embedjob._config_base import Section
 from embedjob.errors import JobError
 
 if TYPE_CHECKING:
     from embedjob.config import JobConfig
 
 logger = logging.getLogger(__name__)
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(
+        None,
+        description="Ray cluster to join; null = RAY_ADDRESS if set (as `ray job submit` sets it), "
+        "else a local Ray started in-process.",
+    )
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the in-process local Ray; null = all.")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of the in-process local Ray; null = detect.")
 
 
 def init_ray(cfg: JobConfig) -> dict[str, Any]:

@@ -18,9 +18,9 @@ import pyarrow as pa
 from embedjob.errors import InputError, JobError, root_cause
 from embedjob.layout import TMP
 from embedjob.progress import Progress
-from embedjob.read import ShardInfo
+from embedjob.stages.read import ShardInfo
+from embedjob.stages.write import commit_shard
 from embedjob.storage import Storage
-from embedjob.write import commit_shard
 
 if TYPE_CHECKING:
     from embedjob.config import JobConfig

@@ -29,13 +29,11 @@ from embedjob import __version__
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
-from embedjob.encode import resolve_encoder_settings
 from embedjob.errors import JobError, root_cause
 from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
-from embedjob.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.reconcile import (
     is_intact,
     list_shard_files,
@@ -43,9 +41,11 @@ from embedjob.reconcile import (
     reconcile_outputs,
 )
 from embedjob.redact import redact, redact_url
+from embedjob.stages.encode import resolve_encoder_settings
+from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
+from embedjob.stages.vocab import run_vocab
+from embedjob.stages.write import read_marker
 from embedjob.storage import Storage
-from embedjob.vocab import run_vocab
-from embedjob.write import read_marker
 
 logger = logging.getLogger(__name__)
 
@@ -339,10 +339,10 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     import ray
     from ray.data import DataContext
 
-    from embedjob.encode import EncodeActor
-    from embedjob.preprocess import preprocess_batch
-    from embedjob.read import ShardDatasource
-    from embedjob.write import write_block
+    from embedjob.stages.encode import EncodeActor
+    from embedjob.stages.preprocess import preprocess_batch
+    from embedjob.stages.read import ShardDatasource
+    from embedjob.stages.write import write_block
 
     inp = cfg.input
     ctx = DataContext.get_current()

@@ -9,10 +9,9 @@ from typing import Any, Optional
 
 from gensim.parsing import preprocess_string
 
-from embedjob.config import PreprocessConfig
 from embedjob.errors import StaticVectorsError
 from embedjob.layout import MANIFEST
-from embedjob.preprocess import build_filters
+from embedjob.stages.preprocess import PreprocessConfig, build_filters
 from embedjob.storage import Storage, StorageError
 from embedjob.wordvectors import load_job_vectors
 

@@ -60,9 +60,9 @@ from embedjob import raytrain
 from embedjob._config_base import Section
 from embedjob.errors import TopicsError
 from embedjob.layout import CKPT_DIR, DICTIONARY_JSON, TOPICS_DIR, shard_key_of
+from embedjob.stages.vocab import build_vocabulary, read_dictionary
 from embedjob.storage import StorageError
 from embedjob.token_shards import plan_slices
-from embedjob.vocab import build_vocabulary, read_dictionary
 from embedjob.wordvectors import (
     SAFE_FORMATS,
     VECTOR_FOLDERS,
@@ -555,7 +555,7 @@ class TrainedTopicModel:
 
     def infer_tokens(self, docs: Sequence[Sequence[str]]) -> np.ndarray:
         """Theta of new documents given as token lists (tokenise them as the job did:
-        ``embedjob.preprocess.preprocess_texts``)."""
+        ``embedjob.stages.preprocess.preprocess_texts``)."""
         ids, cnt = bow_from_token_lists(docs, self.vocab)
         return infer_theta(self.model, ids, cnt)
 
@@ -1106,7 +1106,7 @@ def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], 
 # the stage
 # ---------------------------------------------------------------------------------------------
 def load_job_dictionary(out, token_urls: list[str]):
-    """The job's dictionary, ``<out>/vocab/dictionary.json`` (:func:`embedjob.vocab.read_dictionary`;
+    """The job's dictionary, ``<out>/vocab/dictionary.json`` (:func:`embedjob.stages.vocab.read_dictionary`;
     never the pickled ``dictionary.gensim``), or, when there is none (an output written before it
     existed, or no vocab stage), built from the token shards."""
     if out.exists(DICTIONARY_JSON):

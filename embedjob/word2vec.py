@@ -6,7 +6,7 @@ shared memory, lock-free, exactly as gensim's own threads do (``share_memory``);
 different machines (or of every worker, with ``share_memory: false``) are combined with
 ``torch.distributed.all_reduce`` over gloo several times an epoch, as Spark MLlib does:
 
-1. the driver counts words over all token shards (:func:`embedjob.vocab.build_vocabulary`, Ray
+1. the driver counts words over all token shards (:func:`embedjob.stages.vocab.build_vocabulary`, Ray
    tasks) and every worker builds the *same* vocabulary from those counts with gensim's own rules
    (``min_count``, ``max_final_vocab``, ``sample``) and the *same* initial weights (same seed);
    the first worker of each machine then puts the trainable matrices in files on ``/dev/shm``
@@ -198,7 +198,7 @@ class Word2VecConfig(Section):
 # Building blocks (plain functions, testable without Ray)
 # ---------------------------------------------------------------------------------------------
 def word_frequencies(dictionary, min_count: int = 1) -> dict[str, int]:
-    """Corpus-wide word counts of a :func:`~embedjob.vocab.build_vocabulary` Dictionary, in its
+    """Corpus-wide word counts of a :func:`~embedjob.stages.vocab.build_vocabulary` Dictionary, in its
     deterministic id order (most frequent first, ties by word), words below ``min_count`` dropped
     (they can never enter gensim's vocabulary, so they need not travel to the workers)."""
     id2token = {i: w for w, i in dictionary.token2id.items()}
@@ -777,7 +777,7 @@ def train_word2vec(
             )
         t0 = time.time()
         if dictionary is None:
-            from embedjob.vocab import build_vocabulary
+            from embedjob.stages.vocab import build_vocabulary
 
             dictionary = build_vocabulary(token_urls, storage_options)
         word_freq = word_frequencies(dictionary, cfg.min_count)

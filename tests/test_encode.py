@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from embedjob.config import EncodeConfig
-from embedjob.encode import TextEncoder, resolve_dtype, token_budget_batches
+from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_dtype, token_budget_batches
 from tests.conftest import SAMPLE_TEXTS
 
 

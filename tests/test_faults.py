@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.pipeline import JobError, run_job
-from embedjob.read import InputError
+from embedjob.stages.read import InputError
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
 from tests.helpers import small_job
 

@@ -177,7 +177,7 @@ def test_root_cause_unwraps_ray_task_errors():
 
     from embedjob.errors import RemoteError, root_cause
     from embedjob.raytrain import root_message
-    from embedjob.read import InputError
+    from embedjob.stages.read import InputError
 
     orig = InputError("cannot read Parquet shard s3://b/p.parquet (at row 0): bad page\n"
                       "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).")

@@ -275,7 +275,7 @@ def test_safe_files_round_trip_fasttext_and_counts(tmp_path):
 def test_dictionary_json_round_trip(tmp_path):
     """vocab/dictionary.json keeps what topics and word2vec use: token ids, cfs, dfs, num_docs,
     num_pos, num_nnz."""
-    from embedjob.vocab import dictionary_from_counts, read_dictionary, write_dictionary
+    from embedjob.stages.vocab import dictionary_from_counts, read_dictionary, write_dictionary
 
     d = dictionary_from_counts(Counter({"cat": 5, "dog": 3, "bank": 3}), Counter({"cat": 2, "dog": 2, "bank": 1}),
                                num_docs=4, num_pos=11)

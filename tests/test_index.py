@@ -12,7 +12,7 @@ import pytest
 
 from embedjob.cli import main as cli_main
 from embedjob.config import JobConfig
-from embedjob.encode import vectors_to_arrow
+from embedjob.stages.encode import vectors_to_arrow
 from embedjob.stages.index import IndexConfig
 from embedjob.stages.index.config import (
     choose_kind,
@@ -153,8 +153,7 @@ def test_word_vector_indices(tmp_path):
 
 def _encoded_job(tmp_path, minilm_path, texts, n_shards=3):
     """A job output made by hand: input shards, vectors/ written with the real encoder, manifest."""
-    from embedjob.config import EncodeConfig
-    from embedjob.encode import TextEncoder, resolve_encoder_settings
+    from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
 
     inp = tmp_path / "in"
     write_shards(str(inp), texts, n_shards=n_shards)

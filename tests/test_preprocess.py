@@ -1,7 +1,6 @@
 import pyarrow as pa
 
-from embedjob.config import PreprocessConfig
-from embedjob.preprocess import Preprocessor, preprocess_texts
+from embedjob.stages.preprocess import PreprocessConfig, Preprocessor, preprocess_texts
 
 
 def test_default_chain_matches_gensim():

@@ -23,8 +23,7 @@ DOCS = [
 
 
 def _encoder_settings(model_path, max_length=None):
-    from embedjob.config import EncodeConfig
-    from embedjob.encode import resolve_encoder_settings
+    from embedjob.stages.encode import EncodeConfig, resolve_encoder_settings
 
     return resolve_encoder_settings(EncodeConfig(model=model_path, dtype="float32", max_length=max_length))
 
@@ -65,10 +64,9 @@ def _reference(model_path, texts, filters, pooling, layers, max_length):
 
 def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_length=None, calls=1):
     """Preprocess -> EncodeActor (with the accumulator) -> commit_static_parts, in-process."""
-    from embedjob.config import EncodeConfig, PreprocessConfig
-    from embedjob.encode import EncodeActor
     from embedjob.layout import STATIC_PART_SUFFIX, TMP
-    from embedjob.preprocess import Preprocessor
+    from embedjob.stages.encode import EncodeActor, EncodeConfig
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
     from embedjob.stages.static.config import StaticConfig, static_actor_settings
 
     out = Storage(str(tmp_path / "out"))
@@ -121,10 +119,9 @@ def test_truncated_word_is_not_counted_and_ids_match(tmp_path, tiny_model):
 
 
 def test_align_words_input_ids_equal_plain_tokenizer(minilm_path):
-    from embedjob.config import PreprocessConfig
-    from embedjob.encode import Tokenizer
-    from embedjob.preprocess import Preprocessor
     from embedjob.schema import INPUT_IDS
+    from embedjob.stages.encode import Tokenizer
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
 
     settings = _encoder_settings(minilm_path, 16)
     texts = SAMPLE_TEXTS[:4] + [None, "  "]

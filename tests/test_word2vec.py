@@ -84,7 +84,7 @@ def small_cfg(**kw) -> Word2VecConfig:
 def test_vocabulary_matches_gensim_rules():
     from gensim.models import Word2Vec
 
-    from embedjob.vocab import dictionary_from_counts
+    from embedjob.stages.vocab import dictionary_from_counts
 
     docs = synthetic_docs(400)
     cfs = {}

@@ -2,7 +2,7 @@
 
 On the same documents, in one process:
   (a) sentence-transformers ``encode()`` with its defaults (fp32, batches of 32);
-  (b) embedjob's :class:`~embedjob.encode.TextEncoder` alone (token-budget batches, configured dtype);
+  (b) embedjob's :class:`~embedjob.stages.encode.TextEncoder` alone (token-budget batches, configured dtype);
   (c) the full ``embedjob run`` pipeline's encode stage on local Ray (read -> preprocess -> encode
       actors -> write), on the same documents written as Parquet shards.
 
@@ -71,8 +71,8 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedjob.config import EncodeConfig, build_config
-    from embedjob.encode import TextEncoder
+    from embedjob.config import build_config
+    from embedjob.stages.encode import EncodeConfig, TextEncoder
 
     texts = load_texts(corpus, limit)
     if not texts:
@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from embedjob.config import EncodeConfig
+    from embedjob.stages.encode import EncodeConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)

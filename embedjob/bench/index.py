@@ -55,9 +55,8 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
     (cached as .npy under ``cache``, keyed by corpus, limit and model fingerprint)."""
     import pyarrow.parquet as pq
 
-    from embedjob.config import EncodeConfig
-    from embedjob.encode import TextEncoder, resolve_encoder_settings
     from embedjob.models import model_fingerprint
+    from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
     from embedjob.storage import Storage, list_shards
 
     cfg = EncodeConfig(model=model)

@@ -176,7 +176,7 @@ def _score(args, cfg, out_dir: str, docs: int, encoder: dict, job_seconds, docs_
     """WordSim-353 of the output's BERT static vectors and of gensim Word2Vec on its tokens."""
     from gensim.parsing import preprocess_string
 
-    from embedjob.preprocess import build_filters
+    from embedjob.stages.preprocess import build_filters
     from embedjob.wordvectors import load_job_vectors
 
     kv = load_job_vectors(out_dir, {}, "bert")

@@ -5,7 +5,7 @@ diversity (top 25) and training wall time.
 
 Steps, on the first ``--limit`` documents of ``--corpus``:
 
-1. tokens: the job's preprocessing (``embedjob.preprocess.preprocess_texts`` with the default
+1. tokens: the job's preprocessing (``embedjob.stages.preprocess.preprocess_texts`` with the default
    ``PreprocessConfig`` = gensim ``preprocess_string`` default filters), one Ray task per shard,
    written as the job's ``tokens/<shard>.parquet``; the corpus-wide Dictionary (``build_vocabulary``)
    as the job's ``vocab/dictionary.json`` (``write_dictionary``);
@@ -44,8 +44,7 @@ def tokenize_shard(url: str, dest: str, limit: Optional[int]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embedjob.config import PreprocessConfig
-    from embedjob.preprocess import preprocess_texts
+    from embedjob.stages.preprocess import PreprocessConfig, preprocess_texts
     from embedjob.storage import Storage
 
     table = Storage(url).read_parquet("", columns=["id", "text"])
@@ -153,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.layout import DICTIONARY_JSON
+    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.storage import Storage
     from embedjob.topics import (
         TopicsConfig,
@@ -165,7 +165,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         top_words,
         vocab_list,
     )
-    from embedjob.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.wordvectors import job_vectors_file
 
     started_ray = not ray.is_initialized()

@@ -37,8 +37,7 @@ def _tokenize_shard(args: tuple[str, dict, str, Optional[int]]) -> tuple[str, in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embedjob.config import PreprocessConfig
-    from embedjob.preprocess import preprocess_texts
+    from embedjob.stages.preprocess import PreprocessConfig, preprocess_texts
     from embedjob.storage import Storage
 
     url, opts, dest, max_docs = args

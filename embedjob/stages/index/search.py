@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedjob.encode import TextEncoder, cpu_supports_bf16
 from embedjob.layout import INDEX_DIR
 from embedjob.models import resolve_model_path
+from embedjob.stages.encode import TextEncoder, cpu_supports_bf16
 from embedjob.stages.index.config import DOCS, index_files
 from embedjob.stages.index.faiss_index import set_search_params
 from embedjob.storage import Storage, StorageError, split_url

@@ -2,7 +2,7 @@
 row run, word) while the encoder runs, and write one staged part per run.
 
 The encoder actors hand every model batch's hidden states to a :class:`StaticAccumulator` (a token
-hook of :meth:`embedjob.encode.TextEncoder.encode_ids`), so nothing runs a second BERT pass. The
+hook of :meth:`embedjob.stages.encode.TextEncoder.encode_ids`), so nothing runs a second BERT pass. The
 contextual vector of one occurrence pools the word's word pieces (``mean`` by default; ``first``,
 ``last`` or ``max``) from the chosen layer(s), averaged when there are several.
 """

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
+from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
 from embedjob.layout import DONE, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS
 from embedjob.schema import (
@@ -37,6 +39,38 @@ from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+
+class OutputConfig(Section):
+    url: str = Field("output/local", description="Folder to write all outputs to; any fsspec URL.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options for the output's fsspec filesystem."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Recompute every shard and stage even when committed outputs match (old outputs "
+        "are replaced only as new ones are committed).",
+    )
+    removed_shards: Literal["move", "keep"] = Field(
+        "move",
+        description="Committed outputs of shards no longer in the input: 'move' puts them under "
+        "_superseded/<run id>/ (the output mirrors the input; nothing is deleted); 'keep' keeps them, listed in "
+        "the manifest as kept-not-in-input and read by the corpus stages (for inputs whose old shards are "
+        "removed once processed). Outputs of another recipe (model, pooling, preprocessing...) are always "
+        "moved aside.",
+    )
+    lease_timeout_s: float = Field(
+        120.0, gt=0,
+        description="A run holds the output's lease (_lease.json) and refreshes it every lease_timeout_s / 4; "
+        "a second run on the same output stops at once while the lease is fresher than this, and takes it "
+        "over (with a warning) once it is older, i.e. its run was killed.",
+    )
+    force_unlock: bool = Field(
+        False,
+        description="Take over the output's lease even while another run holds it (`embedjob run "
+        "--force-unlock`); for the rare manual case of a run known to be gone. That run, if alive, stops "
+        "before writing its manifest.",
+    )
 
 
 

@@ -14,18 +14,59 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.types as pat
+from pydantic import Field
 
+from embedjob._config_base import Section
 from embedjob.errors import InputError, one_line
 from embedjob.schema import ROW, SHARD
 from embedjob.storage import Storage, StorageError, list_shards, shard_key
 
 logger = logging.getLogger(__name__)
+
+
+class InputConfig(Section):
+    url: str = Field(
+        "data/gensim-corpus",
+        description="Folder (searched recursively for *.parquet), glob or single Parquet file to read; "
+        "any fsspec URL (path, file://, memory://, s3://, gs://).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options for the input's fsspec filesystem, e.g. {client_kwargs: {endpoint_url: ...}}.",
+    )
+    id_column: str = Field("id", description="Column holding each document's unique id (kept in every output).")
+    text_column: str = Field("text", description="Column holding the document text (string).")
+    on_empty_text: Literal["keep", "skip", "fail"] = Field(
+        "keep",
+        description="Rows whose text is null or blank: 'keep' writes them with a null vector and "
+        "0 tokens, 'skip' leaves them out of the outputs; both count them in the stats. "
+        "'fail' stops the job naming the shard and id.",
+    )
+    on_bad_shard: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A shard that cannot be read or processed: 'fail' stops the job naming the file "
+        "(committed shards stay); 'skip' records it in the manifest and finishes with a non-zero exit.",
+    )
+    create_sample_if_missing: bool = Field(
+        False,
+        description="When the input URL holds no shards, first build the sample corpus there (real text from "
+        "gensim's test data: Lee news corpus + Wikipedia sample). Used by jobs/local.yaml.",
+    )
+    rows_per_block: int = Field(
+        4096, ge=1, description="Rows per Ray Data block read from a shard (the unit of work and of retries)."
+    )
+    on_duplicate_id: Literal["fail", "warn"] = Field(
+        "fail",
+        description="An id that occurs more than once (in one shard or across shards), found before any work "
+        "from the id column alone: 'fail' stops the job naming the id and its shards; 'warn' logs it, counts "
+        "duplicates in the manifest and goes on (the index then holds one vector per row, not per id).",
+    )
 
 
 

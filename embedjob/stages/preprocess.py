@@ -8,6 +8,7 @@ The batch transform is a plain function of a pyarrow table, testable without Ray
 
 from __future__ import annotations
 
+import difflib
 import logging
 from functools import lru_cache, partial
 from typing import Any, Callable, Optional
@@ -16,11 +17,51 @@ import numpy as np
 import pyarrow as pa
 from gensim import parsing
 from gensim.parsing.preprocessing import STOPWORDS
+from pydantic import Field, field_validator
 
+from embedjob._config_base import Section
 from embedjob.schema import EMPTY, TOKENS
 from embedjob.stages.static.align import align_words
 
 logger = logging.getLogger(__name__)
+
+
+# The gensim.parsing filters a job may name, in gensim's default order.
+GENSIM_FILTERS = (
+    "lower",  # str.lower: the first of gensim's DEFAULT_FILTERS (a lambda there)
+    "strip_tags",
+    "strip_punctuation",
+    "strip_multiple_whitespaces",
+    "strip_numeric",
+    "remove_stopwords",
+    "strip_short",
+    "stem_text",
+    "strip_non_alphanum",
+    "split_alphanum",
+)
+DEFAULT_FILTERS = list(GENSIM_FILTERS[:8])  # gensim's DEFAULT_FILTERS, in its order
+
+
+class PreprocessConfig(Section):
+    filters: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FILTERS),
+        description="gensim.parsing filters applied in order by preprocess_string. Default: gensim's "
+        f"DEFAULT_FILTERS. Valid: {', '.join(GENSIM_FILTERS)}.",
+    )
+    min_token_length: int = Field(3, ge=1, description="Minimum token length kept by strip_short.")
+    extra_stopwords: list[str] = Field(
+        default_factory=list, description="Words removed in addition to gensim's STOPWORDS (by remove_stopwords)."
+    )
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in GENSIM_FILTERS:
+                close = difflib.get_close_matches(name, GENSIM_FILTERS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown filter {name!r}{hint}; valid filters: {', '.join(GENSIM_FILTERS)}")
+        return v
 
 
 
@@ -52,7 +93,7 @@ def is_empty(texts: list[Optional[str]]) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _tokenizer(model_path: str, max_length: int):
-    from embedjob.encode import Tokenizer
+    from embedjob.stages.encode import Tokenizer
 
     return Tokenizer(model_path, max_length)
 
@@ -77,8 +118,8 @@ class Preprocessor:
         texts = batch.column(self.text_column).to_pylist()
         empty = is_empty(texts)
         if self.on_empty_text == "fail" and empty.any():
-            from embedjob.read import row_error
             from embedjob.schema import ROW, SHARD
+            from embedjob.stages.read import row_error
 
             i = int(np.argmax(empty))
             shard = batch.column(SHARD)[i].as_py() if SHARD in batch.column_names else "?"
