@@ -20,7 +20,7 @@ from embedjob.errors import ConfigError
 from embedjob.index import IndexConfig
 from embedjob.static_vectors import StaticConfig
 from embedjob.topics import TopicsConfig
-from embedjob.word2vec import Word2VecConfig
+from embedjob.stages.word2vec import Word2VecConfig
 
 # The gensim.parsing filters a job may name, in gensim's default order.
 GENSIM_FILTERS = (
