@@ -91,7 +91,7 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
     import pyarrow.parquet as pq
     from gensim.models import FastText, Word2Vec
 
-    from embedjob.stages.word2vec.stage import write_line_sentences
+    from embedjob.stages.word2vec.segments import write_line_sentences
 
     docs = []
     for f in token_files:
@@ -156,7 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import ray
 
-    from embedjob.stages.word2vec.stage import Word2VecConfig, train_word2vec
+    from embedjob.stages.word2vec import Word2VecConfig
+    from embedjob.stages.word2vec.stage import train_word2vec
 
     opts: dict[str, Any] = {}
     for kv in args.storage_option:
