@@ -443,7 +443,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed), deps=("vocab",),
               reads="vectors")
     if cfg.word2vec.enabled:
-        from embedjob.word2vec import run_word2vec
+        from embedjob.stages.word2vec.stage import run_word2vec
 
         # Settings that cannot change the vectors (restarts, Ray's folder, trusting a pickle) do not rerun the stage.
         stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),

@@ -16,17 +16,12 @@ import pyarrow as pa
 import pytest
 
 from embedjob.config import ConfigError, JobConfig
+from embedjob.stages.word2vec import Word2VecConfig
+from embedjob.stages.word2vec.model import apply_init, new_model, word_frequencies
+from embedjob.stages.word2vec.segments import split_segments
+from embedjob.stages.word2vec.stage import run_word2vec, train_word2vec
 from embedjob.storage import Storage
 from embedjob.token_shards import plan_slices, read_slices
-from embedjob.word2vec import (
-    Word2VecConfig,
-    apply_init,
-    new_model,
-    run_word2vec,
-    split_segments,
-    train_word2vec,
-    word_frequencies,
-)
 from embedjob.wordvectors import load_job_vectors
 
 PREFIXES = ["zebra", "quartz", "violet", "marble"]
@@ -107,7 +102,7 @@ def test_vocabulary_matches_gensim_rules():
 
 @pytest.mark.parametrize("model", ["word2vec", "fasttext"])
 def test_same_inputs_give_identical_initial_weights(model):
-    from embedjob.word2vec import trainable_arrays
+    from embedjob.stages.word2vec.model import trainable_arrays
 
     freq = {"a": 9, "b": 7, "c": 7, "d": 3}
     cfg = small_cfg(model=model, min_count=1, bucket=100)
@@ -296,12 +291,8 @@ def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
 def test_memory_groups_and_shared_arrays(tmp_path):
     """Workers are grouped by machine; a second model mapping the first one's files trains the very
     same weights (what two worker processes on one machine do, here in one process)."""
-    from embedjob.word2vec import (
-        memory_groups,
-        share_arrays,
-        trainable_arrays,
-        trainable_slots,
-    )
+    from embedjob.stages.word2vec.model import trainable_arrays, trainable_slots
+    from embedjob.stages.word2vec.shared_memory import memory_groups, share_arrays
 
     assert memory_groups(["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.1"]) == [[0, 2], [1, 3]]
     docs = [d for d in synthetic_docs(400) if d]
@@ -329,7 +320,7 @@ def test_combine_synced_is_exact():
     is the plain mean; both exact for exactly representable values."""
     import torch
 
-    from embedjob.word2vec import combine_synced
+    from embedjob.stages.word2vec.sync import combine_synced
 
     last = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     workers = [last + torch.tensor([[0.5, 0.0], [0.0, -1.0]]), last + torch.tensor([[0.25, 1.0], [2.0, 0.0]]),
@@ -358,7 +349,8 @@ def test_two_workers_word2vec_learn_planted_groups(ray_local, tmp_path):
 
 
 def test_worker_failure_fails_the_stage_with_a_clear_message(ray_local, tmp_path, monkeypatch):
-    from embedjob.word2vec import FAIL_RANK_ENV, Word2VecTrainingError
+    from embedjob.errors import Word2VecTrainingError
+    from embedjob.stages.word2vec.worker import FAIL_RANK_ENV
 
     urls = write_token_shards(tmp_path, synthetic_docs(200))
     monkeypatch.setenv(FAIL_RANK_ENV, "1")
@@ -370,7 +362,7 @@ def test_worker_failure_fails_the_stage_with_a_clear_message(ray_local, tmp_path
 def test_touched_rows_are_all_that_training_changes():
     """The sparse sync's premise, checked on gensim itself: training FastText on some documents
     changes no word row and no n-gram row outside :func:`touched_rows` of those documents."""
-    from embedjob.word2vec import touched_rows, trainable_arrays
+    from embedjob.stages.word2vec.model import touched_rows, trainable_arrays
 
     docs = synthetic_docs(400)
     cfg = small_cfg(model="fasttext", min_count=1)

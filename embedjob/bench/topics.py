@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from embedjob.word2vec import Word2VecConfig
+from embedjob.stages.word2vec import Word2VecConfig
 
 DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
                                               "mixed-en"))

@@ -90,7 +90,7 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
     import pyarrow.parquet as pq
     from gensim.models import FastText, Word2Vec
 
-    from embedjob.word2vec import write_line_sentences
+    from embedjob.stages.word2vec.segments import write_line_sentences
 
     docs = []
     for f in token_files:
@@ -155,7 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import ray
 
-    from embedjob.word2vec import Word2VecConfig, train_word2vec
+    from embedjob.stages.word2vec import Word2VecConfig
+    from embedjob.stages.word2vec.stage import train_word2vec
 
     opts: dict[str, Any] = {}
     for kv in args.storage_option:
