@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, func, helptext in (
         ("search", "embedjob.index", "main", "nearest documents to a query text (FAISS index of a finished job)"),
-        ("topics", "embedjob.topics", "main", "print a finished job's topics with their coherence"),
+        ("topics", "embedjob.stages.topics.stage", "main", "print a finished job's topics with their coherence"),
     ):
         q = sub.add_parser(name, help=helptext, add_help=False)
         q.add_argument("rest", nargs=argparse.REMAINDER)

@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from embedjob._config_base import Section
 from embedjob.errors import ConfigError
 from embedjob.index import IndexConfig
+from embedjob.stages.topics import TopicsConfig
 from embedjob.static_vectors import StaticConfig
-from embedjob.topics import TopicsConfig
 from embedjob.word2vec import Word2VecConfig
 
 # The gensim.parsing filters a job may name, in gensim's default order.

@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.config import JobConfig
-from embedjob.storage import Storage
-from embedjob.topics import (
+from embedjob.stages.topics.stage import (
     TopicsConfig,
     TopicsError,
     bow_from_token_lists,
@@ -28,6 +27,7 @@ from embedjob.topics import (
     top_words,
     topic_diversity,
 )
+from embedjob.storage import Storage
 from embedjob.wordvectors import write_keyed_vectors
 
 ANIMALS = ["cat", "dog", "hors", "cow", "sheep", "goat", "pig", "duck", "mous", "lion", "tiger", "wolf"]
@@ -100,7 +100,7 @@ def test_bow_arrays_counts_and_drops_unknown_words():
 
 
 def test_worker_slices_cover_a_shard_once():
-    from embedjob.topics import worker_slices
+    from embedjob.stages.topics.stage import worker_slices
 
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3):
@@ -145,7 +145,7 @@ def test_diversity_and_top_words():
 
 
 def test_relevance_ranking_interpolates_probability_and_lift():
-    from embedjob.topics import relevance
+    from embedjob.stages.topics.stage import relevance
 
     # word 0 frequent everywhere, word 2 rare but specific to the topic
     log_tw = np.log(np.array([[0.6, 0.3, 0.1]]))
@@ -160,7 +160,7 @@ def test_relevance_ranking_interpolates_probability_and_lift():
 
 
 def test_encoder_input_and_prior_settings():
-    from embedjob.topics import encoder_input, model_kwargs
+    from embedjob.stages.topics.stage import encoder_input, model_kwargs
 
     assert encoder_input(TopicsConfig()) == "embeddings"
     assert encoder_input(TopicsConfig(embeddings="learned")) == "bow"
@@ -187,7 +187,7 @@ def test_etm_likelihood_matches_the_dense_mixture():
     """The sparse per-word reconstruction term equals -sum_w c_dw log(theta_d . beta_w) computed densely."""
     import torch
 
-    from embedjob.topics import batch_tensors, init_model, model_kwargs
+    from embedjob.stages.topics.stage import batch_tensors, init_model, model_kwargs
 
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(30)]
@@ -335,7 +335,7 @@ def test_prodlda_path_runs(ray_local, tmp_path):
 
 
 def test_default_layout_is_one_worker_per_node_using_its_cpus(ray_local):
-    from embedjob.topics import training_layout
+    from embedjob.stages.topics.stage import training_layout
 
     assert training_layout(TopicsConfig(enabled=True)) == (1, False, 2)  # local Ray: 1 node, 2 CPUs, no GPU
     assert training_layout(TopicsConfig(enabled=True, workers=2)) == (2, False, 1)

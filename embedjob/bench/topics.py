@@ -153,8 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.layout import DICTIONARY_JSON
-    from embedjob.storage import Storage
-    from embedjob.topics import (
+    from embedjob.stages.topics.stage import (
         TopicsConfig,
         corpus_word_counts,
         evaluate_topics,
@@ -165,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         top_words,
         vocab_list,
     )
+    from embedjob.storage import Storage
     from embedjob.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.wordvectors import job_vectors_file
 

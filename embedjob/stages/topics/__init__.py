@@ -1,0 +1,5 @@
+"""Topic model stage."""
+
+from embedjob.stages.topics.stage import TopicsConfig
+
+__all__ = ["TopicsConfig"]
