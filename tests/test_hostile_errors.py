@@ -92,11 +92,9 @@ def test_topics_on_empty_bert_vectors_is_a_clear_error(tmp_path):
     'none of the vocabulary's words is in the given vectors'."""
     import numpy as np
 
-    from embedjob.stages.topics.stage import (
-        TopicsConfig,
-        TopicsError,
-        resolve_embeddings,
-    )
+    from embedjob.errors import TopicsError
+    from embedjob.stages.topics import TopicsConfig
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.static_vectors import build_keyed_vectors
     from embedjob.storage import Storage
     from embedjob.wordvectors import write_keyed_vectors

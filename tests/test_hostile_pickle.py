@@ -147,7 +147,8 @@ def test_run_refuses_a_kv_setting_before_any_work(tmp_path, capsys, tiny_model, 
 def test_pickle_under_another_name_is_refused_when_read(tmp_path):
     """A pickle named like a safe file (init.bin, vectors.vec) is recognised by its first byte and
     refused, naming the setting; it is never loaded."""
-    from embedjob.stages.topics.stage import TopicsError, resolve_embeddings
+    from embedjob.errors import TopicsError
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.word2vec import Word2VecConfig, load_init
 
     marker = plant(tmp_path / "init.bin", tmp_path / "PWNED-bin")
@@ -163,7 +164,7 @@ def test_pickle_under_another_name_is_refused_when_read(tmp_path):
 def test_trusted_kv_is_accepted_for_exactly_that_setting(tmp_path):
     """With word2vec.init_trust_pickle / topics.embeddings_trust_pickle true, a gensim-saved .kv is
     read for that setting (and only that one)."""
-    from embedjob.stages.topics.stage import resolve_embeddings
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.word2vec import Word2VecConfig, load_init
 
     kv = _legit_kv()

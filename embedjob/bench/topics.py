@@ -153,17 +153,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.layout import DICTIONARY_JSON
-    from embedjob.stages.topics.stage import (
-        TopicsConfig,
+    from embedjob.stages.topics import TopicsConfig
+    from embedjob.stages.topics.bow import (
         corpus_word_counts,
-        evaluate_topics,
         filter_dictionary,
-        reference_texts,
-        relevance,
-        run_topics,
-        top_words,
         vocab_list,
     )
+    from embedjob.stages.topics.metrics import (
+        evaluate_topics,
+        reference_texts,
+        relevance,
+        top_words,
+    )
+    from embedjob.stages.topics.stage import run_topics
     from embedjob.storage import Storage
     from embedjob.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.wordvectors import job_vectors_file
