@@ -221,11 +221,22 @@ class TrainedTopicModel:
             return self.model.topic_word().float().numpy()
 
 
-def model_bytes(model, kwargs: dict[str, Any], vocab: list[str], cfg: TopicsConfig, extra: dict | None = None) -> bytes:
+def model_bytes(model: TopicModel, kwargs: dict[str, Any], vocab: list[str], cfg: TopicsConfig) -> bytes:
+    """The bytes of ``topics/model.pt``: a plain dict (format, model arguments, state dict, vocabulary,
+    settings) that ``torch.load(weights_only=True)`` reads."""
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "model_kwargs": kwargs, "state_dict": model.state_dict(), "vocab": vocab,
-                "config": cfg.model_dump(), **(extra or {})}, buf)
+                "config": cfg.model_dump()}, buf)
     return buf.getvalue()
+
+
+def model_from_bytes(data: bytes) -> tuple[TopicModel, dict[str, Any]]:
+    """The model (CPU, eval mode) saved in ``model.pt`` or a checkpoint, and the whole saved dict."""
+    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = TopicModel(**blob["model_kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model, blob
 
 
 def load_topic_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> TrainedTopicModel:
@@ -234,8 +245,5 @@ def load_topic_model(url: str, storage_options: Optional[dict[str, Any]] = None)
     rel = "" if url.endswith(".pt") else f"{TOPICS_DIR}/model.pt"
     if not store.exists(rel):
         raise TopicsError(f"no topic model at {store.url(rel)!r}: run the job with topics.enabled=true")
-    blob = torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=True)
-    model = TopicModel(**blob["model_kwargs"])
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
+    model, blob = model_from_bytes(store.read_bytes(rel))
     return TrainedTopicModel(model, list(blob["vocab"]), dict(blob.get("config", {})))

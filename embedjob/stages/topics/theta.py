@@ -3,7 +3,6 @@ document-topic proportions ``(id, theta)`` of each shard to a staging folder."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from embedjob.layout import shard_key_of
 from embedjob.stages.topics.bow import bow_arrays
-from embedjob.stages.topics.model import TopicModel, infer_theta
+from embedjob.stages.topics.model import infer_theta, model_from_bytes
 from embedjob.storage import Storage
 
 
@@ -23,10 +22,7 @@ class ThetaWriter:
     def __init__(self, model_blob: bytes, vocab: list[str], root: str, storage_options: dict[str, Any],
                  staging: str, threads: int = 1):
         torch.set_num_threads(threads)
-        blob = torch.load(io.BytesIO(model_blob), map_location="cpu", weights_only=True)
-        self.model = TopicModel(**blob["model_kwargs"])
-        self.model.load_state_dict(blob["state_dict"])
-        self.model.eval()
+        self.model, _ = model_from_bytes(model_blob)
         self.vocab = pa.array(vocab, pa.string())
         self.root, self.storage_options, self.staging = root, storage_options, staging
 
@@ -49,6 +45,8 @@ class ThetaWriter:
 
 def theta_pass(model_blob: bytes, vocab: list[str], out, token_urls: list[str], staging: str, *,
                actors: int, threads: int) -> dict[str, Any]:
+    """Theta of every token shard's documents, written to ``<staging>/<shard>.parquet`` by ``actors``
+    Ray Data actors; returns the documents, empty documents and shards counted."""
     import ray
 
     items = [{"url": u, "key": shard_key_of(u)} for u in token_urls]

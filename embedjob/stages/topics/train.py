@@ -23,7 +23,13 @@ from embedjob.errors import TopicsError
 from embedjob.layout import CKPT_DIR
 from embedjob.stages.topics.bow import bow_dataset, submit_bow
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
-from embedjob.stages.topics.model import FORMAT, TopicModel, batch_tensors, init_model
+from embedjob.stages.topics.model import (
+    FORMAT,
+    TopicModel,
+    batch_tensors,
+    init_model,
+    model_from_bytes,
+)
 from embedjob.storage import Storage
 from embedjob.token_shards import plan_slices
 
@@ -251,7 +257,7 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     train_seconds = time.time() - t0
     if counts is not None:
         docs = int(sum(sum(c) for c in ray.get(counts)))
-    model, history = _load_final(out, fp, cfg.epochs, kwargs)
+    model, history = _load_final(out, fp, cfg.epochs)
     final_metrics = history[-1] if history else {}
     stats = {"documents": docs, "workers": workers, "threads_per_worker": threads, "device": "cuda" if gpu else "cpu",
              "batch_size": batch_size, "epochs": cfg.epochs, "resumed_from_epoch": resume["epoch"] if resume else 0,
@@ -300,13 +306,10 @@ def _fit(config: dict[str, Any], ds, *, workers: int, gpu: bool, placement: str)
             raise TopicsError(f"topics: Ray Train training failed: {raytrain.root_message(error)}") from error
 
 
-def _load_final(out, fingerprint: str, epochs: int, kwargs: dict[str, Any]) -> tuple[TopicModel, list[dict[str, Any]]]:
+def _load_final(out, fingerprint: str, epochs: int) -> tuple[TopicModel, list[dict[str, Any]]]:
     """The trained model (CPU, eval mode) and the epoch history from the final checkpoint."""
     info = latest_checkpoint(out, fingerprint)
     if not info or info["epoch"] < epochs:
         raise TopicsError(f"topics: training ended without a final checkpoint under {out.url(CKPT_DIR)!r}")
-    blob = torch.load(io.BytesIO(out.read_bytes(info["path"])), map_location="cpu", weights_only=True)
-    model = TopicModel(**kwargs)
-    model.load_state_dict(blob["state_dict"])
-    model.eval()
+    model, blob = model_from_bytes(out.read_bytes(info["path"]))
     return model, list(blob.get("history", []))
