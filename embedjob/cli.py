@@ -99,6 +99,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    from embedjob.errors import TopicsError
+    from embedjob.stages.topics.read_back import topics_report
+
+    try:
+        text = topics_report(args.output, storage_options=_storage_options(args.storage_option), top=args.top,
+                             as_json=args.json)
+    except TopicsError as e:  # no topics (yet) at that output: a message, exit 1
+        print(e)
+        return 1
+    print(text)
+    return 0
+
+
 def cmd_similar(args: argparse.Namespace) -> int:
     from embedjob.similar import similar_words
 
@@ -168,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the hits as one JSON object")
     q.set_defaults(func=cmd_search)
 
-    for name, module, func, helptext in (
-        ("topics", "embedjob.topics", "main", "print a finished job's topics with their coherence"),
-    ):
-        q = sub.add_parser(name, help=helptext, add_help=False)
-        q.add_argument("rest", nargs=argparse.REMAINDER)
-        q.set_defaults(func=_delegate(module, func))
+    t = sub.add_parser("topics", help="print a finished job's topics with their coherence",
+                       description="Print the topics of a job's topic model.")
+    t.add_argument("output", help="job output URL (folder holding topics/)")
+    t.add_argument("--storage-option", action="append", default=[], metavar="K=V",
+                   help="fsspec option of the output storage (value parsed as YAML; dotted keys nest); repeatable")
+    t.add_argument("--top", type=int, default=10, help="words printed per topic")
+    t.add_argument("--json", action="store_true", help="print topics.json and metrics.json as one JSON object")
+    t.set_defaults(func=cmd_topics)
 
     b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}")
     b.add_argument("name", choices=BENCHES)

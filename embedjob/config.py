@@ -23,9 +23,9 @@ from embedjob.stages.index import IndexConfig
 from embedjob.stages.preprocess import PreprocessConfig
 from embedjob.stages.read import InputConfig
 from embedjob.stages.static import StaticConfig
+from embedjob.stages.topics import TopicsConfig
 from embedjob.stages.word2vec import Word2VecConfig
 from embedjob.stages.write import OutputConfig
-from embedjob.topics import TopicsConfig
 
 
 class JobConfig(Section):

@@ -449,7 +449,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),
               lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
     if cfg.topics.enabled:
-        from embedjob.topics import run_topics
+        from embedjob.stages.topics.stage import run_topics
 
         stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
               lambda: run_topics(cfg, out, token_urls), deps=("vocab", "word2vec", "static"))

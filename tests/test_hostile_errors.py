@@ -92,9 +92,11 @@ def test_topics_on_empty_bert_vectors_is_a_clear_error(tmp_path):
     'none of the vocabulary's words is in the given vectors'."""
     import numpy as np
 
+    from embedjob.errors import TopicsError
     from embedjob.stages.static.stage import build_keyed_vectors
+    from embedjob.stages.topics import TopicsConfig
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.storage import Storage
-    from embedjob.topics import TopicsConfig, TopicsError, resolve_embeddings
     from embedjob.wordvectors import write_keyed_vectors
 
     out = Storage(str(tmp_path))

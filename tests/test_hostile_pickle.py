@@ -147,9 +147,10 @@ def test_run_refuses_a_kv_setting_before_any_work(tmp_path, capsys, tiny_model, 
 def test_pickle_under_another_name_is_refused_when_read(tmp_path):
     """A pickle named like a safe file (init.bin, vectors.vec) is recognised by its first byte and
     refused, naming the setting; it is never loaded."""
+    from embedjob.errors import TopicsError
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.stages.word2vec import Word2VecConfig
     from embedjob.stages.word2vec.model import load_init
-    from embedjob.topics import TopicsError, resolve_embeddings
 
     marker = plant(tmp_path / "init.bin", tmp_path / "PWNED-bin")
     with pytest.raises(ConfigError, match=r"word2vec\.init_from=.*init\.bin.*pickle.*word2vec binary"):
@@ -164,9 +165,9 @@ def test_pickle_under_another_name_is_refused_when_read(tmp_path):
 def test_trusted_kv_is_accepted_for_exactly_that_setting(tmp_path):
     """With word2vec.init_trust_pickle / topics.embeddings_trust_pickle true, a gensim-saved .kv is
     read for that setting (and only that one)."""
+    from embedjob.stages.topics.embeddings import resolve_embeddings
     from embedjob.stages.word2vec import Word2VecConfig
     from embedjob.stages.word2vec.model import load_init
-    from embedjob.topics import resolve_embeddings
 
     kv = _legit_kv()
     kv.save(str(tmp_path / "init.kv"))

@@ -11,23 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.cli import main as cli_main
 from embedjob.config import JobConfig
+from embedjob.errors import TopicsError
+from embedjob.stages.topics.bow import bow_from_token_lists, filter_dictionary
+from embedjob.stages.topics.config import TopicsConfig
+from embedjob.stages.topics.embeddings import embedding_matrix
+from embedjob.stages.topics.metrics import top_words, topic_diversity
+from embedjob.stages.topics.model import TopicModel, infer_theta, load_topic_model
+from embedjob.stages.topics.stage import run_topics
+from embedjob.stages.topics.train import latest_checkpoint
 from embedjob.storage import Storage
-from embedjob.topics import (
-    TopicsConfig,
-    TopicsError,
-    bow_from_token_lists,
-    build_model,
-    embedding_matrix,
-    filter_dictionary,
-    infer_theta,
-    latest_checkpoint,
-    load_topic_model,
-    main,
-    run_topics,
-    top_words,
-    topic_diversity,
-)
 from embedjob.wordvectors import write_keyed_vectors
 
 ANIMALS = ["cat", "dog", "hors", "cow", "sheep", "goat", "pig", "duck", "mous", "lion", "tiger", "wolf"]
@@ -100,7 +94,7 @@ def test_bow_arrays_counts_and_drops_unknown_words():
 
 
 def test_worker_slices_cover_a_shard_once():
-    from embedjob.topics import worker_slices
+    from embedjob.stages.topics.bow import worker_slices
 
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3):
@@ -145,7 +139,7 @@ def test_diversity_and_top_words():
 
 
 def test_relevance_ranking_interpolates_probability_and_lift():
-    from embedjob.topics import relevance
+    from embedjob.stages.topics.metrics import relevance
 
     # word 0 frequent everywhere, word 2 rare but specific to the topic
     log_tw = np.log(np.array([[0.6, 0.3, 0.1]]))
@@ -160,7 +154,7 @@ def test_relevance_ranking_interpolates_probability_and_lift():
 
 
 def test_encoder_input_and_prior_settings():
-    from embedjob.topics import encoder_input, model_kwargs
+    from embedjob.stages.topics.config import encoder_input, model_kwargs
 
     assert encoder_input(TopicsConfig()) == "embeddings"
     assert encoder_input(TopicsConfig(embeddings="learned")) == "bow"
@@ -173,10 +167,10 @@ def test_encoder_input_and_prior_settings():
     assert kw["prior"] == "dirichlet" and kw["prior_alpha"] == 0.05 and kw["dropout"] == 0.0
     assert model_kwargs(TopicsConfig(model="prodlda"), 10, 8, 0)["dropout"] == 0.2
     assert model_kwargs(TopicsConfig(dropout=0.1), 10, 8, 0)["dropout"] == 0.1
-    model = build_model(**kw)
+    model = TopicModel(**kw)
     # Laplace approximation of Dirichlet(a): variance (1/a)(1 - 2/K) + 1/(K a)
     assert float(model.prior_var[0]) == pytest.approx(20 * 0.5 + 1 / (4 * 0.05))
-    normal = build_model(**model_kwargs(TopicsConfig(num_topics=4, prior="normal"), 10, 8, 0))
+    normal = TopicModel(**model_kwargs(TopicsConfig(num_topics=4, prior="normal"), 10, 8, 0))
     mu, logvar = np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)
     import torch
 
@@ -187,7 +181,8 @@ def test_etm_likelihood_matches_the_dense_mixture():
     """The sparse per-word reconstruction term equals -sum_w c_dw log(theta_d . beta_w) computed densely."""
     import torch
 
-    from embedjob.topics import batch_tensors, init_model, model_kwargs
+    from embedjob.stages.topics.config import model_kwargs
+    from embedjob.stages.topics.model import batch_tensors, init_model
 
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(30)]
@@ -335,7 +330,7 @@ def test_prodlda_path_runs(ray_local, tmp_path):
 
 
 def test_default_layout_is_one_worker_per_node_using_its_cpus(ray_local):
-    from embedjob.topics import training_layout
+    from embedjob.stages.topics.train import training_layout
 
     assert training_layout(TopicsConfig(enabled=True)) == (1, False, 2)  # local Ray: 1 node, 2 CPUs, no GPU
     assert training_layout(TopicsConfig(enabled=True, workers=2)) == (2, False, 1)
@@ -353,10 +348,10 @@ def test_missing_job_vectors_error_names_the_stage(ray_local, tmp_path):
 
 def test_cli_prints_topics_with_coherence(etm_run, capsys):
     out_dir = etm_run[0]
-    assert main([out_dir, "--top", "5"]) == 0
+    assert cli_main(["topics", out_dir, "--top", "5"]) == 0
     text = capsys.readouterr().out
     assert "NPMI" in text and "diversity" in text and "npmi" in text.splitlines()[1]
-    assert main([os.path.join(out_dir, "nothing")]) == 1
+    assert cli_main(["topics", os.path.join(out_dir, "nothing")]) == 1
 
 
 def test_bench_summary_over_seeds():

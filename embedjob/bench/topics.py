@@ -152,19 +152,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from embedjob.config import JobConfig, apply_override
     from embedjob.layout import DICTIONARY_JSON
-    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
-    from embedjob.storage import Storage
-    from embedjob.topics import (
-        TopicsConfig,
+    from embedjob.stages.topics import TopicsConfig
+    from embedjob.stages.topics.bow import (
         corpus_word_counts,
-        evaluate_topics,
         filter_dictionary,
-        reference_texts,
-        relevance,
-        run_topics,
-        top_words,
         vocab_list,
     )
+    from embedjob.stages.topics.metrics import (
+        evaluate_topics,
+        reference_texts,
+        relevance,
+        top_words,
+    )
+    from embedjob.stages.topics.stage import run_topics
+    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
+    from embedjob.storage import Storage
     from embedjob.wordvectors import job_vectors_file
 
     started_ray = not ray.is_initialized()

@@ -1,0 +1,123 @@
+"""The topic model stage, ``run_topics``: the filtered dictionary, rho, training, top words, theta
+for every document and coherence, then ``<out>/topics/`` written (results only once all of them
+succeeded; theta staged under ``topics/_staging/`` first)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from embedjob.errors import TopicsError
+from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR, shard_key_of
+from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
+from embedjob.stages.topics.config import TopicsConfig, model_kwargs
+from embedjob.stages.topics.embeddings import resolve_embeddings
+from embedjob.stages.topics.metrics import (
+    evaluate_topics,
+    reference_texts,
+    relevance,
+    top_words,
+)
+from embedjob.stages.topics.model import model_bytes
+from embedjob.stages.topics.theta import theta_pass
+from embedjob.stages.topics.train import train_topic_model
+from embedjob.stages.vocab import build_vocabulary, read_dictionary
+from embedjob.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from embedjob.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_job_dictionary(out, token_urls: list[str]):
+    """The job's dictionary, ``<out>/vocab/dictionary.json`` (:func:`embedjob.stages.vocab.read_dictionary`;
+    never the pickled ``dictionary.gensim``), or, when there is none (an output written before it
+    existed, or no vocab stage), built from the token shards."""
+    if out.exists(DICTIONARY_JSON):
+        try:
+            return read_dictionary(out)
+        except StorageError as e:
+            raise TopicsError(str(e)) from None
+    logger.info("topics: no %s; counting the vocabulary from the token shards", out.url(DICTIONARY_JSON))
+    return build_vocabulary(token_urls, out.storage_options)
+
+
+def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[str, Any]:
+    """Train the topic model on the job's token shards and write ``<out>/topics/``; returns stats.
+
+    Results are written only after training, theta and metrics all succeeded; theta files are
+    staged under ``topics/_staging/`` first.
+    """
+    tc: TopicsConfig = cfg.topics
+    if not token_urls:
+        raise TopicsError("topics: no token shard to train on")
+    t0 = time.time()
+    dictionary = filter_dictionary(load_job_dictionary(out, token_urls), tc)
+    vocab = vocab_list(dictionary)
+    logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
+    rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
+    word_counts = corpus_word_counts(dictionary)
+    model, train_stats = train_topic_model(tc, out, token_urls, vocab, rho, missing, word_counts)
+    kwargs = model_kwargs(tc, len(vocab), rho.shape[1] if rho is not None else tc.embedding_dim, int(missing.sum()))
+    with torch.no_grad():
+        log_tw = model.log_topic_word().double().numpy()
+    tw = np.exp(log_tw)
+    topics = top_words(relevance(log_tw, word_counts, tc.ranking_lambda), vocab,
+                       max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
+    blob = model_bytes(model, kwargs, vocab, tc)
+
+    staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
+    try:
+        t = time.time()
+        theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
+                                 threads=train_stats["threads_per_worker"])
+        theta_stats["theta_seconds"] = round(time.time() - t, 3)
+        texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
+        metrics = evaluate_topics(topics, texts, dictionary, tc)
+        metrics.update({"model": tc.model, "training": train_stats, "vocabulary": len(vocab), **emb_stats})
+        # commit: theta, matrices, topics, model, metrics last
+        _commit_theta(out, staging, [shard_key_of(u) for u in token_urls])
+    finally:
+        out.delete(staging, recursive=True)
+    _write_results(out, tc, vocab, tw, topics, blob, metrics)
+    stats = {"model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab), **train_stats, **theta_stats,
+             "npmi": metrics.get("npmi"), "c_v": metrics.get("c_v"), "diversity": metrics["diversity"],
+             "coherence_seconds": metrics["seconds"], "total_seconds": round(time.time() - t0, 3), **emb_stats}
+    logger.info("topics: NPMI %s, C_V %s, diversity %.3f", stats["npmi"], stats["c_v"], stats["diversity"])
+    return stats
+
+
+def _commit_theta(out: Storage, staging: str, keys: list[str]) -> None:
+    """Staged theta files to ``topics/theta/``; theta of shards no longer in the job is deleted."""
+    for k in keys:
+        out.write_bytes(f"{TOPICS_DIR}/theta/{k}.parquet", out.read_bytes(f"{staging}/{k}.parquet"))
+    for name in out.list(f"{TOPICS_DIR}/theta", suffix=".parquet"):
+        if name[: -len(".parquet")] not in set(keys):
+            out.delete(f"{TOPICS_DIR}/theta/{name}")
+
+
+def _write_results(out: Storage, tc: TopicsConfig, vocab: list[str], tw: np.ndarray, topics: list[list[str]],
+                   blob: bytes, metrics: dict[str, Any]) -> None:
+    """``topic_word.npy``, ``topics.json``, ``model.pt``, then ``metrics.json``, in that order."""
+    buf = io.BytesIO()
+    np.save(buf, tw.astype(np.float32))
+    out.write_bytes(f"{TOPICS_DIR}/topic_word.npy", buf.getvalue())
+    npmi = metrics["coherence"].get("c_npmi", {}).get("per_topic", [])
+    cv = metrics["coherence"].get("c_v", {}).get("per_topic", [])
+    word_index = {w: i for i, w in enumerate(vocab)}
+    out.write_json(f"{TOPICS_DIR}/topics.json", {
+        "model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab),
+        "topics": [{"topic": i, "words": words[: tc.topics_json_top_n],
+                    "weights": [round(float(tw[i, word_index[w]]), 6) for w in words[: tc.topics_json_top_n]],
+                    **({"npmi": npmi[i]} if i < len(npmi) else {}), **({"c_v": cv[i]} if i < len(cv) else {})}
+                   for i, words in enumerate(topics)],
+    })
+    out.write_bytes(f"{TOPICS_DIR}/model.pt", blob)
+    out.write_json(f"{TOPICS_DIR}/metrics.json", metrics)

@@ -1,0 +1,162 @@
+"""The shape of the code, checked: no import circle among embedjob's modules (function-level
+imports count; ``if TYPE_CHECKING:`` blocks do not, they never run), no module over 500 lines, the
+ground floor imports nothing of embedjob, and every command answers ``--help``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "embedjob"
+MAX_LINES = 500
+GROUND_FLOOR = ("errors", "schema", "layout", "redact", "_config_base")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """embedjob modules ``module`` imports anywhere (top level or in functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    is_pkg = path.name == "__init__.py"
+    found: set[str] = set()
+
+    def resolve(name: str) -> None:
+        while name and name not in known:  # `from embedjob.x import y` may name a module or a symbol
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.orelse:
+                    visit(sub)
+                continue
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.startswith("embedjob"):
+                        resolve(a.name)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    pkg = module if is_pkg else module.rpartition(".")[0]
+                    for _ in range(child.level - 1):
+                        pkg = pkg.rpartition(".")[0]
+                    base = f"{pkg}.{base}" if base else pkg
+                if base.startswith("embedjob"):
+                    for a in child.names:
+                        full = f"{base}.{a.name}"
+                        resolve(full if full in known else base)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    graph = {m: _imports(p, m, known) for m, p in mods.items()}
+    for m in graph:  # importing a.b.c runs a/__init__ and a/b/__init__ first: not an edge of a.b.c's own
+        graph[m] = {d for d in graph[m] if not (m.startswith(d + ".") and d in known)}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_no_import_circle():
+    cycles = _cycles(_graph())
+    assert not cycles, "import circles among embedjob modules: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_a_planted_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_ground_floor_imports_nothing_of_embedjob():
+    graph = _graph()
+    for name in GROUND_FLOOR:
+        assert not graph[f"embedjob.{name}"], f"embedjob.{name} imports {sorted(graph[f'embedjob.{name}'])}"
+
+
+def test_no_module_over_500_lines():
+    long = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+COMMANDS = ["run", "config", "similar", "search", "topics", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_answers_help(command, capsys):
+    from embedjob.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: embedjob " + command), out[:200]
+
+
+def test_ruff_is_clean():
+    """`ruff check` (configured in pyproject.toml) finds nothing."""
+    import subprocess
+    import sys
+
+    assert "[tool.ruff" in (PKG.parent / "pyproject.toml").read_text(encoding="utf-8")
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(PKG.parent)],
+                         capture_output=True, text=True, cwd=PKG.parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
