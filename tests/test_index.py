@@ -168,7 +168,7 @@ def _encoded_job(tmp_path, minilm_path, texts, n_shards=3):
             "id": t.column("id"), "vector": vectors_to_arrow(v), "n_tokens": pa.array(np.ones(len(v), np.int32))}))
         shard_urls[key] = str(inp / f"{key}.parquet")
         vector_urls.append(out.url(f"vectors/{key}.parquet"))
-    manifest = {"encoder": enc.settings, "input": {"url": str(inp), "id_column": "id", "text_column": "text",
+    manifest = {"encoder": enc.settings.as_dict(), "input": {"url": str(inp), "id_column": "id", "text_column": "text",
                                                    "storage_options": {}, "shards": shard_urls}}
     return out, vector_urls, manifest
 

@@ -86,8 +86,8 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
                 lengths.mean(), lengths.max(), corpus)
 
     # (a) sentence-transformers with its defaults
-    st = SentenceTransformer(enc.settings["model_path"], device=device)
-    st.max_seq_length = enc.settings["max_length"]
+    st = SentenceTransformer(enc.settings.model_path, device=device)
+    st.max_seq_length = enc.settings.max_length
     st.encode(texts[:32])  # warm-up
     t = time.perf_counter()
     ref = st.encode(texts, convert_to_numpy=True)
@@ -101,7 +101,7 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
     tb = time.perf_counter() - t
     cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
     result: dict[str, Any] = {
-        "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings["dtype"], "device": device,
+        "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings.dtype, "device": device,
         "batch_tokens": batch_tokens, "torch_threads": torch.get_num_threads(),
         "sentence_transformers_tokens_per_s": n_tokens / ta,
         "encoder_tokens_per_s": n_tokens / tb,

@@ -51,7 +51,7 @@ def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], encoder_se
     icfg: IndexConfig = cfg.index
     opts = out.storage_options
     t0 = time.time()
-    built = [build_docs_index(icfg, vector_urls, opts, bool(encoder_settings.get("normalize")))]
+    built = [build_docs_index(icfg, vector_urls, opts, bool(encoder_settings.normalize))]
     skipped: dict[str, str] = {}
     if icfg.words:
         for name in sorted(word_vector_kinds):
