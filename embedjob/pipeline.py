@@ -460,6 +460,6 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
         # someone else put there) are not this run's to index.
         word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
-        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder, word_kinds),
+        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder.normalize, word_kinds),
               deps=("word2vec", "static"), reads="vectors")
     return stages
