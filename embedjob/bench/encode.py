@@ -26,9 +26,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from embedjob.bench.corpus import DEFAULT_CORPUS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "mixed-en")
 
 # Dense bf16/fp16 tensor peak (FLOP/s) of known accelerators; CPUs have no reliable published figure.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
