@@ -24,6 +24,7 @@ from embedjob.storage import Storage
 
 if TYPE_CHECKING:
     from embedjob.config import JobConfig
+    from embedjob.stages.encode import EncoderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MARKER_ENCODER_KEYS = ("model", "model_fingerprint", "pooling", "normalize", "ma
 class ShardCommits:
     """Tracks the rows written per shard and commits each shard once all its rows are written."""
 
-    def __init__(self, cfg: "JobConfig", out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+    def __init__(self, cfg: "JobConfig", out: Storage, todo: list[ShardInfo], encoder: "EncoderSettings",
                  plan: dict[str, Any], stage_hash: str):
         self.cfg, self.out, self.todo, self.encoder, self.stage_hash = cfg, out, todo, encoder, stage_hash
         self.by_key = {s.key: s for s in todo}
@@ -42,7 +43,7 @@ class ShardCommits:
         self.markers: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
         self.stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"],
-                                      "device": plan["device"], "dtype": encoder["dtype"], "actor_nodes": {}}
+                                      "device": plan["device"], "dtype": encoder.dtype, "actor_nodes": {}}
         self.first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
         self.last_output = 0.0
         self.tokens_after_first = 0
@@ -62,9 +63,9 @@ class ShardCommits:
     def submit(self, key: str) -> None:
         s = self.by_key[key]
         marker = {"input": s.fingerprint(), "stage_hash": self.stage_hash,
-                  "encoder": {k: self.encoder[k] for k in MARKER_ENCODER_KEYS}}
+                  "encoder": {k: v for k, v in self.encoder.as_dict().items() if k in MARKER_ENCODER_KEYS}}
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
-                                                self.cfg.input.on_empty_text, marker, self.encoder.get("dim"))
+                                                self.cfg.input.on_empty_text, marker, self.encoder.dim)
 
     def add_report(self, rep: pa.Table) -> None:
         """One batch of the write stage's reports."""

@@ -41,7 +41,7 @@ from embedjob.reconcile import (
     reconcile_outputs,
 )
 from embedjob.redact import redact, redact_url
-from embedjob.stages.encode import resolve_encoder_settings
+from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
 from embedjob.stages.write import read_marker
@@ -65,10 +65,11 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def shard_stage_hash(cfg: JobConfig, encoder: dict[str, Any]) -> str:
+def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     """What per-shard outputs depend on: preprocessing, encoder settings and model, static options."""
-    enc = {k: encoder[k] for k in ("model_fingerprint", "pooling", "normalize", "max_length", "recipe")}
-    enc["dtype"] = encoder["dtype"]
+    settings = encoder.as_dict()
+    enc = {k: settings[k] for k in ("model_fingerprint", "pooling", "normalize", "max_length", "recipe")}
+    enc["dtype"] = encoder.dtype
     static = cfg.static.model_dump() if cfg.static.enabled else None
     return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
                   "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text})
@@ -89,7 +90,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
-    encoder["model_fingerprint"] = model_fingerprint(encoder["model_path"])
+    encoder.model_fingerprint = model_fingerprint(encoder.model_path)
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
         _echo_dry_run(cfg, shards, id_stats, echo)
@@ -106,7 +107,7 @@ class _Run:
     out: Storage
     shards: list[ShardInfo]
     id_stats: dict[str, Any]
-    encoder: dict[str, Any]
+    encoder: EncoderSettings
     lease: OutputLease
     t_start: float
     ray_info: dict[str, Any] = field(default_factory=dict)
@@ -120,7 +121,7 @@ class _Run:
 
 
 def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats: dict[str, Any],
-                encoder: dict[str, Any], lease: OutputLease, t_start: float) -> JobResult:
+                encoder: EncoderSettings, lease: OutputLease, t_start: float) -> JobResult:
     """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
     run = _Run(cfg, out, shards, id_stats, encoder, lease, t_start)
     _start_ray(run)
@@ -154,8 +155,8 @@ def _start_ray(run: _Run) -> None:
     run.ray_info = init_ray(run.cfg)
     run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
     if run.plan["device"] == "cuda":
-        run.encoder["dtype"] = resolve_encoder_settings(run.cfg.encode, "cuda")["dtype"]
-    run.encoder["device"] = run.plan["device"]
+        run.encoder.dtype = resolve_encoder_settings(run.cfg.encode, "cuda").dtype
+    run.encoder.device = run.plan["device"]
     run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
 
 
@@ -237,7 +238,7 @@ def _manifest(run: _Run) -> dict[str, Any]:
         "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
         "ray": run.ray_info,
-        "encoder": {**run.encoder, "actors": run.plan},
+        "encoder": {**run.encoder.as_dict(), "actors": run.plan},
         "recipe": run.stage_hash,
         "input": {
             "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,
@@ -311,7 +312,7 @@ BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pip
 
 
 # -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
-def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
                      plan: dict[str, Any], stage_hash: str):
     """read -> preprocess -> encode -> staged write, committing shards as they complete.
 
@@ -332,7 +333,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     return commits.finish()
 
 
-def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: dict[str, Any],
+def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
                    plan: dict[str, Any]):
     """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
     write; each output row reports one staged part (shard, row range, counts)."""
@@ -378,7 +379,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
         actor_args["resources"] = plan["resources"]
     ds = ds.map_batches(
         EncodeActor,
-        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder["device"]),
+        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder.device),
                                "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
                                "static": static},
         batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
@@ -427,7 +428,7 @@ class CorpusStages:
 
 
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
-                      committed: list[str], encoder: dict[str, Any], inputs_hash: dict[str, str],
+                      committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
                       stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
     that order (each reads what the ones before it wrote)."""
@@ -459,6 +460,6 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
         # someone else put there) are not this run's to index.
         word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
-        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder, word_kinds),
+        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder.normalize, word_kinds),
               deps=("word2vec", "static"), reads="vectors")
     return stages

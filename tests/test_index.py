@@ -75,7 +75,7 @@ def test_ids_round_trip(tmp_path, kind):
     out = Storage(str(tmp_path / "out"))
     urls, truth = _write_vector_shards(out, null_every=7)
     extra = {"pq_m": 4, "pq_bits": 4, "refine_k_factor": 8, "ivf_nprobe": 64} if kind == "ivf_pq" else {}
-    stats = run_index(_cfg(kind=kind, **extra), out, urls, {"normalize": True}, [])
+    stats = run_index(_cfg(kind=kind, **extra), out, urls, True, [])
     meta = stats["docs"]
     assert meta["kind"] == kind and meta["metric"] == "ip"
     assert meta["count"] == len(truth) and meta["null_vectors"] == 3 * len(range(0, 400, 7))
@@ -104,7 +104,7 @@ def test_ivf_parts_added_in_ray_tasks(tmp_path, ray_local):
     """IVF trains on a sample, adds each shard in its own Ray task and merges: same ids as inline."""
     out = Storage(str(tmp_path / "out"))
     urls, truth = _write_vector_shards(out, n_shards=4, n=300, null_every=5)
-    run_index(_cfg(kind="ivf_flat", ivf_nlist=8, ivf_nprobe=8), out, urls, {"normalize": True}, [])
+    run_index(_cfg(kind="ivf_flat", ivf_nlist=8, ivf_nprobe=8), out, urls, True, [])
     loaded = load_index(out)
     keys = list(truth)
     _, labels = loaded.search_vectors(np.stack([truth[i] for i in keys]), 1)
@@ -114,7 +114,7 @@ def test_ivf_parts_added_in_ray_tasks(tmp_path, ray_local):
 def test_auto_metric_l2_and_too_small_for_ivf(tmp_path):
     out = Storage(str(tmp_path / "out"))
     urls, _ = _write_vector_shards(out, n_shards=1, n=50, normalize=False)
-    stats = run_index(_cfg(kind="ivf_pq"), out, urls, {"normalize": False}, [])
+    stats = run_index(_cfg(kind="ivf_pq"), out, urls, False, [])
     assert stats["docs"]["metric"] == "l2"
     assert stats["docs"]["kind"] == "flat" and "needs at least" in stats["docs"]["note"]
 
@@ -126,7 +126,7 @@ def test_no_vectors_is_a_clear_error(tmp_path):
     out.write_parquet("vectors/a.parquet", pa.table({"id": ["x"], "vector": vectors_to_arrow(
         np.zeros((1, 4), np.float32), np.array([False])), "n_tokens": pa.array([0], pa.int32())}))
     with pytest.raises(StorageError, match="no non-null vector"):
-        run_index(_cfg(), out, [out.url("vectors/a.parquet")], {"normalize": True}, [])
+        run_index(_cfg(), out, [out.url("vectors/a.parquet")], True, [])
 
 
 def test_word_vector_indices(tmp_path):
@@ -141,7 +141,7 @@ def test_word_vector_indices(tmp_path):
     vecs[1] = vecs[0] * 3 + 0.01  # w1 is w0's nearest neighbour (cosine)
     kv.add_vectors(words, vecs)
     write_keyed_vectors(kv, out.child("word2vec"))
-    stats = run_index(_cfg(), out, urls, {"normalize": True}, ["word2vec", "bert"])
+    stats = run_index(_cfg(), out, urls, True, ["word2vec", "bert"])
     assert stats["words"]["word2vec"]["count"] == 40, stats
     assert "bert" in stats["words_skipped"]  # no static/vectors.bin
     assert out.exists("index/words-word2vec.faiss") and out.exists("index/words-word2vec_ids.parquet")
@@ -168,14 +168,14 @@ def _encoded_job(tmp_path, minilm_path, texts, n_shards=3):
             "id": t.column("id"), "vector": vectors_to_arrow(v), "n_tokens": pa.array(np.ones(len(v), np.int32))}))
         shard_urls[key] = str(inp / f"{key}.parquet")
         vector_urls.append(out.url(f"vectors/{key}.parquet"))
-    manifest = {"encoder": enc.settings, "input": {"url": str(inp), "id_column": "id", "text_column": "text",
+    manifest = {"encoder": enc.settings.as_dict(), "input": {"url": str(inp), "id_column": "id", "text_column": "text",
                                                    "storage_options": {}, "shards": shard_urls}}
     return out, vector_urls, manifest
 
 
 def test_search_finds_document_by_its_own_text(tmp_path, minilm_path, capsys):
     out, urls, manifest = _encoded_job(tmp_path, minilm_path, SAMPLE_TEXTS)
-    stats = run_index(_cfg(kind="hnsw"), out, urls, manifest["encoder"], [])
+    stats = run_index(_cfg(kind="hnsw"), out, urls, manifest["encoder"]["normalize"], [])
     manifest["stages"] = {"index": stats}
     out.write_json("manifest.json", manifest)
 
@@ -203,7 +203,7 @@ def test_search_with_moved_model_and_skipped_rows(tmp_path, minilm_path):
     out, urls, manifest = _encoded_job(tmp_path, minilm_path, texts, n_shards=1)
     vt = pq.read_table(tmp_path / "out" / "vectors" / "part-00000.parquet").slice(1)  # 'skip' drops row 0
     out.write_parquet("vectors/part-00000.parquet", vt)
-    run_index(_cfg(), out, urls, manifest["encoder"], [])
+    run_index(_cfg(), out, urls, manifest["encoder"]["normalize"], [])
     manifest["encoder"] = {**manifest["encoder"], "model_path": "/nonexistent/model",
                            "model": "all-MiniLM-L6-v2"}
     out.write_json("manifest.json", manifest)
@@ -224,7 +224,7 @@ def test_index_on_s3_round_trip(tmp_path, s3_bucket, minilm_path):
     fs.put(str(tmp_path / "out" / "vectors") + "/", f"{bucket}/out/vectors/", recursive=True)
     out = Storage(f"s3://{bucket}/out", opts)
     urls = [out.url(f"vectors/part-{s:05d}.parquet") for s in range(3)]
-    stats = run_index(_cfg(kind="flat"), out, urls, manifest["encoder"], [])
+    stats = run_index(_cfg(kind="flat"), out, urls, manifest["encoder"]["normalize"], [])
     assert stats["docs"]["count"] == len(SAMPLE_TEXTS)
     manifest["input"] = {**manifest["input"], "url": f"s3://{bucket}/in",
                          "storage_options": {"key": "***", "secret": "***"},

@@ -1,5 +1,6 @@
 import pyarrow as pa
 
+from embedjob.stages.encode import EncoderSettings
 from embedjob.stages.preprocess import PreprocessConfig, Preprocessor, preprocess_texts
 
 
@@ -18,7 +19,7 @@ def test_custom_chain_and_stopwords():
 
 
 def test_batch_transform_without_ray(minilm_path):
-    settings = {"model_path": minilm_path, "max_length": 16}
+    settings = EncoderSettings(model_path=minilm_path, max_length=16)
     pre = Preprocessor(PreprocessConfig(), "text", encoder_settings=settings)
     out = pre(pa.table({"id": ["a", "b"], "text": ["Hello cats and dogs", None]}))
     assert out.column("tokens").to_pylist()[1] == []

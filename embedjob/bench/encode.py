@@ -26,9 +26,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from embedjob.bench.corpus import DEFAULT_CORPUS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "mixed-en")
 
 # Dense bf16/fp16 tensor peak (FLOP/s) of known accelerators; CPUs have no reliable published figure.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
@@ -86,8 +87,8 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
                 lengths.mean(), lengths.max(), corpus)
 
     # (a) sentence-transformers with its defaults
-    st = SentenceTransformer(enc.settings["model_path"], device=device)
-    st.max_seq_length = enc.settings["max_length"]
+    st = SentenceTransformer(enc.settings.model_path, device=device)
+    st.max_seq_length = enc.settings.max_length
     st.encode(texts[:32])  # warm-up
     t = time.perf_counter()
     ref = st.encode(texts, convert_to_numpy=True)
@@ -101,7 +102,7 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
     tb = time.perf_counter() - t
     cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
     result: dict[str, Any] = {
-        "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings["dtype"], "device": device,
+        "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings.dtype, "device": device,
         "batch_tokens": batch_tokens, "torch_threads": torch.get_num_threads(),
         "sentence_transformers_tokens_per_s": n_tokens / ta,
         "encoder_tokens_per_s": n_tokens / tb,

@@ -61,7 +61,7 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
 
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)
-    key = hashlib.sha256(json.dumps([corpus_url, limit, model_fingerprint(settings["model_path"]),
+    key = hashlib.sha256(json.dumps([corpus_url, limit, model_fingerprint(settings.model_path),
                                      {k: v for k, v in settings.items() if k != "model_path"}],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"bench-index-{key}.npy") if cache else None
@@ -76,7 +76,7 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
         if len(texts) >= limit:
             break
     texts = texts[:limit]
-    enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings["device"]), max_batch_docs=cfg.max_batch_docs)
+    enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings.device), max_batch_docs=cfg.max_batch_docs)
     t = time.time()
     x = enc.encode_texts(texts).vectors
     logger.info("bench index: encoded %d documents in %.1fs (%.0f docs/s)", len(texts), time.time() - t,

@@ -23,10 +23,10 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.bench.corpus import DEFAULT_CORPUS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
-                                              "mixed-en"))
 
 
 def wordsim_pairs(path: Optional[str] = None) -> list[tuple[str, str, float]]:

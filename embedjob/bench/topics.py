@@ -33,27 +33,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.bench.corpus import DEFAULT_CORPUS, tokenize_shard
 from embedjob.stages.word2vec import Word2VecConfig
-
-DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus",
-                                              "mixed-en"))
-
-
-def tokenize_shard(url: str, dest: str, limit: Optional[int]) -> int:
-    """Job tokens of one corpus shard (first ``limit`` rows) -> ``dest`` Parquet (id, tokens)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from embedjob.stages.preprocess import PreprocessConfig, preprocess_texts
-    from embedjob.storage import Storage
-
-    table = Storage(url).read_parquet("", columns=["id", "text"])
-    if limit is not None:
-        table = table.slice(0, limit)
-    tokens = preprocess_texts(table.column("text").to_pylist(), PreprocessConfig())
-    pq.write_table(pa.table({"id": table.column("id").cast(pa.string()),
-                             "tokens": pa.array(tokens, pa.list_(pa.string()))}), dest)
-    return table.num_rows
 
 
 def prepare_tokens(corpus: str, workdir: str, limit: Optional[int]) -> list[str]:
@@ -79,7 +60,7 @@ def prepare_tokens(corpus: str, workdir: str, limit: Optional[int]) -> list[str]
         if left is not None:
             left -= take
     task = ray.remote(num_cpus=1)(tokenize_shard)
-    ray.get([task.remote(u, d, t) for u, d, t in jobs])
+    ray.get([task.remote(u, d, limit=t) for u, d, t in jobs])
     urls = [d for _, d, _ in jobs]
     json.dump({**want, "urls": urls}, open(marker, "w"))
     return urls

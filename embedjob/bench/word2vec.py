@@ -25,32 +25,19 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.bench.corpus import DEFAULT_CORPUS, tokenize_shard
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "mixed-en"))
 # gensim's default filters minus stemming: analogy and WordSim words must stay whole words.
 BENCH_FILTERS = ["strip_tags", "strip_punctuation", "strip_multiple_whitespaces", "strip_numeric",
                  "remove_stopwords", "strip_short"]
 
 
 def _tokenize_shard(args: tuple[str, dict, str, Optional[int]]) -> tuple[str, int, int]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from embedjob.stages.preprocess import PreprocessConfig, preprocess_texts
-    from embedjob.storage import Storage
-
     url, opts, dest, max_docs = args
-    table = Storage(url, opts).read_parquet("", columns=["text"])
-    texts = table.column("text").to_pylist()
-    if max_docs is not None:
-        texts = texts[:max_docs]
-    tokens = preprocess_texts(texts, PreprocessConfig(filters=BENCH_FILTERS))
-    tmp = dest + ".tmp"
-    pq.write_table(pa.table({"id": [str(i) for i in range(len(tokens))],
-                             "tokens": pa.array(tokens, type=pa.list_(pa.string()))}), tmp, row_group_size=4096)
-    os.replace(tmp, dest)
-    return dest, len(tokens), sum(len(t) for t in tokens)
+    docs, tokens = tokenize_shard(url, dest, filters=BENCH_FILTERS, limit=max_docs, storage_options=opts)
+    return dest, docs, tokens
 
 
 def tokenize_corpus(corpus: str, opts: dict, cache: str, *, max_docs_per_shard: Optional[int] = None,

@@ -11,12 +11,13 @@ Two layers, so the model code is testable without Ray:
 
 Example::
 
-    enc = TextEncoder(EncodeConfig(dtype="float32"))
+    enc = TextEncoder.from_config(EncodeConfig(dtype="float32"))
     vecs = enc.encode_texts(["a cat", "a dog"]).vectors   # (2, 384) float32
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -134,26 +135,33 @@ class EncodedBatch:
     n_tokens: np.ndarray  # (n,) int32, tokens fed to the model incl. special tokens
 
 
-@dataclass(frozen=True)
-class ResolvedEncoder:
-    """The encoder settings as they are actually used (recorded in the manifest)."""
+@dataclass
+class EncoderSettings:
+    """The encoder settings as they are actually used: what the config and the model folder say,
+    then the device and dtype the cluster gives, the model's fingerprint and its dimension. Handed
+    to the encoder actors, hashed into the recipe, recorded in the manifest (:meth:`as_dict`)."""
 
-    model: str
-    model_path: str
-    model_fingerprint: str
-    pooling: str
-    normalize: bool
-    max_length: int
-    dtype: str
-    device: str
-    dim: int
     recipe: str = ENCODER_RECIPE
+    dim: Optional[int] = None
+    model: str = ""
+    model_path: str = ""
+    pooling: str = "mean"
+    normalize: bool = False
+    max_length: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    model_fingerprint: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderSettings":
+        """From a recorded ``manifest["encoder"]`` (other keys, such as ``actors``, are ignored)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None})
 
 
-def resolve_encoder_settings(cfg, device: str = "cpu") -> dict[str, Any]:
+def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> EncoderSettings:
     """Model path, pooling, normalisation and max length as the config and model folder say."""
     path = resolve_model_path(cfg.model)
     d = model_defaults(path)
@@ -162,17 +170,9 @@ def resolve_encoder_settings(cfg, device: str = "cpu") -> dict[str, Any]:
     max_length = cfg.max_length or d.max_seq_length or 512
     with open(os.path.join(path, "config.json")) as f:
         dim = json.load(f).get("hidden_size")
-    return {
-        "recipe": ENCODER_RECIPE,
-        "dim": dim,
-        "model": cfg.model,
-        "model_path": path,
-        "pooling": pooling,
-        "normalize": bool(normalize),
-        "max_length": int(max_length),
-        "dtype": resolve_dtype(cfg.dtype, device),
-        "device": device,
-    }
+    return EncoderSettings(recipe=ENCODER_RECIPE, dim=dim, model=cfg.model, model_path=path, pooling=pooling,
+                           normalize=bool(normalize), max_length=int(max_length),
+                           dtype=resolve_dtype(cfg.dtype, device), device=device)
 
 
 class Tokenizer:
@@ -191,12 +191,6 @@ class Tokenizer:
                        return_attention_mask=False, return_token_type_ids=False)
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
-    def encode_with_words(self, texts: Sequence[str]):
-        """Token ids plus each token's word index (None for special tokens), for word pooling."""
-        enc = self.tok(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True,
-                       return_attention_mask=False, return_token_type_ids=False,
-                       return_offsets_mapping=True)
-        return enc
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_docs: int) -> list[np.ndarray]:
@@ -226,7 +220,7 @@ class TextEncoder:
     ``settings`` is :func:`resolve_encoder_settings`'s output (or an ``EncodeConfig`` via
     :meth:`from_config`)."""
 
-    def __init__(self, settings: dict[str, Any], *, batch_tokens: int = 16384, max_batch_docs: int = 256,
+    def __init__(self, settings: EncoderSettings, *, batch_tokens: int = 16384, max_batch_docs: int = 256,
                  num_threads: Optional[int] = None, output_hidden_layers: Optional[Sequence[int]] = None):
         import torch
         from transformers import AutoModel
@@ -235,18 +229,18 @@ class TextEncoder:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.torch = torch
-        self.settings = dict(settings)
-        if self.settings["pooling"] not in POOLING_MODES:
-            raise ValueError(f"encode.pooling={self.settings['pooling']!r}; valid: {', '.join(POOLING_MODES)}")
-        self.device = torch.device(self.settings["device"])
-        self.dtype = getattr(torch, self.settings["dtype"])
-        path = self.settings["model_path"]
+        self.settings = dataclasses.replace(settings)
+        if self.settings.pooling not in POOLING_MODES:
+            raise ValueError(f"encode.pooling={self.settings.pooling!r}; valid: {', '.join(POOLING_MODES)}")
+        self.device = torch.device(self.settings.device)
+        self.dtype = getattr(torch, self.settings.dtype)
+        path = self.settings.model_path
         try:
             self.model = AutoModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
         except (ValueError, ImportError):  # models without SDPA support
             self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model.eval().to(self.device)
-        self.tokenizer = Tokenizer(path, self.settings["max_length"])
+        self.tokenizer = Tokenizer(path, self.settings.max_length)
         self.pad_id = self.tokenizer.tok.pad_token_id or 0
         self.dim = int(self.model.config.hidden_size)
         self.batch_tokens = batch_tokens
@@ -256,9 +250,8 @@ class TextEncoder:
         # suit GPU tensor cores; the extra padding is masked out and measured no slower on CPU.
         self.pad_multiple = PAD_MULTIPLE
         self.output_hidden_layers = tuple(output_hidden_layers) if output_hidden_layers else None
-        self.settings["dim"] = self.dim
-        self.settings.setdefault("model_fingerprint", model_fingerprint(path))
-        self.settings.setdefault("recipe", ENCODER_RECIPE)
+        self.settings.dim = self.dim
+        self.settings.model_fingerprint = self.settings.model_fingerprint or model_fingerprint(path)
 
     @classmethod
     def from_config(cls, cfg, *, device: str = "cpu", **kwargs) -> "TextEncoder":
@@ -281,7 +274,7 @@ class TextEncoder:
                 width = int(lengths[idx].max())
                 if self.pad_multiple > 1:
                     width = min(-(-width // self.pad_multiple) * self.pad_multiple,
-                                max(int(self.settings.get("max_length") or width), width))
+                                max(int(self.settings.max_length or width), width))
                 input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
                 mask = np.zeros((len(idx), width), dtype=np.int64)
                 for r, j in enumerate(idx):
@@ -304,7 +297,7 @@ class TextEncoder:
 
     def _pool(self, hidden, mask):
         torch = self.torch
-        mode = self.settings["pooling"]
+        mode = self.settings.pooling
         h = hidden.float()
         if mode == "cls":
             pooled = h[:, 0]
@@ -314,7 +307,7 @@ class TextEncoder:
         else:
             m = mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
-        if self.settings["normalize"]:
+        if self.settings.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled
 
@@ -334,11 +327,11 @@ class EncodeActor:
     text was empty carry an empty id list and get a null vector. Output: the same rows with
     ``vector`` (fixed-size float32 list) and ``n_tokens`` added, ``_input_ids`` dropped."""
 
-    def __init__(self, settings: dict[str, Any], batch_tokens: int, max_batch_docs: int,
+    def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None):
         import torch
 
-        if settings["device"] == "cuda" and not torch.cuda.is_available():
+        if settings.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 f"encoder actor was placed for a GPU (node {_ray_node_id()}) but torch {torch.__version__} "
                 f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: install a CUDA build of torch "
@@ -349,8 +342,8 @@ class EncodeActor:
         if static:
             self.static = StaticAccumulator(self.encoder, **static)
         self.node_id = _ray_node_id()
-        logger.info("encoder actor ready: %s on %s (%s), %d threads", settings["model"], settings["device"],
-                    settings["dtype"], torch.get_num_threads())
+        logger.info("encoder actor ready: %s on %s (%s), %d threads", settings.model, settings.device,
+                    settings.dtype, torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if DEBUG_DELAY_ENV in os.environ:  # fault-injection tests widen the window to kill a worker in

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 from functools import lru_cache, partial
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,9 @@ from pydantic import Field, field_validator
 from embedjob._config_base import Section
 from embedjob.schema import EMPTY, TOKENS
 from embedjob.stages.static.align import align_words
+
+if TYPE_CHECKING:
+    from embedjob.stages.encode import EncoderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def _tokenizer(model_path: str, max_length: int):
 class Preprocessor:
     """Batch transform: adds ``tokens`` (gensim), ``_empty`` and, for the encoder, ``_input_ids``."""
 
-    def __init__(self, cfg, text_column: str, encoder_settings: Optional[dict[str, Any]] = None,
+    def __init__(self, cfg, text_column: str, encoder_settings: Optional["EncoderSettings"] = None,
                  static_settings: Optional[dict[str, Any]] = None, on_empty_text: str = "keep",
                  id_column: str = "id"):
         self.cfg = cfg
@@ -131,7 +134,7 @@ class Preprocessor:
         out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
         out = out.append_column(EMPTY, pa.array(empty))
         if self.encoder_settings is not None:
-            tok = _tokenizer(self.encoder_settings["model_path"], self.encoder_settings["max_length"])
+            tok = _tokenizer(self.encoder_settings.model_path, self.encoder_settings.max_length)
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
@@ -150,7 +153,8 @@ def preprocess_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
     """Task-friendly form of :class:`Preprocessor` (built once per worker process per settings)."""
     import json
 
-    key = json.dumps({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in kwargs.items()},
+    key = json.dumps({k: (v.model_dump() if hasattr(v, "model_dump") else v.as_dict() if hasattr(v, "as_dict") else v)
+                      for k, v in kwargs.items()},
                      sort_keys=True, default=str)
     pre = _CACHE.get(key)
     if pre is None:

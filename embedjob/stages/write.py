@@ -25,7 +25,7 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
-from embedjob.layout import DONE, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS
+from embedjob.layout import DONE, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name
 from embedjob.schema import (
     EMPTY,
     ENCODER_NODE,
@@ -72,10 +72,6 @@ class OutputConfig(Section):
         "before writing its manifest.",
     )
 
-
-
-def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:
-    return f"{TMP}/{shard}/{row_start:012d}-{row_end:012d}{suffix}"
 
 
 class BlockWriter:

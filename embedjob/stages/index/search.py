@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from embedjob.layout import INDEX_DIR
 from embedjob.models import resolve_model_path
-from embedjob.stages.encode import TextEncoder, cpu_supports_bf16
+from embedjob.stages.encode import EncoderSettings, TextEncoder, cpu_supports_bf16
 from embedjob.stages.index.config import DOCS, index_files
 from embedjob.stages.index.faiss_index import set_search_params
 from embedjob.storage import Storage, StorageError, split_url
@@ -70,17 +70,17 @@ def load_index(out: Storage, name: str = DOCS) -> LoadedIndex:
 def query_encoder(settings: dict[str, Any]):
     """The job's own encoder (model, pooling, normalisation, max length) for query texts; the
     model folder is re-resolved when the recorded path does not exist on this machine."""
-    s = dict(settings)
-    if not os.path.isdir(s.get("model_path") or ""):
-        s["model_path"] = resolve_model_path(s["model"])
+    s = EncoderSettings.from_dict(settings)
+    if not os.path.isdir(s.model_path or ""):
+        s.model_path = resolve_model_path(s.model)
     device = "cpu"
-    if s.get("device") == "cuda":
+    if s.device == "cuda":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    s["device"] = device
-    if device == "cpu" and (s.get("dtype") == "float16" or (s.get("dtype") == "bfloat16" and not cpu_supports_bf16())):
-        s["dtype"] = "float32"  # same model and pooling; half precision is slow or missing on this CPU
+    s.device = device
+    if device == "cpu" and (s.dtype == "float16" or (s.dtype == "bfloat16" and not cpu_supports_bf16())):
+        s.dtype = "float32"  # same model and pooling; half precision is slow or missing on this CPU
     return TextEncoder(s)
 
 

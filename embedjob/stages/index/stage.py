@@ -13,7 +13,7 @@ commit them to ``<output>/index/``, only after everything succeeded:
 
 Example::
 
-    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"], ["bert"])
+    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"]["normalize"], ["bert"])
 """
 
 from __future__ import annotations
@@ -42,16 +42,17 @@ def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
     return files
 
 
-def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], encoder_settings: dict[str, Any],
+def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], normalized: bool,
               word_vector_kinds: Sequence[str] = ()) -> dict[str, Any]:
-    """Build the document index and one ``words-<kind>`` index per job word-vector set named in
+    """Build the document index (``normalized``: the document vectors are unit length, as the
+    encoder settings say) and one ``words-<kind>`` index per job word-vector set named in
     ``word_vector_kinds`` (``'bert'``, ``'word2vec'``: the stages enabled in this run), read with
     :func:`~embedjob.wordvectors.load_job_vectors` (never a pickle), and commit them to
     ``<out>/index/`` once all are built. Returns the stage stats (with each index's description)."""
     icfg: IndexConfig = cfg.index
     opts = out.storage_options
     t0 = time.time()
-    built = [build_docs_index(icfg, vector_urls, opts, bool(encoder_settings.get("normalize")))]
+    built = [build_docs_index(icfg, vector_urls, opts, bool(normalized))]
     skipped: dict[str, str] = {}
     if icfg.words:
         for name in sorted(word_vector_kinds):
