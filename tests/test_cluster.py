@@ -118,7 +118,7 @@ def test_plan_encoder_sizes_the_pool_from_the_cluster(caplog):
 
     gpus = plan_encoder(build_config({}), {"CPU": 32.0, "GPU": 4.0})
     assert (gpus["device"], gpus["actors"], gpus["num_gpus"]) == ("cuda", 4, 1)
-    with caplog.at_level("INFO", logger="embedjob.pipeline"):
+    with caplog.at_level("INFO", logger="embedjob.cluster"):
         cpu = plan_encoder(build_config({}), {"CPU": 8.0})
     assert (cpu["device"], cpu["actors"], cpu["num_gpus"]) == ("cpu", 4, 0)
     assert "no GPUs in the cluster, encoding with 4 CPU actor(s)" in caplog.text
