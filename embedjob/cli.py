@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 from typing import Optional
 
 logger = logging.getLogger("embedjob")
@@ -134,11 +135,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str, func: str = "main"):
-    def run(args: argparse.Namespace) -> int:
-        mod = importlib.import_module(module)
-        return int(getattr(mod, func)(args.rest) or 0)
-    return run
+def cmd_bench(args: argparse.Namespace) -> int:
+    # The bench modules import gensim, torch, Ray...: loaded only when a bench runs.
+    return int(importlib.import_module(f"embedjob.bench.{args.bench}").run(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,11 +190,145 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print topics.json and metrics.json as one JSON object")
     t.set_defaults(func=cmd_topics)
 
-    b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}")
-    b.add_argument("name", choices=BENCHES)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: _delegate(f"embedjob.bench.{a.name}")(a))
+    b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}",
+                       description="Benchmarks of embedjob's stages beside their usual baselines.")
+    b.set_defaults(func=cmd_bench)
+    _add_bench_parsers(b.add_subparsers(dest="bench", metavar="NAME", required=True))
     return p
+
+# The benchmarks' flags. Defaults that live in the bench modules (the shared corpus's path) or in a
+# stage's config are None here and resolved by the bench's run(args): importing them would load gensim.
+SHARED_CORPUS_HELP = "(default: the shared corpus, ../shared/corpus/mixed-en beside the repository)"
+
+
+def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """One sub-parser per benchmark (``embedjob bench NAME --help``)."""
+    _add_bench_encode(sub)
+    _add_bench_static(sub)
+    _add_bench_word2vec(sub)
+    _add_bench_topics(sub)
+    _add_bench_index(sub)
+
+
+def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="the encoder against sentence-transformers and against itself on Ray",
+                       description="`embedjob bench encode`: the encoder against sentence-transformers and "
+                       "against itself on Ray.")
+    p.add_argument("--corpus", default=None,
+                   help="Parquet shards to take documents from (default: the shared corpus "
+                   "../shared/corpus/mixed-en when present, else data/gensim-corpus)")
+    p.add_argument("--limit", type=int, default=2000, help="documents to encode")
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch (default: encode.batch_tokens)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_static(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("static", help="WordSim-353 of the job's BERT static word vectors beside gensim Word2Vec",
+                       description="`embedjob bench static`: WordSim-353 Spearman correlation of the job's BERT "
+                       "static word vectors, beside gensim Word2Vec trained on the same tokens, measured in one run.")
+    p.add_argument("--corpus", default=None, help=f"Parquet corpus (id, text columns). {SHARED_CORPUS_HELP}")
+    p.add_argument("--limit", type=int, default=50000, help="Documents to use (0 = all). Default 50000.")
+    p.add_argument("--vectors", metavar="OUTPUT", default=None,
+                   help="Score a finished job's output instead of running one (its static/ vectors and tokens/; "
+                   "the job's own preprocessing from its manifest).")
+    p.add_argument("--output", default=None,
+                   help="Job output folder (kept; a rerun reuses committed shards). Default: a temporary folder.")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="Job config override, e.g. static.layers=last4 or encode.max_length=128.")
+    p.add_argument("--min-count", type=int, default=5, help="min_count of both vocabularies.")
+    p.add_argument("--w2v-epochs", type=int, default=5)
+    p.add_argument("--w2v-dim", type=int, default=100)
+    p.add_argument("--w2v-workers", type=int, default=2)
+    p.add_argument("--no-word2vec", action="store_true", help="Skip the Word2Vec baseline.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+
+def _add_bench_word2vec(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("word2vec", help="single-process gensim vs embedjob's Ray Train data-parallel trainer",
+                       description="`embedjob bench word2vec`: single-process gensim vs embedjob's Ray Train "
+                       "data-parallel trainer, on the same tokens, side by side in one run.")
+    p.add_argument("--corpus", default=None, help=f"Parquet corpus with a 'text' column (any URL). {SHARED_CORPUS_HELP}")
+    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
+                   help="fsspec option of the corpus (repeatable; value parsed as JSON when possible).")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers for embedjob = threads for gensim.")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="gensim threads in each Ray worker.")
+    p.add_argument("--model", choices=["word2vec", "fasttext"], default="word2vec")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--vector-size", type=int, default=100)
+    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--sg", type=int, choices=[0, 1], default=0)
+    p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
+    p.add_argument("--sync-every", type=float, default=None, help="default: word2vec.sync_every")
+    p.add_argument("--ngram-sync-every", type=int, default=None, help="default: word2vec.ngram_sync_every")
+    p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
+                   help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
+    p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
+    p.add_argument("--no-share-memory", action="store_true",
+                   help="Every embedjob worker keeps its own model and syncs with all_reduce (word2vec.share_memory "
+                   "false), as workers on different machines do.")
+    p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
+                   help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
+    p.add_argument("--max-docs-per-shard", type=int, default=None, help="Use only the first N docs of each shard.")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "embedjob-bench-tokens"),
+                   help="Folder caching the tokenised corpus.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+
+def _add_bench_topics(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topics", help="embedjob's topic model beside gensim LdaMulticore: coherence, diversity, time",
+                       description="`embedjob bench topics`: embedjob's topic model (ETM by default) beside gensim "
+                       "``LdaMulticore`` with the same K on the same dictionary, measured in one run: NPMI and C_V "
+                       "coherence (gensim ``CoherenceModel``, top 10 words, the same reference sample of the "
+                       "corpus's tokens), topic diversity (top 25) and training wall time.")
+    p.add_argument("--corpus", default=None, help=f"corpus URL (Parquet shards with id, text) {SHARED_CORPUS_HELP}")
+    p.add_argument("--k", type=int, nargs="+", default=[20], help="number of topics (several: one run each)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of the corpus (default: all)")
+    p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
+                   "(default: a temporary folder, deleted)")
+    p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
+                   "WORKDIR/word2vec/vectors.bin exists), learned, or a vector file URL")
+    p.add_argument("--w2v-dim", type=int, default=None,
+                   help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
+    p.add_argument("--w2v-epochs", type=int, default=None,
+                   help="Word2Vec epochs (default: the job's word2vec.epochs default)")
+    p.add_argument("--lda-passes", type=int, default=1, help="LdaMulticore passes (gensim's default: 1)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
+    p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
+                   help="override a topics setting (value parsed as YAML); repeatable")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per K with seeds topics.seed, +1, ... (both models; topic models vary from seed to "
+                   "seed): the summary gives the mean, min and max of each figure")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="recall@10 and queries/s of the ANN document index against exact search",
+                       description="`embedjob bench index`: recall@10 of the ANN document index against exact "
+                       "search, and the queries/s of each, measured side by side in one run.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--vectors", metavar="OUTPUT_URL", help="a finished job output: index its vectors/*.parquet")
+    src.add_argument("--corpus", metavar="URL", help="Parquet corpus (text column) to encode here")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many documents (--corpus: default 20000)")
+    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
+                   help="--corpus: folder caching the encoded vectors (default output/bench-cache)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="--corpus: model (as encode.model)")
+    p.add_argument("--kind", default="hnsw", choices=("hnsw", "ivf_pq", "ivf_flat", "flat"))
+    p.add_argument("--queries", type=int, default=1000, help="held-out query vectors (default 1000)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None, help="queries per search call (default: all at once)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each search; the fastest counts")
+    p.add_argument("--threads", type=int, default=None,
+                   help="FAISS OpenMP threads of both timed searches (default: all cores; 1 is steadier on a "
+                   "shared machine). The build always uses all cores.")
+    p.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE", help="index config override")
+    p.add_argument("--sweep", default=None,
+                   help="comma-separated ef_search (hnsw) or nprobe (ivf) values to also measure, e.g. 16,32,64,128")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

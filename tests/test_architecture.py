@@ -151,6 +151,40 @@ def test_every_command_answers_help(command, capsys):
     assert out.startswith("usage: embedjob " + command), out[:200]
 
 
+BENCHES = ["encode", "static", "word2vec", "topics", "index"]
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_every_bench_answers_help(bench, capsys):
+    """`embedjob bench NAME --help` lists the bench's own flags."""
+    from embedjob.cli import BENCHES as CLI_BENCHES
+    from embedjob.cli import main
+
+    assert sorted(CLI_BENCHES) == sorted(BENCHES)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", bench, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: embedjob bench " + bench), out[:200]
+    assert "--json" in out
+
+
+def test_cli_imports_no_bench_module_nor_heavy_library():
+    """Parsing ``embedjob bench NAME --help`` loads neither the bench modules nor gensim, torch or Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom embedjob.cli import build_parser\n"
+            f"for b in {BENCHES!r}:\n"
+            "    try:\n        build_parser().parse_args(['bench', b, '--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('gensim', 'torch', 'ray')"
+            " or m.startswith('embedjob.bench'))\n"
+            "print('HEAVY', heavy)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "HEAVY []" in res.stdout, res.stdout[-2000:]
+
+
 def test_ruff_is_clean():
     """`ruff check` (configured in pyproject.toml) finds nothing."""
     import subprocess

@@ -241,11 +241,9 @@ def test_index_on_s3_round_trip(tmp_path, s3_bucket, minilm_path):
 
 
 def test_bench_index_small(tmp_path, capsys):
-    from embedjob.bench.index import main as bench_main
-
     out = Storage(str(tmp_path / "out"))
     _write_vector_shards(out, n_shards=2, n=1500, dim=32)
-    assert bench_main(["--vectors", out.url(), "--queries", "100", "--repeat", "1", "--json",
+    assert cli_main(["bench", "index", "--vectors", out.url(), "--queries", "100", "--repeat", "1", "--json",
                        "--set", "index.hnsw_ef_search=128"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("recall_at_10", "speedup", "qps_ann", "qps_exact", "n_vectors"):

@@ -422,7 +422,7 @@ def test_planted_topics_are_recovered(ray_local, tmp_path, embeddings):
 
 def test_bench_topics_runs_both_models_on_a_small_corpus(ray_local, tmp_path, capsys):
     """`embedjob bench topics` end to end on a small text corpus: both models scored, a summary over seeds."""
-    from embedjob.bench.topics import main as bench_main
+    from embedjob.cli import main as cli_main
 
     rng = np.random.default_rng(0)
     groups = ["cats dogs horses cows sheep goats pigs ducks".split(),
@@ -432,10 +432,10 @@ def test_bench_topics_runs_both_models_on_a_small_corpus(ray_local, tmp_path, ca
         texts = [" ".join(rng.choice(groups[i % 2], size=12)) for i in range(s, 200, 2)]
         pq.write_table(pa.table({"id": [f"d{s}-{i}" for i in range(len(texts))], "text": texts}),
                        tmp_path / "corpus" / f"part-{s}.parquet")
-    argv = ["--corpus", str(tmp_path / "corpus"), "--k", "2", "--seeds", "2", "--workdir", str(tmp_path / "work"),
+    argv = ["bench", "topics", "--corpus", str(tmp_path / "corpus"), "--k", "2", "--seeds", "2", "--workdir", str(tmp_path / "work"),
             "--w2v-dim", "16", "--cpus", "2", "--set", "epochs=5", "--set", "batch_size=32", "--set", "no_below=2",
             "--set", "no_above=1.0", "--set", "coherence=[c_npmi]", "--json"]
-    assert bench_main(argv) == 0
+    assert cli_main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["seed"] for r in out["runs"]] == [0, 1]
     for run in out["runs"]:

@@ -279,9 +279,9 @@ def test_bench_on_a_slice_of_the_shared_corpus(tmp_path, capsys):
 
     if not os.path.isdir(SHARED_CORPUS):
         pytest.skip("shared corpus not present")
-    from embedjob.bench.word2vec import main
+    from embedjob.cli import main
 
-    assert main(["--corpus", SHARED_CORPUS, "--workers", "2", "--max-docs-per-shard", "500", "--epochs", "2",
+    assert main(["bench", "word2vec", "--corpus", SHARED_CORPUS, "--workers", "2", "--max-docs-per-shard", "500", "--epochs", "2",
                  "--cache", str(tmp_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("speed_ratio", "analogy_delta", "wordsim_delta"):

@@ -69,10 +69,6 @@ def device_peak(device: str) -> Optional[float]:
 
 def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, skip_pipeline: bool = False,
               device: str = "cpu") -> dict[str, Any]:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from embedjob.config import build_config
     from embedjob.stages.encode import EncodeConfig, TextEncoder
 
     texts = load_texts(corpus, limit)
@@ -85,8 +81,20 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
     lengths = np.array([len(x) for x in ids])
     logger.info("bench encode: %d documents, %d tokens (mean %.0f, max %d) from %s", len(texts), n_tokens,
                 lengths.mean(), lengths.max(), corpus)
+    result = _encoder_rates(enc, texts, ids, lengths, batch_tokens, device)
+    del enc
+    if not skip_pipeline:
+        result.update(_pipeline_rates(texts, n_tokens, result["encoder_tokens_per_s"], model, dtype, batch_tokens))
+    return result
 
-    # (a) sentence-transformers with its defaults
+
+def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_tokens: int,
+                   device: str) -> dict[str, Any]:
+    """(a) sentence-transformers with its defaults and (b) embedjob's encoder alone, on the same texts."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    n_tokens = int(lengths.sum())
     st = SentenceTransformer(enc.settings.model_path, device=device)
     st.max_seq_length = enc.settings.max_length
     st.encode(texts[:32])  # warm-up
@@ -115,63 +123,59 @@ def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int
     peak = device_peak(device)
     if peak:
         result["encoder_fraction_of_peak"] = n_tokens / tb * fpt / peak
-    del enc
-
-    # (c) the pipeline's encode stage on local Ray
-    if not skip_pipeline:
-        import pyarrow as pa
-        import ray
-
-        from embedjob.pipeline import run_job
-        from embedjob.storage import Storage
-
-        tmp = tempfile.mkdtemp(prefix="embedjob-bench-")
-        try:
-            store = Storage(os.path.join(tmp, "in"))
-            shards = 4
-            for s in range(shards):
-                part = list(range(s, len(texts), shards))
-                store.write_parquet(f"part-{s:05d}.parquet", pa.table({
-                    "id": [f"d{i}" for i in part], "text": [texts[i] for i in part]}), row_group_size=256)
-            job = build_config({
-                "input": {"url": os.path.join(tmp, "in"), "rows_per_block": 256},
-                "output": {"url": os.path.join(tmp, "out")},
-                "encode": {"model": model, "dtype": dtype, "batch_tokens": batch_tokens, "rows_per_call": 256},
-            })
-            if not ray.is_initialized():
-                ray.init(include_dashboard=False, log_to_driver=False)
-            t = time.perf_counter()
-            res = run_job(job)
-            tc_total = time.perf_counter() - t
-            st_enc = res.manifest["stages"]["encode"]
-            result["pipeline_tokens_per_s"] = st_enc["steady_tokens_per_second"]
-            result["pipeline_end_to_end_tokens_per_s"] = n_tokens / tc_total
-            result["pipeline_vs_encoder"] = result["pipeline_tokens_per_s"] / result["encoder_tokens_per_s"]
-            result["pipeline_rows"] = res.manifest["totals"]["rows_out"]
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="embedjob bench encode", description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=os.path.abspath(DEFAULT_CORPUS) if os.path.isdir(DEFAULT_CORPUS)
-                   else "data/gensim-corpus", help="Parquet shards to take documents from")
-    p.add_argument("--limit", type=int, default=2000, help="documents to encode")
-    p.add_argument("--model", default="all-MiniLM-L6-v2")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch (default: encode.batch_tokens)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float, model: str, dtype: str,
+                    batch_tokens: int) -> dict[str, Any]:
+    """(c) the pipeline's encode stage on local Ray, on ``texts`` written as 4 Parquet shards."""
+    import pyarrow as pa
+    import ray
+
+    from embedjob.config import build_config
+    from embedjob.pipeline import run_job
+    from embedjob.storage import Storage
+
+    result: dict[str, Any] = {}
+    tmp = tempfile.mkdtemp(prefix="embedjob-bench-")
+    try:
+        store = Storage(os.path.join(tmp, "in"))
+        shards = 4
+        for s in range(shards):
+            part = list(range(s, len(texts), shards))
+            store.write_parquet(f"part-{s:05d}.parquet", pa.table({
+                "id": [f"d{i}" for i in part], "text": [texts[i] for i in part]}), row_group_size=256)
+        job = build_config({
+            "input": {"url": os.path.join(tmp, "in"), "rows_per_block": 256},
+            "output": {"url": os.path.join(tmp, "out")},
+            "encode": {"model": model, "dtype": dtype, "batch_tokens": batch_tokens, "rows_per_call": 256},
+        })
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        t = time.perf_counter()
+        res = run_job(job)
+        tc_total = time.perf_counter() - t
+        st_enc = res.manifest["stages"]["encode"]
+        result["pipeline_tokens_per_s"] = st_enc["steady_tokens_per_second"]
+        result["pipeline_end_to_end_tokens_per_s"] = n_tokens / tc_total
+        result["pipeline_vs_encoder"] = result["pipeline_tokens_per_s"] / encoder_tokens_per_s
+        result["pipeline_rows"] = res.manifest["totals"]["rows_out"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """``embedjob bench encode`` (flags in :mod:`embedjob.cli`)."""
     import torch
 
     from embedjob.stages.encode import EncodeConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)
-    r = run_bench(args.corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
+    corpus = args.corpus or (os.path.abspath(DEFAULT_CORPUS) if os.path.isdir(DEFAULT_CORPUS)
+                             else "data/gensim-corpus")
+    r = run_bench(corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
     if args.json:
         print(json.dumps(r))
         return 0

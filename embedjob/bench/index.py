@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Optional
 
@@ -168,29 +167,8 @@ def run_bench(x: np.ndarray, *, kind: str, queries: int, k: int, batch_size: Opt
     return res
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="embedjob bench index", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vectors", metavar="OUTPUT_URL", help="a finished job output: index its vectors/*.parquet")
-    src.add_argument("--corpus", metavar="URL", help="Parquet corpus (text column) to encode here")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many documents (--corpus: default 20000)")
-    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
-                   help="--corpus: folder caching the encoded vectors (default output/bench-cache)")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="--corpus: model (as encode.model)")
-    p.add_argument("--kind", default="hnsw", choices=("hnsw", "ivf_pq", "ivf_flat", "flat"))
-    p.add_argument("--queries", type=int, default=1000, help="held-out query vectors (default 1000)")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=None, help="queries per search call (default: all at once)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs of each search; the fastest counts")
-    p.add_argument("--threads", type=int, default=None,
-                   help="FAISS OpenMP threads of both timed searches (default: all cores; 1 is steadier on a "
-                   "shared machine). The build always uses all cores.")
-    p.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE", help="index config override")
-    p.add_argument("--sweep", default=None,
-                   help="comma-separated ef_search (hnsw) or nprobe (ivf) values to also measure, e.g. 16,32,64,128")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``embedjob bench index`` (flags in :mod:`embedjob.cli`)."""
     from embedjob.config import apply_override
 
     opts: dict[str, Any] = {}
@@ -222,8 +200,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     for row in res.get("sweep", []):
         print("   ", "  ".join(f"{k}={v}" for k, v in row.items()))
     return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())

@@ -93,25 +93,10 @@ def train_word2vec_baseline(token_folder: str, *, epochs: int, dim: int, min_cou
     return model.wv, len(docs)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="embedjob bench static", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="Parquet corpus (id, text columns).")
-    p.add_argument("--limit", type=int, default=50000, help="Documents to use (0 = all). Default 50000.")
-    p.add_argument("--vectors", metavar="OUTPUT", default=None,
-                   help="Score a finished job's output instead of running one (its static/ vectors and tokens/; "
-                   "the job's own preprocessing from its manifest).")
-    p.add_argument("--output", default=None,
-                   help="Job output folder (kept; a rerun reuses committed shards). Default: a temporary folder.")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="Job config override, e.g. static.layers=last4 or encode.max_length=128.")
-    p.add_argument("--min-count", type=int, default=5, help="min_count of both vocabularies.")
-    p.add_argument("--w2v-epochs", type=int, default=5)
-    p.add_argument("--w2v-dim", type=int, default=100)
-    p.add_argument("--w2v-workers", type=int, default=2)
-    p.add_argument("--no-word2vec", action="store_true", help="Skip the Word2Vec baseline.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object.")
-    args = p.parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
+    """``embedjob bench static`` (flags in :mod:`embedjob.cli`)."""
+    if args.corpus is None:
+        args.corpus = DEFAULT_CORPUS
     work = tempfile.mkdtemp(prefix="embedjob-bench-static-")
     try:
         if args.vectors:

@@ -105,51 +105,14 @@ def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int
     return topics, lda.get_topics(), seconds
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="embedjob bench topics", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="corpus URL (Parquet shards with id, text)")
-    p.add_argument("--k", type=int, nargs="+", default=[20], help="number of topics (several: one run each)")
-    p.add_argument("--limit", type=int, default=None, help="first N documents of the corpus (default: all)")
-    p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
-                   "(default: a temporary folder, deleted)")
-    p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
-                   "WORKDIR/word2vec/vectors.bin exists), learned, or a vector file URL")
-    w2v = Word2VecConfig()
-    p.add_argument("--w2v-dim", type=int, default=w2v.vector_size,
-                   help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
-    p.add_argument("--w2v-epochs", type=int, default=w2v.epochs, help="Word2Vec epochs (default: the job's)")
-    p.add_argument("--lda-passes", type=int, default=1, help="LdaMulticore passes (gensim's default: 1)")
-    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
-    p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
-                   help="override a topics setting (value parsed as YAML); repeatable")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="runs per K with seeds topics.seed, +1, ... (both models; topic models vary from seed to "
-                   "seed): the summary gives the mean, min and max of each figure")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-
-    import numpy as np
+def run(args: argparse.Namespace) -> int:
+    """``embedjob bench topics`` (flags in :mod:`embedjob.cli`)."""
     import ray
 
-    from embedjob.config import JobConfig, apply_override
-    from embedjob.layout import DICTIONARY_JSON
     from embedjob.stages.topics import TopicsConfig
-    from embedjob.stages.topics.bow import (
-        corpus_word_counts,
-        filter_dictionary,
-        vocab_list,
-    )
-    from embedjob.stages.topics.metrics import (
-        evaluate_topics,
-        reference_texts,
-        relevance,
-        top_words,
-    )
-    from embedjob.stages.topics.stage import run_topics
-    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
     from embedjob.storage import Storage
-    from embedjob.wordvectors import job_vectors_file
 
+    corpus = DEFAULT_CORPUS if args.corpus is None else args.corpus
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -157,70 +120,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         t = time.time()
-        urls = prepare_tokens(args.corpus, workdir, args.limit)
+        urls = prepare_tokens(corpus, workdir, args.limit)
         token_seconds = time.time() - t
         out = Storage(workdir)
-        if not out.exists(DICTIONARY_JSON) or not out.exists("vocab/_bench.json") or \
-                out.read_json("vocab/_bench.json") != {"urls": urls}:
-            write_dictionary(out, build_vocabulary(urls))
-            out.write_json("vocab/_bench.json", {"urls": urls})
-        full_dict = read_dictionary(out)
+        full_dict = _corpus_dictionary(out, urls)
         docs = read_tokens(urls)
-        w2v_seconds = 0.0
-        data: dict[str, Any] = {}
-        for o in args.set:
-            apply_override(data, o if o.startswith("topics.") else f"topics.{o}")
-        topics_overrides = data.get("topics", {})
-        base = TopicsConfig(**{"enabled": True, **topics_overrides})
-        embeddings = args.embeddings
-        if embeddings == "word2vec" and not out.exists(job_vectors_file("word2vec")):
-            w2v_seconds = train_word2vec(docs, os.path.join(workdir, "word2vec"), cpus=args.cpus, dim=args.w2v_dim,
-                                         epochs=args.w2v_epochs, min_count=base.no_below)
+        base = _topics_config(args.set)
+        w2v_seconds = _word2vec_rho(args, base, docs, out, workdir)
         for k, seed in [(k, base.seed + i) for k in args.k for i in range(max(1, args.seeds))]:
-            tc = base.model_copy(update={"num_topics": k, "embeddings": embeddings, "resume": False, "seed": seed})
+            tc = base.model_copy(update={"num_topics": k, "embeddings": args.embeddings, "resume": False,
+                                         "seed": seed})
             tc = TopicsConfig(**tc.model_dump())
-            cfg = JobConfig(topics=tc)
-            etm = run_topics(cfg, out, urls)
-            dictionary = filter_dictionary(full_dict, tc)
-            lda_topics, lda_tw, lda_seconds = run_lda(docs, dictionary, k, cpus=args.cpus, passes=args.lda_passes,
-                                                      seed=tc.seed)
-            texts = reference_texts(urls, {}, tc.coherence_docs, tc.seed)
-            lda = evaluate_topics(lda_topics, texts, dictionary, tc)
-            # LDA's words chosen the way embedjob chooses its own (same relevance lambda), for a like-for-like view
-            lda_rel_topics = top_words(relevance(np.log(np.maximum(lda_tw, 1e-30)), corpus_word_counts(dictionary),
-                                                 tc.ranking_lambda),
-                                       vocab_list(dictionary), 25)
-            lda_rel = evaluate_topics(lda_rel_topics, texts, dictionary, tc)
-            etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
-            row = {
-                "k": k, "seed": seed, "documents": len(docs), "vocabulary": len(dictionary), "model": tc.model,
-                "embeddings": etm.get("embeddings"), "cpus": args.cpus,
-                "etm_npmi": etm["npmi"], "lda_npmi": lda.get("npmi"),
-                "etm_cv": etm["c_v"], "lda_cv": lda.get("c_v"),
-                "etm_diversity": etm["diversity"], "lda_diversity": lda["diversity"],
-                "ranking_lambda": tc.ranking_lambda, "lda_relevance_npmi": lda_rel.get("npmi"),
-                "lda_relevance_cv": lda_rel.get("c_v"), "lda_relevance_diversity": lda_rel["diversity"],
-                "etm_seconds": round(etm["train_seconds"], 3),
-                "lda_seconds": round(lda_seconds, 3),
-                "etm_epoch_seconds": etm.get("epoch_seconds"), "etm_workers": etm["workers"],
-                "etm_threads_per_worker": etm["threads_per_worker"], "etm_epochs": tc.epochs,
-                "lda_passes": args.lda_passes, "w2v_seconds": round(w2v_seconds, 3),
-                "token_seconds": round(token_seconds, 3), "reference_docs": len(texts),
-                "seconds_ratio_etm_over_lda": round(etm["train_seconds"] / max(lda_seconds, 1e-9), 3),
-                "etm_top_words": [t[:10] for t in etm_topics], "lda_top_words": [t[:10] for t in lda_topics],
-            }
+            row = _one_run(args, tc, out, urls, docs, full_dict, w2v_seconds=w2v_seconds,
+                           token_seconds=token_seconds)
             results.append(row)
             w2v_seconds = 0.0
             if not args.json:
-                print(f"K={k}  docs={len(docs)}  vocabulary={len(dictionary)}  cpus={args.cpus}  rho={row['embeddings']}")
-                print(f"  {'':8s} {'NPMI':>8s} {'C_V':>8s} {'divers.':>8s} {'seconds':>9s}")
-                print(f"  {tc.model:8s} {row['etm_npmi']:8.4f} {row['etm_cv']:8.4f} {row['etm_diversity']:8.3f} "
-                      f"{row['etm_seconds']:9.1f}")
-                print(f"  {'lda':8s} {row['lda_npmi']:8.4f} {row['lda_cv']:8.4f} {row['lda_diversity']:8.3f} "
-                      f"{row['lda_seconds']:9.1f}")
-                print(f"  {'lda rel.':8s} {row['lda_relevance_npmi']:8.4f} {row['lda_relevance_cv']:8.4f} "
-                      f"{row['lda_relevance_diversity']:8.3f}    (LDA's words by relevance, lambda={tc.ranking_lambda})")
-                print(f"  time ratio {tc.model}/lda: {row['seconds_ratio_etm_over_lda']:.2f}")
+                _print_row(row, tc)
     finally:
         if started_ray:
             ray.shutdown()
@@ -230,15 +146,110 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"runs": results, "summary": summary}))
     elif args.seeds > 1:
-        for row in summary:
-            print(f"K={row['k']} over {row['seeds']} seeds (mean [min, max]):")
-            for key in SUMMARY_KEYS:
-                m = row[key]
-                if m is not None:
-                    print(f"  {key:16s} {m['mean']:9.4f} [{m['min']:.4f}, {m['max']:.4f}]")
-            print(f"  ETM >= LDA in NPMI {row['etm_npmi_ge_lda']}/{row['seeds']}, diversity "
-                  f"{row['etm_diversity_ge_lda']}/{row['seeds']}, time {row['etm_time_le_lda']}/{row['seeds']}")
+        _print_summary(summary)
     return 0
+
+
+def _corpus_dictionary(out, urls: list[str]):
+    """The corpus-wide Dictionary of the token shards, as the job's vocab/dictionary.json (rebuilt
+    when the shards changed)."""
+    from embedjob.layout import DICTIONARY_JSON
+    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
+
+    if not out.exists(DICTIONARY_JSON) or not out.exists("vocab/_bench.json") or \
+            out.read_json("vocab/_bench.json") != {"urls": urls}:
+        write_dictionary(out, build_vocabulary(urls))
+        out.write_json("vocab/_bench.json", {"urls": urls})
+    return read_dictionary(out)
+
+
+def _topics_config(overrides: list[str]):
+    """The enabled TopicsConfig with ``--set`` overrides (``topics.`` prefix optional)."""
+    from embedjob.config import apply_override
+    from embedjob.stages.topics import TopicsConfig
+
+    data: dict[str, Any] = {}
+    for o in overrides:
+        apply_override(data, o if o.startswith("topics.") else f"topics.{o}")
+    return TopicsConfig(**{"enabled": True, **data.get("topics", {})})
+
+
+def _word2vec_rho(args: argparse.Namespace, base, docs: list[list[str]], out, workdir: str) -> float:
+    """Train the Word2Vec rho when ``--embeddings word2vec`` and the workdir has none; its seconds (0 if not)."""
+    from embedjob.wordvectors import job_vectors_file
+
+    if args.embeddings != "word2vec" or out.exists(job_vectors_file("word2vec")):
+        return 0.0
+    w2v = Word2VecConfig()
+    dim = w2v.vector_size if args.w2v_dim is None else args.w2v_dim
+    epochs = w2v.epochs if args.w2v_epochs is None else args.w2v_epochs
+    return train_word2vec(docs, os.path.join(workdir, "word2vec"), cpus=args.cpus, dim=dim, epochs=epochs,
+                          min_count=base.no_below)
+
+
+def _one_run(args: argparse.Namespace, tc, out, urls: list[str], docs: list[list[str]], full_dict, *,
+             w2v_seconds: float, token_seconds: float) -> dict[str, Any]:
+    """embedjob's topic model and LdaMulticore for one K and seed, both scored on the same reference texts."""
+    import numpy as np
+
+    from embedjob.config import JobConfig
+    from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
+    from embedjob.stages.topics.metrics import evaluate_topics, reference_texts, relevance, top_words
+    from embedjob.stages.topics.stage import run_topics
+
+    etm = run_topics(JobConfig(topics=tc), out, urls)
+    dictionary = filter_dictionary(full_dict, tc)
+    lda_topics, lda_tw, lda_seconds = run_lda(docs, dictionary, tc.num_topics, cpus=args.cpus,
+                                              passes=args.lda_passes, seed=tc.seed)
+    texts = reference_texts(urls, {}, tc.coherence_docs, tc.seed)
+    lda = evaluate_topics(lda_topics, texts, dictionary, tc)
+    # LDA's words chosen the way embedjob chooses its own (same relevance lambda), for a like-for-like view
+    lda_rel_topics = top_words(relevance(np.log(np.maximum(lda_tw, 1e-30)), corpus_word_counts(dictionary),
+                                         tc.ranking_lambda),
+                               vocab_list(dictionary), 25)
+    lda_rel = evaluate_topics(lda_rel_topics, texts, dictionary, tc)
+    etm_topics = [t["words"] for t in out.read_json("topics/topics.json")["topics"]]
+    return {
+        "k": tc.num_topics, "seed": tc.seed, "documents": len(docs), "vocabulary": len(dictionary),
+        "model": tc.model, "embeddings": etm.get("embeddings"), "cpus": args.cpus,
+        "etm_npmi": etm["npmi"], "lda_npmi": lda.get("npmi"),
+        "etm_cv": etm["c_v"], "lda_cv": lda.get("c_v"),
+        "etm_diversity": etm["diversity"], "lda_diversity": lda["diversity"],
+        "ranking_lambda": tc.ranking_lambda, "lda_relevance_npmi": lda_rel.get("npmi"),
+        "lda_relevance_cv": lda_rel.get("c_v"), "lda_relevance_diversity": lda_rel["diversity"],
+        "etm_seconds": round(etm["train_seconds"], 3),
+        "lda_seconds": round(lda_seconds, 3),
+        "etm_epoch_seconds": etm.get("epoch_seconds"), "etm_workers": etm["workers"],
+        "etm_threads_per_worker": etm["threads_per_worker"], "etm_epochs": tc.epochs,
+        "lda_passes": args.lda_passes, "w2v_seconds": round(w2v_seconds, 3),
+        "token_seconds": round(token_seconds, 3), "reference_docs": len(texts),
+        "seconds_ratio_etm_over_lda": round(etm["train_seconds"] / max(lda_seconds, 1e-9), 3),
+        "etm_top_words": [t[:10] for t in etm_topics], "lda_top_words": [t[:10] for t in lda_topics],
+    }
+
+
+def _print_row(row: dict[str, Any], tc) -> None:
+    print(f"K={row['k']}  docs={row['documents']}  vocabulary={row['vocabulary']}  cpus={row['cpus']}  "
+          f"rho={row['embeddings']}")
+    print(f"  {'':8s} {'NPMI':>8s} {'C_V':>8s} {'divers.':>8s} {'seconds':>9s}")
+    print(f"  {tc.model:8s} {row['etm_npmi']:8.4f} {row['etm_cv']:8.4f} {row['etm_diversity']:8.3f} "
+          f"{row['etm_seconds']:9.1f}")
+    print(f"  {'lda':8s} {row['lda_npmi']:8.4f} {row['lda_cv']:8.4f} {row['lda_diversity']:8.3f} "
+          f"{row['lda_seconds']:9.1f}")
+    print(f"  {'lda rel.':8s} {row['lda_relevance_npmi']:8.4f} {row['lda_relevance_cv']:8.4f} "
+          f"{row['lda_relevance_diversity']:8.3f}    (LDA's words by relevance, lambda={tc.ranking_lambda})")
+    print(f"  time ratio {tc.model}/lda: {row['seconds_ratio_etm_over_lda']:.2f}")
+
+
+def _print_summary(summary: list[dict[str, Any]]) -> None:
+    for row in summary:
+        print(f"K={row['k']} over {row['seeds']} seeds (mean [min, max]):")
+        for key in SUMMARY_KEYS:
+            m = row[key]
+            if m is not None:
+                print(f"  {key:16s} {m['mean']:9.4f} [{m['min']:.4f}, {m['max']:.4f}]")
+        print(f"  ETM >= LDA in NPMI {row['etm_npmi_ge_lda']}/{row['seeds']}, diversity "
+              f"{row['etm_diversity_ge_lda']}/{row['seeds']}, time {row['etm_time_le_lda']}/{row['seeds']}")
 
 
 SUMMARY_KEYS = ("etm_npmi", "lda_npmi", "etm_diversity", "lda_diversity", "etm_seconds", "lda_seconds")
@@ -260,7 +271,3 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["etm_time_le_lda"] = sum(1 for r in rows if r["etm_seconds"] <= r["lda_seconds"])
         out.append(row)
     return out
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Optional
@@ -111,58 +110,64 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
                       "vocabulary": len(model.wv), "threads": threads, "mode": mode}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="embedjob bench word2vec", description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", default=DEFAULT_CORPUS, help="Parquet corpus with a 'text' column (any URL).")
-    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
-                   help="fsspec option of the corpus (repeatable; value parsed as JSON when possible).")
-    p.add_argument("--workers", type=int, default=2, help="Ray workers for embedjob = threads for gensim.")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="gensim threads in each Ray worker.")
-    p.add_argument("--model", choices=["word2vec", "fasttext"], default="word2vec")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--vector-size", type=int, default=100)
-    p.add_argument("--min-count", type=int, default=5)
-    p.add_argument("--sg", type=int, choices=[0, 1], default=0)
-    p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
-    p.add_argument("--sync-every", type=float, default=None, help="default: word2vec.sync_every")
-    p.add_argument("--ngram-sync-every", type=int, default=None, help="default: word2vec.ngram_sync_every")
-    p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
-                   help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
-    p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
-    p.add_argument("--no-share-memory", action="store_true",
-                   help="Every embedjob worker keeps its own model and syncs with all_reduce (word2vec.share_memory "
-                   "false), as workers on different machines do.")
-    p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
-                   help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
-    p.add_argument("--max-docs-per-shard", type=int, default=None, help="Use only the first N docs of each shard.")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "embedjob-bench-tokens"),
-                   help="Folder caching the tokenised corpus.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object.")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``embedjob bench word2vec`` (flags in :mod:`embedjob.cli`)."""
+    corpus = DEFAULT_CORPUS if args.corpus is None else args.corpus
+    cfg = _bench_config(args)
+    files = tokenize_corpus(corpus, _storage_options(args.storage_option), args.cache,
+                            max_docs_per_shard=args.max_docs_per_shard)
 
-    import ray
+    gensim_kv, g = run_gensim(files, cfg, args.workers * args.threads_per_worker, args.gensim_mode)
+    g.update(evaluate(gensim_kv))
+    del gensim_kv
 
-    from embedjob.stages.word2vec import Word2VecConfig
-    from embedjob.stages.word2vec.stage import train_word2vec
+    e, rep = _run_embedjob(files, cfg, args)
+    out = {
+        "model": args.model, "corpus": corpus, "documents": rep["documents"],
+        "tokens_per_epoch": rep["tokens_per_epoch"], "epochs": args.epochs, "vector_size": args.vector_size,
+        "workers": args.workers, "cpus": os.cpu_count(),
+        "gensim": g, "embedjob": e,
+        "speed_ratio": round(e["words_per_s"] / g["words_per_s"], 3),
+        "end_to_end_ratio": round(g["total_seconds"] / e["total_seconds"], 3),
+        "analogy_delta": round(e["analogy"] - g["analogy"], 2),
+        "wordsim_delta": round(e["wordsim_spearman"] - g["wordsim_spearman"], 4),
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    _print_report(args, out, g, e)
+    return 0
 
+
+def _storage_options(pairs: list[str]) -> dict[str, Any]:
+    """``--storage-option K=V`` pairs; a value is parsed as JSON when it can be."""
     opts: dict[str, Any] = {}
-    for kv in args.storage_option:
+    for kv in pairs:
         k, _, v = kv.partition("=")
         try:
             opts[k] = json.loads(v)
         except json.JSONDecodeError:
             opts[k] = v
-    cfg = Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
-                         min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
-                         threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
-                         **({"sync_every": args.sync_every} if args.sync_every else {}),
-                         **({"ngram_sync_every": args.ngram_sync_every} if args.ngram_sync_every else {}),
-                         use_corpus_file=not args.no_corpus_file, share_memory=not args.no_share_memory)
-    files = tokenize_corpus(args.corpus, opts, args.cache, max_docs_per_shard=args.max_docs_per_shard)
+    return opts
 
-    gensim_kv, g = run_gensim(files, cfg, args.workers * args.threads_per_worker, args.gensim_mode)
-    g.update(evaluate(gensim_kv))
-    del gensim_kv
+
+def _bench_config(args: argparse.Namespace):
+    """The Word2VecConfig both sides train with."""
+    from embedjob.stages.word2vec import Word2VecConfig
+
+    return Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
+                          min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
+                          threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
+                          **({"sync_every": args.sync_every} if args.sync_every else {}),
+                          **({"ngram_sync_every": args.ngram_sync_every} if args.ngram_sync_every else {}),
+                          use_corpus_file=not args.no_corpus_file, share_memory=not args.no_share_memory)
+
+
+def _run_embedjob(files: list[str], cfg, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """embedjob's Ray Train trainer on a fresh local Ray: (its figures, evaluation included; its report)."""
+    import ray
+
+    from embedjob.stages.word2vec.stage import train_word2vec
 
     if ray.is_initialized():
         ray.shutdown()
@@ -182,20 +187,10 @@ def main(argv: Optional[list[str]] = None) -> int:
          "corpus_file": cfg.use_corpus_file, "sync_mode": cfg.sync_mode,
          "shared_memory_groups": rep.get("shared_memory_groups"), "syncs_per_epoch": rep.get("syncs_per_epoch")}
     e.update(evaluate(kv))
+    return e, rep
 
-    out = {
-        "model": args.model, "corpus": args.corpus, "documents": rep["documents"],
-        "tokens_per_epoch": rep["tokens_per_epoch"], "epochs": args.epochs, "vector_size": args.vector_size,
-        "workers": args.workers, "cpus": os.cpu_count(),
-        "gensim": g, "embedjob": e,
-        "speed_ratio": round(e["words_per_s"] / g["words_per_s"], 3),
-        "end_to_end_ratio": round(g["total_seconds"] / e["total_seconds"], 3),
-        "analogy_delta": round(e["analogy"] - g["analogy"], 2),
-        "wordsim_delta": round(e["wordsim_spearman"] - g["wordsim_spearman"], 4),
-    }
-    if args.json:
-        print(json.dumps(out))
-        return 0
+
+def _print_report(args: argparse.Namespace, out: dict[str, Any], g: dict[str, Any], e: dict[str, Any]) -> None:
     print(f"{args.model}: {out['documents']} docs, {out['tokens_per_epoch']} tokens/epoch, {args.epochs} epochs, "
           f"{args.vector_size} dims, {os.cpu_count()} CPUs")
     print(f"{'':28}{'gensim (' + str(g['threads']) + ' threads)':>24}{'embedjob (' + str(args.workers) + ' Ray workers)':>28}")
@@ -211,9 +206,3 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"end-to-end ratio: {out['end_to_end_ratio']:.3f}")
     print(f"analogy_delta (embedjob - gensim): {out['analogy_delta']:+.2f} points   "
           f"wordsim_delta: {out['wordsim_delta']:+.4f}")
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
