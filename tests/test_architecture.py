@@ -11,7 +11,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "embedjob"
 MAX_LINES = 500
-GROUND_FLOOR = ("errors", "schema", "layout", "redact", "_config_base")
+GROUND_FLOOR = ("errors", "schema", "layout", "redact", "debug", "_config_base")
 
 
 def _modules() -> dict[str, Path]:

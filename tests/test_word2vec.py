@@ -349,8 +349,8 @@ def test_two_workers_word2vec_learn_planted_groups(ray_local, tmp_path):
 
 
 def test_worker_failure_fails_the_stage_with_a_clear_message(ray_local, tmp_path, monkeypatch):
+    from embedjob.debug import WORD2VEC_FAIL_RANK_ENV as FAIL_RANK_ENV
     from embedjob.errors import Word2VecTrainingError
-    from embedjob.stages.word2vec.worker import FAIL_RANK_ENV
 
     urls = write_token_shards(tmp_path, synthetic_docs(200))
     monkeypatch.setenv(FAIL_RANK_ENV, "1")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embedjob.debug import WORD2VEC_RANKS_PER_MACHINE_ENV as MACHINE_SIZE_ENV
 from embedjob.stages.word2vec.stage import train_word2vec
-from embedjob.stages.word2vec.worker import MACHINE_SIZE_ENV
 from tests.test_word2vec import (
     group_margin,
     group_of,

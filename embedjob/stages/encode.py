@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -30,6 +29,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from embedjob._config_base import Section
+from embedjob.debug import encode_delay
 from embedjob.models import model_defaults, model_fingerprint, resolve_model_path
 from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
 from embedjob.stages.static.accumulate import StaticAccumulator
@@ -99,7 +99,6 @@ ENCODER_RECIPE = "bert_docvec_v1"
 
 # Seconds the encoder actor sleeps per call: only for fault-injection tests (killing a driver or
 # an actor mid-run needs a run that lasts long enough to be interrupted).
-DEBUG_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 
 # Columns the preprocess stage adds for the encoder (tokenised off the actor's critical path).
 # Batch widths are rounded up to a multiple of this (see TextEncoder.pad_multiple).
@@ -346,8 +345,7 @@ class EncodeActor:
                     settings.dtype, torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if DEBUG_DELAY_ENV in os.environ:  # fault-injection tests widen the window to kill a worker in
-            time.sleep(float(os.environ[DEBUG_DELAY_ENV]))
+        encode_delay()  # test-only: widens the window to kill an actor mid-run
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
         todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]

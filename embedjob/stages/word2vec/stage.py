@@ -42,6 +42,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
 from embedjob import raytrain
+from embedjob.debug import word2vec_switches
 from embedjob.errors import ConfigError, Word2VecTrainingError
 from embedjob.stages.vocab import build_vocabulary
 from embedjob.stages.word2vec.config import Word2VecConfig
@@ -150,7 +151,6 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
 
     # late: worker imports torch and ray at its top
     from embedjob.stages.word2vec.worker import (
-        read_debug_switches,
         train_loop_per_worker,
     )
 
@@ -161,7 +161,7 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={**loop_config, **read_debug_switches()},
+            train_loop_config={**loop_config, **word2vec_switches()},
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False,
                                          resources_per_worker={"CPU": cfg.threads_per_worker}),

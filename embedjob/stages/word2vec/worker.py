@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from embedjob.debug import WORD2VEC_FAIL_RANK_ENV
 from embedjob.stages.word2vec.config import Word2VecConfig
 from embedjob.stages.word2vec.model import (
     apply_init,
@@ -41,20 +41,6 @@ from embedjob.stages.word2vec.sync import ModelSync
 from embedjob.token_shards import read_slices
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# DEBUG: test-only switches. The driver reads them from its environment (read_debug_switches) and
-# hands them to the workers in the loop config; a real job never sets them.
-# ---------------------------------------------------------------------------------------------
-FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"  # fault injection: this rank raises before training
-# Treat every this many consecutive ranks as one machine (a multi-node layout on one machine).
-MACHINE_SIZE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
-
-
-def read_debug_switches() -> dict[str, Optional[str]]:
-    """The test-only switches as set in the driver's environment, for the loop config."""
-    return {"fail_rank": os.environ.get(FAIL_RANK_ENV), "ranks_per_machine": os.environ.get(MACHINE_SIZE_ENV)}
-
 
 # ---------------------------------------------------------------------------------------------
 # Phases
@@ -317,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      ngram_pos=ngram_pos, ngram_every=cfg.ngram_sync_every)
 
     if config.get("fail_rank") is not None and int(config["fail_rank"]) == rank:
-        raise RuntimeError(f"word2vec worker {rank}: failure injected by {FAIL_RANK_ENV}")
+        raise RuntimeError(f"word2vec worker {rank}: failure injected by {WORD2VEC_FAIL_RANK_ENV}")
 
     sync.agree_rows(segs.rows)
     segs.rows = []  # agreed: no longer needed

@@ -1,0 +1,33 @@
+"""Test-only fault-injection switches, all in one place. A real job never sets them; tests set
+them in the environment to widen a race window or to make a worker fail on purpose.
+
+* ``EMBEDJOB_DEBUG_ENCODE_DELAY`` (seconds): each encoder actor call sleeps this long first, so a
+  test can kill an actor mid-run;
+* ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
+* ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
+  one machine (a multi-node layout on one machine).
+
+Ground floor: imports nothing of embedjob.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
+WORD2VEC_FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"
+WORD2VEC_RANKS_PER_MACHINE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
+
+
+def encode_delay() -> None:
+    """Sleep for ``EMBEDJOB_DEBUG_ENCODE_DELAY`` seconds when it is set (encoder actors)."""
+    if ENCODE_DELAY_ENV in os.environ:
+        time.sleep(float(os.environ[ENCODE_DELAY_ENV]))
+
+
+def word2vec_switches() -> dict[str, Optional[str]]:
+    """The Word2Vec switches as set in the driver's environment, for the workers' loop config."""
+    return {"fail_rank": os.environ.get(WORD2VEC_FAIL_RANK_ENV),
+            "ranks_per_machine": os.environ.get(WORD2VEC_RANKS_PER_MACHINE_ENV)}
