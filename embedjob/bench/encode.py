@@ -156,7 +156,8 @@ def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float
         res = run_job(job)
         tc_total = time.perf_counter() - t
         st_enc = res.manifest["stages"]["encode"]
-        result["pipeline_tokens_per_s"] = st_enc["steady_tokens_per_second"]
+        # the steady-state rate needs two written blocks; a tiny run has one: fall back to the whole run's
+        result["pipeline_tokens_per_s"] = st_enc.get("steady_tokens_per_second") or st_enc["tokens_per_second"]
         result["pipeline_end_to_end_tokens_per_s"] = n_tokens / tc_total
         result["pipeline_vs_encoder"] = result["pipeline_tokens_per_s"] / encoder_tokens_per_s
         result["pipeline_rows"] = res.manifest["totals"]["rows_out"]
