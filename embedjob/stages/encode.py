@@ -223,6 +223,7 @@ class TextEncoder:
                  num_threads: Optional[int] = None, output_hidden_layers: Optional[Sequence[int]] = None):
         import torch
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if num_threads:
@@ -234,6 +235,7 @@ class TextEncoder:
         self.device = torch.device(self.settings.device)
         self.dtype = getattr(torch, self.settings.dtype)
         path = self.settings.model_path
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar from every actor
         try:
             self.model = AutoModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
         except (ValueError, ImportError):  # models without SDPA support
