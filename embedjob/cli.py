@@ -141,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="embedjob", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="embedjob", description="Distributed batch embedding job on Ray: run a job, read its outputs, benchmark.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
