@@ -48,6 +48,11 @@ def shard_key_of(url: str) -> str:
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 
+def shard_marker(shard: str) -> str:
+    """``_done/<shard>.json``: the commit point of a shard's outputs."""
+    return f"{DONE}/{shard}.json"
+
+
 def stage_marker(name: str) -> str:
     """``_done/stage-<name>.json``: the last success of a corpus-wide stage."""
     return f"{DONE}/{STAGE_MARKER_PREFIX}{name}.json"

@@ -31,13 +31,14 @@ from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.errors import JobError, root_cause
-from embedjob.layout import DONE, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
+from embedjob.layout import CONFIG, DONE, MANIFEST, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
 from embedjob.reconcile import (
     is_intact,
     list_shard_files,
+    read_marker,
     read_shard_markers,
     reconcile_outputs,
 )
@@ -45,7 +46,6 @@ from embedjob.redact import redact, redact_url
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
-from embedjob.stages.write import read_marker
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
     manifest = _manifest(run)
-    out.write_json("config.json", redact(cfg.model_dump(mode="json")))
-    out.write_json("manifest.json", manifest)  # written last, on success and on failure
+    out.write_json(CONFIG, manifest["config"])  # the resolved config, secrets masked
+    out.write_json(MANIFEST, manifest)  # written last, on success and on failure
     committed, failed = manifest["totals"]["committed_shards"], manifest["totals"]["failed"]
     if run.error is not None:
         logger.error("failed after %.1fs; manifest.json records what was committed (%d shards)",
@@ -421,7 +421,7 @@ class CorpusStages:
             reads: str = "tokens") -> None:
         key = _hash({"inputs": self.inputs_hash[reads], "settings": settings,
                      "deps": {d: self.stages[d].get("hash") for d in deps if d in self.stages}})
-        prev = None if self.cfg.output.overwrite else read_marker(self.out, f"stage-{name}")
+        prev = None if self.cfg.output.overwrite else read_marker(self.out, stage_marker(name))
         if prev and prev.get("hash") == key:
             logger.info("%s: unchanged since its last run, kept", name)
             self.stages[name] = {**prev.get("stats", {}), "status": "skipped-unchanged", "hash": key}

@@ -25,29 +25,42 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from embedjob.layout import DONE, PER_SHARD_DIRS, STAGE_MARKER_PREFIX, SUPERSEDED
+from embedjob.layout import DONE, PER_SHARD_DIRS, STAGE_MARKER_PREFIX, SUPERSEDED, shard_marker
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 
 
+def read_marker(out: Storage, rel: str) -> Optional[dict[str, Any]]:
+    """The done marker at ``rel`` (:func:`~embedjob.layout.shard_marker` or ``stage_marker``);
+    ``None`` when it is missing or unreadable, so that its work is redone."""
+    try:
+        marker = out.read_json(rel)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def marked_shards(out: Storage) -> list[str]:
+    """The keys of the shards that have a done marker in the output."""
+    return [n[: -len(".json")] for n in out.list(DONE, suffix=".json") if not n.startswith(STAGE_MARKER_PREFIX)]
+
+
 def read_shard_markers(out: Storage, *, threads: int = 16) -> dict[str, dict[str, Any]]:
     """Every per-shard done marker in the output, ``{shard key: marker}`` (unreadable ones are
     treated as absent, so their shard is redone)."""
-    names = [n for n in out.list(DONE, suffix=".json") if not n.startswith(STAGE_MARKER_PREFIX)]
+    keys = marked_shards(out)
 
-    def read(name: str) -> Optional[dict[str, Any]]:
-        try:
-            m = out.read_json(f"{DONE}/{name}")
-        except (FileNotFoundError, OSError, ValueError):
-            logger.warning("unreadable done marker %s: its shard is redone", out.url(f"{DONE}/{name}"))
-            return None
-        return m if isinstance(m, dict) else None
+    def read(key: str) -> Optional[dict[str, Any]]:
+        marker = read_marker(out, shard_marker(key))
+        if marker is None:
+            logger.warning("unreadable done marker %s: its shard is redone", out.url(shard_marker(key)))
+        return marker
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names) or 1))) as pool:
-        read_back = list(pool.map(read, names))
-    return {n[: -len(".json")]: m for n, m in zip(names, read_back) if m is not None}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys) or 1))) as pool:
+        read_back = list(pool.map(read, keys))
+    return {k: m for k, m in zip(keys, read_back) if m is not None}
 
 
 def list_shard_files(out: Storage) -> dict[str, set[str]]:
@@ -88,7 +101,7 @@ def reconcile_outputs(out: Storage, *, keep: dict[str, dict[str, Any]], markers:
     Returns ``{"run": run_id, "to": "_superseded/<run>/", "shards": {key: {"reason", "files"}}}``
     (``shards`` empty when nothing moved)."""
     files = list_shard_files(out)
-    current = {n[: -len(".json")] for n in out.list(DONE, suffix=".json") if not n.startswith(STAGE_MARKER_PREFIX)}
+    current = set(marked_shards(out))
     dest = f"{SUPERSEDED}/{run_id}"
     moved: dict[str, dict[str, Any]] = {}
     for key in sorted(set(files) | current):
@@ -101,7 +114,7 @@ def reconcile_outputs(out: Storage, *, keep: dict[str, dict[str, Any]], markers:
         old = markers.get(key)
         reason = reasons.get(key) or ("uncommitted leftover" if old is None else "not vouched for by this run")
         rels = sorted(files.get(key, set()))
-        marker_rel = f"{DONE}/{key}.json"
+        marker_rel = shard_marker(key)
         entry: dict[str, Any] = {"reason": reason, "files": rels}
         if key in current:
             entry["marker"] = marker_rel

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.errors import IncompleteShardError
-from embedjob.layout import DONE, TMP
+from embedjob.layout import DONE, TMP, shard_marker
+from embedjob.reconcile import read_marker
 from embedjob.schema import EMPTY, ROW, SHARD, TOKENS
-from embedjob.stages.write import BlockWriter, commit_shard, read_marker
+from embedjob.stages.write import BlockWriter, commit_shard
 from embedjob.storage import Storage
 
 
@@ -39,7 +40,7 @@ def test_a_shard_commits_once_from_overlapping_parts(tmp_path):
     marker = commit_shard(str(tmp_path), {}, "s", 4, "keep", {"stage_hash": "h"}, dim=4)
     vectors = pq.read_table(tmp_path / "vectors" / "s.parquet")
     assert vectors.column("id").to_pylist() == ["s-0", "s-1", "s-2", "s-3"]
-    assert marker["rows_out"] == 4 and read_marker(Storage(str(tmp_path)), "s")["stage_hash"] == "h"
+    assert marker["rows_out"] == 4 and read_marker(Storage(str(tmp_path)), shard_marker("s"))["stage_hash"] == "h"
     assert not (tmp_path / TMP / "s").exists()
 
 

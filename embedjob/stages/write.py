@@ -25,7 +25,7 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
-from embedjob.layout import DONE, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name
+from embedjob.layout import STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
 from embedjob.schema import (
     EMPTY,
     ENCODER_NODE,
@@ -167,7 +167,7 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         "committed_at": time.time(),
         "commit_seconds": round(time.time() - t0, 3),
     })
-    out.write_json(f"{DONE}/{shard}.json", marker)  # the commit point
+    out.write_json(shard_marker(shard), marker)  # the commit point
     out.delete(f"{TMP}/{shard}", recursive=True)
     return marker
 
@@ -188,13 +188,6 @@ def _empty_part(dim: Optional[int]) -> pa.Table:
         "vector": pa.array([], vec_type), "n_tokens": pa.array([], pa.int32()),
         TOKENS: pa.array([], pa.list_(pa.string())), EMPTY: pa.array([], pa.bool_()),
     })
-
-
-def read_marker(out: Storage, shard: str) -> Optional[dict[str, Any]]:
-    try:
-        return out.read_json(f"{DONE}/{shard}.json")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
 
 
 def write_block(batch: pa.Table, *, out_url: str, storage_options: dict[str, Any], id_column: str) -> pa.Table:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from embedjob.layout import INDEX_DIR
+from embedjob.layout import INDEX_DIR, MANIFEST
 from embedjob.models import resolve_model_path
 from embedjob.stages.encode import EncoderSettings, TextEncoder, cpu_supports_bf16
 from embedjob.stages.index.config import DOCS, index_files
@@ -133,9 +133,9 @@ class Searcher:
     def __init__(self, output_url: str, storage_options: Optional[dict[str, Any]] = None, *,
                  input_storage_options: Optional[dict[str, Any]] = None):
         self.out = Storage(output_url, storage_options or {})
-        if not self.out.exists("manifest.json"):
+        if not self.out.exists(MANIFEST):
             raise StorageError(f"{self.out.url('manifest.json')} does not exist: not a finished embedjob output")
-        self.manifest = self.out.read_json("manifest.json")
+        self.manifest = self.out.read_json(MANIFEST)
         self.loaded = load_index(self.out, DOCS)
         self.inp = self.manifest.get("input") or {}
         self.input_options = _input_options(self.inp, self.out, input_storage_options)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from embedjob.errors import StaticVectorsError
-from embedjob.layout import DONE, PARTS_DIR, STATIC_DIR
+from embedjob.layout import PARTS_DIR, STATIC_DIR, shard_marker
+from embedjob.reconcile import read_marker
 from embedjob.stages.static.parts import part_sums
 from embedjob.wordvectors import (
     BIN_NAME,
@@ -85,7 +86,7 @@ def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
         if out.exists(rel):
             present.append(rel)
             continue
-        marker = _shard_marker(out, key) or {}
+        marker = read_marker(out, shard_marker(key)) or {}
         if marker.get("rows_in", 0) and "static" not in marker.get("outputs", {}):
             raise StaticVectorsError(
                 f"shard {key} was committed without static word vector parts ({out.url(rel)} is missing); "
@@ -94,14 +95,6 @@ def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
         if marker.get("rows_in", 0):
             raise StaticVectorsError(f"static word vector part {out.url(rel)} of shard {key} is missing")
     return present
-
-
-def _shard_marker(out: "Storage", shard: str) -> Optional[dict[str, Any]]:
-    """The shard's done marker (``_done/<shard>.json``), None when missing or unreadable."""
-    try:
-        return out.read_json(f"{DONE}/{shard}.json")
-    except (FileNotFoundError, OSError, ValueError):
-        return None
 
 
 def _word_totals(out: "Storage", present: list[str]) -> tuple[dict[str, int], int]:
