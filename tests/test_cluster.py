@@ -187,7 +187,7 @@ class LocalRayCluster:
         self.procs: list[tuple[subprocess.Popen, Path]] = []
         atexit.register(self.stop)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         ports = _free_ports(6)
         args = args + [
             "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", self.tmp, "--disable-usage-stats",
@@ -199,10 +199,11 @@ class LocalRayCluster:
         log = Path(self.tmp) / f"{name}.out"
         with open(log, "wb") as f:
             proc = subprocess.Popen([sys.executable, "-c", _PDEATHSIG, str(VENV_BIN / "ray"), "start", *args],
-                                    stdout=f, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                                    stdout=f, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                    start_new_session=True)
         self.procs.append((proc, log))
 
-    def _wait(self, what: str, ready, timeout: float = 120) -> None:
+    def _wait(self, what: str, ready, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while not _safely(ready):
             if time.time() > deadline or any(p.poll() is not None for p, _ in self.procs):
@@ -210,17 +211,22 @@ class LocalRayCluster:
             time.sleep(0.5)
 
     def start(self, head_cpus: int, workers: list[tuple[str, int, dict[str, float]]]) -> None:
-        """Start the head (dashboard and Jobs API on 127.0.0.1) and, as soon as its GCS accepts
-        connections, the worker nodes ``(name, cpus, custom resources)``; wait until all are up."""
+        """Start the head (dashboard and Jobs API on 127.0.0.1), wait until it is fully up (its
+        raylet registered: a worker node started earlier gives up after its own retries, which a
+        loaded 2-core CI machine can outlast), then the worker nodes ``(name, cpus, custom
+        resources)``; wait until all are up."""
         self._spawn("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", str(head_cpus),
                              "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port),
                              "--ray-client-server-port", str(_free_ports(1)[0])])
         self._wait("GCS", lambda: _port_open(self.gcs_port))
+        head_log = self.procs[0][1]
+        self._wait("head", lambda: "Ray runtime started" in head_log.read_text(errors="replace"))
         for name, cpus, resources in workers:
+            # a worker asks the GCS for the head's node info NUM_REDIS_GET_RETRIES times, 2 s apart
             self._spawn(name, ["--address", self.gcs_address, "--num-cpus", str(cpus), "--num-gpus", "0",
-                               "--resources", json.dumps(resources)])
-        for _, log in self.procs:
+                               "--resources", json.dumps(resources)], env={"RAY_NUM_REDIS_GET_RETRIES": "150"})
+        for _, log in self.procs[1:]:
             self._wait(log.stem, lambda log=log: "Ray runtime started" in log.read_text(errors="replace"))
         self._wait("dashboard", lambda: self._http_ok("/api/version"))
         self._wait("nodes", lambda: len(self.nodes()) == 1 + len(workers))
@@ -263,6 +269,12 @@ class LocalRayCluster:
             with contextlib.suppress(OSError):
                 lines = log.read_text(errors="replace").splitlines()[-tail:]
                 out.append(f"--- {log.name}\n" + "\n".join(lines))
+        # the nodes' own logs say why a node did not come up (GCS, raylet, dashboard)
+        logs_dir = Path(self.tmp) / "session_latest" / "logs"
+        for name in ("gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err", "dashboard.log"):
+            with contextlib.suppress(OSError):
+                lines = (logs_dir / name).read_text(errors="replace").splitlines()[-15:]
+                out.append(f"--- {name}\n" + "\n".join(lines))
         return "\n".join(out)
 
     def _own_pids(self) -> list[int]:
@@ -311,9 +323,16 @@ class LocalRayCluster:
 def ray_cluster():
     """A head node (2 CPUs, dashboard and Jobs API on 127.0.0.1) and a worker node with 2 CPUs and
     the custom resource ``encoder_node: 1``; stopped at the end, pass or fail."""
-    cluster = LocalRayCluster()
+    for attempt in (1, 2):  # a second, fresh cluster if the first did not come up (ports, a loaded machine)
+        cluster = LocalRayCluster()
+        try:
+            cluster.start(head_cpus=2, workers=[("worker", 2, {"encoder_node": 1})])
+            break
+        except RuntimeError:
+            cluster.stop()
+            if attempt == 2:
+                raise
     try:
-        cluster.start(head_cpus=2, workers=[("worker", 2, {"encoder_node": 1})])
         yield cluster
     finally:
         cluster.stop()
