@@ -394,7 +394,7 @@ def _encode_and_write(ds, cfg: JobConfig, out: Storage, encoder: EncoderSettings
         EncodeActor,
         fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder.device),
                                "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
-                               "static": static},
+                               "static": static, "batching": cfg.encode.batching},
         batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"), **actor_args,

@@ -80,3 +80,69 @@ def test_model_errors_name_the_setting(tmp_path):
         resolve_model_path("nope")
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model_path(str(tmp_path))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_packed_batches_match_padded(tiny_model, pooling):
+    """The padding-free forward gives the model's own vectors, in input order, for every pooling."""
+    texts = SAMPLE_TEXTS * 2 + ["word " * 300, "x"]
+    cfg = EncodeConfig(model=tiny_model, dtype="float32", pooling=pooling, batch_tokens=256)
+    padded = TextEncoder.from_config(cfg, batching="padded")
+    packed = TextEncoder.from_config(cfg, batching="packed")
+    assert (padded.batching, packed.batching) == ("padded", "packed")
+    a, b = padded.encode_texts(texts), packed.encode_texts(texts)
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=2e-5)
+    np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
+    # packed batches compute real tokens only; padded ones pad to the longest (rounded up to 16)
+    assert packed.counters["computed_tokens"] == packed.counters["tokens"] == int(a.n_tokens.sum())
+    assert padded.counters["computed_tokens"] > padded.counters["tokens"]
+
+
+def test_packed_token_hook_sees_the_padded_layout(tiny_model):
+    """The static word-vector hook gets the same hidden states and mask from both batchings."""
+    texts = SAMPLE_TEXTS[:6]
+    got = {}
+    for mode in ("padded", "packed"):
+        enc = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32", batch_tokens=100000),
+                                      batching=mode, output_hidden_layers=(-1, 1))
+        seen = {}
+
+        def hook(layers, mask, idx, seen=seen):
+            for r, j in enumerate(idx):
+                L = int(mask[r].sum())
+                seen[int(j)] = [h[r, :L].float().numpy() for h in layers]
+
+        enc.encode_texts(texts, token_hook=hook)
+        got[mode] = seen
+    for j in range(len(texts)):
+        for x, y in zip(got["padded"][j], got["packed"][j]):
+            np.testing.assert_allclose(x, y, atol=2e-5)
+
+
+def test_packed_batches_respect_the_real_token_budget():
+    from embedjob.stages.encode.packed import packed_batches
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 300, size=400)
+    batches = packed_batches(lengths, batch_tokens=2048, max_docs=64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(400))
+    assert all(len(b) <= 64 and (len(b) == 1 or lengths[b].sum() <= 2048) for b in batches)
+    assert [len(b) for b in packed_batches(np.array([5000, 3]), 100, 8)] == [1, 1]
+
+
+def test_encoder_core_imports_without_ray_gensim_faiss_pydantic():
+    """`.ci/gpu-check` runs the encoder on a bare GPU host that has none of these."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('ray', 'gensim', 'faiss', 'pydantic'):\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from embedjob.stages.encode import TextEncoder, EncoderSettings\n"
+            "from embedjob.stages.encode.packed import PackedBert\n"
+            "import embedjob.bench.gpu_check\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

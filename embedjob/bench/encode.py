@@ -27,12 +27,9 @@ from typing import Any, Optional
 import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
+from embedjob.bench.flops import device_peak, flops_per_token
 
 logger = logging.getLogger(__name__)
-
-
-# Dense bf16/fp16 tensor peak (FLOP/s) of known accelerators; CPUs have no reliable published figure.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
 
 
 def load_texts(corpus: str, limit: int, text_column: str = "text", storage_options: Optional[dict] = None) -> list[str]:
@@ -45,26 +42,6 @@ def load_texts(corpus: str, limit: int, text_column: str = "text", storage_optio
         if len(texts) >= limit:
             break
     return texts[:limit]
-
-
-def flops_per_token(config: Any, seq_len: float) -> float:
-    """Forward FLOPs per token of a BERT encoder: 2 x parameters in the layers' matmuls plus attention."""
-    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    dense = 2 * layers * (4 * h * h + 2 * h * inter)
-    attn = 2 * layers * 2 * seq_len * h
-    return float(dense + attn)
-
-
-def device_peak(device: str) -> Optional[float]:
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name(0)
-    for key, peak in PEAK_FLOPS.items():
-        if key in name:
-            return peak
-    return None
 
 
 def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, skip_pipeline: bool = False,

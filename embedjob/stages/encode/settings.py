@@ -1,0 +1,80 @@
+"""The encoder settings as they are actually used (config + model folder + device), with no
+dependency beyond numpy: importable on a bare GPU host (see ``.ci/gpu-check``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from embedjob.models import model_defaults, resolve_model_path
+
+if TYPE_CHECKING:
+    from embedjob.stages.encode.config import EncodeConfig
+
+POOLING_MODES = ("mean", "cls", "max")
+ENCODER_RECIPE = "bert_docvec_v1"
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16, where bf16 matmuls are native."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bfloat16 on CUDA and bf16-capable CPUs, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
+@dataclass
+class EncoderSettings:
+    """The encoder settings as they are actually used: what the config and the model folder say,
+    then the device and dtype the cluster gives, the model's fingerprint and its dimension. Handed
+    to the encoder actors, hashed into the recipe, recorded in the manifest (:meth:`as_dict`)."""
+
+    recipe: str = ENCODER_RECIPE
+    dim: Optional[int] = None
+    model: str = ""
+    model_path: str = ""
+    pooling: str = "mean"
+    normalize: bool = False
+    max_length: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+    model_fingerprint: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderSettings":
+        """From a recorded ``manifest["encoder"]`` (other keys, such as ``actors``, are ignored)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None})
+
+
+def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> EncoderSettings:
+    """Model path, pooling, normalisation and max length as the config and model folder say."""
+    path = resolve_model_path(cfg.model)
+    d = model_defaults(path)
+    pooling = d.pooling if cfg.pooling == "auto" else cfg.pooling
+    normalize = d.normalize if cfg.normalize is None else cfg.normalize
+    max_length = cfg.max_length or d.max_seq_length or 512
+    with open(os.path.join(path, "config.json")) as f:
+        dim = json.load(f).get("hidden_size")
+    return EncoderSettings(recipe=ENCODER_RECIPE, dim=dim, model=cfg.model, model_path=path, pooling=pooling,
+                           normalize=bool(normalize), max_length=int(max_length),
+                           dtype=resolve_dtype(cfg.dtype, device), device=device)
