@@ -128,3 +128,17 @@ def test_intertopic_map_keeps_the_far_topic_far():
     dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
     assert dist[0, 1] < dist[0, 2] and dist[0, 1] < dist[1, 2]
     assert np.allclose(dist, d, atol=0.05)  # three points: MDS keeps the distances
+
+
+def test_run_section_names_failed_shards_and_their_reasons():
+    from embedjob.report.build import run_section
+
+    manifest = {"status": "partial", "totals": {"shards": 2, "done": 1, "failed": 1, "rows_out": 5},
+                "shards": {"part-00000": {"status": "done", "rows_in": 5, "rows_out": 5},
+                           "part-00001": {"status": "failed", "url": "s3://b/in/part-00001.parquet",
+                                          "reason": "corrupt page in column 'text'", "previous_commit": "kept"}},
+                "stages": {"encode": {"documents": 5, "bert_tokens": 60, "docs_per_second": 2.5,
+                                      "tokens_per_second": 30.0, "seconds": 2.0}}}
+    html = run_section(manifest)
+    assert "part-00001" in html and "corrupt page in column &#x27;text&#x27;" in html and "kept" in html
+    assert "2.5 docs/s, 30 tokens/s" in html and ">60<" in html

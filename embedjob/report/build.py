@@ -9,6 +9,7 @@ import numpy as np
 
 from embedjob.errors import ReportError
 from embedjob.layout import MANIFEST, TIMELINE
+from embedjob.redact import redact_url
 from embedjob.report import page as P
 from embedjob.report import plots
 from embedjob.report.sample import DocSample, attach_labels, pca_2d, sample_documents
@@ -40,7 +41,15 @@ def _stage_rate(name: str, s: dict[str, Any]) -> str:
     return ""
 
 
-def run_section(m: dict[str, Any]) -> str:
+def _truncated(sample: Optional[DocSample], max_length: Any) -> Optional[str]:
+    """Sampled documents cut at the model's max_length (their tokens past it were not encoded)."""
+    if sample is None or not sample.n_tokens or not max_length:
+        return None
+    cut = sum(1 for n in sample.n_tokens if n >= int(max_length))
+    return f"{cut:,} of {len(sample.n_tokens):,} sampled ({100 * cut / len(sample.n_tokens):.1f}%)"
+
+
+def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
     """Inputs, recipe, counts, tokens, per-stage time and throughput, failed shards."""
     inp, enc, tot, stages = m.get("input") or {}, m.get("encoder") or {}, m.get("totals") or {}, m.get("stages") or {}
     shards = m.get("shards") or {}
@@ -59,6 +68,7 @@ def run_section(m: dict[str, Any]) -> str:
              ("empty texts (kept / skipped)", f"{sum(int(v.get('empty_text') or 0) for v in shards.values())} / "
                                               f"{sum(int(v.get('skipped_empty') or 0) for v in shards.values())}"),
              ("BERT tokens encoded", e.get("bert_tokens")),
+             (f"documents truncated at max_length {enc.get('max_length')}", _truncated(sample, enc.get("max_length"))),
              ("gensim tokens", (stages.get("vocab") or {}).get("tokens")),
              ("vocabulary", (stages.get("vocab") or {}).get("words")),
              ("word occurrences dropped by static.min_count",
@@ -90,8 +100,9 @@ def timeline_section(out: Storage) -> str:
         return P.section("timeline", "Throughput and memory over time", P.absent("too short a run to sample"))
     svg = plots.timeline(samples, tl.get("stages") or [])
     return P.section("timeline", "Throughput and memory over time", P.plot(
-        svg, f"{len(samples)} samples every {tl.get('every_s', 0):g} s by the driver; encode throughput between "
-             "samples; memory of the driver process, the driver's node, and the encoder actors' peak"))
+        svg, f"{len(samples)} samples every {tl.get('every_s', 0):g} s by the driver; encode throughput over a "
+             "rolling window; memory of the driver process, the encoder actors' peak (as blocks report it) and "
+             "the driver's whole node (dashed, right scale)"))
 
 
 def topics_section(view: Optional[dict[str, Any]]) -> str:
@@ -135,7 +146,8 @@ def docmap_section(sample: DocSample, view: Optional[dict[str, Any]], label_colu
         classes, names, what, titles = np.zeros(len(xy), int), ["documents"], "one colour (no topics)", list(sample.ids)
     svg = plots.doc_map(xy, classes, names, titles, share)
     return P.section("docmap", title, P.plot(
-        svg, f"PCA of {len(xy):,} sampled document vectors (of {sample.total:,}), {what}; hover a point for its id"))
+        svg, f"PCA of {len(xy):,} sampled document vectors (of {sample.total:,} in {sample.shards_drawn} shard(s)), "
+             f"{what}; hover a point for its id"))
 
 
 def words_section(view: Optional[dict[str, Any]]) -> str:
@@ -162,7 +174,7 @@ def build_report(out: Storage, *, label_column: Optional[str] = None,
     m = out.read_json(MANIFEST)
     keys = sorted(k for k, v in (m.get("shards") or {}).items() if v.get("status") != "failed")
     keys = [k for k in keys if out.exists(f"vectors/{k}.parquet")]
-    sample = sample_documents(out, keys, sample_docs)
+    sample = sample_documents(out, keys, sample_docs, shard_rows=m.get("shards"))
     if label_column:
         from embedjob.stages.index.search import input_options
 
@@ -172,8 +184,8 @@ def build_report(out: Storage, *, label_column: Optional[str] = None,
     status = m.get("status", "?")
     header = (f"<h1>{P.esc(m.get('job'))} <span class=\"badge {P.esc(status)}\">{P.esc(status)}</span></h1>"
               f"<div class=\"sub\">run {P.esc(m.get('run_id'))} · written {P.esc(m.get('created_at'))} · "
-              f"output {P.esc(out.url())} · embedjob {P.esc(m.get('embedjob_version'))}</div>")
-    sections = [run_section(m), timeline_section(out), topics_section(tview), docmap_section(sample, tview, label_column),
+              f"output {P.esc(redact_url(out.url()))} · embedjob {P.esc(m.get('embedjob_version'))}</div>")
+    sections = [run_section(m, sample), timeline_section(out), topics_section(tview), docmap_section(sample, tview, label_column),
                 words_section(neighbours(out)), index_section(index_view(out, keys, sample.vectors))]
     data = {"status": status, "rows_out": (m.get("totals") or {}).get("rows_out"), "sampled_docs": len(sample.ids),
             "sections": [s[len('<section id="'):].split('"', 1)[0] for s in sections]}

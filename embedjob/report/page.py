@@ -43,7 +43,7 @@ def num(x: Any, digits: int = 1) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
-        return f"{x:,.{3 if abs(x) < 10 and x != int(x) else digits}f}"
+        return f"{x:,.{3 if abs(x) < 1 and x != int(x) else digits}f}"
     return esc(x)
 
 

@@ -92,10 +92,20 @@ def stage_bars(stages: list[tuple[str, float]]) -> str:
     return to_svg(fig)
 
 
+def rolling_rate(t: np.ndarray, count: np.ndarray, window: float) -> np.ndarray:
+    """Rate of a growing ``count`` over the last ``window`` seconds at each sample (encode output
+    arrives a block at a time: a rate between two samples alone is all spikes)."""
+    j = np.searchsorted(t, t - window, side="left")
+    j = np.minimum(j, np.arange(len(t)) - 1).clip(0)
+    dt = t - t[j]
+    return np.where(dt > 0, (count - count[j]) / np.where(dt > 0, dt, 1.0), 0.0)
+
+
 def timeline(samples: list[dict[str, Any]], spans: list[list[Any]]) -> str:
-    """Documents/s and tokens/s (between samples) over the run, stage spans shaded; memory below."""
+    """Documents/s and tokens/s (over a rolling window) over the run, stage spans shaded; memory below."""
     plt = _plt()
     t = np.array([s["t"] for s in samples], float)
+    window = max(10.0, 0.02 * float(t[-1] - t[0]))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.6), sharex=True)
     for i, (name, a, b) in enumerate(spans):
         b = t[-1] if b is None else b
@@ -107,20 +117,26 @@ def timeline(samples: list[dict[str, Any]], spans: list[list[Any]]) -> str:
     docs = np.array([s.get("docs") or 0 for s in samples], float)
     toks = np.array([s.get("tokens") or 0 for s in samples], float)
     if len(t) > 1 and docs.max() > 0:
-        dt = np.maximum(np.diff(t), 1e-9)
-        ax1.step(t[1:], np.diff(docs) / dt, where="pre", color=PALETTE[0], label="documents/s")
+        ax1.plot(t, rolling_rate(t, docs, window), color=PALETTE[0], label="documents/s")
         ax1b = ax1.twinx()
-        ax1b.step(t[1:], np.diff(toks) / dt, where="pre", color=PALETTE[1], label="tokens/s", alpha=0.8)
+        ax1b.plot(t, rolling_rate(t, toks, window), color=PALETTE[1], label="tokens/s", alpha=0.8)
         ax1b.set_ylabel("tokens/s", fontsize=8, color=PALETTE[1])
         ax1b.tick_params(labelsize=8)
         ax1b.spines["top"].set_visible(False)
     ax1.set_ylabel("documents/s", fontsize=8, color=PALETTE[0])
-    for key, label, c in (("driver_rss_mb", "driver RSS", PALETTE[2]), ("node_used_mb", "driver node in use", PALETTE[3]),
-                          ("encoder_rss_mb", "encoder actor peak RSS", PALETTE[4])):
+    for key, label, c in (("driver_rss_mb", "driver RSS", PALETTE[2]), ("encoder_rss_mb", "encoder actor peak RSS", PALETTE[4])):
         ys = [s.get(key) for s in samples]
         if any(y is not None for y in ys):
             ax2.plot(t, [np.nan if y is None else y for y in ys], color=c, label=label)
-    ax2.set_ylabel("MiB", fontsize=8)
+    node = [s.get("node_used_mb") for s in samples]
+    if any(y is not None for y in node):  # the whole node, on its own scale
+        ax2b = ax2.twinx()
+        ax2b.plot(t, [np.nan if y is None else y for y in node], color=PALETTE[3], ls="--", label="driver's node in use")
+        ax2b.set_ylabel("node MiB", fontsize=8, color=PALETTE[3])
+        ax2b.tick_params(labelsize=8)
+        ax2b.spines["top"].set_visible(False)
+        ax2b.legend(fontsize=7, loc="upper right", frameon=False)
+    ax2.set_ylabel("process MiB", fontsize=8)
     ax2.set_xlabel("seconds since the run started", fontsize=8)
     ax2.legend(fontsize=7, loc="upper left", frameon=False)
     _style(ax1)

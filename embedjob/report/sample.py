@@ -30,14 +30,23 @@ class DocSample:
     vectors: Optional[np.ndarray] = None
     theta: Optional[np.ndarray] = None
     labels: Optional[list[str]] = None
-    total: int = 0  # documents in the output the sample was drawn from
+    n_tokens: list[int] = field(default_factory=list)  # model tokens of each sampled document (all rows)
+    total: int = 0  # documents in the shards the sample was drawn from
+    shards_drawn: int = 0
 
 
-def _row_counts(out: Storage, keys: list[str]) -> dict[str, int]:
+MAX_SHARDS = 64  # shards a sample is drawn from: a bounded number of files to open on any corpus
+
+
+def _row_counts(out: Storage, keys: list[str], known: dict[str, Any]) -> dict[str, int]:
+    """Rows of each shard's vector file: the manifest's count, else the file's footer."""
     counts = {}
     for k in keys:
-        with out.open(f"{VECTORS}/{k}.parquet", "rb") as f:
-            counts[k] = pq.ParquetFile(f).metadata.num_rows
+        n = (known.get(k) or {}).get("rows_out")
+        if n is None:
+            with out.open(f"{VECTORS}/{k}.parquet", "rb") as f:
+                n = pq.ParquetFile(f).metadata.num_rows
+        counts[k] = int(n)
     return counts
 
 
@@ -57,14 +66,18 @@ def read_rows(store: Storage, rel: str, columns: list[str], rows: np.ndarray) ->
     return table.take(pa.array(local, pa.int64()))
 
 
-def sample_documents(out: Storage, keys: list[str], n: int, *, seed: int = 0) -> DocSample:
-    """At most ``n`` documents with non-null vectors, spread over the shards by their sizes."""
-    counts = _row_counts(out, keys)
+def sample_documents(out: Storage, keys: list[str], n: int, *, seed: int = 0,
+                     shard_rows: Optional[dict[str, Any]] = None) -> DocSample:
+    """At most ``n`` documents with non-null vectors, spread over (at most :data:`MAX_SHARDS`
+    seeded) shards by their sizes; ``shard_rows``: the manifest's ``shards`` (their ``rows_out``)."""
+    rng = np.random.default_rng(seed)
+    if len(keys) > MAX_SHARDS:
+        keys = sorted(rng.choice(keys, size=MAX_SHARDS, replace=False).tolist())
+    counts = _row_counts(out, keys, shard_rows or {})
     total = sum(counts.values())
-    sample = DocSample(total=total)
+    sample = DocSample(total=total, shards_drawn=len(keys))
     if not total:
         return sample
-    rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(total, size=min(n, total), replace=False))
     vecs, thetas, start = [], [], 0
     has_theta = all(out.exists(f"{TOPICS_DIR}/theta/{k}.parquet") for k in keys)
@@ -73,7 +86,8 @@ def sample_documents(out: Storage, keys: list[str], n: int, *, seed: int = 0) ->
         start += counts[k]
         if not len(rows):
             continue
-        t = read_rows(out, f"{VECTORS}/{k}.parquet", ["id", "vector"], rows)
+        t = read_rows(out, f"{VECTORS}/{k}.parquet", ["id", "vector", "n_tokens"], rows)
+        sample.n_tokens += [int(x or 0) for x in t.column("n_tokens").to_pylist()]
         keep = np.asarray(pc.is_valid(t.column("vector")))
         ids = [str(x) for x in t.column("id").to_pylist()]
         if not keep.any():

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 KIND_NAMES = {"bert": "BERT static", "word2vec": "Word2Vec"}
 RECALL_QUERIES = 100
-RECALL_MAX_VECTORS = 500_000  # exact search for recall reads every document vector: skipped above this
+RECALL_MAX_VECTORS = 200_000  # exact search for recall reads every document vector: skipped above this
 
 
 def neighbours(out: Storage, *, n_words: int = 8, n: int = 6) -> Optional[dict[str, Any]]:
