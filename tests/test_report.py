@@ -98,6 +98,8 @@ def test_report_cli_label_column_and_no_output(job_output, tmp_path, capsys):
     assert page.count("(group-") == N_DOCS  # each point's tooltip names its label
     assert cli_main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+    assert cli_main(["report", str(job_output), "-o", str(dest), "--label-column", "colour"]) == 2
+    assert "--label-column 'colour': no such column in input shard" in capsys.readouterr().err
 
 
 def test_a_report_that_cannot_be_drawn_only_warns(tmp_path, caplog):

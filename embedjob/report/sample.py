@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedjob.errors import ReportError
 from embedjob.layout import TOPICS_DIR, VECTORS
 from embedjob.storage import Storage
 
@@ -128,7 +129,12 @@ def attach_labels(sample: DocSample, manifest: dict[str, Any], column: str, stor
         url = (inp.get("shards") or {}).get(shard)
         if not url:
             continue
-        t = Storage(url, storage_options).read_parquet("", columns=[id_col, column])
+        store = Storage(url, storage_options)
+        names = store.read_parquet_schema("").names
+        if column not in names:
+            raise ReportError(f"--label-column {column!r}: no such column in input shard {url} "
+                              f"(its columns: {', '.join(names)})")
+        t = store.read_parquet("", columns=[id_col, column])
         ids = t.column(id_col).cast(pa.string())
         sub = t.filter(pc.is_in(ids, value_set=pa.array(sorted(wanted), pa.string())))
         labels.update(zip(sub.column(id_col).cast(pa.string()).to_pylist(), map(str, sub.column(column).to_pylist())))
