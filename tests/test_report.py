@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -144,3 +145,12 @@ def test_run_section_names_failed_shards_and_their_reasons():
     html = run_section(manifest)
     assert "part-00001" in html and "corrupt page in column &#x27;text&#x27;" in html and "kept" in html
     assert "2.5 docs/s, 30 tokens/s" in html and ">60<" in html
+
+
+def test_timeline_thread_samples_and_stops_once():
+    tl = Timeline(every=0.05).start()
+    tl.stage("encode")
+    time.sleep(0.4)
+    first = tl.stop()
+    assert len(first["samples"]) >= 4 and first["samples"][-1]["node_used_mb"] > 0
+    assert tl.stop() == first  # the run's finally stops it again: nothing changes

@@ -96,7 +96,9 @@ class Timeline:
             self.sample()
 
     def stop(self) -> dict[str, Any]:
-        """Stop sampling; the timeline as written to ``stats/timeline.json``."""
+        """Stop sampling (a second call changes nothing); the timeline as written to ``stats/timeline.json``."""
+        if self._stop.is_set() and self._thread is not None:
+            return self._result()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -104,5 +106,9 @@ class Timeline:
         with self._lock:
             if self.stages and self.stages[-1][2] is None:
                 self.stages[-1][2] = self.samples[-1]["t"]
+        return self._result()
+
+    def _result(self) -> dict[str, Any]:
+        with self._lock:
             return {"format": TIMELINE_VERSION, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
                     "every_s": self.every, "stages": [list(x) for x in self.stages], "samples": list(self.samples)}
