@@ -1,5 +1,5 @@
 """Command line: ``embedjob run JOB.yaml [--set section.key=value ...] [--dry-run] [--force-unlock]`` and the
-commands that read a finished job's output (``similar``, ``search``, ``topics``), plus
+commands that read a finished job's output (``similar``, ``search``, ``topics``, ``report``), plus
 ``embedjob bench NAME`` and ``embedjob config`` (every setting with its help text)."""
 
 from __future__ import annotations
@@ -135,6 +135,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from embedjob.report import write_report
+    from embedjob.storage import Storage
+
+    in_opts = None if args.input_storage_option is None else _storage_options(args.input_storage_option)
+    where = write_report(Storage(args.output, _storage_options(args.storage_option)), args.o,
+                         label_column=args.label_column, input_storage_options=in_opts)
+    print(f"embedjob: report written to {where}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # The bench modules import gensim, torch, Ray...: loaded only when a bench runs.
     return int(importlib.import_module(f"embedjob.bench.{args.bench}").run(args) or 0)
@@ -189,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top", type=int, default=10, help="words printed per topic")
     t.add_argument("--json", action="store_true", help="print topics.json and metrics.json as one JSON object")
     t.set_defaults(func=cmd_topics)
+
+    h = sub.add_parser("report", help="write a finished job's HTML report (report.html)",
+                       description="Write one self-contained HTML page about a finished job: the run, throughput "
+                       "and memory over time, topics, a map of sampled documents, word neighbours, indices. "
+                       "It works offline (inline SVG, no script to fetch). Every run also writes it as "
+                       "<output>/report.html.")
+    h.add_argument("output", help="the job's output URL (path, s3://...)")
+    h.add_argument("-o", metavar="FILE", default=None,
+                   help="where to write the page (path or URL; default: <output>/report.html)")
+    h.add_argument("--label-column", metavar="COLUMN", default=None,
+                   help="colour the document map by this input column instead of the dominant topic")
+    h.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for the output (dotted keys nest: client_kwargs.endpoint_url=...)")
+    h.add_argument("--input-storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="fsspec option for reading the input shards (--label-column; default: the manifest's, "
+                   "with the output's credentials when on the same store)")
+    h.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}",
                        description="Benchmarks of embedjob's stages beside their usual baselines.")

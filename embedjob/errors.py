@@ -105,7 +105,11 @@ class IncompleteShardError(Exception):
     """A shard's staged parts do not hold all of its rows (it is not committed, and is redone)."""
 
 
-USER_ERRORS = (ConfigError, InputError, StorageError, ModelError, JobError, LeaseError)
+class ReportError(Exception):
+    """The HTML report cannot be drawn (no manifest at that output); names the URL."""
+
+
+USER_ERRORS = (ConfigError, InputError, StorageError, ModelError, JobError, LeaseError, ReportError)
 
 
 

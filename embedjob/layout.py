@@ -22,8 +22,10 @@ STAGE_MARKER_PREFIX = "stage-"
 SUPERSEDED = "_superseded"  # outputs a rerun moved aside: _superseded/<run id>/<same path>
 LEASE_FILE = "_lease.json"  # the output's lease: one writer at a time
 STATS_DIR = "stats"
+TIMELINE = f"{STATS_DIR}/timeline.json"  # throughput and memory sampled by the driver during the run
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
+REPORT = "report.html"  # the run's HTML report, written after the manifest
 STATIC_PART_SUFFIX = ".static.parquet"
 
 # corpus-wide stages

@@ -31,7 +31,7 @@ from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.errors import JobError, root_cause
-from embedjob.layout import CONFIG, DONE, MANIFEST, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
+from embedjob.layout import CONFIG, DONE, MANIFEST, SUPERSEDED, TIMELINE, TMP, TOKENS_DIR, VECTORS, stage_marker
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
@@ -43,6 +43,8 @@ from embedjob.reconcile import (
     reconcile_outputs,
 )
 from embedjob.redact import redact, redact_url
+from embedjob.report import write_run_report
+from embedjob.report.timeline import Timeline
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
@@ -119,12 +121,22 @@ class _Run:
     keep: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> the marker whose files stay
     superseded: dict[str, Any] = field(default_factory=dict)
     error: Optional[Exception] = None
+    timeline: Timeline = field(default_factory=Timeline)  # throughput and memory, stats/timeline.json
 
 
 def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats: dict[str, Any],
                 encoder: EncoderSettings, lease: OutputLease, t_start: float) -> JobResult:
     """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
     run = _Run(cfg, out, shards, id_stats, encoder, lease, t_start)
+    run.timeline.start()
+    try:
+        return _run_phases(run)
+    finally:
+        run.timeline.stop()
+
+
+def _run_phases(run: _Run) -> JobResult:
+    cfg, out, lease, t_start = run.cfg, run.out, run.lease, run.t_start
     _start_ray(run)
     previous = read_shard_markers(out)
     todo = _plan_shards(run, previous)
@@ -138,9 +150,11 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
             out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages["encode"]))
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
+    out.write_json(TIMELINE, run.timeline.stop())
     manifest = _manifest(run)
     out.write_json(CONFIG, manifest["config"])  # the resolved config, secrets masked
     out.write_json(MANIFEST, manifest)  # written last, on success and on failure
+    write_run_report(out)  # report.html; a report that cannot be drawn only logs a warning
     committed, failed = manifest["totals"]["committed_shards"], manifest["totals"]["failed"]
     if run.error is not None:
         logger.error("failed after %.1fs; manifest.json records what was committed (%d shards)",
@@ -187,9 +201,10 @@ def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:
     """The per-shard stages over ``todo``; a failure is recorded in ``run.error`` with the shards
     committed before it."""
     t0 = time.time()
+    run.timeline.stage("encode")
     try:
         processed, failures, shard_stats = run_shard_stages(run.cfg, run.out, todo, run.encoder, run.plan,
-                                                            run.stage_hash)
+                                                            run.stage_hash, timeline=run.timeline)
     except (JobError, InputError) as e:  # what was committed before the failure is kept and recorded
         run.error, processed, failures = e, getattr(e, "committed", {}), {}
         shard_stats = {"error": str(e)}
@@ -219,7 +234,8 @@ def _corpus_stages(run: _Run) -> None:
         "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
-        run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages)
+        run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
+                          timeline=run.timeline)
     except JobError as e:
         run.error = e
 
@@ -314,11 +330,14 @@ BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pip
 
 # -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
 def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                     plan: dict[str, Any], stage_hash: str):
+                     plan: dict[str, Any], stage_hash: str, *, timeline: Optional[Timeline] = None):
     """read -> preprocess -> encode -> staged write, committing shards as they complete.
 
     Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
     commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash)
+    if timeline is not None:
+        timeline.watch(docs=lambda: commits.stats["documents"], tokens=lambda: commits.stats["bert_tokens"],
+                       encoder_rss_mb=lambda: commits.stats.get("encoder_peak_rss_mb"))
     if not todo:
         return {}, {}, commits.stats
     for s in todo:  # leftovers of an interrupted run are never mixed with new parts
@@ -414,8 +433,10 @@ class CorpusStages:
     Each stage's stats are added to ``stages`` as it ends, so a later stage's failure leaves the
     earlier ones on record."""
 
-    def __init__(self, cfg: JobConfig, out: Storage, inputs_hash: dict[str, str], stages: dict[str, Any]):
+    def __init__(self, cfg: JobConfig, out: Storage, inputs_hash: dict[str, str], stages: dict[str, Any],
+                 timeline: Optional[Timeline] = None):
         self.cfg, self.out, self.inputs_hash, self.stages = cfg, out, inputs_hash, stages
+        self.timeline = timeline or Timeline()  # not started: stages are only recorded
 
     def run(self, name: str, settings: Any, fn: Callable[[], dict[str, Any]], deps: tuple[str, ...] = (),
             reads: str = "tokens") -> None:
@@ -428,6 +449,7 @@ class CorpusStages:
             return
         t = time.time()
         logger.info("%s: started", name)
+        self.timeline.stage(name)
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
@@ -442,14 +464,14 @@ class CorpusStages:
 
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
                       committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
-                      stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                      stages: Optional[dict[str, Any]] = None, timeline: Optional[Timeline] = None) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
     that order (each reads what the ones before it wrote)."""
     stages = {} if stages is None else stages
     if not committed:
         logger.warning("no committed shard: corpus-wide stages skipped")
         return stages
-    stage = CorpusStages(cfg, out, inputs_hash, stages).run
+    stage = CorpusStages(cfg, out, inputs_hash, stages, timeline).run
     stage("vocab", cfg.preprocess.model_dump(), lambda: run_vocab(out, token_urls))
     if cfg.static.enabled:
         from embedjob.stages.static.stage import run_static

@@ -137,7 +137,7 @@ def test_no_module_over_500_lines():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-COMMANDS = ["run", "config", "similar", "search", "topics", "bench"]
+COMMANDS = ["run", "config", "similar", "search", "topics", "report", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

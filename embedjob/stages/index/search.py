@@ -84,8 +84,10 @@ def query_encoder(settings: dict[str, Any]):
     return TextEncoder(s)
 
 
-def _input_options(manifest_input: dict[str, Any], out: Storage,
-                   override: Optional[dict[str, Any]]) -> dict[str, Any]:
+def input_options(manifest_input: dict[str, Any], out: Storage,
+                  override: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """fsspec options to read the input shards: ``override``, else the manifest's (secrets were
+    masked there) with the output's own options when the input is on the same store."""
     if override is not None:
         return override
     opts = {k: v for k, v in (manifest_input.get("storage_options") or {}).items() if v != "***"}
@@ -138,7 +140,7 @@ class Searcher:
         self.manifest = self.out.read_json(MANIFEST)
         self.loaded = load_index(self.out, DOCS)
         self.inp = self.manifest.get("input") or {}
-        self.input_options = _input_options(self.inp, self.out, input_storage_options)
+        self.input_options = input_options(self.inp, self.out, input_storage_options)
         self._encoder = None
 
     @property
