@@ -201,6 +201,7 @@ def root_cause(e: BaseException) -> BaseException:
             tb = getattr(cur, "traceback_str", None)
             if isinstance(tb, str):
                 tracebacks.append(tb)
+            tracebacks.append(str(cur))  # an ActorDiedError carries its creation task's traceback as text
         last = cur
         cur = _inner(cur)
     if _is_ray_wrapper(last):

@@ -34,16 +34,18 @@ class EncodeActor:
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
-                 batching: str = "auto"):
+                 batching: str = "auto", compile: bool = False):
         import torch
 
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
-                f"encoder actor was placed for a GPU (node {_ray_node_id()}) but torch {torch.__version__} "
+                f"encoder actor was placed for a GPU (node {_ray_node_id()}, Ray GPU ids {_ray_gpu_ids()}) but "
+                f"torch {torch.__version__} "
                 f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device: install a CUDA build of torch "
                 "on the GPU nodes, or set encode.device=cpu")
         self.encoder = TextEncoder(settings, batch_tokens=batch_tokens, max_batch_docs=max_batch_docs,
-                                   num_threads=num_threads, batching=batching)
+                                   num_threads=num_threads, batching=batching,
+                                   compile=compile)
         self.static = None
         if static:
             self.static = StaticAccumulator(self.encoder, **static)
@@ -109,3 +111,13 @@ def _ray_node_id() -> Optional[str]:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - bookkeeping only, never fail encoding for it
         return None
+
+
+def _ray_gpu_ids() -> list:
+    """The GPUs Ray assigned to this actor ([] outside Ray)."""
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - for the error message only
+        return []

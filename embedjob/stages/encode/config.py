@@ -60,6 +60,11 @@ class EncodeConfig(Section):
         "document, varlen kernels on CUDA); 'padded' = the model's own forward over length-sorted padded "
         "batches; 'auto' = packed on CUDA, padded on CPU (measured: `embedjob bench encode --batching`).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the packed BERT layers on CUDA (elementwise work fused; each actor pays the "
+        "compile time once, at its first batches). Ignored where batches are padded.",
+    )
     max_batch_docs: int = Field(256, ge=1, description="At most this many documents in one model batch.")
     rows_per_call: int = Field(
         2048, ge=1, description="Rows handed to an encoder actor at once (sorted by length inside)."

@@ -95,7 +95,7 @@ class TextEncoder:
 
     def __init__(self, settings: EncoderSettings, *, batch_tokens: int = 16384, max_batch_docs: int = 256,
                  num_threads: Optional[int] = None, output_hidden_layers: Optional[Sequence[int]] = None,
-                 batching: str = "auto"):
+                 batching: str = "auto", compile: bool = False):
         import torch
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -132,18 +132,18 @@ class TextEncoder:
         self.settings.model_fingerprint = self.settings.model_fingerprint or model_fingerprint(path)
         self.packed = None
         if batching == "packed" or (batching == "auto" and self.device.type == "cuda"):
-            self.packed = self._packed_forward(batching)
+            self.packed = self._packed_forward(batching, compile)
         self.batching = "packed" if self.packed is not None else "padded"
         on_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0}
 
-    def _packed_forward(self, batching: str):
+    def _packed_forward(self, batching: str, compile: bool):
         from embedjob.stages.encode.packed import PackedBert, supports
 
         why = supports(self.model)
         if why is None:
-            return PackedBert(self.model)
+            return PackedBert(self.model, compile=compile)
         (logger.warning if batching == "packed" else logger.info)(
             "encode.batching=%s: %s cannot be packed (%s); running padded batches", batching,
             self.settings.model, why)
@@ -152,6 +152,7 @@ class TextEncoder:
     @classmethod
     def from_config(cls, cfg, *, device: str = "cpu", **kwargs) -> "TextEncoder":
         kwargs.setdefault("batching", getattr(cfg, "batching", "auto"))
+        kwargs.setdefault("compile", getattr(cfg, "compile", False))
         return cls(resolve_encoder_settings(cfg, device), batch_tokens=cfg.batch_tokens_for(device),
                    max_batch_docs=cfg.max_batch_docs, **kwargs)
 

@@ -146,7 +146,7 @@ class PackedBert:
     :func:`varlen_available`, else ``padded``. The query, key and value projections of each layer
     are fused into one matrix product."""
 
-    def __init__(self, model: Any, attention: str = "auto"):
+    def __init__(self, model: Any, attention: str = "auto", compile: bool = False):
         import torch
 
         why = supports(model)
@@ -172,6 +172,28 @@ class PackedBert:
                 w = torch.cat([s.query.weight, s.key.weight, s.value.weight], 0).contiguous()
                 b = torch.cat([s.query.bias, s.key.bias, s.value.bias], 0).contiguous()
                 self.layers.append((w, b, layer))
+        self.compiled = None
+        if compile:
+            self.compiled = self._compile(model)
+
+    def _compile(self, model: Any):
+        """``torch.compile`` of one layer over varlen attention (its elementwise work fused), with
+        each layer's weights as arguments so that one compiled graph serves every layer; None where
+        it does not apply (padded attention, an activation it does not know)."""
+        import torch
+
+        approx = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(model.config.hidden_act)
+        if self.attention != "varlen" or approx is None:
+            return None
+        self.eps = float(model.config.layer_norm_eps)
+        self.approx = approx
+        self.params = []
+        for w, b, layer in self.layers:
+            ao, it, out = layer.attention.output, layer.intermediate, layer.output
+            self.params.append((w, b, ao.dense.weight, ao.dense.bias, ao.LayerNorm.weight, ao.LayerNorm.bias,
+                                it.dense.weight, it.dense.bias, out.dense.weight, out.dense.bias,
+                                out.LayerNorm.weight, out.LayerNorm.bias))
+        return torch.compile(_varlen_layer, dynamic=True)
 
     def _attend(self, q: Any, k: Any, v: Any, batch: PackedBatch) -> Any:
         import torch
@@ -206,6 +228,12 @@ class PackedBert:
         T = x.shape[0]
         with torch.inference_mode():
             for i, (w, b, layer) in enumerate(self.layers, start=1):
+                if self.compiled is not None:
+                    x = self.compiled(x, self.params[i - 1], batch.cu_seqlens, batch.max_len, self.heads,
+                                      self.head_dim, self.eps, self.approx)
+                    if i in want:
+                        kept[i] = x
+                    continue
                 qkv = F.linear(x, w, b).view(T, 3, self.heads, self.head_dim)
                 a = self._attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch).reshape(T, -1)
                 ao = layer.attention.output
@@ -215,6 +243,21 @@ class PackedBert:
                 if i in want:
                     kept[i] = x
         return x, [kept[i % (n_layers + 1)] for i in hidden_layers] if hidden_layers else []
+
+
+def _varlen_layer(x: Any, p: tuple, cu_seqlens: Any, max_len: int, heads: int, head_dim: int, eps: float,
+                  approx: str) -> Any:
+    """One BERT layer over packed tokens with varlen attention, as a pure function of its weights
+    ``p`` (fused QKV, attention output, its LayerNorm, intermediate, output, its LayerNorm)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.varlen import varlen_attn
+
+    T, H = x.shape
+    qkv = F.linear(x, p[0], p[1]).view(T, 3, heads, head_dim)
+    a = varlen_attn(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_len, max_len).reshape(T, H)
+    x = F.layer_norm(F.linear(a, p[2], p[3]) + x, (H,), p[4], p[5], eps)
+    h = F.gelu(F.linear(x, p[6], p[7]), approximate=approx)
+    return F.layer_norm(F.linear(h, p[8], p[9]) + x, (H,), p[10], p[11], eps)
 
 
 def packed_batches(lengths: np.ndarray, batch_tokens: int, max_docs: int) -> list[np.ndarray]:
