@@ -251,6 +251,9 @@ def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch (default: encode.batch_tokens)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
+    p.add_argument("--batching", action="store_true",
+                   help="only compare the encoder's packed and padded batches (encode.batching), interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="--batching: interleaved rounds (the best of each)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

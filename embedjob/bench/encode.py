@@ -143,6 +143,37 @@ def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float
     return result
 
 
+def batching_rates(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, device: str,
+                   rounds: int) -> dict[str, Any]:
+    """The encoder with packed and with padded batches on the same token ids, interleaved
+    ``rounds`` times (the best round of each): tokens/s, their ratio, and the cosine between them."""
+    from embedjob.stages.encode import EncodeConfig, TextEncoder
+
+    texts = load_texts(corpus, limit)
+    cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens)
+    encs = {b: TextEncoder.from_config(cfg, device=device, batching=b) for b in ("padded", "packed")}
+    ids = encs["padded"].tokenizer(texts)
+    tokens = sum(len(x) for x in ids)
+    times: dict[str, list[float]] = {b: [] for b in encs}
+    vecs = {}
+    for b, enc in encs.items():
+        enc.encode_ids(ids[:64])  # warm-up
+    for _ in range(rounds):
+        for b, enc in encs.items():
+            t = time.perf_counter()
+            vecs[b] = enc.encode_ids(ids).vectors
+            times[b].append(time.perf_counter() - t)
+    a, p = vecs["padded"], vecs["packed"]
+    cos = (a * p).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(p, axis=1), 1e-12)
+    padded = encs["padded"].counters
+    return {"documents": len(texts), "tokens": tokens, "device": device, "dtype": encs["packed"].settings.dtype,
+            "batch_tokens": batch_tokens, "rounds": rounds,
+            "padded_tokens_per_s": tokens / min(times["padded"]), "packed_tokens_per_s": tokens / min(times["packed"]),
+            "packed_vs_padded": min(times["padded"]) / min(times["packed"]),
+            "padding_fraction": 1 - padded["tokens"] / max(padded["computed_tokens"], 1),
+            "min_cosine_packed_vs_padded": float(cos.min())}
+
+
 def run(args: argparse.Namespace) -> int:
     """``embedjob bench encode`` (flags in :mod:`embedjob.cli`)."""
     import torch
@@ -153,6 +184,17 @@ def run(args: argparse.Namespace) -> int:
     bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)
     corpus = args.corpus or (os.path.abspath(DEFAULT_CORPUS) if os.path.isdir(DEFAULT_CORPUS)
                              else "data/gensim-corpus")
+    if args.batching:
+        r = batching_rates(corpus, args.limit, args.model, args.dtype, bt, device, args.rounds)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"documents {r['documents']}, tokens {r['tokens']}, device {r['device']}, dtype {r['dtype']}, "
+              f"batch_tokens {r['batch_tokens']}, best of {r['rounds']} interleaved rounds")
+        print(f"padded batches: {r['padded_tokens_per_s']:10.0f} tokens/s   (padding {r['padding_fraction']:.1%})")
+        print(f"packed batches: {r['packed_tokens_per_s']:10.0f} tokens/s   packed/padded = "
+              f"{r['packed_vs_padded']:.2f}   min cosine {r['min_cosine_packed_vs_padded']:.5f}")
+        return 0
     r = run_bench(corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
     if args.json:
         print(json.dumps(r))
