@@ -22,7 +22,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -360,8 +359,10 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     import ray
     from ray.data import DataContext
 
+    from embedjob.stages.encode.actor import encoder_pool
     from embedjob.stages.preprocess import preprocess_batch
     from embedjob.stages.read import ShardDatasource
+    from embedjob.stages.write import staged_writes
 
     inp = cfg.input
     ctx = DataContext.get_current()
@@ -392,38 +393,8 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
             "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
     )
-    actor_args = {"max_restarts": cfg.encode.max_restarts, "max_task_retries": cfg.encode.max_task_retries}
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates **ray_remote_args but offers no named parameter for actor restarts
-        # (encode.max_restarts / max_task_retries): its warning says nothing a user can act on.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return _encode_and_write(ds, cfg, out, encoder, plan, static, actor_args)
-
-
-def _encode_and_write(ds, cfg: JobConfig, out: Storage, encoder: EncoderSettings, plan: dict[str, Any],
-                      static: Optional[dict[str, Any]], actor_args: dict[str, Any]):
-    """The encoder actor pool, then the staged write, appended to ``ds``."""
-    import ray
-
-    from embedjob.stages.encode import EncodeActor
-    from embedjob.stages.write import write_block
-
-    inp = cfg.input
-    ds = ds.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder.device),
-                               "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
-                               "static": static, "batching": cfg.encode.batching,
-                               "compile": cfg.encode.compile},
-        batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"), **actor_args,
-    )
-    return ds.map_batches(
-        write_block, fn_kwargs={"out_url": out.url(), "storage_options": out.storage_options,
-                                "id_column": inp.id_column},
-        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
-    )
+    ds = encoder_pool(ds, cfg.encode, encoder, plan, static)
+    return staged_writes(ds, out, inp.id_column)
 
 
 # -- corpus-wide stages ------------------------------------------------------------------------

@@ -193,3 +193,14 @@ def _empty_part(dim: Optional[int]) -> pa.Table:
 def write_block(batch: pa.Table, *, out_url: str, storage_options: dict[str, Any], id_column: str) -> pa.Table:
     """Task-friendly form of :class:`BlockWriter`."""
     return BlockWriter(out_url, storage_options, id_column)(batch)
+
+
+def staged_writes(ds, out: Storage, id_column: str):
+    """``ds`` followed by the staged write of every encoded block (:func:`write_block`)."""
+    import ray
+
+    return ds.map_batches(
+        write_block, fn_kwargs={"out_url": out.url(), "storage_options": out.storage_options,
+                                "id_column": id_column},
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
+    )

@@ -25,6 +25,29 @@ def vectors_to_arrow(vectors: np.ndarray, valid: Optional[np.ndarray] = None) ->
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
 
 
+def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]]):
+    """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
+    :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor)."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates **ray_remote_args but offers no named parameter for actor restarts
+        # (encode.max_restarts / max_task_retries): its warning says nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(
+            EncodeActor,
+            fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.batch_tokens_for(encoder.device),
+                                   "max_batch_docs": cfg.max_batch_docs, "num_threads": plan["threads"],
+                                   "static": static, "batching": cfg.batching, "compile": cfg.compile},
+            batch_format="pyarrow", batch_size=cfg.rows_per_call, zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+            num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
+            max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+        )
+
+
 class EncodeActor:
     """Ray Data callable class: loads the model once per actor, encodes one block per call.
 
