@@ -146,3 +146,26 @@ def test_encoder_core_imports_without_ray_gensim_faiss_pydantic():
             "import embedjob.bench.gpu_check\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_openvino_backend_matches_torch(tiny_model, tmp_path):
+    """encode.backend=openvino: exported once to the cache, the same vectors and token-hook layers
+    as torch, and a second encoder reads the cached IR instead of exporting again."""
+    cfg = EncodeConfig(model=tiny_model, dtype="float32", backend="openvino", cache_dir=str(tmp_path / "ov"))
+    torch_enc = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32"), batching="padded")
+    ov_enc = TextEncoder.from_config(cfg)
+    assert ov_enc.backend == ov_enc.settings.backend == "openvino" and ov_enc.batching == "padded"
+    texts = SAMPLE_TEXTS * 2 + ["word " * 300]
+    a, b = torch_enc.encode_texts(texts).vectors, ov_enc.encode_texts(texts).vectors
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9999, cos
+    cached = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    assert any(n.endswith(".xml") for n in cached) and any(n.endswith(".bin") for n in cached)
+    seen = {}
+    for name, enc in (("torch", torch_enc), ("ov", ov_enc)):
+        enc.output_hidden_layers = (1,)
+        enc.encode_texts(texts[:3], token_hook=lambda layers, mask, idx, name=name: seen.setdefault(
+            name, layers[0].float().numpy()))
+    np.testing.assert_allclose(seen["torch"], seen["ov"], atol=1e-3)
+    again = TextEncoder.from_config(cfg)  # from the cache
+    np.testing.assert_allclose(again.encode_texts(texts).vectors, b, atol=1e-6)

@@ -40,7 +40,8 @@ def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static
             EncodeActor,
             fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.batch_tokens_for(encoder.device),
                                    "max_batch_docs": cfg.max_batch_docs, "num_threads": plan["threads"],
-                                   "static": static, "batching": cfg.batching, "compile": cfg.compile},
+                                   "static": static, "batching": cfg.batching, "compile": cfg.compile,
+                                   "cache_dir": cfg.cache_dir},
             batch_format="pyarrow", batch_size=cfg.rows_per_call, zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
@@ -57,7 +58,7 @@ class EncodeActor:
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
-                 batching: str = "auto", compile: bool = False):
+                 batching: str = "auto", compile: bool = False, cache_dir: Optional[str] = None):
         import torch
 
         if settings.device == "cuda" and not torch.cuda.is_available():
@@ -68,7 +69,7 @@ class EncodeActor:
                 "on the GPU nodes, or set encode.device=cpu")
         self.encoder = TextEncoder(settings, batch_tokens=batch_tokens, max_batch_docs=max_batch_docs,
                                    num_threads=num_threads, batching=batching,
-                                   compile=compile)
+                                   compile=compile, cache_dir=cache_dir)
         self.static = None
         if static:
             self.static = StaticAccumulator(self.encoder, **static)

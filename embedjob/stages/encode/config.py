@@ -65,6 +65,15 @@ class EncodeConfig(Section):
         description="torch.compile the packed BERT layers on CUDA (elementwise work fused; each actor pays the "
         "compile time once, at its first batches). Ignored where batches are padded.",
     )
+    backend: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="CPU inference engine: 'torch', or 'openvino' (the openvino extra: the model is exported "
+        "to OpenVINO IR once per model and cached in encode.cache_dir; measured with `embedjob bench encode`).",
+    )
+    cache_dir: Optional[str] = Field(
+        None, description="Folder for exported models (encode.backend=openvino); null = ~/.cache/embedjob/openvino "
+        "on each node.",
+    )
     max_batch_docs: int = Field(256, ge=1, description="At most this many documents in one model batch.")
     rows_per_call: int = Field(
         2048, ge=1, description="Rows handed to an encoder actor at once (sorted by length inside)."

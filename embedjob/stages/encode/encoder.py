@@ -80,6 +80,7 @@ TokenHook = Callable[[Any, Any, np.ndarray], None]
 
 
 BATCHING_MODES = ("auto", "packed", "padded")
+BACKENDS = ("torch", "openvino")
 
 
 class TextEncoder:
@@ -95,7 +96,8 @@ class TextEncoder:
 
     def __init__(self, settings: EncoderSettings, *, batch_tokens: int = 16384, max_batch_docs: int = 256,
                  num_threads: Optional[int] = None, output_hidden_layers: Optional[Sequence[int]] = None,
-                 batching: str = "auto", compile: bool = False):
+                 batching: str = "auto", compile: bool = False, backend: Optional[str] = None,
+                 cache_dir: Optional[str] = None):
         import torch
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -109,8 +111,13 @@ class TextEncoder:
             raise ValueError(f"encode.pooling={self.settings.pooling!r}; valid: {', '.join(POOLING_MODES)}")
         if batching not in BATCHING_MODES:
             raise ValueError(f"encode.batching={batching!r}; valid: {', '.join(BATCHING_MODES)}")
+        backend = backend or settings.backend
+        if backend not in BACKENDS:
+            raise ValueError(f"encode.backend={backend!r}; valid: {', '.join(BACKENDS)}")
+        if backend == "openvino" and self.settings.device != "cpu":
+            raise ValueError(f"encode.backend=openvino runs on CPU, not {self.settings.device}")
         self.device = torch.device(self.settings.device)
-        self.dtype = getattr(torch, self.settings.dtype)
+        self.dtype = getattr(torch, self.settings.dtype) if backend == "torch" else torch.float32
         path = self.settings.model_path
         hf_logging.disable_progress_bar()  # no "Loading weights" bar from every actor
         try:
@@ -127,9 +134,18 @@ class TextEncoder:
         # and the allocator's free lists bounded (actor memory stays flat over a long backfill) and
         # suit GPU tensor cores; the extra padding is masked out and measured no slower on CPU.
         self.pad_multiple = PAD_MULTIPLE
-        self.output_hidden_layers = tuple(output_hidden_layers) if output_hidden_layers else None
+        self._layers = tuple(output_hidden_layers) if output_hidden_layers else None
         self.settings.dim = self.dim
         self.settings.model_fingerprint = self.settings.model_fingerprint or model_fingerprint(path)
+        self.ov = None
+        self.backend = self.settings.backend = backend
+        if backend == "openvino":
+            from embedjob.stages.encode.openvino import DEFAULT_CACHE, OpenVinoEncoder
+
+            self._ov_args = (cache_dir or DEFAULT_CACHE, torch.get_num_threads())
+            self.ov = OpenVinoEncoder(self.model, self._ov_args[0], self.settings.model_fingerprint,
+                                      dtype=self.settings.dtype, layers=self._layers or (), threads=self._ov_args[1])
+            batching = "padded"
         self.packed = None
         if batching == "packed" or (batching == "auto" and self.device.type == "cuda"):
             self.packed = self._packed_forward(batching, compile)
@@ -137,6 +153,21 @@ class TextEncoder:
         on_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0}
+
+    @property
+    def output_hidden_layers(self) -> Optional[tuple]:
+        """Hidden layers handed to a token hook (``hidden_states`` indices); None = the last only."""
+        return self._layers
+
+    @output_hidden_layers.setter
+    def output_hidden_layers(self, layers: Optional[Sequence[int]]) -> None:
+        layers = tuple(layers) if layers else None
+        if layers != self._layers and self.ov is not None:  # the exported graph returns exactly these layers
+            from embedjob.stages.encode.openvino import OpenVinoEncoder
+
+            self.ov = OpenVinoEncoder(self.model, self._ov_args[0], self.settings.model_fingerprint,
+                                      dtype=self.settings.dtype, layers=layers or (), threads=self._ov_args[1])
+        self._layers = layers
 
     def _packed_forward(self, batching: str, compile: bool):
         from embedjob.stages.encode.packed import PackedBert, supports
@@ -153,6 +184,7 @@ class TextEncoder:
     def from_config(cls, cfg, *, device: str = "cpu", **kwargs) -> "TextEncoder":
         kwargs.setdefault("batching", getattr(cfg, "batching", "auto"))
         kwargs.setdefault("compile", getattr(cfg, "compile", False))
+        kwargs.setdefault("cache_dir", getattr(cfg, "cache_dir", None))
         return cls(resolve_encoder_settings(cfg, device), batch_tokens=cfg.batch_tokens_for(device),
                    max_batch_docs=cfg.max_batch_docs, **kwargs)
 
@@ -215,13 +247,17 @@ class TextEncoder:
             if on_cuda:
                 t_ids, t_mask = (t.pin_memory().to(self.device, non_blocking=True) for t in (t_ids, t_mask))
             want_hidden = token_hook is not None and self.output_hidden_layers is not None
-            res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
-            hidden = res.last_hidden_state
+            if self.ov is not None:
+                last, extra = self.ov(input_ids, mask)
+                hidden, chosen = torch.from_numpy(last), [torch.from_numpy(x) for x in extra]
+            else:
+                res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
+                hidden = res.last_hidden_state
+                chosen = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else []
             self.counters["computed_tokens"] += len(idx) * width
             self.counters["batches"] += 1
             if token_hook is not None:
-                layers = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else [hidden]
-                token_hook(layers, t_mask, idx)
+                token_hook(chosen if want_hidden else [hidden], t_mask, idx)
             yield idx, self._pool(hidden, t_mask)
 
     def _pool(self, hidden, mask):

@@ -56,6 +56,7 @@ class EncoderSettings:
     dtype: str = "float32"
     device: str = "cpu"
     model_fingerprint: str = ""
+    backend: str = "torch"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,4 +78,5 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
         dim = json.load(f).get("hidden_size")
     return EncoderSettings(recipe=ENCODER_RECIPE, dim=dim, model=cfg.model, model_path=path, pooling=pooling,
                            normalize=bool(normalize), max_length=int(max_length),
-                           dtype=resolve_dtype(cfg.dtype, device), device=device)
+                           dtype=resolve_dtype(cfg.dtype, device), device=device,
+                           backend=getattr(cfg, "backend", "torch"))
