@@ -23,6 +23,7 @@ SUPERSEDED = "_superseded"  # outputs a rerun moved aside: _superseded/<run id>/
 LEASE_FILE = "_lease.json"  # the output's lease: one writer at a time
 STATS_DIR = "stats"
 MANIFEST = "manifest.json"
+REPORT_HTML = "report.html"  # the run's HTML report, written at the end of every run
 CONFIG = "config.json"
 STATIC_PART_SUFFIX = ".static.parquet"
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -323,9 +322,9 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         return {}, {}, commits.stats
     for s in todo:  # leftovers of an interrupted run are never mixed with new parts
         out.delete(f"{TMP}/{s.key}", recursive=True)
-    ds = _shard_dataset(cfg, out, todo, encoder, plan)
-    commits.start()
+    commits.start()  # the progress counter the encoder actors report to, and the progress line
     try:
+        ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter)
         for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             commits.add_report(rep)
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
@@ -335,7 +334,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
 
 
 def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                   plan: dict[str, Any]):
+                   plan: dict[str, Any], counter: Any = None):
     """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
     write; each output row reports one staged part (shard, row range, counts)."""
     import ray
@@ -346,7 +345,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
 
     inp = cfg.input
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = False  # embedjob's own line (or bar, on a terminal) counts documents: commits.py
     ctx.execution_options.preserve_order = False
     # Ray Data merges a task's outputs until they reach target_max_block_size (128 MiB by default),
     # which would turn a whole shard into one block: one actor call per shard, no progress until it
@@ -378,11 +377,11 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
         # Ray 2.60 deprecates **ray_remote_args but offers no named parameter for actor restarts
         # (encode.max_restarts / max_task_retries): its warning says nothing a user can act on.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return _encode_and_write(ds, cfg, out, encoder, plan, static, actor_args)
+        return _encode_and_write(ds, cfg, out, encoder, plan, static, actor_args, counter)
 
 
 def _encode_and_write(ds, cfg: JobConfig, out: Storage, encoder: EncoderSettings, plan: dict[str, Any],
-                      static: Optional[dict[str, Any]], actor_args: dict[str, Any]):
+                      static: Optional[dict[str, Any]], actor_args: dict[str, Any], counter: Any = None):
     """The encoder actor pool, then the staged write, appended to ``ds``."""
     import ray
 
@@ -394,7 +393,7 @@ def _encode_and_write(ds, cfg: JobConfig, out: Storage, encoder: EncoderSettings
         EncodeActor,
         fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.encode.batch_tokens_for(encoder.device),
                                "max_batch_docs": cfg.encode.max_batch_docs, "num_threads": plan["threads"],
-                               "static": static},
+                               "static": static, "progress": counter},
         batch_format="pyarrow", batch_size=cfg.encode.rows_per_call, zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"), **actor_args,

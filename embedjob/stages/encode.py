@@ -29,8 +29,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from embedjob._config_base import Section
-from embedjob.debug import encode_delay
+from embedjob.debug import encode_batch_delay, encode_delay
 from embedjob.models import model_defaults, model_fingerprint, resolve_model_path
+from embedjob.progress import BatchReporter
 from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
 from embedjob.stages.static.accumulate import StaticAccumulator
 
@@ -93,6 +94,12 @@ class EncodeConfig(Section):
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed encoder actor.")
     max_task_retries: int = Field(3, ge=0, description="Ray retries of a batch whose actor died.")
+    progress_seconds: float = Field(
+        10.0, gt=0,
+        description="Seconds between encode progress lines (documents and tokens done, rates, ETA, shards "
+        "committed; a bar instead when stderr is a terminal): the encoder actors count every model batch, so "
+        "the lines move while blocks are in flight.",
+    )
 
 POOLING_MODES = ("mean", "cls", "max")
 ENCODER_RECIPE = "bert_docvec_v1"
@@ -262,8 +269,10 @@ class TextEncoder:
     def encode_texts(self, texts: Sequence[str], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
         return self.encode_ids(self.tokenizer(texts), token_hook=token_hook)
 
-    def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
-        """Vectors for documents given as token id arrays (with special tokens), in input order."""
+    def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> EncodedBatch:
+        """Vectors for documents given as token id arrays (with special tokens), in input order;
+        ``on_batch(documents, tokens)`` is called after each model batch (progress)."""
         torch = self.torch
         n = len(ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
@@ -294,6 +303,8 @@ class TextEncoder:
                     )
                     token_hook(layers, t_mask, idx)
                 out[idx] = pooled.float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(idx), int(lengths[idx].sum()))
         return EncodedBatch(out, lengths.astype(np.int32))
 
     def _pool(self, hidden, mask):
@@ -329,7 +340,8 @@ class EncodeActor:
     ``vector`` (fixed-size float32 list) and ``n_tokens`` added, ``_input_ids`` dropped."""
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
-                 num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None):
+                 num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
+                 progress: Any = None):
         import torch
 
         if settings.device == "cuda" and not torch.cuda.is_available():
@@ -343,6 +355,7 @@ class EncodeActor:
         if static:
             self.static = StaticAccumulator(self.encoder, **static)
         self.node_id = _ray_node_id()
+        self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
         logger.info("encoder actor ready: %s on %s (%s), %d threads", settings.model, settings.device,
                     settings.dtype, torch.get_num_threads())
 
@@ -352,7 +365,8 @@ class EncodeActor:
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
         todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
         hook = self.static.hook_for(batch, keep) if self.static is not None else None
-        enc = self.encoder.encode_ids(todo, token_hook=hook)
+        enc = self.encoder.encode_ids(todo, token_hook=hook, on_batch=self._batch_done)
+        self.progress.flush()
         vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
         n_tokens = np.zeros(batch.num_rows, dtype=np.int32)
         vectors[keep] = enc.vectors
@@ -367,6 +381,11 @@ class EncodeActor:
         if self.static is not None:
             out = self.static.attach(out)
         return out
+
+
+    def _batch_done(self, docs: int, tokens: int) -> None:
+        self.progress.add(docs, tokens)
+        encode_batch_delay()  # test-only: a block long enough to see progress while it is in flight
 
 
 def _release_free_memory() -> None:

@@ -204,7 +204,7 @@ def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], na
     hit = pc.index(words, word).as_py()
     if hit < 0:
         raise StorageError(f"word {word!r} is not in the {name} word index of {output_url} ({len(words)} words; "
-                           "words are matched after the job's preprocessing, e.g. lower-cased and stemmed)")
+                           "words are matched after the job's preprocessing, e.g. lower-cased)")
     if loaded.meta["kind"].startswith("ivf") and not isinstance(faiss.downcast_index(loaded.index), faiss.IndexRefine):
         faiss.extract_index_ivf(loaded.index).make_direct_map()
     q = loaded.index.reconstruct(int(hit)).reshape(1, -1)
