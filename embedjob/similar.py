@@ -25,10 +25,7 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
     as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``), when the
     output has its ``manifest.json``."""
     kv = load_job_vectors(output_url, storage_options or {}, kind)
-    try:
-        word = normalize_query_word(output_url, storage_options, word)
-    except StaticVectorsError:  # no manifest (vectors written without a job): the word as given
-        pass
+    word = job_spelling(output_url, storage_options, word)
     if len(kv) == 0:
         raise StorageError(f"the {kind} word vectors of {output_url} hold no words"
                            f"{_empty_reason(output_url, storage_options or {}, kind)}: there is nothing to "
@@ -69,3 +66,12 @@ def normalize_query_word(output_url: str, storage_options: Optional[dict[str, An
     naming the word."""
     toks = preprocess_string(word, job_filters(output_url, storage_options))
     return toks[0] if toks else word.strip().lower()
+
+
+def job_spelling(output_url: str, storage_options: Optional[dict[str, Any]], word: str) -> str:
+    """:func:`normalize_query_word`, or ``word`` as given where the output has no manifest (word
+    vectors written without a job)."""
+    try:
+        return normalize_query_word(output_url, storage_options, word)
+    except StaticVectorsError:
+        return word

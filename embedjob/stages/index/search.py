@@ -195,9 +195,13 @@ def search(output_url: str, storage_options: Optional[dict[str, Any]], query: st
 
 def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], name: str, word: str,
                   k: int = 10) -> list[dict[str, Any]]:
-    """Nearest words (cosine) to ``word`` in the ``words-<name>`` index of a finished job."""
+    """Nearest words (cosine) to ``word`` in the ``words-<name>`` index of a finished job; ``word``
+    is spelled as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``)."""
     import faiss
 
+    from embedjob.similar import job_spelling
+
+    word = job_spelling(output_url, storage_options, word)
     out = Storage(output_url, storage_options or {})
     loaded = load_index(out, f"words-{name}")
     words = loaded.ids.column("word")
