@@ -86,11 +86,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     t = result.manifest["totals"]
     print(f"embedjob: {t['done']} shard(s) encoded, {t['skipped_unchanged']} unchanged, {t['failed']} failed; "
           f"{t['rows_out']} rows; output {result.output_url}")
+    print(f"embedjob: report: {_report_url(result.output_url)}")  # the last line: where to look next
     if result.failed_shards:
         print(f"embedjob: {len(result.failed_shards)} shard(s) failed: {', '.join(result.failed_shards)} "
               "(see manifest.json)", file=sys.stderr)
         return 3
     return 0
+
+
+def _report_url(output_url: str) -> str:
+    from embedjob.layout import REPORT_HTML
+
+    return f"{output_url.rstrip('/')}/{REPORT_HTML}"
 
 
 def cmd_config(args: argparse.Namespace) -> int:

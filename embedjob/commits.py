@@ -1,6 +1,7 @@
 """Driver-side bookkeeping of the per-shard stream: which rows of each shard have been written,
 a commit task for each shard as soon as all its rows are (``write.commit_shard``), the encode
-counters and the progress line.
+counters and the progress line (every ``encode.progress_seconds``, from the encoder actors' counts
+while blocks are in flight: ``progress.ProgressCounter``).
 
 The write stage reports one row per staged part (shard, row range, counts); a block that Ray ran
 twice reports the same rows twice and counts once, since rows are tracked per shard.
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from embedjob.errors import InputError, JobError, root_cause
 from embedjob.layout import TMP
-from embedjob.progress import Progress
+from embedjob.progress import Progress, ProgressTicker, start_counter
 from embedjob.stages.read import ShardInfo
 from embedjob.stages.write import commit_shard
 from embedjob.storage import Storage
@@ -48,17 +49,37 @@ class ShardCommits:
         self.last_output = 0.0
         self.tokens_after_first = 0
         self.progress: Optional[Progress] = None
+        self.counter: Any = None  # the encoder actors' progress counter (a Ray actor)
+        self._ticker: Optional[ProgressTicker] = None
         self._commit = None
 
     def start(self) -> None:
-        """Start the progress line; commit the empty shards at once (no row will report them)."""
+        """Start the progress counter and line; commit the empty shards at once (no row will report them)."""
         import ray
 
         self._commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
-        self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs")
+        every = self.cfg.encode.progress_seconds
+        self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs", every=every)
+        self.progress.extra = f"0/{len(self.todo)} shards committed"
+        self.counter = start_counter()
+        self._ticker = ProgressTicker(self.progress, self._poll, every=every).start()
         for s in self.todo:
             if s.num_rows == 0:
                 self.submit(s.key)
+
+    def _poll(self) -> None:
+        """(ticker thread) The encoder actors' counts and the shards committed so far."""
+        import ray
+
+        self.progress.in_flight(*ray.get(self.counter.read.remote(), timeout=max(self.progress.every, 5.0)))
+        pending = list(self.pending.values())
+        ready = len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else 0
+        self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed"
+
+    def _stop_progress(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
 
     def submit(self, key: str) -> None:
         s = self.by_key[key]
@@ -91,8 +112,7 @@ class ShardCommits:
             stats.setdefault("encoder_rss_growth", []).append([stats["documents"], r["rss_mb"]])
         if new and r.get("node"):  # documents encoded per Ray node (where the actors ran)
             stats["actor_nodes"][r["node"]] = stats["actor_nodes"].get(r["node"], 0) + new
-        self.progress.update(new, tokens=r["tokens"] if new else 0,
-                             extra=f"{len(self.markers) + len(self.pending)}/{len(self.todo)} shards written")
+        self.progress.update(new, tokens=r["tokens"] if new else 0)
         if new and cov.all() and r["shard"] not in self.pending:
             self.submit(r["shard"])
 
@@ -110,6 +130,7 @@ class ShardCommits:
     def failed(self, e: BaseException) -> Exception:
         """The error to raise for a failure of the stream: the user's own error (an InputError
         under on_bad_shard=fail) or a JobError; either carries the shards committed before it."""
+        self._stop_progress()
         self.settle()
         cause = root_cause(e)
         if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
@@ -125,6 +146,7 @@ class ShardCommits:
         """After the stream: settle the commits, record the shards that never completed, clean up.
         Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
         self.settle()
+        self._stop_progress()
         self.progress.close()
         out = self.out
         for s in self.todo:  # shards whose reads failed under on_bad_shard=skip

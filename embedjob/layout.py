@@ -24,6 +24,7 @@ LEASE_FILE = "_lease.json"  # the output's lease: one writer at a time
 STATS_DIR = "stats"
 TIMELINE = f"{STATS_DIR}/timeline.json"  # throughput and memory sampled by the driver during the run
 MANIFEST = "manifest.json"
+REPORT_HTML = "report.html"  # the run's HTML report, written at the end of every run
 CONFIG = "config.json"
 REPORT = "report.html"  # the run's HTML report, written after the manifest
 STATIC_PART_SUFFIX = ".static.parquet"

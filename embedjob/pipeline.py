@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -341,9 +340,9 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         return {}, {}, commits.stats
     for s in todo:  # leftovers of an interrupted run are never mixed with new parts
         out.delete(f"{TMP}/{s.key}", recursive=True)
-    ds = _shard_dataset(cfg, out, todo, encoder, plan)
-    commits.start()
+    commits.start()  # the progress counter the encoder actors report to, and the progress line
     try:
+        ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter)
         for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             commits.add_report(rep)
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
@@ -353,7 +352,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
 
 
 def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                   plan: dict[str, Any]):
+                   plan: dict[str, Any], counter: Any = None):
     """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
     write; each output row reports one staged part (shard, row range, counts)."""
     import ray
@@ -366,7 +365,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
 
     inp = cfg.input
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = False  # embedjob's own line (or bar, on a terminal) counts documents: commits.py
     ctx.execution_options.preserve_order = False
     # Ray Data merges a task's outputs until they reach target_max_block_size (128 MiB by default),
     # which would turn a whole shard into one block: one actor call per shard, no progress until it
@@ -393,7 +392,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
             "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
     )
-    ds = encoder_pool(ds, cfg.encode, encoder, plan, static)
+    ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter)
     return staged_writes(ds, out, inp.id_column)
 
 

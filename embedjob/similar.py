@@ -21,8 +21,11 @@ STATS = {"bert": "stats/static.json", "word2vec": "stats/word2vec.json"}
 def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10,
                   storage_options: Optional[dict[str, Any]] = None) -> list[tuple[str, float]]:
     """The ``n`` words nearest (cosine) to ``word`` in the job's ``kind`` vectors ('bert' or
-    'word2vec'; FastText vectors also answer words never seen in training)."""
+    'word2vec'; FastText vectors also answer words never seen in training). ``word`` is spelled
+    as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``), when the
+    output has its ``manifest.json``."""
     kv = load_job_vectors(output_url, storage_options or {}, kind)
+    word = job_spelling(output_url, storage_options, word)
     if len(kv) == 0:
         raise StorageError(f"the {kind} word vectors of {output_url} hold no words"
                            f"{_empty_reason(output_url, storage_options or {}, kind)}: there is nothing to "
@@ -32,7 +35,7 @@ def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10
     except KeyError:
         raise StorageError(
             f"word {word!r} is not in the {kind} vectors of {output_url} ({len(kv)} words; "
-            "words are matched after the job's preprocessing, e.g. lower-cased and stemmed)"
+            "words are matched after the job's preprocessing, e.g. lower-cased)"
         ) from None
 
 
@@ -63,3 +66,12 @@ def normalize_query_word(output_url: str, storage_options: Optional[dict[str, An
     naming the word."""
     toks = preprocess_string(word, job_filters(output_url, storage_options))
     return toks[0] if toks else word.strip().lower()
+
+
+def job_spelling(output_url: str, storage_options: Optional[dict[str, Any]], word: str) -> str:
+    """:func:`normalize_query_word`, or ``word`` as given where the output has no manifest (word
+    vectors written without a job)."""
+    try:
+        return normalize_query_word(output_url, storage_options, word)
+    except StaticVectorsError:
+        return word

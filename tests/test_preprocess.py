@@ -4,13 +4,18 @@ from embedjob.stages.encode import EncoderSettings
 from embedjob.stages.preprocess import PreprocessConfig, Preprocessor, preprocess_texts
 
 
-def test_default_chain_matches_gensim():
+def test_default_chain_is_gensims_without_stemming():
+    """Real lower-cased words by default (word vectors keyed by them: kv["people"]); gensim's own
+    chain, stemming included, when asked for."""
     from gensim.parsing.preprocessing import preprocess_string
 
-    texts = ["The <b>cats</b> were running, quickly! In 2024 they ran 3 miles.", None, "   "]
+    texts = ["The <b>cats</b> were running, quickly! In 2024 People ran 3 miles.", None, "   "]
     out = preprocess_texts(texts, PreprocessConfig())
-    assert out[0] == preprocess_string(texts[0])
+    assert out[0] == ["cats", "running", "quickly", "people", "ran", "miles"]
     assert out[1] == [] and out[2] == []
+    stemmed = PreprocessConfig(filters=PreprocessConfig().filters + ["stem_text"])
+    assert preprocess_texts(texts, stemmed)[0] == preprocess_string(texts[0]) == [
+        "cat", "run", "quickli", "peopl", "ran", "mile"]
 
 
 def test_custom_chain_and_stopwords():

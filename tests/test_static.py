@@ -101,7 +101,8 @@ def test_static_vector_is_average_of_pooled_contextual_vectors(tmp_path, tiny_mo
         tmp_path, tiny_model, DOCS, {"word_pooling": pooling, "layers": layers}, calls=2)
     ref, ref_counts = _reference(tiny_model, DOCS, filters, pooling, layers, max_length=128)
     assert counts == ref_counts
-    assert counts["cat"] == 4 and counts["dog"] == 3  # "cats", "cat", "Cats", "cat"; stemmed
+    # real lower-cased words, not stems: "cats" and "Cats" are "cats", apart from "cat"
+    assert counts["cat"] == 2 and counts["cats"] == 2 and counts["dogs"] == 2 and counts["dog"] == 1
     assert "the" not in counts  # stop words are not in the vocabulary
     for w in ref:
         np.testing.assert_allclose(vecs[w], ref[w], rtol=1e-5, atol=1e-5)
@@ -207,6 +208,12 @@ def test_job_writes_gensim_loadable_vectors_and_backfill_adds_only_new_shards(ra
     np.testing.assert_allclose(kv["cat"], native["cat"], rtol=1e-6)
     assert kv.get_vecattr("cat", "count") == native.get_vecattr("cat", "count") >= 2
     assert kv.most_similar("cat", topn=3)
+    # keyed by real lower-cased words (no stemming by default), and `similar` spells a query as the job did
+    assert "countries" in kv.key_to_index and "countri" not in kv.key_to_index
+    from embedjob.similar import similar_words
+
+    assert [w for w, _ in similar_words(str(out), "Countries", n=len(kv) - 1)] == [
+        w for w, _ in kv.most_similar("countries", topn=len(kv) - 1)]
     part0 = (out / PARTS_DIR / "part-00000.parquet").stat().st_mtime_ns
 
     # backfill: add the third shard; only it is encoded and its part merged in

@@ -5,7 +5,7 @@ The job pipeline itself runs (``run_job``: read -> preprocess -> encode with the
 -> commit -> ``run_static``) on the first ``--limit`` documents of ``--corpus`` (copied into shards
 of the work folder), then gensim ``Word2Vec`` (``--w2v-epochs`` 5, 100 dims, 2 workers) is trained
 on the job's ``tokens/``. Both are scored on gensim's ``wordsim353.tsv``: each pair's words go
-through the job's preprocessing (stemming...) before lookup, and Spearman's rho is computed over
+through the job's preprocessing (lower-casing...) before lookup, and Spearman's rho is computed over
 the pairs both vocabularies cover (``pairs_used``; each model's own coverage is reported too).
 
     embedjob bench static --limit 50000 --json

@@ -1,9 +1,15 @@
 """Preprocess stage: gensim ``preprocess_string`` tokens per document, plus the BERT token ids the
 encoder needs (tokenising here, in parallel CPU tasks, keeps it off the encoder actors' critical path).
 
+The default chain is gensim's ``DEFAULT_FILTERS`` without ``stem_text``: the tokens are real,
+lower-cased words, and so are the keys of every set of word vectors built from them (static,
+Word2Vec) and the topics' top words (``kv["people"]``, not ``kv["peopl"]``). A job that wants
+Porter stems adds ``stem_text`` to ``preprocess.filters``; the filters are part of the recipe, so
+a change of chain re-encodes every shard and moves the old outputs aside.
+
 The batch transform is a plain function of a pyarrow table, testable without Ray::
 
-    preprocess_texts(["The cats sat."], PreprocessConfig())   # [['cat', 'sat']]
+    preprocess_texts(["The cats sat."], PreprocessConfig())   # [['cats', 'sat']]
 """
 
 from __future__ import annotations
@@ -42,14 +48,18 @@ GENSIM_FILTERS = (
     "strip_non_alphanum",
     "split_alphanum",
 )
-DEFAULT_FILTERS = list(GENSIM_FILTERS[:8])  # gensim's DEFAULT_FILTERS, in its order
+GENSIM_DEFAULT_FILTERS = list(GENSIM_FILTERS[:8])  # gensim's DEFAULT_FILTERS, in its order
+# embedjob's default: gensim's without stem_text, so that word vectors are keyed by real words
+DEFAULT_FILTERS = [f for f in GENSIM_DEFAULT_FILTERS if f != "stem_text"]
 
 
 class PreprocessConfig(Section):
     filters: list[str] = Field(
         default_factory=lambda: list(DEFAULT_FILTERS),
         description="gensim.parsing filters applied in order by preprocess_string. Default: gensim's "
-        f"DEFAULT_FILTERS. Valid: {', '.join(GENSIM_FILTERS)}.",
+        "DEFAULT_FILTERS without stem_text, so tokens, word vectors and topic words are real lower-cased words "
+        "(add stem_text for Porter stems). Part of the recipe: a change re-encodes every shard. "
+        f"Valid: {', '.join(GENSIM_FILTERS)}.",
     )
     min_token_length: int = Field(3, ge=1, description="Minimum token length kept by strip_short.")
     extra_stopwords: list[str] = Field(

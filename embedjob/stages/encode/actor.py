@@ -8,7 +8,8 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.debug import encode_delay
+from embedjob.debug import encode_batch_delay, encode_delay
+from embedjob.progress import BatchReporter
 from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
 from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.settings import EncoderSettings
@@ -25,9 +26,11 @@ def vectors_to_arrow(vectors: np.ndarray, valid: Optional[np.ndarray] = None) ->
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
 
 
-def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]]):
+def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]],
+                 counter: Any = None):
     """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
-    :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor)."""
+    :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor; ``counter``:
+    the driver's :class:`~embedjob.progress.ProgressCounter` the actors report each batch to)."""
     import warnings
 
     import ray
@@ -41,7 +44,7 @@ def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static
             fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.batch_tokens_for(encoder.device),
                                    "max_batch_docs": cfg.max_batch_docs, "num_threads": plan["threads"],
                                    "static": static, "batching": cfg.batching, "compile": cfg.compile,
-                                   "cache_dir": cfg.cache_dir},
+                                   "cache_dir": cfg.cache_dir, "progress": counter},
             batch_format="pyarrow", batch_size=cfg.rows_per_call, zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
@@ -58,7 +61,8 @@ class EncodeActor:
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
-                 batching: str = "auto", compile: bool = False, cache_dir: Optional[str] = None):
+                 batching: str = "auto", compile: bool = False, cache_dir: Optional[str] = None,
+                 progress: Any = None):
         import torch
 
         if settings.device == "cuda" and not torch.cuda.is_available():
@@ -74,6 +78,7 @@ class EncodeActor:
         if static:
             self.static = StaticAccumulator(self.encoder, **static)
         self.node_id = _ray_node_id()
+        self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
         logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
 
@@ -83,7 +88,8 @@ class EncodeActor:
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
         todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
         hook = self.static.hook_for(batch, keep) if self.static is not None else None
-        enc = self.encoder.encode_ids(todo, token_hook=hook)
+        enc = self.encoder.encode_ids(todo, token_hook=hook, on_batch=self._batch_done)
+        self.progress.flush()
         vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
         n_tokens = np.zeros(batch.num_rows, dtype=np.int32)
         vectors[keep] = enc.vectors
@@ -98,6 +104,10 @@ class EncodeActor:
         if self.static is not None:
             out = self.static.attach(out)
         return out
+
+    def _batch_done(self, docs: int, tokens: int) -> None:
+        self.progress.add(docs, tokens)
+        encode_batch_delay()  # test-only: a block long enough to see progress while it is in flight
 
 
 def _release_free_memory() -> None:

@@ -85,3 +85,9 @@ class EncodeConfig(Section):
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed encoder actor.")
     max_task_retries: int = Field(3, ge=0, description="Ray retries of a batch whose actor died.")
+    progress_seconds: float = Field(
+        10.0, gt=0,
+        description="Seconds between encode progress lines (documents and tokens done, rates, ETA, shards "
+        "committed; a bar instead when stderr is a terminal): the encoder actors count every model batch, so "
+        "the lines move while blocks are in flight.",
+    )

@@ -191,9 +191,11 @@ class TextEncoder:
     def encode_texts(self, texts: Sequence[str], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
         return self.encode_ids(self.tokenizer(texts), token_hook=token_hook)
 
-    def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
-        """Vectors for documents given as token id arrays (with special tokens), in input order.
-        The pooled vectors stay on the device until every batch has run, then come back in one copy."""
+    def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> EncodedBatch:
+        """Vectors for documents given as token id arrays (with special tokens), in input order;
+        ``on_batch(documents, tokens)`` is called after each model batch (progress). The pooled
+        vectors stay on the device until every batch has run, then come back in one copy."""
         torch = self.torch
         n = len(ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
@@ -206,6 +208,8 @@ class TextEncoder:
             for idx, pooled in run(ids, lengths, token_hook):
                 parts.append(pooled)
                 order.append(idx)
+                if on_batch is not None:
+                    on_batch(len(idx), int(lengths[idx].sum()))
             pooled = torch.cat(parts)
             if self.settings.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

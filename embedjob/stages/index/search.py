@@ -197,16 +197,20 @@ def search(output_url: str, storage_options: Optional[dict[str, Any]], query: st
 
 def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], name: str, word: str,
                   k: int = 10) -> list[dict[str, Any]]:
-    """Nearest words (cosine) to ``word`` in the ``words-<name>`` index of a finished job."""
+    """Nearest words (cosine) to ``word`` in the ``words-<name>`` index of a finished job; ``word``
+    is spelled as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``)."""
     import faiss
 
+    from embedjob.similar import job_spelling
+
+    word = job_spelling(output_url, storage_options, word)
     out = Storage(output_url, storage_options or {})
     loaded = load_index(out, f"words-{name}")
     words = loaded.ids.column("word")
     hit = pc.index(words, word).as_py()
     if hit < 0:
         raise StorageError(f"word {word!r} is not in the {name} word index of {output_url} ({len(words)} words; "
-                           "words are matched after the job's preprocessing, e.g. lower-cased and stemmed)")
+                           "words are matched after the job's preprocessing, e.g. lower-cased)")
     if loaded.meta["kind"].startswith("ivf") and not isinstance(faiss.downcast_index(loaded.index), faiss.IndexRefine):
         faiss.extract_index_ivf(loaded.index).make_direct_map()
     q = loaded.index.reconstruct(int(hit)).reshape(1, -1)

@@ -2,8 +2,8 @@
 
 A BERT word (the fast tokenizer's pre-tokenised word, found with ``word_ids()``) counts only when the
 job's gensim filter chain, applied to the word alone, turns it into exactly one token that is among
-the document's own gensim tokens. So ``Cats`` is accumulated as ``cat`` with the default chain
-(stemming), stop words are skipped, and the static vectors' keys are the same strings as ``tokens/``
+the document's own gensim tokens. So ``Cats`` is accumulated as ``cats`` with the default chain
+(``cat`` with ``stem_text`` added), stop words are skipped, and the static vectors' keys are the same strings as ``tokens/``
 and the Word2Vec vocabulary.
 """
 
