@@ -260,7 +260,11 @@ def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
     p.add_argument("--batching", action="store_true",
                    help="only compare the encoder's packed and padded batches (encode.batching), interleaved")
-    p.add_argument("--rounds", type=int, default=3, help="--batching: interleaved rounds (the best of each)")
+    p.add_argument("--backends", action="store_true",
+                   help="only compare, on CPU, sentence-transformers (default and best configuration) with the "
+                   "encoder's torch and OpenVINO backends (encode.backend), interleaved")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--batching/--backends: interleaved rounds (the best of each)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -174,6 +174,60 @@ def batching_rates(corpus: str, limit: int, model: str, dtype: str, batch_tokens
             "min_cosine_packed_vs_padded": float(cos.min())}
 
 
+def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds: int) -> dict[str, Any]:
+    """On CPU, interleaved ``rounds`` times (the best round of each), tokenisation included everywhere:
+    sentence-transformers' default (float32, batches of 32), its best configuration here (bfloat16 where
+    the CPU has it, batches of 128; its OpenVINO backend where ``optimum-intel`` is installed), and
+    embedjob's encoder with the torch and the OpenVINO backends; cosines against ST's default."""
+    import importlib.util
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedjob.stages.encode import EncodeConfig, TextEncoder, cpu_supports_bf16
+
+    texts = load_texts(corpus, limit)
+    half = torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    cfg = EncodeConfig(model=model, batch_tokens=batch_tokens)
+    path = TextEncoder.from_config(cfg).settings.model_path
+    st = SentenceTransformer(path, device="cpu")
+    st_best = SentenceTransformer(path, device="cpu").to(half)
+    runs: dict[str, Any] = {
+        "st_default": lambda x: st.encode(x, batch_size=32),
+        "st_best": lambda x: st_best.encode(x, batch_size=128, convert_to_tensor=True).float().numpy(),
+    }
+    if importlib.util.find_spec("optimum") is not None:
+        st_ov = SentenceTransformer(path, device="cpu", backend="openvino")
+        runs["st_openvino"] = lambda x: st_ov.encode(x, batch_size=128)
+    for backend in ("torch", "openvino"):
+        enc = TextEncoder.from_config(cfg.model_copy(update={"backend": backend}))
+        runs[f"embedjob_{backend}"] = lambda x, enc=enc: enc.encode_texts(x).vectors
+    for fn in runs.values():
+        fn(texts[:32])  # warm-up
+    ids = TextEncoder.from_config(cfg).tokenizer(texts)
+    tokens = sum(len(x) for x in ids)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    out: dict[str, Any] = {}
+    for _ in range(rounds):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            out[k] = np.asarray(fn(texts), dtype=np.float32)
+            times[k].append(time.perf_counter() - t)
+    ref = out["st_default"]
+    result: dict[str, Any] = {"documents": len(texts), "tokens": tokens, "rounds": rounds,
+                              "dtype_best": str(half).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
+    for k in runs:
+        cos = (ref * out[k]).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out[k], axis=1), 1e-12)
+        result[f"{k}_tokens_per_s"] = tokens / min(times[k])
+        result[f"{k}_min_cosine"] = float(cos.min())
+    best_st = max(result[f"{k}_tokens_per_s"] for k in runs if k.startswith("st_"))
+    for k in runs:
+        if k.startswith("embedjob_"):
+            result[f"{k}_vs_st_default"] = result[f"{k}_tokens_per_s"] / result["st_default_tokens_per_s"]
+            result[f"{k}_vs_st_best"] = result[f"{k}_tokens_per_s"] / best_st
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     """``embedjob bench encode`` (flags in :mod:`embedjob.cli`)."""
     import torch
@@ -184,6 +238,19 @@ def run(args: argparse.Namespace) -> int:
     bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)
     corpus = args.corpus or (os.path.abspath(DEFAULT_CORPUS) if os.path.isdir(DEFAULT_CORPUS)
                              else "data/gensim-corpus")
+    if args.backends:
+        r = backend_rates(corpus, args.limit, args.model, bt, args.rounds)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"documents {r['documents']}, tokens {r['tokens']}, cpu, {r['torch_threads']} torch threads, "
+              f"best of {r['rounds']} interleaved rounds, tokenisation included")
+        for k in [k[: -len("_tokens_per_s")] for k in r if k.endswith("_tokens_per_s")]:
+            extra = (f"   vs ST default {r[k + '_vs_st_default']:.2f}x, vs ST best {r[k + '_vs_st_best']:.2f}x"
+                     if k.startswith("embedjob_") else "")
+            print(f"{k:18s} {r[k + '_tokens_per_s']:10.0f} tokens/s   min cosine vs ST default "
+                  f"{r[k + '_min_cosine']:.5f}{extra}")
+        return 0
     if args.batching:
         r = batching_rates(corpus, args.limit, args.model, args.dtype, bt, device, args.rounds)
         if args.json:
