@@ -35,6 +35,8 @@ WORD2VEC_DIR = "word2vec"
 TOPICS_DIR = "topics"
 CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
 INDEX_DIR = "index"
+LANCE_DIR = "lance"
+LANCE_DOCS = f"{LANCE_DIR}/docs.lance"  # Lance dataset of the document vectors (output.lance)
 
 
 def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:

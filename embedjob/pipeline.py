@@ -31,7 +31,7 @@ from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.errors import JobError, root_cause
-from embedjob.layout import CONFIG, DONE, MANIFEST, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
+from embedjob.layout import CONFIG, DONE, LANCE_DOCS, MANIFEST, SUPERSEDED, TMP, TOKENS_DIR, VECTORS, stage_marker
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
@@ -44,6 +44,8 @@ from embedjob.reconcile import (
 )
 from embedjob.redact import redact, redact_url
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
+from embedjob.stages.lance_sink.dataset import run_lance
+from embedjob.stages.lance_sink.write import check_carry_columns
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
 from embedjob.storage import Storage
@@ -73,7 +75,8 @@ def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     enc["dtype"] = encoder.dtype
     static = cfg.static.model_dump() if cfg.static.enabled else None
     return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
-                  "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text})
+                  "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text,
+                  **cfg.output.recipe_part()})
 
 
 def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
@@ -89,6 +92,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
+    check_carry_columns([s.url for s in shards if not s.error], inp.storage_options, cfg.output.carry_columns)
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
@@ -219,6 +223,8 @@ def _corpus_stages(run: _Run) -> None:
         "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
+        if cfg.output.lance:  # one dataset version holding exactly the kept shards (lance_sink/dataset.py)
+            run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages)
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages)
     except JobError as e:
         run.error = e
@@ -261,6 +267,7 @@ def _manifest(run: _Run) -> dict[str, Any]:
         "superseded": run.superseded,
         "stages": run.stages,
         "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
+                    **({"lance": LANCE_DOCS} if cfg.output.lance else {}),
                     "superseded": SUPERSEDED + "/"},
     }
 
