@@ -37,6 +37,7 @@ from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
 from embedjob.reconcile import (
     is_intact,
+    list_lance_files,
     list_shard_files,
     read_marker,
     read_shard_markers,
@@ -169,6 +170,7 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
     """The shards that need work; a committed shard is skipped when its input, recipe and files
     are intact. Bad shards are recorded as failed."""
     files = list_shard_files(run.out)
+    lance_files = list_lance_files(run.out) if run.cfg.output.lance else None
     todo: list[ShardInfo] = []
     for s in run.shards:
         if s.error:
@@ -176,7 +178,7 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
             continue
         marker = None if run.cfg.output.overwrite else previous.get(s.key)
         if (marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == run.stage_hash
-                and is_intact(marker, files, s.key)):
+                and is_intact(marker, files, s.key, lance_files)):
             run.status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
                                  "marker": marker}
         else:
@@ -223,8 +225,9 @@ def _corpus_stages(run: _Run) -> None:
         "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
-        if cfg.output.lance:  # one dataset version holding exactly the kept shards (lance_sink/dataset.py)
-            run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages)
+        if cfg.output.lance or out.exists(LANCE_DOCS):  # a version of exactly the kept shards, or moved aside
+            run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages,
+                                            run.lease.run_id)
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages)
     except JobError as e:
         run.error = e

@@ -214,8 +214,9 @@ class Storage:
             return
         if self.protocol == "memory":
             self.fs.makedirs(posixpath.dirname(d), exist_ok=True)
-        self.fs.copy(s, d)
-        self.fs.rm(s)
+        tree = self.fs.isdir(s)  # a folder (a Lance dataset): every object under it
+        self.fs.copy(s, d, recursive=tree)
+        self.fs.rm(s, recursive=tree)
 
     # -- conditional writes (the output's lease) ---------------------------------------------
     def read_versioned(self, rel: str) -> Optional[tuple[bytes, str]]:

@@ -74,6 +74,16 @@ def test_lancedb_finds_planted_neighbours_rerun_and_recipe_change(ray_local, tmp
     assert res.manifest["stages"]["lance"]["committed"] is False
     assert lance.dataset(str(out / "lance" / "docs.lance")).version == version
 
+    # a marker whose fragments are gone: that shard is re-encoded, the others kept
+    gone = json.loads((out / "_done" / "part-00000.json").read_text())["lance"]["fragments"][0]["files"][0]["path"]
+    os.remove(out / "lance" / "docs.lance" / "data" / gone)
+    res = run_job(small_job(tmp_path / "in", out, tiny_model, output=lance_cfg))
+    assert {k: v["status"] for k, v in res.manifest["shards"].items()} == {
+        "part-00000": "done", "part-00001": "skipped-unchanged", "part-00002": "skipped-unchanged"}
+    assert sorted(_lance_ids(str(out / "lance" / "docs.lance"))) == sorted(ids)
+    version = lance.dataset(str(out / "lance" / "docs.lance")).version
+    first = lance.dataset(str(out / "lance" / "docs.lance")).to_table(columns=["id", "vector"])
+
     # a recipe change: the latest version holds the new recipe only, the old one stays in history
     res = run_job(small_job(tmp_path / "in", out, tiny_model, output=lance_cfg, encode={"pooling": "cls"}))
     ds = lance.dataset(str(out / "lance" / "docs.lance"))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from embedjob.errors import JobError, StorageError, root_cause
-from embedjob.layout import LANCE_DOCS
+from embedjob.layout import LANCE_DOCS, SUPERSEDED
 from embedjob.stages.lance_sink.write import schema_of
 from embedjob.storage import Storage
 
@@ -44,9 +44,15 @@ def _open(uri: str, opts: dict[str, str]):
 
 
 def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized: bool,
-              stages: dict[str, Any]) -> dict[str, Any]:
+              stages: dict[str, Any], run_id: str) -> dict[str, Any]:
     """The lance stage of a run (``output`` is its ``OutputConfig``): commit, index, ``stats/lance.json``;
-    any failure is a :class:`JobError` naming the stage (the Parquet outputs stay committed)."""
+    any failure is a :class:`JobError` naming the stage (the Parquet outputs stay committed). With
+    ``output.lance`` off, a dataset an earlier run left is moved aside (no run vouches for it)."""
+    if not output.lance:
+        dest = f"{SUPERSEDED}/{run_id}/{LANCE_DOCS}"
+        out.move(LANCE_DOCS, dest)
+        logger.warning("lance: output.lance is off: moved %s aside to %s", out.url(LANCE_DOCS), out.url(dest))
+        return {"moved_aside": dest}
     try:
         stats = commit_docs(out, keep, index=output.lance_index, min_rows=output.lance_index_min_rows,
                             normalized=normalized)
