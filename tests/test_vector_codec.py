@@ -75,3 +75,20 @@ def test_int8_then_binary_job_search_and_manifest(ray_local, tmp_path, tiny_mode
     assert codec_of(pq.read_schema(out / "vectors" / "part-00000.parquet"))["dtype"] == "binary"  # one recipe
     moved = res.manifest["stages"]["lance"]["moved_aside"]  # lance is off now: the int8 dataset moved aside
     assert not (out / "lance" / "docs.lance").exists() and (out / moved).is_dir()
+
+
+def test_bench_vectors_on_random_vectors():
+    from embedjob.bench.vectors import run_bench
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1200, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    docs = pa.table({"id": [f"d{i}" for i in range(len(x))], "text": [f"text {i}" for i in range(len(x))]})
+    res = run_bench(docs, x, 12.0, queries=100, shard_rows=300, lance_index="none")
+    rows = res["dtypes"]
+    assert res["documents"] == 1100 and res["shards"] == 4
+    assert rows["float32"]["recall_at_10"] == 1.0  # flat search over float32 is the exact search
+    assert [rows[d]["bytes_per_vector"] for d in ("float32", "float16", "int8", "binary")] == [256, 128, 64, 8]
+    assert rows["float16"]["recall_at_10"] >= 0.98 and rows["int8"]["recall_at_10"] >= 0.8
+    assert rows["binary"]["recall_at_10"] < rows["int8"]["recall_at_10"]
+    assert all(0 < rows[d]["lance_write_share_of_encode"] for d in rows)

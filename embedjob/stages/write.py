@@ -14,6 +14,7 @@ Output files are plain Parquet readable by pyarrow, pandas and duckdb without em
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from typing import Any, Literal, Optional
@@ -108,6 +109,8 @@ class OutputConfig(Section):
         if self.lance_index != "none" and self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32 or "
                              f"float16 (got {self.vector_dtype!r})")
+        if self.lance and importlib.util.find_spec("lance") is None:
+            raise ValueError("output.lance needs the pylance package: pip install 'embedjob[lance]'")
         clash = sorted(set(self.carry_columns) & {"id", "vector", "n_tokens", "shard"})
         if clash:
             raise ValueError(f"output.carry_columns {clash} clash with the dataset's own columns")
