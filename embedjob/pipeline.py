@@ -46,7 +46,7 @@ from embedjob.reconcile import (
 from embedjob.redact import redact, redact_url
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.lance_sink.dataset import run_lance
-from embedjob.stages.lance_sink.write import check_carry_columns
+from embedjob.stages.lance_sink.write import check_sink
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
 from embedjob.storage import Storage
@@ -93,7 +93,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
-    check_carry_columns([s.url for s in shards if not s.error], inp.storage_options, cfg.output.carry_columns)
+    check_sink(cfg.output.url, cfg.output.lance, [s.url for s in shards if not s.error], inp.storage_options,
+               cfg.output.carry_columns)
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)

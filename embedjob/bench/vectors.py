@@ -51,30 +51,42 @@ def load_documents(corpus_url: str, limit: int) -> pa.Table:
     return pa.concat_tables(parts).slice(0, limit)
 
 
-def encode_documents(docs: pa.Table, cache: str, model: str) -> tuple[np.ndarray, float]:
-    """(vectors, encode seconds) of ``docs`` with the default encoder settings, cached."""
+def encode_documents(docs: pa.Table, cache: str, model: str, chunk: int = 1000) -> tuple[np.ndarray, float]:
+    """(vectors, encode seconds) of ``docs`` with the default encoder settings, cached chunk by
+    chunk (``chunk`` documents per ``.npy``, with its seconds), so an interrupted run resumes."""
     from embedjob.models import model_fingerprint
     from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
 
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)
     ids = docs.column("id").to_pylist()
-    key = hashlib.sha256(json.dumps([ids[:10], len(ids), model_fingerprint(settings.model_path), settings.dtype])
+    key = hashlib.sha256(json.dumps([ids[:10], model_fingerprint(settings.model_path), settings.dtype, chunk])
                          .encode()).hexdigest()[:12]
-    path = os.path.join(cache, f"bench-vectors-{key}")
-    if os.path.exists(path + ".npy") and os.path.exists(path + ".json"):
-        logger.info("bench vectors: vectors from cache %s.npy", path)
-        return np.load(path + ".npy", allow_pickle=False), json.load(open(path + ".json"))["encode_seconds"]
-    enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings.device), max_batch_docs=cfg.max_batch_docs)
-    t = time.perf_counter()
-    x = enc.encode_texts(docs.column("text").to_pylist()).vectors
-    seconds = time.perf_counter() - t
-    logger.info("bench vectors: encoded %d documents in %.1fs", len(x), seconds)
-    os.makedirs(cache, exist_ok=True)
-    np.save(path + ".npy", x)
-    with open(path + ".json", "w") as f:
-        json.dump({"encode_seconds": seconds, "documents": len(x), "model": model, "dtype": settings.dtype}, f)
-    return x, seconds
+    folder = os.path.join(cache, f"bench-vectors-{key}")
+    os.makedirs(folder, exist_ok=True)
+    texts = docs.column("text").to_pylist()
+    enc = None
+    parts, seconds = [], 0.0
+    for c, start in enumerate(range(0, len(texts), chunk)):
+        path = os.path.join(folder, f"chunk-{c:05d}")
+        n = min(chunk, len(texts) - start)
+        if os.path.exists(path + ".json") and json.load(open(path + ".json"))["documents"] == n:
+            parts.append(np.load(path + ".npy", allow_pickle=False))
+            seconds += json.load(open(path + ".json"))["encode_seconds"]
+            continue
+        if enc is None:
+            enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings.device),
+                              max_batch_docs=cfg.max_batch_docs)
+        t = time.perf_counter()
+        x = enc.encode_texts(texts[start:start + n]).vectors
+        dt = time.perf_counter() - t
+        np.save(path + ".npy", x)
+        with open(path + ".json", "w") as f:  # written last: a chunk without it is encoded again
+            json.dump({"encode_seconds": dt, "documents": n, "model": model, "dtype": settings.dtype}, f)
+        logger.info("bench vectors: encoded documents %d-%d in %.1fs", start, start + n, dt)
+        parts.append(x)
+        seconds += dt
+    return np.concatenate(parts), seconds
 
 
 def encode_rate_now(docs: pa.Table, model: str, n: int) -> float:

@@ -67,21 +67,22 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
 
 
 def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "none", min_rows: int = 5000,
-                normalized: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Commit the version holding exactly the kept shards' fragments (unless the latest already
-    does), then build ``index`` when asked. Returns the stats of ``stats/lance.json``."""
+                normalized: bool = True, seed: int = 0, dataset: str = LANCE_DOCS) -> dict[str, Any]:
+    """Commit the version of ``dataset`` holding exactly the kept shards' fragments (unless the
+    latest already does), then build ``index`` when asked. Returns the stats of ``stats/lance.json``."""
     import lance
     from lance.fragment import FragmentMetadata
 
     t0 = time.time()
     parts = {k: keep[k].get("lance") for k in sorted(keep)}
+    parts = {k: p if p is None or p.get("dataset", LANCE_DOCS) == dataset else None for k, p in parts.items()}
     missing = sorted(k for k, p in parts.items() if p is None)
     if missing:
         raise StorageError(f"lance: the commit(s) of shard(s) {', '.join(missing[:5])} list no Lance fragments; "
                            "rerun with output.overwrite=true to write them")
     schemas = {k: schema_of(p) for k, p in parts.items() if p["rows"]}
     if not schemas:
-        logger.warning("lance: no rows to write: %s left as it is", out.url(LANCE_DOCS))
+        logger.warning("lance: no rows to write: %s left as it is", out.url(dataset))
         return {"rows": 0, "committed": False}
     first = next(iter(schemas))
     for k, s in schemas.items():
@@ -89,26 +90,26 @@ def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "
             raise StorageError(f"lance: shards {first} and {k} have different columns ({schemas[first]} vs {s}); "
                                "their carry_columns types differ in the input")
     frags = [FragmentMetadata.from_json(_json(f)) for p in parts.values() for f in p["fragments"]]
-    uri, opts = out.object_store(LANCE_DOCS)
+    uri, opts = out.object_store(dataset)
     current = _open(uri, opts)
     same = current is not None and current.schema.equals(schemas[first], check_metadata=False) and (
         [sorted(d.path for d in f.metadata.files) for f in current.get_fragments()]
         == [sorted(d.path for d in f.files) for f in frags])
     if same:
         ds = current
-        logger.info("lance: %s version %d already holds the %d committed shard(s)", out.url(LANCE_DOCS),
+        logger.info("lance: %s version %d already holds the %d committed shard(s)", out.url(dataset),
                     ds.version, len(schemas))
     else:
         op = lance.LanceOperation.Overwrite(schemas[first], frags)
         ds = lance.LanceDataset.commit(uri, op, read_version=current.version if current is not None else None,
                                        storage_options=opts)
-        logger.info("lance: %s version %d: %d rows from %d shard(s)", out.url(LANCE_DOCS), ds.version,
+        logger.info("lance: %s version %d: %d rows from %d shard(s)", out.url(dataset), ds.version,
                     ds.count_rows(), len(schemas))
     rows = ds.count_rows()
     expected = sum(p["rows"] for p in parts.values())
     if rows != expected:
         raise StorageError(f"lance: version {ds.version} holds {rows} rows, the committed shards {expected}")
-    stats: dict[str, Any] = {"dataset": LANCE_DOCS, "version": ds.version, "rows": rows, "shards": len(schemas),
+    stats: dict[str, Any] = {"dataset": dataset, "version": ds.version, "rows": rows, "shards": len(schemas),
                              "fragments": len(frags), "committed": not same,
                              "write_seconds": round(sum(p.get("seconds", 0.0) for p in parts.values()), 3),
                              "commit_seconds": round(time.time() - t0, 3)}

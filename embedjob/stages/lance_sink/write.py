@@ -17,10 +17,12 @@ import pyarrow as pa
 
 from embedjob.errors import ConfigError
 from embedjob.layout import LANCE_DOCS
-from embedjob.storage import Storage
+from embedjob.storage import Storage, split_url
 from embedjob.vector_codec import META_KEY, codec_of
 
 logger = logging.getLogger(__name__)
+
+LANCE_PROTOCOLS = ("file", "s3", "gs", "az")
 
 
 def shard_rows_table(shard: str, vectors: pa.Table, rows: pa.ChunkedArray | pa.Array,
@@ -41,17 +43,18 @@ def shard_rows_table(shard: str, vectors: pa.Table, rows: pa.ChunkedArray | pa.A
 
 
 def write_shard_fragments(out: Storage, shard: str, vectors: pa.Table, rows: pa.ChunkedArray | pa.Array,
-                          sink: dict[str, Any]) -> dict[str, Any]:
-    """Write the shard's rows as fragments of ``lance/docs.lance``; returns what its marker keeps:
+                          sink: dict[str, Any], *, dataset: str = LANCE_DOCS) -> dict[str, Any]:
+    """Write the shard's rows as fragments of ``dataset`` (``lance/docs.lance``; chunk vectors
+    would go to their own dataset the same way); returns what its marker keeps:
     ``{"dataset", "rows", "fragments" (Lance JSON), "schema" (Arrow IPC, base64), "seconds"}``."""
     from lance.fragment import write_fragments
 
     t0 = time.time()
     table = shard_rows_table(shard, vectors, rows, sink)
-    uri, opts = out.object_store(LANCE_DOCS)
+    uri, opts = out.object_store(dataset)
     frags = write_fragments(table, uri, schema=table.schema, mode="overwrite", storage_options=opts) \
         if table.num_rows else []
-    return {"dataset": LANCE_DOCS, "rows": table.num_rows, "fragments": [f.to_json() for f in frags],
+    return {"dataset": dataset, "rows": table.num_rows, "fragments": [f.to_json() for f in frags],
             "schema": base64.b64encode(table.schema.serialize().to_pybytes()).decode("ascii"),
             "seconds": round(time.time() - t0, 3)}
 
@@ -61,8 +64,13 @@ def schema_of(part: dict[str, Any]) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(part["schema"])))
 
 
-def check_carry_columns(shard_urls: list[str], storage_options: dict[str, Any], columns: list[str]) -> None:
-    """Stop before any work when the first input shard lacks a column of ``output.carry_columns``."""
+def check_sink(output_url: str, lance: bool, shard_urls: list[str], storage_options: dict[str, Any],
+               columns: list[str]) -> None:
+    """Before any work: Lance writes where every process sees the same files (a local path or an
+    object store), and the first input shard has every column of ``output.carry_columns``."""
+    if lance and split_url(output_url)[0] not in LANCE_PROTOCOLS:
+        raise ConfigError(f"output.lance: Lance cannot write to {split_url(output_url)[0]}:// outputs "
+                          f"(output.url={output_url!r}); use a local path or {', '.join(LANCE_PROTOCOLS[1:])}:// URL")
     if not columns or not shard_urls:
         return
     names = Storage(shard_urls[0], storage_options).read_parquet_schema("").names
