@@ -61,7 +61,8 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
     enc = (stages.get("encode") or {}).get("seconds")
     stats["encode_seconds"] = enc
     if enc:  # the per-shard fragment writes ran inside the commit tasks, beside the encoding
-        stats["write_share_of_encode"] = round(stats.get("write_seconds", 0.0) / enc, 4)
+        spent = stats.get("write_seconds", 0.0) + stats.get("commit_seconds", 0.0)
+        stats["write_share_of_encode"] = round(spent / enc, 4)
     out.write_json("stats/lance.json", stats)
     return stats
 
@@ -113,7 +114,7 @@ def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "
                              "fragments": len(frags), "committed": not same,
                              "write_seconds": round(sum(p.get("seconds", 0.0) for p in parts.values()), 3),
                              "commit_seconds": round(time.time() - t0, 3)}
-    if index != "none":
+    if index != "none":  # its own seconds: commit_seconds is the version's commit alone
         stats["index"] = build_index(ds, index, min_rows=min_rows, normalized=normalized, seed=seed,
                                      rebuild=not same)
     return stats
