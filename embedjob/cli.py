@@ -14,7 +14,7 @@ from typing import Optional
 
 logger = logging.getLogger("embedjob")
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -243,6 +243,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_word2vec(sub)
     _add_bench_topics(sub)
     _add_bench_index(sub)
+    _add_bench_vectors(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -370,6 +371,27 @@ def _add_bench_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None,
                    help="comma-separated ef_search (hnsw) or nprobe (ivf) values to also measure, e.g. 16,32,64,128")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_vectors(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vectors", help="bytes per vector and recall@10 of each output.vector_dtype; Lance write cost",
+                       description="`embedjob bench vectors`: bytes per stored vector and recall@10 of the job's "
+                       "search against float32 exact search for each output.vector_dtype, and the Lance sink's "
+                       "write time as a share of encoding the same documents.")
+    p.add_argument("--corpus", default=None, help="Parquet corpus (id, text) to encode (default: the shared mixed-en)")
+    p.add_argument("--limit", type=int, default=22000, help="documents to encode (default 22000)")
+    p.add_argument("--queries", type=int, default=1000, help="held-out query documents (default 1000)")
+    p.add_argument("--shard-rows", type=int, default=2000,
+                   help="rows per shard (int8 ranges are calibrated per shard; default 2000)")
+    p.add_argument("--lance-index", default="ivf_pq", choices=("none", "ivf_pq", "ivf_hnsw_sq"),
+                   help="Lance ANN index built on the float32 dataset, with its recall@10 (default ivf_pq)")
+    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
+                   help="folder caching the encoded vectors and their encode time (default output/bench-cache)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
+    p.add_argument("--encode-sample", type=int, default=300,
+                   help="documents encoded again beside the Lance writes, for a rate under the same load (default "
+                   "300; 0: only the cached full encode)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

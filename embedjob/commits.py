@@ -85,8 +85,11 @@ class ShardCommits:
         s = self.by_key[key]
         marker = {"input": s.fingerprint(), "stage_hash": self.stage_hash,
                   "encoder": {k: v for k, v in self.encoder.as_dict().items() if k in MARKER_ENCODER_KEYS}}
+        o = self.cfg.output
+        sink = {"vector_dtype": o.vector_dtype, "lance": o.lance, "carry_columns": list(o.carry_columns),
+                "input_url": s.url, "input_options": self.cfg.input.storage_options}
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
-                                                self.cfg.input.on_empty_text, marker, self.encoder.dim)
+                                                self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 
     def add_report(self, rep: pa.Table) -> None:
         """One batch of the write stage's reports."""

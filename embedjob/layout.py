@@ -38,6 +38,9 @@ WORD2VEC_DIR = "word2vec"
 TOPICS_DIR = "topics"
 CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
 INDEX_DIR = "index"
+LANCE_DIR = "lance"
+LANCE_DOCS = f"{LANCE_DIR}/docs.lance"  # Lance dataset of the document vectors (output.lance)
+LANCE_DATA = f"{LANCE_DOCS}/data"  # its data files: each shard's fragments, listed by the shard's marker
 
 
 def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:

@@ -25,7 +25,7 @@ def package_versions() -> dict[str, str]:
 def marker_summary(marker: Optional[dict[str, Any]]) -> dict[str, Any]:
     if not marker:
         return {}
-    keys = ("rows_in", "rows_out", "empty_text", "skipped_empty", "bert_tokens", "words", "outputs")
+    keys = ("rows_in", "rows_out", "empty_text", "skipped_empty", "bert_tokens", "words", "outputs", "vector_codec")
     return {k: marker[k] for k in keys if k in marker}
 
 

@@ -29,12 +29,24 @@ from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.errors import JobError, root_cause
-from embedjob.layout import CONFIG, DONE, MANIFEST, SUPERSEDED, TIMELINE, TMP, TOKENS_DIR, VECTORS, stage_marker
+from embedjob.layout import (
+    CONFIG,
+    DONE,
+    LANCE_DOCS,
+    MANIFEST,
+    SUPERSEDED,
+    TIMELINE,
+    TMP,
+    TOKENS_DIR,
+    VECTORS,
+    stage_marker,
+)
 from embedjob.lease import OutputLease
 from embedjob.manifest import marker_summary, package_versions, stage_stats
 from embedjob.models import check_model, model_fingerprint
 from embedjob.reconcile import (
     is_intact,
+    list_lance_files,
     list_shard_files,
     read_marker,
     read_shard_markers,
@@ -44,6 +56,8 @@ from embedjob.redact import redact, redact_url
 from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
+from embedjob.stages.lance_sink.dataset import run_lance
+from embedjob.stages.lance_sink.write import check_sink
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
 from embedjob.stages.vocab import run_vocab
 from embedjob.storage import Storage
@@ -73,7 +87,8 @@ def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     enc["dtype"] = encoder.dtype
     static = cfg.static.model_dump() if cfg.static.enabled else None
     return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
-                  "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text})
+                  "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text,
+                  **cfg.output.recipe_part()})
 
 
 def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
@@ -89,6 +104,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     bad = [s for s in shards if s.error]
     if len(bad) == len(shards):
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
+    check_sink(cfg.output.url, cfg.output.lance, [s.url for s in shards if not s.error], inp.storage_options,
+               cfg.output.carry_columns)
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
@@ -177,6 +194,7 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
     """The shards that need work; a committed shard is skipped when its input, recipe and files
     are intact. Bad shards are recorded as failed."""
     files = list_shard_files(run.out)
+    lance_files = list_lance_files(run.out) if run.cfg.output.lance else None
     todo: list[ShardInfo] = []
     for s in run.shards:
         if s.error:
@@ -184,7 +202,7 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
             continue
         marker = None if run.cfg.output.overwrite else previous.get(s.key)
         if (marker and marker.get("input") == s.fingerprint() and marker.get("stage_hash") == run.stage_hash
-                and is_intact(marker, files, s.key)):
+                and is_intact(marker, files, s.key, lance_files)):
             run.status[s.key] = {"status": "skipped-unchanged", "url": s.url, "rows": marker.get("rows_out"),
                                  "marker": marker}
         else:
@@ -232,6 +250,9 @@ def _corpus_stages(run: _Run) -> None:
         "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
+        if cfg.output.lance or out.exists(LANCE_DOCS):  # a version of exactly the kept shards, or moved aside
+            run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages,
+                                            run.lease.run_id)
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
                           timeline=run.timeline)
     except JobError as e:
@@ -275,6 +296,7 @@ def _manifest(run: _Run) -> dict[str, Any]:
         "superseded": run.superseded,
         "stages": run.stages,
         "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
+                    **({"lance": LANCE_DOCS} if cfg.output.lance else {}),
                     "superseded": SUPERSEDED + "/"},
     }
 

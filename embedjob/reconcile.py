@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from embedjob.layout import DONE, PER_SHARD_DIRS, STAGE_MARKER_PREFIX, SUPERSEDED, shard_marker
+from embedjob.layout import DONE, LANCE_DATA, PER_SHARD_DIRS, STAGE_MARKER_PREFIX, SUPERSEDED, shard_marker
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,19 @@ def marker_files(marker: dict[str, Any]) -> set[str]:
     return listed
 
 
-def is_intact(marker: dict[str, Any], files: dict[str, set[str]], key: str) -> bool:
-    """True when every file the marker lists is present."""
+def list_lance_files(out: Storage) -> set[str]:
+    """Names of the data files of the Lance dataset (``output.lance``), in any version or none."""
+    return set(out.list(LANCE_DATA)) if out.exists(LANCE_DATA) else set()
+
+
+def is_intact(marker: dict[str, Any], files: dict[str, set[str]], key: str,
+              lance_files: Optional[set[str]] = None) -> bool:
+    """True when every file the marker lists is present (with ``lance_files``: its Lance fragments' too)."""
+    part = marker.get("lance")
+    if lance_files is not None and part is not None:
+        wanted = {d["path"] for f in part.get("fragments", []) for d in f.get("files", [])}
+        if not wanted <= lance_files:
+            return False
     return marker_files(marker) <= files.get(key, set())
 
 

@@ -214,8 +214,9 @@ class Storage:
             return
         if self.protocol == "memory":
             self.fs.makedirs(posixpath.dirname(d), exist_ok=True)
-        self.fs.copy(s, d)
-        self.fs.rm(s)
+        tree = self.fs.isdir(s)  # a folder (a Lance dataset): every object under it
+        self.fs.copy(s, d, recursive=tree)
+        self.fs.rm(s, recursive=tree)
 
     # -- conditional writes (the output's lease) ---------------------------------------------
     def read_versioned(self, rel: str) -> Optional[tuple[bytes, str]]:
@@ -368,6 +369,20 @@ class Storage:
         """Copy a local file into storage, committed like :meth:`write_bytes`."""
         with open(local_path, "rb") as f:
             self.write_bytes(rel, f.read())
+
+    def object_store(self, rel: str = "") -> tuple[str, dict[str, str]]:
+        """URL and object-store options of ``rel`` for libraries that do their own IO (Lance):
+        s3fs's ``key``/``secret``/``token``/``client_kwargs`` become ``aws_*`` options."""
+        if self.protocol == "file":
+            return self.path(rel), {}
+        o, ck = self.storage_options, self.storage_options.get("client_kwargs") or {}
+        pairs = {"aws_access_key_id": o.get("key"), "aws_secret_access_key": o.get("secret"),
+                 "aws_session_token": o.get("token"), "aws_region": ck.get("region_name"),
+                 "aws_endpoint": ck.get("endpoint_url") or o.get("endpoint_url")}
+        opts = {k: str(v) for k, v in pairs.items() if v}
+        if opts.get("aws_endpoint", "").startswith("http://"):
+            opts["allow_http"] = "true"
+        return self.url(rel), opts
 
     def download(self, rel: str, local_path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)

@@ -9,16 +9,20 @@ import sys
 import threading
 import time
 
+import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from embedjob.pipeline import JobError, run_job
+from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.read import InputError
+from embedjob.storage import Storage
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
 from tests.helpers import small_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LANCE = {"lance": True, "carry_columns": ["text"]}  # the killed-driver test checks the Lance sink too
 
 
 @pytest.fixture()
@@ -70,7 +74,7 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps({
         "input": {"url": str(tmp_path / "in"), "rows_per_block": 4},
-        "output": {"url": str(tmp_path / "out")},
+        "output": {"url": str(tmp_path / "out"), **LANCE},
         "encode": {"model": tiny_model, "dtype": "float32", "rows_per_call": 4, "actors": 1}, **ONLY_SHARD_STAGES,
         "ray": {"num_cpus": 2},
     }))
@@ -91,7 +95,13 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
         proc.wait(timeout=60)
     committed = sorted(p.stem for p in done_dir.glob("part-*.json"))
     assert 2 <= len(committed) < 8, committed
-    res = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model,
+    # Lance fragments were written with the commits; a retried commit task would leave a second
+    # set of the same shard's rows beside them: plant one (no version may ever list it)
+    marker = json.loads((done_dir / f"{committed[0]}.json").read_text())
+    vec = pq.read_table(tmp_path / "out" / "vectors" / f"{committed[0]}.parquet")
+    write_shard_fragments(Storage(str(tmp_path / "out")), committed[0], vec, pa.array(range(vec.num_rows)),
+                          {"carry_columns": ["text"], "input_url": marker["input"]["url"]})
+    res = run_job(small_job(tmp_path / "in", tmp_path / "out", tiny_model, output=LANCE,
                        input={"rows_per_block": 4}, encode={"rows_per_call": 4, "actors": 1}))
     status = _status(res)
     assert sorted(k for k, v in status.items() if v == "skipped-unchanged") == committed
@@ -99,6 +109,8 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
     got = _ids(tmp_path / "out")
     assert len(got) == len(ids) and sorted(got) == sorted(ids)  # every row exactly once
     assert not any((tmp_path / "out" / "_tmp").glob("*/*.parquet"))
+    lance_ids = lance.dataset(str(tmp_path / "out" / "lance" / "docs.lance")).to_table(columns=["id"])
+    assert sorted(lance_ids.column("id").to_pylist()) == sorted(ids)  # and in Lance, each id exactly once
 
 
 def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny_model):

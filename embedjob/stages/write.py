@@ -14,6 +14,7 @@ Output files are plain Parquet readable by pyarrow, pandas and duckdb without em
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from typing import Any, Literal, Optional
@@ -21,7 +22,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
@@ -37,6 +38,8 @@ from embedjob.schema import (
 )
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
+from embedjob.vector_codec import encode as encode_vectors
+from embedjob.vector_codec import with_codec
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,52 @@ class OutputConfig(Section):
         "--force-unlock`); for the rare manual case of a run known to be gone. That run, if alive, stops "
         "before writing its manifest.",
     )
+    vector_dtype: Literal["float32", "float16", "int8", "binary"] = Field(
+        "float32",
+        description="How document vectors are stored (vectors/*.parquet and Lance): float32; float16 (half "
+        "the bytes); int8 (a quarter: each dimension's [min, max] over the shard cut into 256 steps, the ranges "
+        "kept in the file's metadata, the shard's marker and the manifest); binary (1 bit a dimension, x > 0, "
+        "searched by Hamming distance). Part of the recipe: a change re-encodes every shard.",
+    )
+    lance: bool = Field(
+        False,
+        description="Also write the document vectors to the Lance dataset lance/docs.lance (id, vector, n_tokens, "
+        "shard, carry_columns), which LanceDB, DuckDB and Ray Data open: each shard's rows written as fragments "
+        "with its commit, one dataset version per run holding exactly the committed shards.",
+    )
+    carry_columns: list[str] = Field(
+        default_factory=list,
+        description="Input columns copied into the Lance dataset beside the vectors (e.g. [text]); needs lance: true.",
+    )
+    lance_index: Literal["none", "ivf_pq", "ivf_hnsw_sq"] = Field(
+        "none",
+        description="ANN index Lance builds on the dataset's vector column at the end of the job (recall@10 "
+        "against exact search in stats/lance.json); float32 or float16 vectors only.",
+    )
+    lance_index_min_rows: int = Field(
+        5000, ge=1, description="Build lance_index only when the dataset holds at least this many rows."
+    )
+
+    @model_validator(mode="after")
+    def _lance_settings(self) -> "OutputConfig":
+        if self.carry_columns and not self.lance:
+            raise ValueError("output.carry_columns needs output.lance: true (only the Lance dataset carries them)")
+        if self.lance_index != "none" and not self.lance:
+            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.lance: true")
+        if self.lance_index != "none" and self.vector_dtype not in ("float32", "float16"):
+            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32 or "
+                             f"float16 (got {self.vector_dtype!r})")
+        if self.lance and importlib.util.find_spec("lance") is None:
+            raise ValueError("output.lance needs the pylance package: pip install 'embedjob[lance]'")
+        clash = sorted(set(self.carry_columns) & {"id", "vector", "n_tokens", "shard"})
+        if clash:
+            raise ValueError(f"output.carry_columns {clash} clash with the dataset's own columns")
+        return self
+
+    def recipe_part(self) -> dict[str, Any]:
+        """How vectors are stored, for the recipe hash; empty for the defaults (older recipes stay valid)."""
+        stored = {"vector_dtype": self.vector_dtype} if self.vector_dtype != "float32" else {}
+        return {"stored": {**stored, "lance": self.lance, "carry": self.carry_columns}} if (stored or self.lance) else {}
 
 
 
@@ -123,8 +172,11 @@ REPORT_SCHEMA = pa.schema([
 
 
 def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expected_rows: int,
-                 on_empty_text: str, marker: dict[str, Any], dim: Optional[int] = None) -> dict[str, Any]:
-    """Merge a shard's staged parts into its output files, then write its done marker.
+                 on_empty_text: str, marker: dict[str, Any], dim: Optional[int] = None,
+                 sink: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Merge a shard's staged parts into its output files (and Lance fragments), then write its
+    done marker. ``sink``: ``vector_dtype``, and with ``lance`` the ``carry_columns`` and the input
+    shard to read them from (``input_url``, ``input_options``).
 
     Returns the marker (with row, token and timing counts)."""
     t0 = time.time()
@@ -145,9 +197,15 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     n_empty = int(pc.sum(empty).as_py() or 0)
     if on_empty_text == "skip" and n_empty:
         table = table.filter(pc.invert(empty))
-    vectors = table.select(["id", "vector", "n_tokens"])
+    sink = sink or {}
+    vectors, codec = _stored_vectors(table, sink.get("vector_dtype", "float32"))
     tokens = table.select(["id", TOKENS])
     out.write_parquet(f"{VECTORS}/{shard}.parquet", vectors)
+    lance_part = None
+    if sink.get("lance"):
+        from embedjob.stages.lance_sink.write import write_shard_fragments
+
+        lance_part = write_shard_fragments(out, shard, vectors, table.column(ROW), sink)
     out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", tokens)
     static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     extra: dict[str, Any] = {}
@@ -164,12 +222,30 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         "bert_tokens": int(pc.sum(table.column("n_tokens")).as_py() or 0),
         "words": int(pc.sum(pc.list_value_length(table.column(TOKENS))).as_py() or 0),
         "outputs": {"vectors": f"{VECTORS}/{shard}.parquet", "tokens": f"{TOKENS_DIR}/{shard}.parquet", **extra},
+        **({"vector_codec": codec} if codec["dtype"] != "float32" else {}),
+        **({"lance": lance_part} if lance_part is not None else {}),
         "committed_at": time.time(),
         "commit_seconds": round(time.time() - t0, 3),
     })
     out.write_json(shard_marker(shard), marker)  # the commit point
     out.delete(f"{TMP}/{shard}", recursive=True)
     return marker
+
+
+def _stored_vectors(table: pa.Table, dtype: str) -> tuple[pa.Table, dict[str, Any]]:
+    """``id``, ``vector`` (encoded as ``dtype``, the codec in the schema metadata), ``n_tokens``."""
+    vec = table.column("vector").combine_chunks()
+    dim = getattr(vec.type, "list_size", None)
+    if dtype == "float32" or not len(vec) or not dim:
+        codec = {"dtype": dtype, **({"dim": dim} if dim else {})}
+        vectors = table.select(["id", "vector", "n_tokens"])
+    else:
+        valid = np.asarray(vec.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        values = vec.values.to_numpy(zero_copy_only=False)[vec.offset * dim:(vec.offset + len(vec)) * dim]
+        x = np.nan_to_num(np.asarray(values, dtype=np.float32)).reshape(len(vec), dim)  # null rows: masked
+        arr, codec = encode_vectors(x, dtype, valid)
+        vectors = pa.table({"id": table.column("id"), "vector": arr, "n_tokens": table.column("n_tokens")})
+    return vectors.replace_schema_metadata(with_codec(vectors.schema, codec).metadata), codec
 
 
 def _dedupe_rows(table: pa.Table) -> pa.Table:

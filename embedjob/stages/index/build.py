@@ -33,6 +33,7 @@ from embedjob.stages.index.shards import (
     map_tasks,
     scan_sampled,
     scan_vector_shard,
+    shard_codec,
     shard_rows,
 )
 from embedjob.storage import StorageError
@@ -120,6 +121,9 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
         raise StorageError("index: no vector shards to index (did every shard fail?)")
     metric = resolve_metric(cfg, normalized)
     t0 = time.time()
+    codec = shard_codec(vector_urls[0], storage_options)
+    if codec["dtype"] == "binary":
+        return _build_binary(vector_urls, storage_options, codec, t0)
     kind, results = _scan_shards(cfg, vector_urls, storage_options)
     sampled = kind.startswith("ivf")  # ids and a sample only: the vectors are read per shard later
     counts = [r["count"] for r in results]
@@ -136,10 +140,36 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
         raise RuntimeError(f"index holds {index.ntotal} vectors, expected {n}")
     meta = _meta(DOCS, kind, metric, dim, n, cfg, index, time.time() - t0, note)
     meta.update(shards=len(vector_urls), null_vectors=sum(r["null_vectors"] for r in results),
-                normalized_vectors=bool(normalized))
+                normalized_vectors=bool(normalized), vector_dtype=codec["dtype"])
     logger.info("index: %s over %d document vectors (%s) built in %.1fs", meta["factory"], n, metric,
                 meta["build_seconds"])
     return BuiltIndex(index, ids, meta)
+
+
+def _build_binary(vector_urls: list[str], storage_options: dict[str, Any], codec: dict[str, Any],
+                  t0: float) -> BuiltIndex:
+    """``output.vector_dtype: binary``: an exact FAISS binary index (Hamming distance) over the
+    packed bits of every shard, whatever ``index.kind`` says (the bits are the compression)."""
+    import faiss
+
+    results = map_tasks(scan_vector_shard, [(u, storage_options) for u in vector_urls], {"with_vectors": True})
+    counts = [r["count"] for r in results]
+    n = sum(counts)
+    if n == 0:
+        raise StorageError(f"index: the {len(vector_urls)} vector shard(s) hold no non-null vector")
+    width = next(r["vectors"].shape[1] for r in results if r["count"])
+    index = faiss.IndexBinaryFlat(width * 8)
+    for r in results:
+        if r["count"]:
+            index.add(r["vectors"])
+    meta = {"name": DOCS, "recipe": INDEX_RECIPE, "kind": "binary_flat", "requested_kind": "binary_flat",
+            "metric": "hamming", "score": "Hamming distance in bits (lower is nearer)", "factory": f"BFlat{width * 8}",
+            "dim": int(codec.get("dim") or width * 8), "count": int(index.ntotal), "search_params": {},
+            "build_seconds": round(time.time() - t0, 3), "build_id": uuid.uuid4().hex,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": len(vector_urls),
+            "null_vectors": sum(r["null_vectors"] for r in results), "vector_dtype": "binary"}
+    logger.info("index: binary Hamming index over %d document vectors built in %.1fs", n, meta["build_seconds"])
+    return BuiltIndex(index, _id_map(results, counts, n), meta)
 
 
 def _scan_shards(cfg: IndexConfig, vector_urls: list[str],

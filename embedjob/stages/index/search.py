@@ -29,6 +29,7 @@ from embedjob.stages.encode import EncoderSettings, TextEncoder, cpu_supports_bf
 from embedjob.stages.index.config import DOCS, index_files
 from embedjob.stages.index.faiss_index import set_search_params
 from embedjob.storage import Storage, StorageError, split_url
+from embedjob.vector_codec import quantize_query
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class LoadedIndex:
     meta: dict[str, Any]
 
     def search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.meta.get("kind") == "binary_flat":  # output.vector_dtype=binary: packed bits, Hamming
+            return self.index.search(np.ascontiguousarray(quantize_query(q, {"dtype": "binary"})), k)
         return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
 
@@ -55,7 +58,9 @@ def load_index(out: Storage, name: str = DOCS) -> LoadedIndex:
     if not out.exists(files["meta"]):
         raise StorageError(f"no index {name!r} at {out.url(INDEX_DIR)} (was the job run with index.enabled=true?)")
     meta = out.read_json(files["meta"])
-    index = faiss.deserialize_index(np.frombuffer(out.read_bytes(files["index"]), dtype=np.uint8))
+    raw = np.frombuffer(out.read_bytes(files["index"]), dtype=np.uint8)
+    binary = meta.get("kind") == "binary_flat"
+    index = faiss.deserialize_index_binary(raw) if binary else faiss.deserialize_index(raw)
     with out.open(files["ids"], "rb") as f:
         ids = pq.ParquetFile(f).read()
     build_id = (ids.schema.metadata or {}).get(b"embedjob.build_id", b"").decode()
@@ -63,7 +68,8 @@ def load_index(out: Storage, name: str = DOCS) -> LoadedIndex:
         raise StorageError(f"index {name!r} at {out.url(INDEX_DIR)}: files are from different builds "
                            "(being rewritten by a running job?); retry when the job has finished")
     sp = meta.get("search_params") or {}
-    set_search_params(index, meta["kind"], sp.get("ef_search"), sp.get("nprobe"), sp.get("refine_k_factor"))
+    if not binary:
+        set_search_params(index, meta["kind"], sp.get("ef_search"), sp.get("nprobe"), sp.get("refine_k_factor"))
     return LoadedIndex(index, ids, meta)
 
 

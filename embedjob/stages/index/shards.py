@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from embedjob.layout import shard_key_of
 from embedjob.storage import Storage, StorageError
+from embedjob.vector_codec import codec_of, decode, packed
 
 
 def to_float32_matrix(column: pa.ChunkedArray | pa.Array, dim: Optional[int] = None) -> np.ndarray:
@@ -48,7 +49,11 @@ def scan_vector_shard(url: str, storage_options: dict[str, Any], *, with_vectors
     valid = np.asarray(vec.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     rows = np.flatnonzero(valid).astype(np.int64)
     ids = table.column("id").cast(pa.string()).combine_chunks().filter(pa.array(valid))
-    x = to_float32_matrix(vec.combine_chunks().filter(pa.array(valid))) if (with_vectors or sample_n) else None
+    x = None
+    if with_vectors or sample_n:  # float32 for FAISS; binary vectors stay packed bits (Hamming search)
+        codec, kept = codec_of(table.schema), vec.combine_chunks().filter(pa.array(valid))
+        x = (packed(kept) if codec["dtype"] == "binary" else decode(kept, codec)) if codec["dtype"] != "float32" \
+            else to_float32_matrix(kept)
     out: dict[str, Any] = {"shard": shard_key_of(url), "ids": ids, "rows": rows, "count": len(rows),
                            "null_vectors": int(len(valid) - len(rows)),
                            "dim": int(x.shape[1]) if x is not None and len(x) else None}
@@ -103,3 +108,10 @@ def add_parts(urls: list[str], storage_options: dict[str, Any], trained: np.ndar
         ref = ray.put(trained)
         return ray.get([task.remote(u, storage_options, ref, int(o), keep) for u, o in zip(urls, offsets)])
     return [add_vector_shard(u, storage_options, trained, int(o), keep) for u, o in zip(urls, offsets)]
+
+
+def shard_codec(url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """How one vector shard stores its vectors (``vector_codec``), from its Parquet footer."""
+    store = Storage(url, storage_options)
+    with store.open("", "rb") as f:
+        return codec_of(pq.ParquetFile(f).schema_arrow)

@@ -38,7 +38,9 @@ def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
     ids = built.ids.replace_schema_metadata({b"embedjob.build_id": built.meta["build_id"].encode()})
     out.write_parquet(files["ids"], ids)
     out.write_json(files["meta"], {**built.meta, "files": files})
-    out.write_bytes(files["index"], faiss.serialize_index(built.index).tobytes())
+    binary = built.meta.get("kind") == "binary_flat"
+    data = faiss.serialize_index_binary(built.index) if binary else faiss.serialize_index(built.index)
+    out.write_bytes(files["index"], data.tobytes())
     return files
 
 

@@ -1,0 +1,126 @@
+"""How stored document vectors are encoded (``output.vector_dtype``), in Parquet and Lance alike.
+
+* ``float32`` — as encoded (4 bytes a dimension);
+* ``float16`` — half precision (2 bytes);
+* ``int8`` — scalar quantisation as sentence-transformers' ``quantize_embeddings`` does it: each
+  dimension's range ``[min, max]`` over a calibration set (here: the shard's own vectors) cut into
+  256 steps (1 byte). The ranges are kept with the vectors (the Parquet file's metadata, the
+  shard's marker, ``manifest.json``) so that :func:`decode` turns them back into float32;
+* ``binary`` — one bit a dimension (``x > 0``), packed 8 to a byte (``np.packbits``, as
+  sentence-transformers' ``ubinary``), searched by Hamming distance.
+
+A vector file says how it is encoded in its schema metadata (``embedjob.vector_codec``, JSON);
+a file without it is float32. Example::
+
+    arr, codec = encode(x, "int8")           # x: (n, dim) float32
+    x2 = decode(arr, codec)                   # (n, dim) float32, |x - x2| <= step / 2
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+DTYPES = ("float32", "float16", "int8", "binary")
+META_KEY = b"embedjob.vector_codec"
+VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "binary": pa.uint8()}
+
+
+def stored_width(dtype: str, dim: int) -> int:
+    """Values per stored vector: ``dim``, or ``ceil(dim / 8)`` bytes for ``binary``."""
+    return (dim + 7) // 8 if dtype == "binary" else dim
+
+
+def bytes_per_vector(dtype: str, dim: int) -> int:
+    """Bytes of one stored vector's values (no file overhead)."""
+    return stored_width(dtype, dim) * {"float32": 4, "float16": 2, "int8": 1, "binary": 1}[dtype]
+
+
+def encode(x: np.ndarray, dtype: str, valid: Optional[np.ndarray] = None) -> tuple[pa.Array, dict[str, Any]]:
+    """``(fixed-size-list array, codec)`` of the (n, dim) float32 matrix ``x`` stored as ``dtype``;
+    rows where ``valid`` is False are null (and left out of the int8 calibration)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"vector dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    x = np.asarray(x, dtype=np.float32)
+    n, dim = x.shape
+    valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    codec: dict[str, Any] = {"dtype": dtype, "dim": int(dim)}
+    if dtype == "float32":
+        values = x
+    elif dtype == "float16":
+        values = x.astype(np.float16)
+    elif dtype == "int8":
+        calib = x[valid] if valid.any() else np.zeros((1, dim), np.float32)
+        lo, hi = calib.min(axis=0), calib.max(axis=0)
+        codec["ranges"] = [lo.astype(float).tolist(), hi.astype(float).tolist()]
+        codec["calibration_rows"] = int(valid.sum())
+        values = _quantize_int8(x, lo, hi)
+    else:
+        values = np.packbits(x > 0, axis=1)
+    width = values.shape[1]
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=VALUE_TYPES[dtype])
+    mask = pa.array(~valid) if not valid.all() else None
+    return pa.FixedSizeListArray.from_arrays(flat, width, mask=mask), codec
+
+
+def _steps(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    steps = (hi - lo) / 255.0
+    return np.where(steps > 0, steps, 1.0).astype(np.float32)
+
+
+def _quantize_int8(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    q = np.rint((x - lo) / _steps(lo, hi)) - 128
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def decode(arr: pa.Array | pa.ChunkedArray, codec: Optional[dict[str, Any]]) -> np.ndarray:
+    """The (n, dim) float32 matrix of non-null stored vectors (``binary``: 0/1 per bit; use
+    :func:`packed` for Hamming search)."""
+    codec = codec or {"dtype": "float32"}
+    values = packed(arr) if codec["dtype"] == "binary" else _values(arr)
+    dtype = codec["dtype"]
+    if dtype == "int8":
+        lo, hi = (np.asarray(r, dtype=np.float32) for r in codec["ranges"])
+        return ((values.astype(np.float32) + 128.0) * _steps(lo, hi) + lo).astype(np.float32)
+    if dtype == "binary":
+        return np.unpackbits(values, axis=1)[:, : codec["dim"]].astype(np.float32)
+    return values.astype(np.float32)
+
+
+def packed(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The (n, bytes) uint8 matrix of binary vectors, as FAISS's binary indices take them."""
+    return np.ascontiguousarray(_values(arr), dtype=np.uint8)
+
+
+def _values(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    n = len(arr)
+    width = arr.type.list_size if pa.types.is_fixed_size_list(arr.type) else None
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if n == 0:
+        return flat.reshape(0, width or 0)
+    width = width or len(flat) // n
+    if len(flat) != n * width:
+        raise ValueError(f"vectors have unequal lengths ({len(flat)} values for {n} rows)")
+    return flat.reshape(n, width)
+
+
+def quantize_query(q: np.ndarray, codec: Optional[dict[str, Any]]) -> np.ndarray:
+    """A float32 query as the index's vectors are stored: packed bits for ``binary``, else as is."""
+    if codec and codec.get("dtype") == "binary":
+        return np.packbits(np.asarray(q) > 0, axis=1)
+    return np.asarray(q, dtype=np.float32)
+
+
+def with_codec(schema: pa.Schema, codec: dict[str, Any]) -> pa.Schema:
+    """``schema`` carrying ``codec`` in its metadata."""
+    return schema.with_metadata({**(schema.metadata or {}), META_KEY: json.dumps(codec).encode()})
+
+
+def codec_of(schema: pa.Schema) -> dict[str, Any]:
+    """The codec a vector file's schema records (float32 when none)."""
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {"dtype": "float32"}
