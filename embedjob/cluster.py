@@ -45,13 +45,42 @@ def init_ray(cfg: JobConfig) -> dict[str, Any]:
         ray.init(address=address, log_to_driver=True)
         mode = f"cluster {address}"
     else:
+        verbose = logging.getLogger("embedjob").isEnabledFor(logging.DEBUG)
+        _quiet_ray_console(verbose)
+        # the workers' own output (Ray Train's reports, library warnings) stays in Ray's log files
+        # unless -v: embedjob's driver says what each stage does
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 log_to_driver=verbose,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
         mode = "local"
     res = ray.cluster_resources()
     logger.info("ray: %s, %d CPUs, %d GPUs, %d nodes", mode, int(res.get("CPU", 0)), int(res.get("GPU", 0)),
                 len([n for n in ray.nodes() if n.get("Alive")]))
     return {"mode": mode, "resources": {k: v for k, v in res.items() if not k.startswith("node:")}}
+
+
+# Ray's console lines that say nothing a user of the default job can act on (Ray's log files keep them).
+RAY_NOISE = ("Token authentication is enabled", "Started a local Ray instance", "Progress bars disabled",
+             "Starting execution of Dataset", "Execution plan of Dataset", "execution finished in",
+             "Registered dataset logger", "Full logs are in")
+
+
+class _RayNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in RAY_NOISE)
+
+
+def _quiet_ray_console(verbose: bool) -> None:
+    """Drop :data:`RAY_NOISE` from the console handlers of Ray's and Ray Data's loggers (not -v)."""
+    if verbose:
+        return
+    import ray.data  # noqa: F401 - configures Ray Data's own logger and handlers
+
+    for name in ("ray", "ray.data"):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _RayNoise) for f in h.filters):
+                h.addFilter(_RayNoise())
 
 
 def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
