@@ -219,7 +219,8 @@ def _corpus_stages(run: _Run) -> None:
         "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
-        run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages)
+        run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
+                          input_urls={k: (fingerprints[k] or {}).get("url") for k in committed})
     except JobError as e:
         run.error = e
 
@@ -442,9 +443,11 @@ class CorpusStages:
 
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
                       committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
-                      stages: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                      stages: Optional[dict[str, Any]] = None,
+                      input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
-    that order (each reads what the ones before it wrote)."""
+    that order (each reads what the ones before it wrote); ``input_urls`` (shard -> input file)
+    for the topics' ``label_column``."""
     stages = {} if stages is None else stages
     if not committed:
         logger.warning("no committed shard: corpus-wide stages skipped")
@@ -466,7 +469,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         from embedjob.stages.topics.stage import run_topics
 
         stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
-              lambda: run_topics(cfg, out, token_urls), deps=("vocab", "word2vec", "static"))
+              lambda: run_topics(cfg, out, token_urls, input_urls=input_urls), deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
         from embedjob.stages.index.stage import run_index
 
