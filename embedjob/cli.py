@@ -137,7 +137,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # The bench modules import gensim, torch, Ray...: loaded only when a bench runs.
-    return int(importlib.import_module(f"embedjob.bench.{args.bench}").run(args) or 0)
+    name = "topics_suite" if args.bench == "topics" and getattr(args, "suite", False) else args.bench
+    return int(importlib.import_module(f"embedjob.bench.{name}").run(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

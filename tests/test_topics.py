@@ -74,7 +74,7 @@ def _write_vectors(out_dir: str, missing: tuple[str, ...] = ("wolf", "bond")) ->
 
 
 def _cfg(**topics) -> JobConfig:
-    base = dict(enabled=True, num_topics=2, no_below=2, no_above=0.9, epochs=12, batch_size=32, lr=1e-2,
+    base = dict(enabled=True, embeddings="word2vec", num_topics=2, no_below=2, no_above=0.9, epochs=12, batch_size=32, lr=1e-2,
                 hidden_size=32, workers=2, threads_per_worker=1, coherence_docs=None, seed=0, min_steps=0,
                 min_documents_seen=0)
     base.update(topics)

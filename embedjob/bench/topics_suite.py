@@ -217,7 +217,7 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_suite(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``embedjob bench topics --suite`` (flags in :mod:`embedjob.cli`)."""
     import ray
 
@@ -225,6 +225,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from embedjob.bench.topics import _topics_config, read_tokens, train_word2vec
     from embedjob.stages.word2vec import Word2VecConfig
 
+    args.embeddings = args.embeddings or "auto"
     names = args.corpora or list(CORPORA)
     unknown = [n for n in names if n not in CORPORA]
     if unknown:
