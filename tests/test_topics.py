@@ -443,7 +443,8 @@ def test_bench_topics_runs_both_models_on_a_small_corpus(ray_local, tmp_path, ca
                        tmp_path / "corpus" / f"part-{s}.parquet")
     argv = ["bench", "topics", "--corpus", str(tmp_path / "corpus"), "--k", "2", "--seeds", "2", "--workdir", str(tmp_path / "work"),
             "--w2v-dim", "16", "--cpus", "2", "--set", "epochs=5", "--set", "batch_size=32", "--set", "no_below=2",
-            "--set", "no_above=1.0", "--set", "coherence=[c_npmi]", "--json"]
+            "--set", "no_above=1.0", "--set", "coherence=[c_npmi]", "--set", "min_steps=0",
+            "--set", "min_documents_seen=0", "--json"]
     assert cli_main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["seed"] for r in out["runs"]] == [0, 1]
