@@ -155,7 +155,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # The bench modules import gensim, torch, Ray...: loaded only when a bench runs.
-    return int(importlib.import_module(f"embedjob.bench.{args.bench}").run(args) or 0)
+    name = "topics_suite" if args.bench == "topics" and getattr(args, "suite", False) else args.bench
+    return int(importlib.import_module(f"embedjob.bench.{name}").run(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,17 +329,26 @@ def _add_bench_topics(sub: argparse._SubParsersAction) -> None:
                        "coherence (gensim ``CoherenceModel``, top 10 words, the same reference sample of the "
                        "corpus's tokens), topic diversity (top 25) and training wall time.")
     p.add_argument("--corpus", default=None, help=f"corpus URL (Parquet shards with id, text) {SHARED_CORPUS_HELP}")
-    p.add_argument("--k", type=int, nargs="+", default=[20], help="number of topics (several: one run each)")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="number of topics (several: one run each; default "
+                   "20, with --suite the number of labels of each corpus, clamped to 5..20)")
+    p.add_argument("--suite", action="store_true", help="several corpora cut from mixed-en (whole sample, its "
+                   "sources, fortunes, kernel docs, KJV, Shakespeare, Austen), each against LdaMulticore with label "
+                   "NMI/ARI, duplicate topics and the issue's targets (embedjob.bench.topics_suite)")
+    p.add_argument("--corpora", nargs="+", default=None, help="--suite: these corpora only (default: all)")
+    p.add_argument("--mixed-docs", type=int, default=None, help="--suite: documents of the 'mixed' corpus "
+                   "(default 20000; the whole of mixed-en is 174k)")
     p.add_argument("--limit", type=int, default=None, help="first N documents of the corpus (default: all)")
     p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
                    "(default: a temporary folder, deleted)")
-    p.add_argument("--embeddings", default="word2vec", help="word2vec (trained here on the same tokens unless "
+    p.add_argument("--embeddings", default=None, help="(default: word2vec; --suite: auto, the job's default) "
+                   "auto, word2vec (trained here on the same tokens unless "
                    "WORKDIR/word2vec/vectors.bin exists), learned, or a vector file URL")
     p.add_argument("--w2v-dim", type=int, default=None,
                    help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
     p.add_argument("--w2v-epochs", type=int, default=None,
                    help="Word2Vec epochs (default: the job's word2vec.epochs default)")
-    p.add_argument("--lda-passes", type=int, default=1, help="LdaMulticore passes (gensim's default: 1)")
+    p.add_argument("--lda-passes", type=int, default=None, help="LdaMulticore passes (default: gensim's 1; --suite: "
+                   "scaled to the corpus, about 60k documents seen, 1..20)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
     p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
                    help="override a topics setting (value parsed as YAML); repeatable")

@@ -254,7 +254,7 @@ def _corpus_stages(run: _Run) -> None:
             run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages,
                                             run.lease.run_id)
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
-                          timeline=run.timeline)
+                          timeline=run.timeline, input_urls={k: (fingerprints[k] or {}).get("url") for k in committed})
     except JobError as e:
         run.error = e
 
@@ -457,9 +457,11 @@ class CorpusStages:
 
 def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
                       committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
-                      stages: Optional[dict[str, Any]] = None, timeline: Optional[Timeline] = None) -> dict[str, Any]:
+                      stages: Optional[dict[str, Any]] = None, timeline: Optional[Timeline] = None,
+                      input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
     """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
-    that order (each reads what the ones before it wrote)."""
+    that order (each reads what the ones before it wrote); ``input_urls`` (shard -> input file)
+    for the topics' ``label_column``."""
     stages = {} if stages is None else stages
     if not committed:
         logger.warning("no committed shard: corpus-wide stages skipped")
@@ -481,7 +483,7 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         from embedjob.stages.topics.stage import run_topics
 
         stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
-              lambda: run_topics(cfg, out, token_urls), deps=("vocab", "word2vec", "static"))
+              lambda: run_topics(cfg, out, token_urls, input_urls=input_urls), deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
         from embedjob.stages.index.stage import run_index
 

@@ -1,7 +1,8 @@
 """`embedjob bench topics`: embedjob's topic model (ETM by default) beside gensim ``LdaMulticore``
 with the same K on the same dictionary, measured in one run: NPMI and C_V coherence (gensim
 ``CoherenceModel``, top 10 words, the same reference sample of the corpus's tokens), topic
-diversity (top 25) and training wall time.
+diversity (top 25) and training wall time. ``--suite`` runs :mod:`embedjob.bench.topics_suite` instead
+(several corpora with labels, label NMI/ARI and duplicate topics).
 
 Steps, on the first ``--limit`` documents of ``--corpus``:
 
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from embedjob.stages.topics import TopicsConfig
     from embedjob.storage import Storage
 
+    args.k, args.lda_passes = args.k or [20], args.lda_passes or 1
+    args.embeddings = args.embeddings or "word2vec"
     corpus = DEFAULT_CORPUS if args.corpus is None else args.corpus
     started_ray = not ray.is_initialized()
     if started_ray:

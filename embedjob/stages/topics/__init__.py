@@ -15,7 +15,8 @@ Pipeline of ``run_topics`` (``stage.py``):
 3. outputs: ``topics/topics.json`` (top words), ``topics/topic_word.npy`` (K x V), the
    document-topic proportions ``topics/theta/<shard>.parquet`` (``id``, ``theta``) computed by a
    Ray Data pass over all token shards, ``topics/metrics.json`` (NPMI and C_V coherence with
-   gensim's ``CoherenceModel`` against the job's own tokens, topic diversity) and
+   gensim's ``CoherenceModel`` against the job's own tokens, topic diversity, redundancy, label
+   NMI / ARI with ``label_column``, a ``warning`` when topics repeat each other) and
    ``topics/model.pt`` (a plain dict: state dict, model arguments, vocabulary — read it with
    ``torch.load(weights_only=True)``).
 
@@ -48,8 +49,10 @@ What lives where:
   ``model.pt`` written and read back (``load_topic_model``, ``TrainedTopicModel``);
 * ``embeddings.py`` — rho from the job's or a given vector file (``resolve_embeddings``);
 * ``metrics.py`` — relevance ranking, top words, topic diversity, gensim coherence;
+* ``quality.py`` — redundancy (topics repeating each other's top words, topics used by argmax
+  theta, the warning) and label NMI / ARI of argmax theta (``label_column``);
 * ``train.py`` — the Ray Train worker loop, checkpoints, resume and ``train_topic_model``;
-* ``theta.py`` — theta for every document (a Ray Data pass);
+* ``theta.py`` — theta for every document (a Ray Data pass), with its argmax and label;
 * ``stage.py`` — ``run_topics``: the stage from dictionary to ``<output>/topics/``;
 * ``read_back.py`` — ``topics_report`` / ``format_topics`` for ``embedjob topics OUTPUT`` (no torch).
 

@@ -12,7 +12,12 @@ from embedjob._config_base import Section
 from embedjob.errors import TopicsError
 from embedjob.wordvectors import SAFE_FORMATS, is_pickle_name, pickle_refusal
 
-EMBEDDING_SOURCES = ("word2vec", "bert", "learned")
+EMBEDDING_SOURCES = ("auto", "word2vec", "bert", "learned")
+
+# embeddings='auto' takes the job's Word2Vec only when it was trained on at least this many tokens:
+# below it (a few thousand short documents) Word2Vec's vectors are mostly noise and the ETM's topics
+# repeat each other (README, Benchmarks: `bench topics --suite`).
+AUTO_WORD2VEC_MIN_TOKENS = 1_000_000
 
 
 class TopicsConfig(Section):
@@ -25,8 +30,11 @@ class TopicsConfig(Section):
     )
     num_topics: int = Field(20, ge=2, description="Number of topics K.")
     embeddings: str = Field(
-        "word2vec",
-        description="ETM word embeddings rho: 'word2vec' (<output>/word2vec/vectors.bin), 'bert' "
+        "auto",
+        description="ETM word embeddings rho: 'auto' = the job's word2vec vectors when the corpus has at least "
+        f"{AUTO_WORD2VEC_MIN_TOKENS:,} tokens (Word2Vec of a smaller corpus is mostly noise), else the job's BERT "
+        "static vectors when the static stage wrote them, else 'learned'; "
+        "'word2vec' (<output>/word2vec/vectors.bin), 'bert' "
         "(<output>/static/vectors.bin), 'learned' (trained from scratch), or the URL of a vector file: "
         f"{SAFE_FORMATS}. A pickle (gensim's native .kv) is refused unless embeddings_trust_pickle is true. "
         "Vocabulary words missing from the vectors get rows that are learned (initialised at random with the "
@@ -64,7 +72,32 @@ class TopicsConfig(Section):
     keep_n: Optional[int] = Field(
         20000, ge=1, description="filter_extremes: keep at most this many most frequent words (null = all)."
     )
-    epochs: int = Field(5, ge=1, description="Training epochs over the corpus.")
+    epochs: int = Field(5, ge=1, description="Training epochs over the corpus (raised to reach min_steps).")
+    min_steps: int = Field(
+        400, ge=0,
+        description="Train for at least this many optimisation steps: epochs are raised until they add up to it, "
+        "so that a small corpus (one or two batches per epoch) is not left after a handful of steps, where "
+        "the ETM's topics are still copies of each other. 5 epochs of mixed-en (174k documents, batch 2048) "
+        "are 425 steps; 0 = exactly `epochs`.",
+    )
+    min_documents_seen: int = Field(
+        200_000, ge=0,
+        description="And train until each worker has gone through at least this many documents (epochs x its "
+        "documents): on a corpus of a thousand documents 400 steps still leave duplicate topics, and more steps of "
+        "small batches do not help as much as more passes at the same batch size (README, Benchmarks). "
+        "5 epochs of mixed-en are 870k documents; 0 = no floor.",
+    )
+    min_batches_per_epoch: int = Field(
+        8, ge=1,
+        description="Lower batch_size on a small corpus so that an epoch has at least this many batches per "
+        "worker (not below 64 documents): full-batch steps on a few thousand documents converge to fewer topics.",
+    )
+    label_column: Optional[str] = Field(
+        None,
+        description="A column of the input shards holding a label per document (e.g. a category): metrics.json "
+        "then scores argmax theta against it (NMI, ARI). Null labels are left out. Read with the ids, by the "
+        "theta pass; the column never reaches other outputs.",
+    )
     batch_size: int = Field(
         2048, ge=2, description="Documents per optimisation step and per worker (capped at the documents a worker holds)."
     )

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from embedjob.errors import TopicsError
-from embedjob.stages.topics.config import TopicsConfig
+from embedjob.stages.topics.config import AUTO_WORD2VEC_MIN_TOKENS, TopicsConfig
 from embedjob.wordvectors import (
     VECTOR_FOLDERS,
     WordVectorsError,
@@ -42,8 +42,31 @@ def embedding_matrix(kv, vocab: list[str], seed: int) -> tuple[np.ndarray, np.nd
     return rho, missing
 
 
+def choose_embeddings(cfg: TopicsConfig, out, corpus_tokens: Optional[int] = None) -> str:
+    """``topics.embeddings`` with 'auto' resolved: the job's word2vec vectors when the corpus has at
+    least ``AUTO_WORD2VEC_MIN_TOKENS`` tokens (or its size is unknown), else the job's BERT static
+    vectors, else 'learned' (a small corpus's Word2Vec is worse than none: README, Benchmarks)."""
+    if cfg.embeddings != "auto" or cfg.model != "etm":
+        return cfg.embeddings
+    have = {name: out.exists(job_vectors_file(name)) for name in ("word2vec", "bert")}
+    big = corpus_tokens is None or corpus_tokens >= AUTO_WORD2VEC_MIN_TOKENS
+    if have["word2vec"] and big:
+        choice, why = "word2vec", "the job's Word2Vec"
+    elif have["bert"]:
+        choice, why = "bert", "BERT static vectors" + ("" if big else f" ({corpus_tokens:,} tokens: too few for Word2Vec)")
+    else:
+        choice, why = "learned", "learned with the model (" + (
+            f"{corpus_tokens:,} tokens are too few for Word2Vec and the job wrote no BERT static vectors)"
+            if have["word2vec"] else "the job wrote no word vectors)")
+    logger.info("topics: embeddings=auto: %s", why)
+    return choice
+
+
 def resolve_embeddings(cfg: TopicsConfig, out, vocab: list[str]) -> tuple[Optional[np.ndarray], np.ndarray, dict]:
-    """rho for the ETM per ``topics.embeddings`` plus stats for the record."""
+    """rho for the ETM per ``topics.embeddings`` ('auto' resolved by :func:`choose_embeddings`)
+    plus stats for the record."""
+    if cfg.embeddings == "auto":
+        cfg = cfg.model_copy(update={"embeddings": choose_embeddings(cfg, out)})
     if cfg.model != "etm" or cfg.embeddings == "learned":
         return None, np.zeros(len(vocab), bool), {"embeddings": "learned" if cfg.model == "etm" else None}
     try:

@@ -8,7 +8,7 @@ import io
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from embedjob.errors import TopicsError
 from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR, shard_key_of
 from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
-from embedjob.stages.topics.embeddings import resolve_embeddings
+from embedjob.stages.topics.embeddings import choose_embeddings, resolve_embeddings
 from embedjob.stages.topics.metrics import (
     evaluate_topics,
     reference_texts,
@@ -25,7 +25,8 @@ from embedjob.stages.topics.metrics import (
     top_words,
 )
 from embedjob.stages.topics.model import model_bytes
-from embedjob.stages.topics.theta import theta_pass
+from embedjob.stages.topics.quality import redundancy_report
+from embedjob.stages.topics.theta import check_label_column, theta_pass
 from embedjob.stages.topics.train import train_topic_model
 from embedjob.stages.vocab import build_vocabulary, read_dictionary
 from embedjob.storage import Storage, StorageError
@@ -49,9 +50,11 @@ def load_job_dictionary(out, token_urls: list[str]):
     return build_vocabulary(token_urls, out.storage_options)
 
 
-def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[str, Any]:
+def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
+               input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
     """Train the topic model on the job's token shards and write ``<out>/topics/``; returns stats.
 
+    ``input_urls`` (token shard key -> input file) is where ``topics.label_column`` is read from.
     Results are written only after training, theta and metrics all succeeded; theta files are
     staged under ``topics/_staging/`` first.
     """
@@ -59,7 +62,11 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[st
     if not token_urls:
         raise TopicsError("topics: no token shard to train on")
     t0 = time.time()
-    dictionary = filter_dictionary(load_job_dictionary(out, token_urls), tc)
+    if tc.label_column:
+        check_label_column(tc.label_column, token_urls, input_urls, cfg.input.storage_options)
+    full = load_job_dictionary(out, token_urls)
+    tc = tc.model_copy(update={"embeddings": choose_embeddings(tc, out, int(full.num_pos))})
+    dictionary = filter_dictionary(full, tc)
     vocab = vocab_list(dictionary)
     logger.info("topics: %s, K=%d, vocabulary %d words after filter_extremes", tc.model, tc.num_topics, len(vocab))
     rho, missing, emb_stats = resolve_embeddings(tc, out, vocab)
@@ -77,10 +84,16 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[st
     try:
         t = time.time()
         theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
-                                 threads=train_stats["threads_per_worker"])
+                                 threads=train_stats["threads_per_worker"], label_column=tc.label_column,
+                                 id_column=cfg.input.id_column, input_urls=input_urls,
+                                 input_storage_options=cfg.input.storage_options)
+        argmax, labels = theta_stats.pop("_argmax"), theta_stats.pop("_labels")
         theta_stats["theta_seconds"] = round(time.time() - t, 3)
         texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
         metrics = evaluate_topics(topics, texts, dictionary, tc)
+        metrics.update(redundancy_report(topics, argmax, top_n=tc.top_n, labels=labels))
+        if labels is not None:
+            metrics["labels"]["column"] = tc.label_column
         metrics.update({"model": tc.model, "training": train_stats, "vocabulary": len(vocab), **emb_stats})
         # commit: theta, matrices, topics, model, metrics last
         _commit_theta(out, staging, [shard_key_of(u) for u in token_urls])
@@ -89,8 +102,15 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[st
     _write_results(out, tc, vocab, tw, topics, blob, metrics)
     stats = {"model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab), **train_stats, **theta_stats,
              "npmi": metrics.get("npmi"), "c_v": metrics.get("c_v"), "diversity": metrics["diversity"],
-             "coherence_seconds": metrics["seconds"], "total_seconds": round(time.time() - t0, 3), **emb_stats}
-    logger.info("topics: NPMI %s, C_V %s, diversity %.3f", stats["npmi"], stats["c_v"], stats["diversity"])
+             "coherence_seconds": metrics["seconds"], "total_seconds": round(time.time() - t0, 3), **emb_stats,
+             "duplicate_topics": metrics["redundancy"]["duplicate_topics"],
+             "effective_topics": metrics["redundancy"].get("effective_topics"),
+             "label_nmi": metrics.get("labels", {}).get("nmi"), "label_ari": metrics.get("labels", {}).get("ari")}
+    if "warning" in metrics:
+        stats["warning"] = metrics["warning"]
+    logger.info("topics: NPMI %s, C_V %s, diversity %.3f, %d duplicate topics, effective topics %s%s", stats["npmi"],
+                stats["c_v"], stats["diversity"], stats["duplicate_topics"], stats["effective_topics"],
+                "" if stats["label_nmi"] is None else f", label NMI {stats['label_nmi']} ARI {stats['label_ari']}")
     return stats
 
 

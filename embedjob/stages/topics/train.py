@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import posixpath
 import tempfile
 import time
 import uuid
@@ -42,7 +44,8 @@ def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho: Optional[np.ndarray])
     keep = cfg.model_dump(exclude={"enabled", "epochs", "resume", "checkpoint_every", "keep_checkpoints",
                                    "workers", "threads_per_worker", "use_gpu", "top_n", "diversity_top_n",
                                    "topics_json_top_n", "coherence", "coherence_docs", "coherence_processes",
-                                   "cache_bow", "ranking_lambda", "embeddings_trust_pickle"})
+                                   "cache_bow", "ranking_lambda", "embeddings_trust_pickle", "min_steps", "min_documents_seen",
+                                   "label_column"})
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode())
     h.update("\n".join(vocab).encode())
     if rho is not None:
@@ -95,14 +98,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         docs = max(float(sums[2]), 1.0)
         metrics = {"epoch": epoch + 1, "nll": float(sums[0]) / docs, "kl": float(sums[1]) / docs,
                    "docs": int(sums[2]), "seconds": round(time.time() - t0, 3)}
-        last = epoch + 1 == epochs
         history.append(metrics)
-        if rank == 0:
-            logger.info("topics: epoch %d/%d nll %.2f kl %.2f (%d docs, %.1fs)", epoch + 1, epochs, metrics["nll"],
-                        metrics["kl"], metrics["docs"], metrics["seconds"])
-            if last or (epoch + 1) % config["checkpoint_every"] == 0:
+        # logged, checkpointed and reported at checkpoint epochs only: a small corpus's hundreds of
+        # short epochs (min_steps) would otherwise spend more time in Ray Train's reports than in training
+        if epoch + 1 == epochs or (epoch + 1) % config["checkpoint_every"] == 0:
+            if rank == 0:
+                logger.info("topics: epoch %d/%d nll %.2f kl %.2f (%d docs, %.1fs)", epoch + 1, epochs,
+                            metrics["nll"], metrics["kl"], metrics["docs"], metrics["seconds"])
                 _save_checkpoint(store, core, opt, epoch + 1, config, history)
-        ray.train.report(metrics)
+            ray.train.report(metrics)
 
 
 def _restore(store: Storage, path: Optional[str], model: TopicModel, opt) -> tuple[int, list[dict[str, Any]]]:
@@ -179,9 +183,10 @@ def _save_checkpoint(store, model, opt, epoch: int, config: dict[str, Any], hist
     store.write_bytes(path, buf.getvalue())
     store.write_json(f"{CKPT_DIR}/latest.json", {"path": path, "epoch": epoch, "fingerprint": fp})
     # keep this run's newest checkpoints; those of other settings are replaced once this run has one
+    # (and those of a longer earlier run with these settings: resume=false, fewer epochs)
     names = [n for n in store.list(CKPT_DIR, suffix=".pt") if n.startswith("epoch-")]
-    mine = sorted(n for n in names if n.endswith(f"-{fp}.pt"))
-    stale = [n for n in names if not n.endswith(f"-{fp}.pt")]
+    mine = sorted(n for n in names if n.endswith(f"-{fp}.pt") and n <= posixpath.basename(path))
+    stale = [n for n in names if n not in mine]
     for name in mine[:-config["keep_checkpoints"]] + stale:
         store.delete(f"{CKPT_DIR}/{name}")
 
@@ -225,11 +230,14 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     t0 = time.time()
     fp = _fingerprint(cfg, vocab, rho)
     resume = latest_checkpoint(out, fp) if cfg.resume else None
-    done = bool(resume and resume["epoch"] >= cfg.epochs)
-    ds, docs = _training_data(cfg, out, token_urls, vocab, done)
-    docs_bound = docs or 0
-    workers, gpu, threads = training_layout(cfg, docs_bound)
-    batch_size = max(2, min(cfg.batch_size, docs_bound // workers))
+    ds, docs = _training_data(cfg, out, token_urls, vocab)
+    workers, gpu, threads = training_layout(cfg, docs)
+    batch_size, epochs = training_length(cfg, docs // workers)
+    done = bool(resume and resume["epoch"] >= epochs)
+    if epochs > cfg.epochs:
+        logger.info("topics: %d epochs of %d-document batches (topics.min_steps=%d, min_documents_seen=%d: %d "
+                    "epochs would be %d steps)", epochs, batch_size, cfg.min_steps, cfg.min_documents_seen, cfg.epochs,
+                    cfg.epochs * max(1, docs // workers // batch_size))
     counts = slices = None
     if cfg.cache_bow and not done:
         # BoW tasks run while Ray Train starts its workers; each worker then takes its slice of every shard
@@ -244,9 +252,10 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
         "root": out.url(), "storage_options": out.storage_options, "model_kwargs": kwargs,
         "rho_ref": ray.put(rho) if rho is not None else None, "missing": missing, "seed": cfg.seed,
         "word_counts": word_counts,
-        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "batch_size": batch_size,
+        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "epochs": epochs, "batch_size": batch_size,
         "kl_anneal_epochs": cfg.kl_anneal_epochs, "clip_grad": cfg.clip_grad, "threads": threads,
-        "checkpoint_every": cfg.checkpoint_every, "keep_checkpoints": cfg.keep_checkpoints, "fingerprint": fp,
+        # as many checkpoints as the configured epochs would have written, however many epochs min_steps adds
+        "checkpoint_every": cfg.checkpoint_every * max(1, epochs // cfg.epochs), "keep_checkpoints": cfg.keep_checkpoints, "fingerprint": fp,
         "resume_path": resume["path"] if resume else None, "shuffle_buffer": max(batch_size * 4, 1024),
     }
     if counts is not None:
@@ -257,22 +266,37 @@ def train_topic_model(cfg: TopicsConfig, out, token_urls: list[str], vocab: list
     train_seconds = time.time() - t0
     if counts is not None:
         docs = int(sum(sum(c) for c in ray.get(counts)))
-    model, history = _load_final(out, fp, cfg.epochs)
+    model, history = _load_final(out, fp, epochs)
     final_metrics = history[-1] if history else {}
     stats = {"documents": docs, "workers": workers, "threads_per_worker": threads, "device": "cuda" if gpu else "cpu",
-             "batch_size": batch_size, "epochs": cfg.epochs, "resumed_from_epoch": resume["epoch"] if resume else 0,
+             "batch_size": batch_size, "epochs": epochs, "steps": epochs * max(1, docs // workers // batch_size), "resumed_from_epoch": resume["epoch"] if resume else 0,
              "final_nll": final_metrics.get("nll"), "final_kl": final_metrics.get("kl"),
              "bow_seconds": round(t1 - t0, 3), "train_seconds": round(train_seconds, 3),
              "epoch_seconds": round(sum(h["seconds"] for h in history[stats_from(resume):]), 3)}
     return model, stats
 
 
-def _training_data(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str], done: bool):
+def training_length(cfg: TopicsConfig, docs_per_worker: int) -> tuple[int, int]:
+    """``(batch size, epochs)`` for a worker holding ``docs_per_worker`` documents: ``batch_size``
+    lowered so that an epoch has ``min_batches_per_epoch`` batches (not below 64 documents, nor
+    above the worker's documents), and ``epochs`` raised until they add up to ``min_steps`` steps
+    and ``min_documents_seen`` documents.
+
+    >>> training_length(TopicsConfig(), 174_000)   # mixed-en on one worker: 84 steps an epoch
+    (2048, 5)
+    >>> training_length(TopicsConfig(), 1_000)     # 1k documents: 8 steps an epoch, 200 epochs
+    (125, 200)
+    """
+    per = max(2, docs_per_worker)
+    batch = max(2, min(cfg.batch_size, per, max(64, per // cfg.min_batches_per_epoch)))
+    steps_per_epoch = max(1, per // batch)
+    return batch, max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch), math.ceil(cfg.min_documents_seen / per))
+
+
+def _training_data(cfg: TopicsConfig, out, token_urls: list[str], vocab: list[str]):
     """``(Ray Dataset or None, documents)``: with ``cache_bow`` an upper bound on the documents
     (empty ones count here; the BoW itself is built by :func:`submit_bow`), else the shuffled BoW
-    dataset and its rows; ``(None, None)`` when the checkpoint already has every epoch."""
-    if done:
-        return None, None
+    dataset and its rows."""
     ds = None
     if cfg.cache_bow:
         docs = sum(stop - start for _, start, stop in plan_slices(token_urls, out.storage_options, 1)[0])
