@@ -254,6 +254,9 @@ def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batching", action="store_true",
                    help="only compare the encoder's packed and padded batches (encode.batching), interleaved")
     p.add_argument("--rounds", type=int, default=3, help="--batching: interleaved rounds (the best of each)")
+    p.add_argument("--long-documents", choices=("windows", "truncate"), default=None,
+                   help="encode.long_documents of the encoder and the pipeline run (default: the job default, "
+                   "windows); both modes are also timed on the same documents (tokens encoded, time)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -27,12 +27,15 @@ from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
 from embedjob.layout import STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
 from embedjob.schema import (
+    CAPPED,
     EMPTY,
+    ENCODED_TOKENS,
     ENCODER_NODE,
     ENCODER_RSS,
     ROW,
     SHARD,
     TOKENS,
+    WINDOWS,
     contiguous_runs,
 )
 from embedjob.stages.static.parts import commit_static_parts
@@ -103,8 +106,19 @@ class BlockWriter:
                 "words": int(pc.sum(pc.list_value_length(part.column(TOKENS))).as_py() or 0),
                 "node": part.column(ENCODER_NODE)[0].as_py() if ENCODER_NODE in part.column_names else None,
                 "rss_mb": pc.max(part.column(ENCODER_RSS)).as_py() if ENCODER_RSS in part.column_names else None,
+                **_window_report(part, self.id_column),
             })
         return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+def _window_report(part: pa.Table, id_column: str) -> dict[str, Any]:
+    """The encoder's window counters of a part (absent when nothing reported them)."""
+    if WINDOWS not in part.column_names:
+        return {}
+    capped = part.column(CAPPED)
+    return {"windows": int(pc.sum(part.column(WINDOWS)).as_py() or 0),
+            "encoded_tokens": int(pc.sum(part.column(ENCODED_TOKENS)).as_py() or 0),
+            "capped_ids": [str(x) for x in part.column(id_column).filter(capped).to_pylist()]}
 
 
 def _contiguous_runs(batch: pa.Table):
@@ -119,6 +133,8 @@ REPORT_SCHEMA = pa.schema([
     ("empty", pa.int64()), ("tokens", pa.int64()), ("words", pa.int64()),
     ("node", pa.string()),  # Ray node of the encoder actor that encoded these rows
     ("rss_mb", pa.float64()),  # peak RSS of that encoder actor when it encoded them (MiB)
+    ("windows", pa.int64()), ("encoded_tokens", pa.int64()),  # windows and tokens the model was fed
+    ("capped_ids", pa.list_(pa.string())),  # ids of documents cut at encode.max_windows
 ])
 
 
