@@ -253,7 +253,7 @@ def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
     p.add_argument("--batching", action="store_true",
                    help="only compare the encoder's packed and padded batches (encode.batching), interleaved")
-    p.add_argument("--rounds", type=int, default=3, help="--batching: interleaved rounds (the best of each)")
+    p.add_argument("--rounds", type=int, default=3, help="--batching, and the long-documents comparison: interleaved rounds (the best of each)")
     p.add_argument("--long-documents", choices=("windows", "truncate"), default=None,
                    help="encode.long_documents of the encoder and the pipeline run (default: the job default, "
                    "windows); both modes are also timed on the same documents (tokens encoded, time)")

@@ -227,3 +227,15 @@ def test_job_encodes_windows_and_records_them(ray_local, tmp_path, tiny_model):
     m = res.manifest
     assert m["encoder"]["long_documents"] == "windows" and m["encoder"]["window_overlap"] == 8
     assert m["stages"]["encode"]["capped_documents"] == 1
+
+
+def test_report_shows_windows_and_capped_documents():
+    from embedjob.report.build import run_section
+
+    manifest = {"status": "ok", "totals": {"shards": 1, "done": 1, "rows_out": 5}, "shards": {},
+                "encoder": {"long_documents": "windows", "window_overlap": 32, "max_windows": 64, "max_length": 256},
+                "stages": {"encode": {"documents": 5, "bert_tokens": 6000, "encoded_tokens": 6100, "windows": 27,
+                                      "capped_documents": 1, "capped_ids": ["d4"], "seconds": 2.0}}}
+    html = run_section(manifest)
+    assert "documents capped at max_windows 64" in html and "6,100 / 27" in html
+    assert "truncated at max_length" not in html
