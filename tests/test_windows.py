@@ -209,7 +209,7 @@ def test_job_encodes_windows_and_records_them(ray_local, tmp_path, tiny_model):
     from embedjob.pipeline import run_job
 
     cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model,
-                    encode={"max_length": 32, "window_overlap": 8, "max_windows": 8})
+                    encode={"max_length": 32, "window_overlap": 8, "max_windows": 8, "write_chunks": True})
     res = run_job(cfg)
     out = tmp_path / "out"
     t = pq.read_table(os.path.join(out, "vectors"))
@@ -227,6 +227,13 @@ def test_job_encodes_windows_and_records_them(ray_local, tmp_path, tiny_model):
     m = res.manifest
     assert m["encoder"]["long_documents"] == "windows" and m["encoder"]["window_overlap"] == 8
     assert m["stages"]["encode"]["capped_documents"] == 1
+    chunks = pq.read_table(os.path.join(out, "chunks"))
+    assert chunks.num_rows == stats["windows"]
+    assert sorted(m["shards"]["part-00000"]["outputs"]) == ["chunks", "tokens", "vectors"]
+    ends = {}
+    for r in chunks.select(["id", "end_char"]).to_pylist():
+        ends[r["id"]] = max(ends.get(r["id"], 0), r["end_char"])
+    assert ends[ids[4]] == len(texts[4])  # the whole text is covered
 
 
 def test_report_shows_windows_and_capped_documents():
@@ -239,3 +246,45 @@ def test_report_shows_windows_and_capped_documents():
     html = run_section(manifest)
     assert "documents capped at max_windows 64" in html and "6,100 / 27" in html
     assert "truncated at max_length" not in html
+
+
+def test_write_chunks_spans_round_trip_to_the_text(tmp_path, tiny_model):
+    """Preprocess -> EncodeActor -> staged part -> commit, in-process: chunks/<shard>.parquet has one
+    row per window whose character span is that window's text."""
+    from embedjob.stages.encode import EncodeActor, resolve_encoder_settings
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.write import BlockWriter, commit_shard
+
+    settings = resolve_encoder_settings(EncodeConfig(model=tiny_model, dtype="float32", max_length=32,
+                                                     window_overlap=8, write_chunks=True))
+    texts = [LONG + " The zebra crossing is near the old mill.", "A short text.", None, "  " + LONG[:200]]
+    n = len(texts)
+    table = pa.table({"_shard": ["s"] * n, "_row": list(range(n)), "id": [f"d{i}" for i in range(n)], "text": texts})
+    res = EncodeActor(settings, batch_tokens=128, max_batch_docs=4)(Preprocessor(PreprocessConfig(), "text", settings)(table))
+    out = str(tmp_path / "out")
+    BlockWriter(out, {}, "id")(res)
+    marker = commit_shard(out, {}, "s", n, "keep", {}, 32)
+    assert marker["outputs"]["chunks"] == "chunks/s.parquet"
+    chunks = pq.read_table(os.path.join(out, "chunks", "s.parquet")).to_pylist()
+    vectors = {r["id"]: r for r in pq.read_table(os.path.join(out, "vectors", "s.parquet")).to_pylist()}
+    enc = TextEncoder(settings, batch_tokens=128)
+    by_id: dict = {}
+    for c in chunks:
+        by_id.setdefault(c["id"], []).append(c)
+    assert sorted(by_id) == ["d0", "d1", "d3"]  # no chunk for a row without text
+    for i in (0, 1, 3):
+        cs = by_id[f"d{i}"]
+        assert [c["chunk"] for c in cs] == list(range(len(cs)))
+        assert cs[0]["start_char"] == len(texts[i]) - len(texts[i].lstrip())
+        assert cs[-1]["end_char"] == len(texts[i].rstrip())
+        for c in cs:  # each span's text, tokenised, is the window's content
+            piece = texts[i][c["start_char"]:c["end_char"]]
+            assert len(enc.tokenizer.encode([piece]).ids[0]) == c["n_tokens"]
+        assert sum(c["n_tokens"] for c in cs) == enc.encode_texts([texts[i]]).encoded_tokens[0]
+    assert len(by_id["d0"]) > 3 and "zebra" in texts[0][by_id["d0"][-1]["start_char"]:by_id["d0"][-1]["end_char"]]
+    np.testing.assert_allclose(by_id["d1"][0]["vector"], vectors["d1"]["vector"], atol=1e-6)
+    # a document's vector is the token-weighted mean of its chunks' (unnormalised here: the tiny model)
+    cs = by_id["d0"]
+    w = np.array([c["n_tokens"] for c in cs], dtype=np.float64)
+    mean = (np.array([c["vector"] for c in cs]) * w[:, None]).sum(0) / w.sum()
+    np.testing.assert_allclose(mean, vectors["d0"]["vector"], atol=1e-5)

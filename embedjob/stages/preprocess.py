@@ -139,6 +139,8 @@ class Preprocessor:
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
             else:
                 out = _append_input_ids(out, tok, texts, empty)
+            if st.write_chunks:
+                out = _append_chunk_chars(out, tok, texts, empty, st)
         return out
 
 
@@ -157,6 +159,24 @@ def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: n
     if tok.max_tokens > tok.max_length:
         table = table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32()))
     return table
+
+
+def _append_chunk_chars(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray, st) -> pa.Table:
+    """``_chunk_chars`` (encode.write_chunks): the character span of each window the encoder will cut,
+    from the tokenizer's offset mapping (a second tokenisation, with offsets, paid only for chunks)."""
+    from embedjob.schema import CHUNK_CHARS
+    from embedjob.stages.encode.windows import chunk_char_spans, plan_windows, truncated_plan
+
+    todo = [t for t, e in zip(texts, empty) if not e]
+    spans: list[Any] = [[] for _ in texts]
+    if todo:
+        enc = tok.encode(todo, words=True)
+        lengths = np.array([len(x) for x in enc.ids], dtype=np.int64)
+        plan = (plan_windows(lengths, st.max_length, st.window_overlap, st.max_windows)
+                if st.long_documents == "windows" else truncated_plan(lengths))
+        for k, i in enumerate(np.flatnonzero(~empty).tolist()):
+            spans[i] = chunk_char_spans(enc.offsets[k], plan, k)
+    return table.append_column(CHUNK_CHARS, pa.array(spans, type=pa.list_(pa.int32())))
 
 
 _CACHE: dict[str, Preprocessor] = {}

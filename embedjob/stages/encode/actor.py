@@ -9,7 +9,17 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.debug import encode_delay
-from embedjob.schema import CAPPED, DOC_TOKENS, ENCODED_TOKENS, ENCODER_NODE, ENCODER_RSS, INPUT_IDS, WINDOWS
+from embedjob.schema import (
+    CAPPED,
+    CHUNK_TOKENS,
+    CHUNK_VECTORS,
+    DOC_TOKENS,
+    ENCODED_TOKENS,
+    ENCODER_NODE,
+    ENCODER_RSS,
+    INPUT_IDS,
+    WINDOWS,
+)
 from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.static.accumulate import StaticAccumulator
@@ -63,7 +73,8 @@ class EncodeActor:
         if DOC_TOKENS in batch.column_names:  # whole documents tokenised: ids capped at encode.max_windows
             doc_tokens = batch.column(DOC_TOKENS).to_numpy(zero_copy_only=False)[keep]
         hook = self.static.hook_for(batch, keep) if self.static is not None else None
-        enc = self.encoder.encode_ids(todo, token_hook=hook, doc_tokens=doc_tokens)
+        chunks = self.encoder.settings.write_chunks
+        enc = self.encoder.encode_ids(todo, token_hook=hook, doc_tokens=doc_tokens, windows_out=chunks)
         vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
         vectors[keep] = enc.vectors
         out = batch.drop_columns([c for c in (INPUT_IDS, DOC_TOKENS) if c in batch.column_names])
@@ -73,6 +84,8 @@ class EncodeActor:
             col = np.zeros(batch.num_rows, dtype=values.dtype)
             col[keep] = values
             out = out.append_column(name, pa.array(col, type=typ))
+        if chunks:
+            out = _append_chunks(out, enc, keep)
         if self.node_id is not None:
             out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
         _release_free_memory()
@@ -80,6 +93,17 @@ class EncodeActor:
         if self.static is not None:
             out = self.static.attach(out)
         return out
+
+
+def _append_chunks(out: pa.Table, enc, keep: np.ndarray) -> pa.Table:
+    """``_chunk_vectors`` and ``_chunk_tokens`` (encode.write_chunks): each row's windows, in order."""
+    n = out.num_rows
+    counts = np.zeros(n, dtype=np.int32)
+    counts[keep] = enc.windows
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    vecs = vectors_to_arrow(enc.window_vectors)
+    out = out.append_column(CHUNK_VECTORS, pa.ListArray.from_arrays(offsets, vecs))
+    return out.append_column(CHUNK_TOKENS, pa.ListArray.from_arrays(offsets, pa.array(enc.window_tokens, pa.int32())))
 
 
 def _release_free_memory() -> None:

@@ -45,6 +45,12 @@ class EncodeConfig(Section):
         "max length); the rest of a longer document is dropped, and such documents are counted and listed "
         "in stats/encode.json (capped_documents, capped_ids).",
     )
+    write_chunks: bool = Field(
+        False,
+        description="Also write chunks/<shard>.parquet: one row per window (id, chunk, start_char, end_char "
+        "into the text, n_tokens, vector), committed with the shard. The vector is the window's, normalised "
+        "when the model normalises.",
+    )
     window_pooling: Literal["mean", "first", "max"] = Field(
         "mean",
         description="How a document's window vectors become its vector: token-count-weighted 'mean', the "

@@ -50,6 +50,8 @@ class EncodedBatch:
     windows: Optional[np.ndarray] = None  # (n,) int32 windows encoded per document
     encoded_tokens: Optional[np.ndarray] = None  # (n,) int32 tokens fed to the model (overlaps counted twice)
     capped: Optional[np.ndarray] = None  # (n,) bool: longer than encode.max_windows windows, tail dropped
+    window_vectors: Optional[np.ndarray] = None  # (W, dim) per window, by document (encode_ids(windows_out=True))
+    window_tokens: Optional[np.ndarray] = None  # (W,) int32 tokens of each window
 
 
 @dataclass
@@ -221,14 +223,15 @@ class TextEncoder:
                                doc_tokens=tok.doc_tokens)
 
     def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None,
-                   doc_tokens: Optional[np.ndarray] = None) -> EncodedBatch:
+                   doc_tokens: Optional[np.ndarray] = None, windows_out: bool = False) -> EncodedBatch:
         """Vectors for documents given as token id arrays (with special tokens), in input order.
 
         With ``long_documents: windows`` a document longer than ``max_length`` is cut into
         overlapping windows (:mod:`~embedjob.stages.encode.windows`) that share batches with every
         other document's; its vector combines its windows' (``window_pooling``) before normalising.
         ``doc_tokens``: each document's whole token count when ``ids`` were capped (the tokenizer's
-        :class:`Tokenized`), reported as ``n_tokens``. The pooled vectors stay on the device until
+        :class:`Tokenized`), reported as ``n_tokens``. ``windows_out`` adds every window's own vector
+        (normalised when the model normalises), windows in document order. The pooled vectors stay on the device until
         every batch has run, then come back in one copy."""
         torch = self.torch
         n = len(ids)
@@ -238,7 +241,8 @@ class TextEncoder:
         plan = self._plan(lengths)
         plan.capped |= n_tokens > lengths  # the tokenizer cut the document at the cap already
         if n == 0:
-            return EncodedBatch(out, n_tokens, plan.windows, lengths.astype(np.int32), plan.capped)
+            return EncodedBatch(out, n_tokens, plan.windows, lengths.astype(np.int32), plan.capped,
+                                np.zeros((0, self.dim), np.float32), np.zeros(0, np.int32))
         wids = window_ids(ids, plan)
         wlen = plan.n_tokens
         hook = None
@@ -255,9 +259,13 @@ class TextEncoder:
             by_window = torch.empty_like(pooled)
             by_window[torch.from_numpy(np.concatenate(order)).to(pooled.device)] = pooled
             pooled = combine_windows(by_window, plan, self.settings.window_pooling)
+            win_vecs = None
             if self.settings.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                by_window = torch.nn.functional.normalize(by_window, p=2, dim=1)
             out[:] = pooled.cpu().numpy()
+            if windows_out:
+                win_vecs = by_window.cpu().numpy()
         encoded = np.bincount(plan.doc, weights=wlen, minlength=n).astype(np.int32)
         c = self.counters
         c["docs"] += n
@@ -265,7 +273,7 @@ class TextEncoder:
         c["doc_tokens"] += int(n_tokens.sum())
         c["windows"] += len(wlen)
         c["capped_docs"] += int(plan.capped.sum())
-        return EncodedBatch(out, n_tokens, plan.windows, encoded, plan.capped)
+        return EncodedBatch(out, n_tokens, plan.windows, encoded, plan.capped, win_vecs, wlen.astype(np.int32))
 
     def _plan(self, lengths: np.ndarray) -> WindowPlan:
         st = self.settings

@@ -65,11 +65,13 @@ class EncoderSettings:
     window_overlap: int = 32
     max_windows: int = 64
     window_pooling: str = "mean"
+    write_chunks: bool = False
 
     def recipe_dict(self) -> dict[str, Any]:
         """The settings document vectors depend on (:data:`RECIPE_KEYS`, plus the window settings
         when documents are cut into windows)."""
         keys = RECIPE_KEYS + (WINDOW_RECIPE_KEYS if self.long_documents == "windows" else ())
+        keys += ("write_chunks",) if self.write_chunks else ()
         d = self.as_dict()
         return {k: d[k] for k in keys}
 
@@ -106,4 +108,5 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
                            long_documents=getattr(cfg, "long_documents", "truncate"),
                            window_overlap=min(int(getattr(cfg, "window_overlap", 32)), (int(max_length) - 2) // 2),
                            max_windows=int(getattr(cfg, "max_windows", 64)),
-                           window_pooling=getattr(cfg, "window_pooling", "mean"))
+                           window_pooling=getattr(cfg, "window_pooling", "mean"),
+                           write_chunks=bool(getattr(cfg, "write_chunks", False)))

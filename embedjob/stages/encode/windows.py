@@ -158,3 +158,15 @@ def combine_windows(pooled: Any, plan: WindowPlan, mode: str) -> Any:
     out.index_add_(0, doc, pooled * w.unsqueeze(1))
     total = torch.zeros(n, dtype=pooled.dtype, device=dev).index_add_(0, doc, w)
     return out / total.clamp(min=1e-9).unsqueeze(1)
+
+
+def chunk_char_spans(offsets: list[tuple[int, int]], plan: WindowPlan, d: int) -> list[int]:
+    """``[start_char, end_char, ...]`` of document ``d``'s windows from its tokens' character
+    ``offsets`` (the tokenizer's offset mapping; special tokens are ``(0, 0)``), so that
+    ``text[start_char:end_char]`` is the window's text."""
+    out: list[int] = []
+    for w in np.flatnonzero(plan.doc == d).tolist():
+        a, b = int(plan.start[w]), int(plan.end[w])
+        real = [offsets[p] for p in range(a, min(b, len(offsets))) if offsets[p][1] > offsets[p][0]]
+        out.extend([real[0][0], real[-1][1]] if real else [0, 0])
+    return out
