@@ -266,7 +266,10 @@ def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
                    help="only compare, on CPU, sentence-transformers (default and best configuration) with the "
                    "encoder's torch and OpenVINO backends (encode.backend), interleaved")
     p.add_argument("--rounds", type=int, default=3,
-                   help="--batching/--backends: interleaved rounds (the best of each)")
+                   help="--batching, --backends and the long-documents comparison: interleaved rounds (the best of each)")
+    p.add_argument("--long-documents", choices=("windows", "truncate"), default=None,
+                   help="encode.long_documents of the encoder and the pipeline run (default: the job default, "
+                   "windows); both modes are also timed on the same documents (tokens encoded, time)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

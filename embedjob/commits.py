@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MARKER_ENCODER_KEYS = ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype")
+MARKER_ENCODER_KEYS = ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype", "long_documents",
+                       "window_overlap", "max_windows", "window_pooling")
+CAPPED_IDS_LISTED = 1000  # stats list at most this many ids of capped documents (all are counted)
 
 
 class ShardCommits:
@@ -43,7 +45,8 @@ class ShardCommits:
         self.pending: dict[str, Any] = {}  # shard -> commit task
         self.markers: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
-        self.stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "actors": plan["actors"],
+        self.stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "windows": 0, "encoded_tokens": 0,
+                                      "capped_documents": 0, "capped_ids": [], "actors": plan["actors"],
                                       "device": plan["device"], "dtype": encoder.dtype, "actor_nodes": {}}
         self.first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
         self.last_output = 0.0
@@ -109,6 +112,16 @@ class ShardCommits:
         cov[r["row_start"]: r["row_end"] + 1] = True
         stats["documents"] += new
         stats["bert_tokens"] += r["tokens"] if new else 0
+        if new and r.get("windows") is not None:  # the encoder's windows (encode.long_documents)
+            stats["windows"] += r["windows"]
+            stats["encoded_tokens"] += r["encoded_tokens"]
+            capped = r.get("capped_ids") or []
+            stats["capped_documents"] += len(capped)
+            if capped:
+                logger.warning("encode: %d document(s) of shard %s longer than encode.max_windows=%d windows: "
+                               "their tails were not encoded (e.g. id %s; all listed in stats/encode.json)",
+                               len(capped), r["shard"], self.encoder.max_windows, capped[0])
+            stats["capped_ids"].extend(capped[:max(0, CAPPED_IDS_LISTED - len(stats["capped_ids"]))])
         if r.get("rss_mb") and r["rss_mb"] > stats.get("encoder_peak_rss_mb", 0.0):
             # peak RSS of the encoder actors and when it grew: [documents done, MiB]
             stats["encoder_peak_rss_mb"] = r["rss_mb"]

@@ -13,7 +13,8 @@ VECTORS = "vectors"
 TOKENS_DIR = "tokens"
 STATIC_DIR = "static"
 PARTS_DIR = f"{STATIC_DIR}/parts"  # per-shard static word-vector partial sums
-PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR)
+CHUNKS = "chunks"  # encode.write_chunks: one row per window (id, chunk, character span, n_tokens, vector)
+PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR, CHUNKS)
 
 # bookkeeping
 TMP = "_tmp"  # staged parts of shards being written: _tmp/<shard>/<first>-<last>.parquet

@@ -82,9 +82,7 @@ def _hash(obj: Any) -> str:
 
 def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     """What per-shard outputs depend on: preprocessing, encoder settings and model, static options."""
-    settings = encoder.as_dict()
-    enc = {k: settings[k] for k in ("model_fingerprint", "pooling", "normalize", "max_length", "recipe")}
-    enc["dtype"] = encoder.dtype
+    enc = {**encoder.recipe_dict(), "dtype": encoder.dtype}  # window settings too, when documents are cut
     static = cfg.static.model_dump() if cfg.static.enabled else None
     return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
                   "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text,

@@ -14,6 +14,13 @@ ROW = "_row"  # the row's index in its shard: with SHARD, the identity behind ex
 TOKENS = "tokens"  # gensim preprocess_string tokens (list<string>), written to tokens/<shard>.parquet
 EMPTY = "_empty"  # the text was null or blank
 INPUT_IDS = "_input_ids"  # BERT token ids of the document
+DOC_TOKENS = "_doc_tokens"  # the document's whole token count (INPUT_IDS may be capped: encode.max_windows)
+WINDOWS = "_windows"  # windows the encoder cut the document into (1 unless long_documents: windows)
+ENCODED_TOKENS = "_encoded_tokens"  # tokens the encoder fed to the model for the document
+CHUNK_CHARS = "_chunk_chars"  # encode.write_chunks: [start_char, end_char] of each window, flattened
+CHUNK_VECTORS = "_chunk_vectors"  # encode.write_chunks: each window's vector
+CHUNK_TOKENS = "_chunk_tokens"  # encode.write_chunks: each window's tokens
+CAPPED = "_capped"  # the document was longer than encode.max_windows windows: its tail was not encoded
 WORD_IDS = "_word_ids"  # per BERT token: index of its word occurrence in WORDS, -1 = not counted
 WORDS = "_words"  # per word occurrence: the vocabulary word ("" = not counted)
 ENCODER_NODE = "_encoder_node"  # Ray node of the encoder actor that encoded the row

@@ -22,10 +22,10 @@ DOCS = [
 ]
 
 
-def _encoder_settings(model_path, max_length=None):
+def _encoder_settings(model_path, max_length=None, **encode):
     from embedjob.stages.encode import EncodeConfig, resolve_encoder_settings
 
-    return resolve_encoder_settings(EncodeConfig(model=model_path, dtype="float32", max_length=max_length))
+    return resolve_encoder_settings(EncodeConfig(model=model_path, dtype="float32", max_length=max_length, **encode))
 
 
 def _reference(model_path, texts, filters, pooling, layers, max_length):
@@ -62,7 +62,7 @@ def _reference(model_path, texts, filters, pooling, layers, max_length):
     return {w: sums[w] / counts[w] for w in sums}, counts
 
 
-def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_length=None, calls=1):
+def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_length=None, calls=1, **encode):
     """Preprocess -> EncodeActor (with the accumulator) -> commit_static_parts, in-process."""
     from embedjob.layout import STATIC_PART_SUFFIX, TMP
     from embedjob.stages.encode import EncodeActor, EncodeConfig
@@ -76,7 +76,7 @@ def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_l
         encode = EncodeConfig(model=model_path)
 
     static = static_actor_settings(_Cfg, out)
-    settings = _encoder_settings(model_path, max_length)
+    settings = _encoder_settings(model_path, max_length, **encode)
     pre = Preprocessor(PreprocessConfig(), "text", settings, static)
     actor = EncodeActor(settings, batch_tokens=64, max_batch_docs=2, static=static)
     n = len(texts)
@@ -112,7 +112,8 @@ def test_static_vector_is_average_of_pooled_contextual_vectors(tmp_path, tiny_mo
 def test_truncated_word_is_not_counted_and_ids_match(tmp_path, tiny_model):
     # max_length 8 cuts inside the document: the cut word is left out, the rest is exact
     text = ["Unbelievable cats chase unbelievable dogs across gardens everywhere"]
-    vecs, counts, _, filters = _run_stages_without_ray(tmp_path, tiny_model, text, {}, max_length=8)
+    vecs, counts, _, filters = _run_stages_without_ray(tmp_path, tiny_model, text, {}, max_length=8,
+                                                       long_documents="truncate")
     ref, ref_counts = _reference(tiny_model, text, filters, "mean", "last", max_length=8)
     assert counts == ref_counts
     for w in ref:
@@ -124,7 +125,7 @@ def test_align_words_input_ids_equal_plain_tokenizer(minilm_path):
     from embedjob.stages.encode import Tokenizer
     from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
 
-    settings = _encoder_settings(minilm_path, 16)
+    settings = _encoder_settings(minilm_path, 16, long_documents="truncate")
     texts = SAMPLE_TEXTS[:4] + [None, "  "]
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
     with_static = Preprocessor(PreprocessConfig(), "text", settings, {"out_url": "memory://x"})(table)

@@ -6,8 +6,10 @@ On the same documents, in one process:
   (c) the full ``embedjob run`` pipeline's encode stage on local Ray (read -> preprocess -> encode
       actors -> write), on the same documents written as Parquet shards.
 
-Throughput is tokens/s (tokens = the model's input tokens after truncation, special tokens included,
-the same count for all three). Model loading is excluded from (a) and (b); for (c) the steady-state
+Throughput is tokens/s (tokens = the model's input tokens after truncation, special tokens included;
+with ``--long-documents windows``, the default, (b) and (c) are fed every window, (a) truncates, and
+the cosine against (a) is taken over the documents that fit one window). Both ``long_documents``
+modes are then timed on the same documents: tokens encoded, time, and time per token. Model loading is excluded from (a) and (b); for (c) the steady-state
 rate is measured from the first encoded block to the last (the first block's tokens excluded), so
 Ray's per-block overheads count but the actor's one-time model load does not; the end-to-end
 stage rate including start-up is printed too.
@@ -45,24 +47,61 @@ def load_texts(corpus: str, limit: int, text_column: str = "text", storage_optio
 
 
 def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, skip_pipeline: bool = False,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", long_documents: str = "windows", rounds: int = 2) -> dict[str, Any]:
     from embedjob.stages.encode import EncodeConfig, TextEncoder
 
     texts = load_texts(corpus, limit)
     if not texts:
         raise SystemExit(f"no documents found at {corpus}")
-    cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens)
+    cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens, long_documents=long_documents)
     enc = TextEncoder.from_config(cfg, device=device)
     ids = enc.tokenizer(texts)
-    n_tokens = int(sum(len(x) for x in ids))
     lengths = np.array([len(x) for x in ids])
-    logger.info("bench encode: %d documents, %d tokens (mean %.0f, max %d) from %s", len(texts), n_tokens,
-                lengths.mean(), lengths.max(), corpus)
+    logger.info("bench encode: %d documents, %d tokens (mean %.0f, max %d) from %s, long_documents=%s", len(texts),
+                int(lengths.sum()), lengths.mean(), lengths.max(), corpus, long_documents)
     result = _encoder_rates(enc, texts, ids, lengths, batch_tokens, device)
+    result["long_documents"] = long_document_rates(enc, texts, rounds)
     del enc
     if not skip_pipeline:
-        result.update(_pipeline_rates(texts, n_tokens, result["encoder_tokens_per_s"], model, dtype, batch_tokens))
+        result.update(_pipeline_rates(texts, result["tokens"], result["encoder_tokens_per_s"], model, dtype,
+                                      batch_tokens, long_documents))
     return result
+
+
+def long_document_rates(enc, texts: list[str], rounds: int = 2) -> dict[str, Any]:
+    """``encode.long_documents`` truncate and windows on the same texts, tokenisation included (the
+    encoder ``enc`` for its own mode, a second one with the same settings for the other), interleaved
+    ``rounds`` times (the best round of each): tokens fed to the model, windows, seconds, tokens/s,
+    and the cost per token of windows against truncation."""
+    import dataclasses
+
+    from embedjob.stages.encode import TextEncoder
+
+    encs = {mode: enc if enc.settings.long_documents == mode else TextEncoder(
+        dataclasses.replace(enc.settings, long_documents=mode), batch_tokens=enc.batch_tokens,
+        max_batch_docs=enc.max_batch_docs, batching=enc.batching) for mode in ("truncate", "windows")}
+    times: dict[str, list[float]] = {m: [] for m in encs}
+    res = {}
+    for e in encs.values():
+        e.encode_texts(texts[:32])  # warm-up
+    for _ in range(max(1, rounds)):
+        for mode, e in encs.items():
+            t = time.perf_counter()
+            res[mode] = e.encode_texts(texts)
+            times[mode].append(time.perf_counter() - t)
+    out: dict[str, Any] = {"rounds": max(1, rounds)}
+    for mode, r in res.items():
+        tokens, dt = int(r.encoded_tokens.sum()), min(times[mode])
+        out[mode] = {"tokens_encoded": tokens, "windows": int(r.windows.sum()), "capped": int(r.capped.sum()),
+                     "seconds": round(dt, 3), "tokens_per_s": tokens / dt}
+    r = res["windows"]
+    out["document_tokens"] = int(r.n_tokens.sum())
+    out["documents_over_max_length"] = int((r.n_tokens > enc.settings.max_length).sum())
+    w, t = out["windows"], out["truncate"]
+    out["windows_vs_truncate_tokens"] = w["tokens_encoded"] / max(t["tokens_encoded"], 1)
+    out["windows_vs_truncate_seconds"] = w["seconds"] / max(t["seconds"], 1e-9)
+    out["windows_vs_truncate_seconds_per_token"] = out["windows_vs_truncate_seconds"] / out["windows_vs_truncate_tokens"]
+    return out
 
 
 def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_tokens: int,
@@ -71,7 +110,7 @@ def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_
     import torch
     from sentence_transformers import SentenceTransformer
 
-    n_tokens = int(lengths.sum())
+    st_tokens = int(np.minimum(lengths, enc.settings.max_length).sum())  # (a) truncates at max_length
     st = SentenceTransformer(enc.settings.model_path, device=device)
     st.max_seq_length = enc.settings.max_length
     st.encode(texts[:32])  # warm-up
@@ -83,15 +122,20 @@ def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_
     # (b) embedjob's encoder alone (tokenisation included, as in (a))
     enc.encode_ids(ids[:32])  # warm-up
     t = time.perf_counter()
-    got = enc.encode_texts(texts).vectors
+    r = enc.encode_texts(texts)
     tb = time.perf_counter() - t
+    got = r.vectors
+    n_tokens = int(r.encoded_tokens.sum())
+    # sentence-transformers truncates: compare the documents that fit in one window (all, when truncating)
+    one = r.windows == 1
+    ref, got = ref[one], got[one]
     cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
     result: dict[str, Any] = {
         "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings.dtype, "device": device,
         "batch_tokens": batch_tokens, "torch_threads": torch.get_num_threads(),
-        "sentence_transformers_tokens_per_s": n_tokens / ta,
+        "sentence_transformers_tokens_per_s": st_tokens / ta,
         "encoder_tokens_per_s": n_tokens / tb,
-        "ratio_vs_sentence_transformers": ta / tb,
+        "ratio_vs_sentence_transformers": (n_tokens / tb) / (st_tokens / ta),  # tokens/s, each its own tokens
         "min_cosine": float(cos.min()),
         "mean_cosine": float(cos.mean()),
     }
@@ -104,7 +148,7 @@ def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_
 
 
 def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float, model: str, dtype: str,
-                    batch_tokens: int) -> dict[str, Any]:
+                    batch_tokens: int, long_documents: str = "windows") -> dict[str, Any]:
     """(c) the pipeline's encode stage on local Ray, on ``texts`` written as 4 Parquet shards."""
     import pyarrow as pa
     import ray
@@ -125,7 +169,8 @@ def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float
         job = build_config({
             "input": {"url": os.path.join(tmp, "in"), "rows_per_block": 256},
             "output": {"url": os.path.join(tmp, "out")},
-            "encode": {"model": model, "dtype": dtype, "batch_tokens": batch_tokens, "rows_per_call": 256},
+            "encode": {"model": model, "dtype": dtype, "batch_tokens": batch_tokens, "rows_per_call": 256,
+                       "long_documents": long_documents},
         })
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -134,7 +179,10 @@ def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float
         tc_total = time.perf_counter() - t
         st_enc = res.manifest["stages"]["encode"]
         # the steady-state rate needs two written blocks; a tiny run has one: fall back to the whole run's
-        result["pipeline_tokens_per_s"] = st_enc.get("steady_tokens_per_second") or st_enc["tokens_per_second"]
+        # the stage's own rates count whole documents' tokens: scale them to the tokens fed to the model
+        fed = st_enc.get("encoded_tokens") or st_enc["bert_tokens"]
+        rate = st_enc.get("steady_tokens_per_second") or st_enc["tokens_per_second"]
+        result["pipeline_tokens_per_s"] = rate * fed / max(st_enc["bert_tokens"], 1)
         result["pipeline_end_to_end_tokens_per_s"] = n_tokens / tc_total
         result["pipeline_vs_encoder"] = result["pipeline_tokens_per_s"] / encoder_tokens_per_s
         result["pipeline_rows"] = res.manifest["totals"]["rows_out"]
@@ -262,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"packed batches: {r['packed_tokens_per_s']:10.0f} tokens/s   packed/padded = "
               f"{r['packed_vs_padded']:.2f}   min cosine {r['min_cosine_packed_vs_padded']:.5f}")
         return 0
-    r = run_bench(corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device)
+    r = run_bench(corpus, args.limit, args.model, args.dtype, bt, args.no_pipeline, device,
+                  args.long_documents or EncodeConfig().long_documents, args.rounds)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -275,6 +324,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"(c) embedjob run, encode stage:     {r['pipeline_tokens_per_s']:10.0f} tokens/s   "
               f"c/b = {r['pipeline_vs_encoder']:.2f}   (end to end incl. Ray and model start-up: "
               f"{r['pipeline_end_to_end_tokens_per_s']:.0f} tokens/s)")
+    ld = r["long_documents"]
+    print(f"long documents: {ld['documents_over_max_length']} of {r['documents']} over max_length, "
+          f"{ld['document_tokens']} document tokens; best of {ld['rounds']} interleaved rounds")
+    for mode in ("truncate", "windows"):
+        m = ld[mode]
+        print(f"  {mode:8s}: {m['tokens_encoded']:10d} tokens encoded in {m['windows']} windows, {m['seconds']:8.2f} s, "
+              f"{m['tokens_per_s']:10.0f} tokens/s, {m['capped']} capped")
+    print(f"  windows/truncate: {ld['windows_vs_truncate_tokens']:.2f}x tokens, {ld['windows_vs_truncate_seconds']:.2f}x "
+          f"time, {ld['windows_vs_truncate_seconds_per_token']:.2f}x time per token")
     if "encoder_fraction_of_peak" in r:
         print(f"encoder: {r['encoder_fraction_of_peak']:.1%} of the device's dense bf16 peak")
     else:

@@ -49,6 +49,17 @@ def _truncated(sample: Optional[DocSample], max_length: Any) -> Optional[str]:
     return f"{cut:,} of {len(sample.n_tokens):,} sampled ({100 * cut / len(sample.n_tokens):.1f}%)"
 
 
+def _token_rows(e: dict[str, Any], enc: dict[str, Any], sample: Optional[DocSample]) -> list[tuple[str, Any]]:
+    """Tokens of the documents and what reached the model: windows, or truncation."""
+    if enc.get("long_documents") == "windows":
+        return [("BERT tokens (whole documents)", e.get("bert_tokens")),
+                (f"tokens encoded / windows (overlap {enc.get('window_overlap')})",
+                 f"{e.get('encoded_tokens', 0):,} / {e.get('windows', 0):,}" if "windows" in e else None),
+                (f"documents capped at max_windows {enc.get('max_windows')}", e.get("capped_documents"))]
+    return [("BERT tokens encoded", e.get("bert_tokens")),
+            (f"documents truncated at max_length {enc.get('max_length')}", _truncated(sample, enc.get("max_length")))]
+
+
 def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
     """Inputs, recipe, counts, tokens, per-stage time and throughput, failed shards."""
     inp, enc, tot, stages = m.get("input") or {}, m.get("encoder") or {}, m.get("totals") or {}, m.get("stages") or {}
@@ -67,8 +78,7 @@ def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
              ("rows read (this run)", rows_in), ("rows in the output", tot.get("rows_out")),
              ("empty texts (kept / skipped)", f"{sum(int(v.get('empty_text') or 0) for v in shards.values())} / "
                                               f"{sum(int(v.get('skipped_empty') or 0) for v in shards.values())}"),
-             ("BERT tokens encoded", e.get("bert_tokens")),
-             (f"documents truncated at max_length {enc.get('max_length')}", _truncated(sample, enc.get("max_length"))),
+             *_token_rows(e, enc, sample),
              ("gensim tokens", (stages.get("vocab") or {}).get("tokens")),
              ("vocabulary", (stages.get("vocab") or {}).get("words")),
              ("word occurrences dropped by static.min_count",

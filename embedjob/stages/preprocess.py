@@ -105,10 +105,10 @@ def is_empty(texts: list[Optional[str]]) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model_path: str, max_length: int):
+def _tokenizer(model_path: str, max_length: int, max_tokens: int):
     from embedjob.stages.encode import Tokenizer
 
-    return Tokenizer(model_path, max_length)
+    return Tokenizer(model_path, max_length, max_tokens)
 
 
 class Preprocessor:
@@ -126,8 +126,6 @@ class Preprocessor:
         self.static_settings = static_settings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from embedjob.schema import INPUT_IDS
-
         texts = batch.column(self.text_column).to_pylist()
         empty = is_empty(texts)
         if self.on_empty_text == "fail" and empty.any():
@@ -144,16 +142,51 @@ class Preprocessor:
         out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
         out = out.append_column(EMPTY, pa.array(empty))
         if self.encoder_settings is not None:
-            tok = _tokenizer(self.encoder_settings.model_path, self.encoder_settings.max_length)
+            st = self.encoder_settings
+            tok = _tokenizer(st.model_path, st.max_length, st.max_document_tokens())
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
             else:
-                todo = [t for t, e in zip(texts, empty) if not e]
-                ids_iter = iter(tok(todo))
-                ids = [[] if e else next(ids_iter) for e in empty]
-                out = out.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
+                out = _append_input_ids(out, tok, texts, empty)
+            if st.write_chunks:
+                out = _append_chunk_chars(out, tok, texts, empty, st)
         return out
+
+
+def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray) -> pa.Table:
+    """``_input_ids`` (capped at the tokenizer's ``max_tokens``), and ``_doc_tokens`` (each document's
+    whole token count) when whole documents are tokenised (``encode.long_documents: windows``)."""
+    from embedjob.schema import DOC_TOKENS, INPUT_IDS
+
+    todo = [t for t, e in zip(texts, empty) if not e]
+    enc = tok.encode(todo) if todo else None
+    ids: list[Any] = [[] for _ in texts]
+    n_tok = np.zeros(len(texts), dtype=np.int32)
+    for k, i in enumerate(np.flatnonzero(~empty).tolist()):
+        ids[i], n_tok[i] = enc.ids[k], enc.doc_tokens[k]
+    table = table.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
+    if tok.max_tokens > tok.max_length:
+        table = table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32()))
+    return table
+
+
+def _append_chunk_chars(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray, st) -> pa.Table:
+    """``_chunk_chars`` (encode.write_chunks): the character span of each window the encoder will cut,
+    from the tokenizer's offset mapping (a second tokenisation, with offsets, paid only for chunks)."""
+    from embedjob.schema import CHUNK_CHARS
+    from embedjob.stages.encode.windows import chunk_char_spans, plan_windows, truncated_plan
+
+    todo = [t for t, e in zip(texts, empty) if not e]
+    spans: list[Any] = [[] for _ in texts]
+    if todo:
+        enc = tok.encode(todo, words=True)
+        lengths = np.array([len(x) for x in enc.ids], dtype=np.int64)
+        plan = (plan_windows(lengths, st.max_length, st.window_overlap, st.max_windows)
+                if st.long_documents == "windows" else truncated_plan(lengths))
+        for k, i in enumerate(np.flatnonzero(~empty).tolist()):
+            spans[i] = chunk_char_spans(enc.offsets[k], plan, k)
+    return table.append_column(CHUNK_CHARS, pa.array(spans, type=pa.list_(pa.int32())))
 
 
 _CACHE: dict[str, Preprocessor] = {}

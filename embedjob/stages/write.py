@@ -26,14 +26,20 @@ from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 from embedjob.errors import IncompleteShardError
-from embedjob.layout import STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
+from embedjob.layout import CHUNKS, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
 from embedjob.schema import (
+    CAPPED,
+    CHUNK_CHARS,
+    CHUNK_TOKENS,
+    CHUNK_VECTORS,
     EMPTY,
+    ENCODED_TOKENS,
     ENCODER_NODE,
     ENCODER_RSS,
     ROW,
     SHARD,
     TOKENS,
+    WINDOWS,
     contiguous_runs,
 )
 from embedjob.stages.static.parts import commit_static_parts
@@ -143,6 +149,7 @@ class BlockWriter:
                 "n_tokens": part.column("n_tokens"),
                 TOKENS: part.column(TOKENS),
                 EMPTY: part.column(EMPTY),
+                **{c: part.column(c) for c in CHUNK_COLUMNS if c in part.column_names},
             }
             self.out.write_parquet(part_name(shard, r0, r1), pa.table(cols), compression="none")
             reports.append({
@@ -152,8 +159,22 @@ class BlockWriter:
                 "words": int(pc.sum(pc.list_value_length(part.column(TOKENS))).as_py() or 0),
                 "node": part.column(ENCODER_NODE)[0].as_py() if ENCODER_NODE in part.column_names else None,
                 "rss_mb": pc.max(part.column(ENCODER_RSS)).as_py() if ENCODER_RSS in part.column_names else None,
+                **_window_report(part, self.id_column),
             })
         return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+CHUNK_COLUMNS = (CHUNK_CHARS, CHUNK_VECTORS, CHUNK_TOKENS)
+
+
+def _window_report(part: pa.Table, id_column: str) -> dict[str, Any]:
+    """The encoder's window counters of a part (absent when nothing reported them)."""
+    if WINDOWS not in part.column_names:
+        return {}
+    capped = part.column(CAPPED)
+    return {"windows": int(pc.sum(part.column(WINDOWS)).as_py() or 0),
+            "encoded_tokens": int(pc.sum(part.column(ENCODED_TOKENS)).as_py() or 0),
+            "capped_ids": [str(x) for x in part.column(id_column).filter(capped).to_pylist()]}
 
 
 def _contiguous_runs(batch: pa.Table):
@@ -168,6 +189,8 @@ REPORT_SCHEMA = pa.schema([
     ("empty", pa.int64()), ("tokens", pa.int64()), ("words", pa.int64()),
     ("node", pa.string()),  # Ray node of the encoder actor that encoded these rows
     ("rss_mb", pa.float64()),  # peak RSS of that encoder actor when it encoded them (MiB)
+    ("windows", pa.int64()), ("encoded_tokens", pa.int64()),  # windows and tokens the model was fed
+    ("capped_ids", pa.list_(pa.string())),  # ids of documents cut at encode.max_windows
 ])
 
 
@@ -207,8 +230,11 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
 
         lance_part = write_shard_fragments(out, shard, vectors, table.column(ROW), sink)
     out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", tokens)
-    static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     extra: dict[str, Any] = {}
+    if CHUNK_VECTORS in table.column_names:
+        out.write_parquet(f"{CHUNKS}/{shard}.parquet", chunks_table(table))
+        extra["chunks"] = f"{CHUNKS}/{shard}.parquet"
+    static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     if static_parts:
         extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts],
                                                expected_rows=expected_rows)
@@ -246,6 +272,26 @@ def _stored_vectors(table: pa.Table, dtype: str) -> tuple[pa.Table, dict[str, An
         arr, codec = encode_vectors(x, dtype, valid)
         vectors = pa.table({"id": table.column("id"), "vector": arr, "n_tokens": table.column("n_tokens")})
     return vectors.replace_schema_metadata(with_codec(vectors.schema, codec).metadata), codec
+
+
+def chunks_table(table: pa.Table) -> pa.Table:
+    """``chunks/<shard>.parquet`` from a shard's rows: one row per window, in row then window order,
+    with ``id``, ``chunk`` (its index in the document), ``start_char``/``end_char`` (``text[start_char:end_char]``
+    is its text), ``n_tokens`` and ``vector``. Rows without text have no chunks."""
+    vec = table.column(CHUNK_VECTORS).combine_chunks()
+    row_of = pc.list_parent_indices(vec).to_numpy()
+    counts = pc.list_value_length(vec).fill_null(0).to_numpy()
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    chunk = np.arange(len(row_of), dtype=np.int64) - first[row_of] if len(row_of) else np.zeros(0, np.int64)
+    chars = np.asarray(pc.list_flatten(table.column(CHUNK_CHARS).combine_chunks()), dtype=np.int64).reshape(-1, 2)
+    return pa.table({
+        "id": table.column("id").take(pa.array(row_of)),
+        "chunk": pa.array(chunk.astype(np.int32)),
+        "start_char": pa.array(chars[:, 0].astype(np.int64)),
+        "end_char": pa.array(chars[:, 1].astype(np.int64)),
+        "n_tokens": pc.list_flatten(table.column(CHUNK_TOKENS).combine_chunks()),
+        "vector": pc.list_flatten(vec),
+    })
 
 
 def _dedupe_rows(table: pa.Table) -> pa.Table:

@@ -7,6 +7,8 @@
   without Ray; padded batches, or packed ones (``packed.py``) where they are faster.
 * ``packed.py`` — a padding-free BERT forward: the documents of a batch concatenated, attention per
   document (varlen kernels on CUDA).
+* ``windows.py`` — long documents as overlapping windows (``encode.long_documents: windows``): the
+  window plan, which window owns each token, and the combination of window vectors.
 * ``actor.py`` — :class:`EncodeActor`, the callable class Ray Data runs in an actor pool.
 
 The encoder core (settings, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
@@ -29,7 +31,8 @@ _WHERE = {
     "EncoderSettings": "settings", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
     "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "settings",
     "TextEncoder": "encoder", "Tokenizer": "encoder", "EncodedBatch": "encoder",
-    "token_budget_batches": "encoder", "TokenHook": "encoder",
+    "token_budget_batches": "encoder", "TokenHook": "encoder", "Tokenized": "encoder",
+    "WindowPlan": "windows", "plan_windows": "windows",
     "EncodeActor": "actor", "vectors_to_arrow": "actor",
 }
 __all__ = sorted(_WHERE)

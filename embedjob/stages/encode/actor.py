@@ -10,7 +10,17 @@ import pyarrow as pa
 
 from embedjob.debug import encode_batch_delay, encode_delay
 from embedjob.progress import BatchReporter
-from embedjob.schema import ENCODER_NODE, ENCODER_RSS, INPUT_IDS
+from embedjob.schema import (
+    CAPPED,
+    CHUNK_TOKENS,
+    CHUNK_VECTORS,
+    DOC_TOKENS,
+    ENCODED_TOKENS,
+    ENCODER_NODE,
+    ENCODER_RSS,
+    INPUT_IDS,
+    WINDOWS,
+)
 from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.static.accumulate import StaticAccumulator
@@ -57,7 +67,8 @@ class EncodeActor:
 
     Input batch (pyarrow): the preprocess stage's columns, including ``_input_ids``; rows whose
     text was empty carry an empty id list and get a null vector. Output: the same rows with
-    ``vector`` (fixed-size float32 list) and ``n_tokens`` added, ``_input_ids`` dropped."""
+    ``vector`` (fixed-size float32 list) and ``n_tokens`` (the whole document's tokens) added, with
+    the write stage's counters ``_windows``, ``_encoded_tokens``, ``_capped``; ``_input_ids`` dropped."""
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
@@ -87,16 +98,25 @@ class EncodeActor:
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
         todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
+        doc_tokens = None
+        if DOC_TOKENS in batch.column_names:  # whole documents tokenised: ids capped at encode.max_windows
+            doc_tokens = batch.column(DOC_TOKENS).to_numpy(zero_copy_only=False)[keep]
         hook = self.static.hook_for(batch, keep) if self.static is not None else None
-        enc = self.encoder.encode_ids(todo, token_hook=hook, on_batch=self._batch_done)
+        chunks = self.encoder.settings.write_chunks
+        enc = self.encoder.encode_ids(todo, token_hook=hook, doc_tokens=doc_tokens, windows_out=chunks,
+                                      on_batch=self._batch_done)
         self.progress.flush()
         vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
-        n_tokens = np.zeros(batch.num_rows, dtype=np.int32)
         vectors[keep] = enc.vectors
-        n_tokens[keep] = enc.n_tokens
-        out = batch.drop_columns([INPUT_IDS])
+        out = batch.drop_columns([c for c in (INPUT_IDS, DOC_TOKENS) if c in batch.column_names])
         out = out.append_column("vector", vectors_to_arrow(vectors, valid=keep))
-        out = out.append_column("n_tokens", pa.array(n_tokens, type=pa.int32()))
+        for name, values, typ in (("n_tokens", enc.n_tokens, pa.int32()), (WINDOWS, enc.windows, pa.int32()),
+                                  (ENCODED_TOKENS, enc.encoded_tokens, pa.int32()), (CAPPED, enc.capped, pa.bool_())):
+            col = np.zeros(batch.num_rows, dtype=values.dtype)
+            col[keep] = values
+            out = out.append_column(name, pa.array(col, type=typ))
+        if chunks:
+            out = _append_chunks(out, enc, keep)
         if self.node_id is not None:
             out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
         _release_free_memory()
@@ -108,6 +128,17 @@ class EncodeActor:
     def _batch_done(self, docs: int, tokens: int) -> None:
         self.progress.add(docs, tokens)
         encode_batch_delay()  # test-only: a block long enough to see progress while it is in flight
+
+
+def _append_chunks(out: pa.Table, enc, keep: np.ndarray) -> pa.Table:
+    """``_chunk_vectors`` and ``_chunk_tokens`` (encode.write_chunks): each row's windows, in order."""
+    n = out.num_rows
+    counts = np.zeros(n, dtype=np.int32)
+    counts[keep] = enc.windows
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    vecs = vectors_to_arrow(enc.window_vectors)
+    out = out.append_column(CHUNK_VECTORS, pa.ListArray.from_arrays(offsets, vecs))
+    return out.append_column(CHUNK_TOKENS, pa.ListArray.from_arrays(offsets, pa.array(enc.window_tokens, pa.int32())))
 
 
 def _release_free_memory() -> None:

@@ -26,7 +26,35 @@ class EncodeConfig(Section):
         "modules say (Normalize present), else false.",
     )
     max_length: Optional[int] = Field(
-        None, ge=8, description="Truncate documents to this many tokens; null = the model's max_seq_length."
+        None, ge=8, description="Tokens per model input (a window, or the truncated document); null = the "
+        "model's max_seq_length."
+    )
+    long_documents: Literal["windows", "truncate"] = Field(
+        "windows",
+        description="Documents longer than max_length: 'windows' = every token is encoded, in overlapping "
+        "windows of max_length (each with [CLS]/[SEP]) combined into one vector (window_pooling); 'truncate' = "
+        "only the first max_length tokens (what sentence-transformers does).",
+    )
+    window_overlap: int = Field(
+        32, ge=0, description="Tokens shared by consecutive windows (at most half a window: a larger value "
+        "is lowered to that, and the manifest's encoder records the overlap used)."
+    )
+    max_windows: int = Field(
+        64, ge=1,
+        description="At most this many windows per document (64 x 256 tokens ~ 60,000 characters at MiniLM's "
+        "max length); the rest of a longer document is dropped, and such documents are counted and listed "
+        "in stats/encode.json (capped_documents, capped_ids).",
+    )
+    write_chunks: bool = Field(
+        False,
+        description="Also write chunks/<shard>.parquet: one row per window (id, chunk, start_char, end_char "
+        "into the text, n_tokens, vector), committed with the shard. The vector is the window's, normalised "
+        "when the model normalises.",
+    )
+    window_pooling: Literal["mean", "first", "max"] = Field(
+        "mean",
+        description="How a document's window vectors become its vector: token-count-weighted 'mean', the "
+        "'first' window, or element-wise 'max' (normalised afterwards when the model normalises).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -48,6 +76,7 @@ class EncodeConfig(Section):
         description="Token budget of one model batch (padding counted); null = 2048 on CPU (the fastest on "
         "this project's CPU measurements: `embedjob bench encode --batch-tokens N`), 16384 on CUDA.",
     )
+
     def batch_tokens_for(self, device: str) -> int:
         """``batch_tokens`` with its per-device default resolved."""
         if self.batch_tokens:

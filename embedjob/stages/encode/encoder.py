@@ -27,6 +27,15 @@ import numpy as np
 
 from embedjob.models import model_fingerprint
 from embedjob.stages.encode.settings import POOLING_MODES, EncoderSettings, resolve_encoder_settings
+from embedjob.stages.encode.windows import (
+    LONG_DOCUMENT_MODES,
+    WindowPlan,
+    check_window_settings,
+    combine_windows,
+    plan_windows,
+    truncated_plan,
+    window_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +46,65 @@ PAD_MULTIPLE = 16
 @dataclass
 class EncodedBatch:
     vectors: np.ndarray  # (n, dim) float32, input order
-    n_tokens: np.ndarray  # (n,) int32, tokens fed to the model incl. special tokens
+    n_tokens: np.ndarray  # (n,) int32, the document's tokens incl. special tokens (all of them with windows)
+    windows: Optional[np.ndarray] = None  # (n,) int32 windows encoded per document
+    encoded_tokens: Optional[np.ndarray] = None  # (n,) int32 tokens fed to the model (overlaps counted twice)
+    capped: Optional[np.ndarray] = None  # (n,) bool: longer than encode.max_windows windows, tail dropped
+    window_vectors: Optional[np.ndarray] = None  # (W, dim) per window, by document (encode_ids(windows_out=True))
+    window_tokens: Optional[np.ndarray] = None  # (W,) int32 tokens of each window
+
+
+@dataclass
+class Tokenized:
+    """A tokenizer call: token ids per document (cut to the tokenizer's cap, ending with [SEP]),
+    each document's whole token count, and (when asked) word ids and character offsets per token."""
+
+    ids: list[list[int]]
+    doc_tokens: np.ndarray  # (n,) int64 tokens of the whole document (special tokens included)
+    word_ids: Optional[list[list[Optional[int]]]] = None
+    offsets: Optional[list[list[tuple[int, int]]]] = None
+
+    def capped(self, k: int) -> bool:
+        """True when document ``k`` lost tokens to the cap."""
+        return int(self.doc_tokens[k]) > len(self.ids[k])
 
 
 class Tokenizer:
-    """The model's fast tokenizer: texts -> truncated token id arrays (special tokens included)."""
+    """The model's fast tokenizer: texts -> token id arrays (special tokens included), at most
+    ``max_tokens`` per document (default ``max_length``: truncation; more for windows)."""
 
-    def __init__(self, model_path: str, max_length: int):
+    def __init__(self, model_path: str, max_length: int, max_tokens: Optional[int] = None):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
         self.max_length = max_length
+        self.max_tokens = max(max_tokens or max_length, max_length)
+        if self.max_tokens > max_length:
+            # whole documents are tokenised on purpose: no "longer than the maximum" warning
+            self.tok.model_max_length = 1 << 40
+
+    def encode(self, texts: Sequence[str], *, words: bool = False) -> Tokenized:
+        """Tokenise ``texts``; ``words`` adds word ids and offsets (the static vectors' alignment)."""
+        windows = self.max_tokens > self.max_length
+        enc = self.tok(list(texts), truncation=not windows, max_length=None if windows else self.max_length,
+                       add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False,
+                       return_offsets_mapping=words)
+        ids = enc["input_ids"]
+        doc_tokens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        word_ids = [enc.word_ids(k) for k in range(len(ids))] if words else None
+        offsets = list(enc["offset_mapping"]) if words else None
+        cap = self.max_tokens
+        for k in np.flatnonzero(doc_tokens > cap).tolist():  # keep the head and the closing [SEP]
+            ids[k] = ids[k][:cap - 1] + ids[k][-1:]
+            if words:
+                word_ids[k] = word_ids[k][:cap - 1] + [None]
+                offsets[k] = offsets[k][:cap - 1] + [(0, 0)]
+        return Tokenized(ids, doc_tokens, word_ids, offsets)
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
         if not texts:
             return []
-        enc = self.tok(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True,
-                       return_attention_mask=False, return_token_type_ids=False)
-        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
-
+        return [np.asarray(ids, dtype=np.int32) for ids in self.encode(texts).ids]
 
 
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_docs: int) -> list[np.ndarray]:
@@ -75,8 +124,10 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_docs: int) 
 
 
 # A hook called with every model batch: (hidden states of the chosen layers, attention mask,
-# positions of the batch's documents in the input). Used by the static word vector stage.
-TokenHook = Callable[[Any, Any, np.ndarray], None]
+# positions of the batch's documents in the input, one per row, and each row's window spans:
+# WindowPlan.spans, which say which of the document's token positions a row holds and owns).
+# Used by the static word vector stage.
+TokenHook = Callable[[Any, Any, np.ndarray, np.ndarray], None]
 
 
 BATCHING_MODES = ("auto", "packed", "padded")
@@ -125,7 +176,13 @@ class TextEncoder:
         except (ValueError, ImportError):  # models without SDPA support
             self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model.eval().to(self.device)
-        self.tokenizer = Tokenizer(path, self.settings.max_length)
+        if self.settings.long_documents not in LONG_DOCUMENT_MODES:
+            raise ValueError(f"encode.long_documents={self.settings.long_documents!r}; "
+                             f"valid: {', '.join(LONG_DOCUMENT_MODES)}")
+        if self.settings.long_documents == "windows":
+            check_window_settings(self.settings.max_length, self.settings.window_overlap, self.settings.max_windows,
+                                  self.settings.window_pooling)
+        self.tokenizer = Tokenizer(path, self.settings.max_length, self.settings.max_document_tokens())
         self.pad_id = self.tokenizer.tok.pad_token_id or 0
         self.dim = int(self.model.config.hidden_size)
         self.batch_tokens = batch_tokens
@@ -152,7 +209,9 @@ class TextEncoder:
         self.batching = "packed" if self.packed is not None else "padded"
         on_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
-        self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0}
+        # tokens = fed to the model (real, overlaps of windows twice); doc_tokens = the documents' own
+        self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0, "doc_tokens": 0,
+                         "windows": 0, "capped_docs": 0}
 
     @property
     def output_hidden_layers(self) -> Optional[tuple]:
@@ -189,34 +248,81 @@ class TextEncoder:
                    max_batch_docs=cfg.max_batch_docs, **kwargs)
 
     def encode_texts(self, texts: Sequence[str], token_hook: Optional[TokenHook] = None) -> EncodedBatch:
-        return self.encode_ids(self.tokenizer(texts), token_hook=token_hook)
+        if not texts:
+            return self.encode_ids([], token_hook=token_hook)
+        tok = self.tokenizer.encode(texts)
+        return self.encode_ids([np.asarray(x, dtype=np.int32) for x in tok.ids], token_hook=token_hook,
+                               doc_tokens=tok.doc_tokens)
 
     def encode_ids(self, ids: Sequence[np.ndarray], token_hook: Optional[TokenHook] = None,
+                   doc_tokens: Optional[np.ndarray] = None, windows_out: bool = False,
                    on_batch: Optional[Callable[[int, int], None]] = None) -> EncodedBatch:
-        """Vectors for documents given as token id arrays (with special tokens), in input order;
-        ``on_batch(documents, tokens)`` is called after each model batch (progress). The pooled
-        vectors stay on the device until every batch has run, then come back in one copy."""
+        """Vectors for documents given as token id arrays (with special tokens), in input order.
+
+        With ``long_documents: windows`` a document longer than ``max_length`` is cut into
+        overlapping windows (:mod:`~embedjob.stages.encode.windows`) that share batches with every
+        other document's; its vector combines its windows' (``window_pooling``) before normalising.
+        ``doc_tokens``: each document's whole token count when ``ids`` were capped (the tokenizer's
+        :class:`Tokenized`), reported as ``n_tokens``. ``windows_out`` adds every window's own vector
+        (normalised when the model normalises), windows in document order. ``on_batch(windows,
+        tokens)`` is called after each model batch (progress). The pooled vectors stay on the
+        device until every batch has run, then come back in one copy."""
         torch = self.torch
         n = len(ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        n_tokens = (lengths if doc_tokens is None else np.maximum(np.asarray(doc_tokens), lengths)).astype(np.int32)
+        plan = self._plan(lengths)
+        plan.capped |= n_tokens > lengths  # the tokenizer cut the document at the cap already
         if n == 0:
-            return EncodedBatch(out, lengths.astype(np.int32))
+            return EncodedBatch(out, n_tokens, plan.windows, lengths.astype(np.int32), plan.capped,
+                                np.zeros((0, self.dim), np.float32), np.zeros(0, np.int32))
+        wids = window_ids(ids, plan)
+        wlen = plan.n_tokens
+        hook = None
+        if token_hook is not None:
+            def hook(layers, mask, idx):
+                token_hook(layers, mask, plan.doc[idx], plan.spans(idx))
         run = self._run_packed if self.packed is not None else self._run_padded
         parts, order = [], []
+        share = 1.0 / np.maximum(plan.windows[plan.doc], 1)  # each window's share of its document (progress)
+        done, reported = 0.0, 0
         with torch.inference_mode():
-            for idx, pooled in run(ids, lengths, token_hook):
+            for idx, pooled in run(wids, wlen, hook):
                 parts.append(pooled)
                 order.append(idx)
                 if on_batch is not None:
-                    on_batch(len(idx), int(lengths[idx].sum()))
+                    done += float(share[idx].sum())
+                    k = min(n, int(round(done))) - reported
+                    reported += k
+                    on_batch(k, int(wlen[idx].sum()))
+            if on_batch is not None and reported < n:
+                on_batch(n - reported, 0)
             pooled = torch.cat(parts)
+            by_window = torch.empty_like(pooled)
+            by_window[torch.from_numpy(np.concatenate(order)).to(pooled.device)] = pooled
+            pooled = combine_windows(by_window, plan, self.settings.window_pooling)
+            win_vecs = None
             if self.settings.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            out[np.concatenate(order)] = pooled.cpu().numpy()
-        self.counters["docs"] += n
-        self.counters["tokens"] += int(lengths.sum())
-        return EncodedBatch(out, lengths.astype(np.int32))
+                by_window = torch.nn.functional.normalize(by_window, p=2, dim=1)
+            out[:] = pooled.cpu().numpy()
+            if windows_out:
+                win_vecs = by_window.cpu().numpy()
+        encoded = np.bincount(plan.doc, weights=wlen, minlength=n).astype(np.int32)
+        c = self.counters
+        c["docs"] += n
+        c["tokens"] += int(wlen.sum())
+        c["doc_tokens"] += int(n_tokens.sum())
+        c["windows"] += len(wlen)
+        c["capped_docs"] += int(plan.capped.sum())
+        return EncodedBatch(out, n_tokens, plan.windows, encoded, plan.capped, win_vecs, wlen.astype(np.int32))
+
+    def _plan(self, lengths: np.ndarray) -> WindowPlan:
+        st = self.settings
+        if st.long_documents != "windows":
+            return truncated_plan(lengths)
+        return plan_windows(lengths, st.max_length, st.window_overlap, st.max_windows)
 
     def _run_packed(self, ids, lengths, token_hook):
         from embedjob.stages.encode.packed import PackedBatch, packed_batches

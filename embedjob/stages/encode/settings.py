@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 POOLING_MODES = ("mean", "cls", "max")
 ENCODER_RECIPE = "bert_docvec_v1"
+# What document vectors depend on: hashed into the recipe (``pipeline.shard_stage_hash``). The window
+# keys count only with ``long_documents: windows``, so a truncating job keeps its earlier recipe.
+RECIPE_KEYS = ("model_fingerprint", "pooling", "normalize", "max_length", "recipe")
+WINDOW_RECIPE_KEYS = ("long_documents", "window_overlap", "max_windows", "window_pooling")
 
 
 def cpu_supports_bf16() -> bool:
@@ -57,6 +61,29 @@ class EncoderSettings:
     device: str = "cpu"
     model_fingerprint: str = ""
     backend: str = "torch"
+    # long documents: "truncate" here, so that a manifest written before windows existed reads back as it ran
+    long_documents: str = "truncate"
+    window_overlap: int = 32
+    max_windows: int = 64
+    window_pooling: str = "mean"
+    write_chunks: bool = False
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The settings document vectors depend on (:data:`RECIPE_KEYS`, plus the window settings
+        when documents are cut into windows)."""
+        keys = RECIPE_KEYS + (WINDOW_RECIPE_KEYS if self.long_documents == "windows" else ())
+        keys += ("write_chunks",) if self.write_chunks else ()
+        d = self.as_dict()
+        return {k: d[k] for k in keys}
+
+    def max_document_tokens(self) -> int:
+        """The most token ids of one document the tokenizer keeps: ``max_length`` when truncating,
+        ``max_windows`` windows' worth with windows."""
+        if self.long_documents != "windows":
+            return self.max_length
+        from embedjob.stages.encode.windows import max_document_tokens
+
+        return max_document_tokens(self.max_length, self.window_overlap, self.max_windows)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,4 +106,9 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
     return EncoderSettings(recipe=ENCODER_RECIPE, dim=dim, model=cfg.model, model_path=path, pooling=pooling,
                            normalize=bool(normalize), max_length=int(max_length),
                            dtype=resolve_dtype(cfg.dtype, device), device=device,
-                           backend=getattr(cfg, "backend", "torch"))
+                           backend=getattr(cfg, "backend", "torch"),
+                           long_documents=getattr(cfg, "long_documents", "truncate"),
+                           window_overlap=min(int(getattr(cfg, "window_overlap", 32)), (int(max_length) - 2) // 2),
+                           max_windows=int(getattr(cfg, "max_windows", 64)),
+                           window_pooling=getattr(cfg, "window_pooling", "mean"),
+                           write_chunks=bool(getattr(cfg, "write_chunks", False)))

@@ -41,6 +41,7 @@ class _CallState:
     slot_of: dict[tuple[int, str], int]  # (run, word) -> slot
     counts: np.ndarray  # occurrences per slot
     tok_inst: list[np.ndarray]  # per kept doc: instance (word occurrence) index per token, -1 = none
+    first_pos: list[np.ndarray]  # per kept doc: token position of each instance's first piece
     inst_slot: list[np.ndarray]  # per kept doc: slot of each instance
     sums: Any  # torch (slots, dim) float32 on the encoder's device
 
@@ -72,6 +73,7 @@ class StaticAccumulator:
         words_col = batch.column(WORDS).to_pylist()
         slot_of: dict[tuple[int, str], int] = {}
         tok_inst: list[np.ndarray] = []
+        first_pos: list[np.ndarray] = []
         inst_slot: list[np.ndarray] = []
         for row in np.flatnonzero(keep):
             run = int(run_of[row])
@@ -83,16 +85,26 @@ class StaticAccumulator:
                 if s is None:
                     s = slot_of[key] = len(slot_of)
                 slots[w] = s
-            tok_inst.append(np.asarray(wid_col[row], dtype=np.int64))
+            t = np.asarray(wid_col[row], dtype=np.int64)
+            first = np.zeros(len(words), dtype=np.int64)
+            at = np.flatnonzero(t >= 0)
+            seen, first_at = np.unique(t[at], return_index=True)  # positions ascend: each one's first piece
+            first[seen] = at[first_at]
+            tok_inst.append(t)
+            first_pos.append(first)
             inst_slot.append(slots)
         n_slots = len(slot_of)
         counts = np.bincount(np.concatenate(inst_slot) if inst_slot else np.zeros(0, np.int64),
                              minlength=n_slots).astype(np.int64)
         sums = self.torch.zeros((n_slots, self.dim), dtype=self.torch.float32, device=self.encoder.device)
-        self._state = _CallState(runs, slot_of, counts, tok_inst, inst_slot, sums)
+        self._state = _CallState(runs, slot_of, counts, tok_inst, first_pos, inst_slot, sums)
         return self._hook
 
-    def _hook(self, layers, mask, idx: np.ndarray) -> None:
+    def _hook(self, layers, mask, idx: np.ndarray, spans: np.ndarray) -> None:
+        """One model batch: row ``r`` is a window of document ``idx[r]`` (``spans[r]``: the position of
+        its column 0, the positions it covers and those it owns, :meth:`WindowPlan.spans`). An
+        occurrence is taken by the window that owns its first piece (the one where it has the most
+        context), so overlapping windows count it once; its pieces are pooled from that window."""
         torch = self.torch
         st = self._state
         h = layers[0].float() if len(layers) == 1 else torch.stack([x.float() for x in layers]).mean(0)
@@ -100,12 +112,19 @@ class StaticAccumulator:
         pos, inst, slots = [], [], []
         offset = 0
         for r, j in enumerate(idx):
+            col0, a, b, lo, hi = (int(x) for x in spans[r])
             t = st.tok_inst[j]
-            p = np.flatnonzero(t >= 0)
-            pos.append(r * S + p)
-            inst.append(offset + t[p])
-            slots.append(st.inst_slot[j])
-            offset += len(st.inst_slot[j])
+            p = np.arange(a, min(b, len(t)), dtype=np.int64)
+            p = p[t[p] >= 0]
+            fp = st.first_pos[j][t[p]]
+            p = p[(fp >= lo) & (fp < hi)]
+            if not len(p):
+                continue
+            taken, local = np.unique(t[p], return_inverse=True)
+            pos.append(r * S + p - col0)
+            inst.append(offset + local)
+            slots.append(st.inst_slot[j][taken])
+            offset += len(taken)
         if offset == 0:
             return
         vec = self._pool(h.reshape(B * S, D), np.concatenate(pos), np.concatenate(inst), offset)

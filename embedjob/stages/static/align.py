@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from gensim.parsing import preprocess_string
 
-from embedjob.schema import INPUT_IDS, TOKENS, WORD_IDS, WORDS
+from embedjob.schema import DOC_TOKENS, INPUT_IDS, TOKENS, WORD_IDS, WORDS
 
 _NORM_CACHE: dict[int, tuple[Any, dict[str, str]]] = {}
 _NORM_CACHE_MAX = 500_000
@@ -45,26 +45,29 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     ``_word_ids`` (list<int32>, one per token of ``_input_ids``): index into the row's ``_words``,
     -1 for special tokens and for words that are not counted; ``_words`` (list<string>): one
     vocabulary word per counted word occurrence. ``_input_ids`` is (re)written from the same
-    tokenisation so the two always agree (same truncation). A word cut by truncation is not
-    counted (its pieces are incomplete)."""
+    tokenisation so the two always agree (same truncation or cap), and ``_doc_tokens`` (the whole
+    document's token count) when whole documents are tokenised (``encode.long_documents: windows``).
+    A word cut by truncation or the cap is not counted (its pieces are incomplete)."""
     n = len(texts)
     todo = [i for i in range(n) if not empty[i]]
     ids_col: list[Any] = [[] for _ in range(n)]
     wid_col: list[Any] = [[] for _ in range(n)]
     words_col: list[list[str]] = [[] for _ in range(n)]
+    n_tok = np.zeros(n, dtype=np.int32)
+    whole = tok.max_tokens > tok.max_length
     if todo:
-        enc = tok.tok([texts[i] for i in todo], truncation=True, max_length=tok.max_length,
-                      add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False,
-                      return_token_type_ids=False)
+        enc = tok.encode([texts[i] for i in todo], words=True)
         doc_tokens = table.column(TOKENS).to_pylist() if TOKENS in table.column_names else None
         for k, i in enumerate(todo):
-            ids = enc["input_ids"][k]
+            ids = enc.ids[k]
             allowed = set(doc_tokens[i]) if doc_tokens is not None else None
-            truncated = len(ids) >= tok.max_length
+            truncated = enc.capped(k) if whole else len(ids) >= tok.max_length
             ids_col[i] = ids
-            wid_col[i], words_col[i] = _align_doc(texts[i], enc.word_ids(k), enc["offset_mapping"][k],
+            n_tok[i] = enc.doc_tokens[k]
+            wid_col[i], words_col[i] = _align_doc(texts[i], enc.word_ids[k], enc.offsets[k],
                                                   truncated, allowed, filters)
-    return _with_alignment(table, ids_col, wid_col, words_col)
+    table = _with_alignment(table, ids_col, wid_col, words_col)
+    return table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32())) if whole else table
 
 
 def _align_doc(text: str, word_ids: list[Optional[int]], offsets, truncated: bool,

@@ -1,0 +1,172 @@
+"""Long documents as overlapping windows: every token reaches the encoder (``encode.long_documents:
+windows``), each window at most the model's max length, with its own [CLS] and [SEP].
+
+A document's token ids (``[CLS] t1 .. tn [SEP]``, as the tokenizer gives them) are cut into windows
+of ``max_length - 2`` content tokens that overlap by ``overlap`` tokens; the last window is aligned
+to the document's end, so it has full context too. At most ``max_windows`` windows are kept (a
+1M-character document stays bounded); such a document is *capped* and the encoder counts it. Every
+token position is *owned* by exactly one window, the one whose centre is nearest (most context on
+both sides), so that per-token consumers (the static word vectors) count each occurrence once.
+
+Numpy only (no torch at import), like the rest of the encoder core. Example::
+
+    plan = plan_windows(np.array([600, 10]), max_length=256, overlap=32, max_windows=64)
+    plan.doc        # [0, 0, 0, 1]: three windows for the first document, one for the second
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+LONG_DOCUMENT_MODES = ("windows", "truncate")
+WINDOW_POOLING_MODES = ("mean", "first", "max")
+
+
+def max_document_tokens(max_length: int, overlap: int, max_windows: int) -> int:
+    """Token ids (special tokens included) that ``max_windows`` windows hold: the tokenizer's cap."""
+    k = window_content(max_length)
+    return 2 + k + (max_windows - 1) * (k - overlap)
+
+
+def window_content(max_length: int) -> int:
+    """Content tokens of one window ([CLS] and [SEP] take two of ``max_length``)."""
+    return max(1, max_length - 2)
+
+
+def check_window_settings(max_length: int, overlap: int, max_windows: int, pooling: str) -> None:
+    """ValueError naming the setting when the window settings cannot work together."""
+    if pooling not in WINDOW_POOLING_MODES:
+        raise ValueError(f"encode.window_pooling={pooling!r}; valid: {', '.join(WINDOW_POOLING_MODES)}")
+    if max_windows < 1:
+        raise ValueError(f"encode.max_windows={max_windows}: at least 1")
+    if not 0 <= overlap <= window_content(max_length) // 2:
+        raise ValueError(f"encode.window_overlap={overlap}: between 0 and half a window "
+                         f"({window_content(max_length) // 2} tokens at max_length {max_length})")
+
+
+@dataclass
+class WindowPlan:
+    """The windows of a call's documents, in document order. Positions index a document's token
+    ids (0 = its [CLS]). Window ``w`` covers positions ``start[w] <= p < end[w]``: a *whole* window is
+    the document's ids as they are (column ``c`` = position ``c``); any other holds ``ids[start:end]``
+    between a [CLS] and a [SEP] of its own (column ``c`` = position ``start - 1 + c``). It owns the
+    positions ``own_lo[w] <= p < own_hi[w]``."""
+
+    doc: np.ndarray  # (W,) int64 document of each window
+    start: np.ndarray  # (W,) int64
+    end: np.ndarray  # (W,) int64
+    whole: np.ndarray  # (W,) bool
+    own_lo: np.ndarray  # (W,) int64
+    own_hi: np.ndarray  # (W,) int64
+    windows: np.ndarray  # (n,) int32 windows per document
+    capped: np.ndarray  # (n,) bool: the document had more than max_windows windows (its tail dropped)
+
+    @property
+    def single(self) -> bool:
+        """Every document is one whole window (nothing to cut or combine)."""
+        return bool(self.whole.all()) and len(self.doc) == len(self.windows)
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        """(W,) tokens fed to the model per window, special tokens included."""
+        return self.end - self.start + np.where(self.whole, 0, 2)
+
+    def spans(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), 5)`` int64 for token hooks: the position of column 0 (columns map to
+        positions ``offset + c``), the covered positions [start, end) and the owned ones [own_lo, own_hi)."""
+        offset = np.where(self.whole[rows], 0, self.start[rows] - 1)
+        return np.stack([offset, self.start[rows], self.end[rows], self.own_lo[rows], self.own_hi[rows]], axis=1)
+
+
+def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int) -> WindowPlan:
+    """Windows over documents of ``lengths`` token ids each (special tokens included)."""
+    k = window_content(max_length)
+    stride = max(1, k - overlap)
+    docs, starts, ends, wholes, lo, hi = [], [], [], [], [], []
+    n = len(lengths)
+    windows = np.zeros(n, dtype=np.int32)
+    capped = np.zeros(n, dtype=bool)
+    for d in range(n):
+        L = int(lengths[d])
+        if L <= max_length:
+            s, e, whole = np.array([0]), np.array([L]), np.array([True])
+        else:
+            m = 1 + -(-(L - 2 - k) // stride)
+            s = 1 + stride * np.arange(min(m, max_windows), dtype=np.int64)
+            if m > max_windows:
+                capped[d] = True
+            else:
+                s[-1] = L - 1 - k  # the last window ends with the document: full context for its tail
+            e, whole = s + k, np.zeros(len(s), dtype=bool)
+        centre2 = s + e  # twice the centre
+        cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
+        docs.append(np.full(len(s), d, dtype=np.int64))
+        starts.append(s)
+        ends.append(e)
+        wholes.append(whole)
+        lo.append(np.concatenate([[0], cut]))
+        hi.append(np.concatenate([cut, [L]]))
+        windows[d] = len(s)
+    if not n:
+        z = np.zeros(0, np.int64)
+        return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped)
+    cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+    return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped)
+
+
+def truncated_plan(lengths: np.ndarray) -> WindowPlan:
+    """One whole window per document (``encode.long_documents: truncate``: the ids are already cut)."""
+    n = len(lengths)
+    z = np.zeros(n, dtype=np.int64)
+    L = np.asarray(lengths, dtype=np.int64)
+    return WindowPlan(np.arange(n, dtype=np.int64), z, L, np.ones(n, bool), z, L, np.ones(n, np.int32),
+                      np.zeros(n, bool))
+
+
+def window_ids(ids: Sequence[np.ndarray], plan: WindowPlan) -> list[np.ndarray]:
+    """The token ids of every window: ``[CLS] ids[start:end] [SEP]``, or a whole document as it is."""
+    if plan.single:
+        return list(ids)
+    out = []
+    for d, s, e, whole in zip(plan.doc.tolist(), plan.start.tolist(), plan.end.tolist(), plan.whole.tolist()):
+        x = ids[d]
+        out.append(x if whole else np.concatenate([x[:1], x[s:e], x[-1:]]))
+    return out
+
+
+def combine_windows(pooled: Any, plan: WindowPlan, mode: str) -> Any:
+    """Document vectors ``(n, dim)`` from window vectors ``(W, dim)`` (torch, float32): the
+    token-count-weighted ``mean`` of a document's windows, its ``first`` window, or the ``max``."""
+    import torch
+
+    if plan.single:
+        return pooled
+    n = len(plan.windows)
+    dev = pooled.device
+    doc = torch.from_numpy(plan.doc).to(dev)
+    if mode == "first":
+        first = np.concatenate([[0], np.cumsum(plan.windows)[:-1]]).astype(np.int64)
+        return pooled[torch.from_numpy(first).to(dev)]
+    if mode == "max":
+        out = pooled.new_full((n, pooled.shape[1]), float("-inf"))
+        return out.scatter_reduce(0, doc.unsqueeze(1).expand_as(pooled), pooled, reduce="amax")
+    w = torch.from_numpy(plan.n_tokens.astype(np.float32)).to(dev)
+    out = torch.zeros((n, pooled.shape[1]), dtype=pooled.dtype, device=dev)
+    out.index_add_(0, doc, pooled * w.unsqueeze(1))
+    total = torch.zeros(n, dtype=pooled.dtype, device=dev).index_add_(0, doc, w)
+    return out / total.clamp(min=1e-9).unsqueeze(1)
+
+
+def chunk_char_spans(offsets: list[tuple[int, int]], plan: WindowPlan, d: int) -> list[int]:
+    """``[start_char, end_char, ...]`` of document ``d``'s windows from its tokens' character
+    ``offsets`` (the tokenizer's offset mapping; special tokens are ``(0, 0)``), so that
+    ``text[start_char:end_char]`` is the window's text."""
+    out: list[int] = []
+    for w in np.flatnonzero(plan.doc == d).tolist():
+        a, b = int(plan.start[w]), int(plan.end[w])
+        real = [offsets[p] for p in range(a, min(b, len(offsets))) if offsets[p][1] > offsets[p][0]]
+        out.extend([real[0][0], real[-1][1]] if real else [0, 0])
+    return out

@@ -1,0 +1,290 @@
+"""Long documents as overlapping windows (encode.long_documents: windows): every token reaches the
+encoder, windows are combined before normalising, static word vectors count each occurrence once,
+huge documents are capped and counted, and the recipe changes with the window settings."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.stages.encode import EncodeConfig, TextEncoder
+from embedjob.stages.encode.windows import max_document_tokens, plan_windows
+from tests.conftest import SAMPLE_TEXTS, write_shards
+from tests.helpers import small_job
+
+LONG = " ".join(SAMPLE_TEXTS)  # ~170 tokens
+
+
+@pytest.mark.parametrize("max_length,overlap", [(16, 4), (32, 0), (256, 32), (10, 4)])
+def test_windows_cover_every_token_and_own_each_once(max_length, overlap):
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([[2, 3, max_length, max_length + 1], rng.integers(2, 40 * max_length, 200)])
+    plan = plan_windows(lengths, max_length, overlap, max_windows=10_000)
+    assert not plan.capped.any()
+    assert (plan.n_tokens <= max_length).all()
+    for d, L in enumerate(lengths.tolist()):
+        w = np.flatnonzero(plan.doc == d)
+        assert len(w) == plan.windows[d]
+        covered = np.zeros(L, dtype=int)
+        owned = np.zeros(L, dtype=int)
+        for k in w:
+            covered[plan.start[k]:plan.end[k]] += 1
+            owned[plan.own_lo[k]:plan.own_hi[k]] += 1
+            # a window owns only positions it holds (or the document's own [CLS]/[SEP])
+            inner = np.arange(plan.own_lo[k], plan.own_hi[k])
+            inner = inner[(inner > 0) & (inner < L - 1)]
+            assert ((inner >= plan.start[k]) & (inner < plan.end[k])).all()
+        assert (covered[1:L - 1] >= 1).all(), "every content token is in some window"
+        assert (owned == 1).all(), "every position is owned by exactly one window"
+        if len(w) > 1:  # consecutive windows overlap by at least `overlap` tokens
+            assert (plan.end[w[:-1]] - plan.start[w[1:]] >= overlap).all()
+            assert plan.end[w[-1]] == L - 1  # the last window ends with the document
+
+
+def test_cap_counts_windows_and_matches_the_tokenizer_cap():
+    cap = max_document_tokens(16, 4, 5)
+    plan = plan_windows(np.array([cap, cap + 1, 10 * cap]), 16, 4, 5)
+    assert plan.windows.tolist() == [5, 5, 5]
+    assert plan.capped.tolist() == [False, True, True]
+
+
+def _windows_reference(enc_trunc, ids, max_length, overlap, mode):
+    """A document's vector computed by hand: its windows encoded one by one, combined, normalised."""
+    plan = plan_windows(np.array([len(ids)]), max_length, overlap, 10_000)
+    wins = [ids if plan.whole[k] else np.concatenate([ids[:1], ids[plan.start[k]:plan.end[k]], ids[-1:]])
+            for k in range(len(plan.doc))]
+    vecs = enc_trunc.encode_ids(wins).vectors
+    w = plan.n_tokens.astype(np.float64)
+    v = {"mean": (vecs * w[:, None]).sum(0) / w.sum(), "first": vecs[0], "max": vecs.max(0)}[mode]
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("mode", ["mean", "first", "max"])
+def test_document_vector_combines_windows_before_normalising_in_order(tiny_model, mode):
+    kw = dict(model=tiny_model, dtype="float32", max_length=32, window_overlap=8, normalize=True)
+    texts = [LONG, "a short one", LONG[::-1], "x", LONG[:300]] * 2
+    got = {}
+    for batching, budget in (("padded", 64), ("packed", 100_000)):
+        enc = TextEncoder.from_config(EncodeConfig(window_pooling=mode, batch_tokens=budget, **kw), batching=batching)
+        got[batching] = enc.encode_texts(texts)
+    a, b = got["padded"], got["packed"]
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=2e-5)  # order restored whatever the batches
+    np.testing.assert_allclose(a.vectors[:5], a.vectors[5:], atol=1e-6)
+    trunc = TextEncoder.from_config(EncodeConfig(long_documents="truncate", pooling="mean", **kw))
+    trunc.settings.normalize = False  # raw window vectors: the reference combines, then normalises
+    full = TextEncoder.from_config(EncodeConfig(long_documents="truncate", **{**kw, "max_length": 512}))
+    for i, t in enumerate(texts[:5]):
+        ids = np.asarray(full.tokenizer.encode([t]).ids[0], dtype=np.int32)
+        assert a.n_tokens[i] == len(ids)  # n_tokens counts the whole document
+        ref = _windows_reference(trunc, ids, 32, 8, mode)
+        np.testing.assert_allclose(a.vectors[i], ref, atol=1e-5)
+    assert a.windows[0] > 1 and a.windows[1] == 1
+    # a short document gets exactly the vector truncation gives it
+    short = TextEncoder.from_config(EncodeConfig(long_documents="truncate", **kw)).encode_texts(["a short one"])
+    np.testing.assert_allclose(a.vectors[1], short.vectors[0], atol=1e-6)
+
+
+def test_huge_document_is_capped_and_counted(tiny_model):
+    enc = TextEncoder.from_config(EncodeConfig(model=tiny_model, dtype="float32", max_length=64, max_windows=4))
+    huge = "word " * 200_000  # a million characters
+    r = enc.encode_texts(["tiny", huge])
+    assert r.capped.tolist() == [False, True]
+    assert r.windows.tolist() == [1, 4]
+    assert r.n_tokens[1] == 200_002  # the whole document's tokens, [CLS] and [SEP] included
+    assert r.encoded_tokens[1] == 4 * 64
+    assert enc.counters["capped_docs"] == 1 and enc.counters["windows"] == 5
+    assert np.isfinite(r.vectors).all()
+
+
+def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_model):
+    """With hidden states of ones, a word's pooled vector is 1 exactly when each of its occurrences
+    was taken by one window: overlapping windows would make it 2, a dropped one less than 1."""
+    import torch
+
+    from embedjob.stages.encode import resolve_encoder_settings
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.static.accumulate import StaticAccumulator
+
+    cfg = EncodeConfig(model=tiny_model, dtype="float32", max_length=16, window_overlap=7)
+    settings = resolve_encoder_settings(cfg)
+    texts = [LONG, "Unbelievable cats chase unbelievable dogs " * 20, "cats"]
+    n = len(texts)
+    table = pa.table({"_shard": ["s"] * n, "_row": list(range(n)), "id": [str(i) for i in range(n)], "text": texts})
+    pre = Preprocessor(PreprocessConfig(), "text", settings, {"out_url": str(tmp_path)})(table)
+    enc = TextEncoder(settings, batch_tokens=64, max_batch_docs=3)
+    acc = StaticAccumulator(enc, out_url=str(tmp_path / "out"), word_pooling="mean")
+    hook = acc.hook_for(pre, np.ones(n, dtype=bool))
+
+    def ones(layers, mask, idx, spans):
+        hook([torch.ones_like(layers[0])], mask, idx, spans)
+
+    ids = [np.asarray(x, dtype=np.int32) for x in pre.column("_input_ids").to_pylist()]
+    r = enc.encode_ids(ids, token_hook=ones, doc_tokens=pre.column("_doc_tokens").to_numpy())
+    assert r.windows[0] > 5 and r.windows[1] > 5
+    st = acc._state
+    per_occurrence = st.sums.numpy()[:, 0] / st.counts
+    np.testing.assert_allclose(per_occurrence, 1.0, atol=1e-6)
+    assert st.counts.sum() == sum(len(w) for w in pre.column("_words").to_pylist())
+
+
+def test_static_vectors_with_windows_through_the_actor(tmp_path, tiny_model):
+    """Preprocess -> EncodeActor (accumulator) -> parts: every occurrence counted, words past the
+    first window included."""
+    from tests.test_static import _run_stages_without_ray
+
+    text = [LONG + " Zebras graze."]
+    _, counts_w, info, _ = _run_stages_without_ray(tmp_path / "w", tiny_model, text, {}, max_length=16)
+    _, counts_t, _, _ = _run_stages_without_ray(tmp_path / "t", tiny_model, text, {}, max_length=16,
+                                                long_documents="truncate")
+    assert "zebra" in counts_w and "zebra" not in counts_t
+    assert sum(counts_w.values()) > 5 * sum(counts_t.values())
+    assert info["occurrences"] == sum(counts_w.values())
+
+
+BOILERPLATE = (
+    "This document is provided by the regional archive service under its standard terms of use. "
+    "Copying, redistribution and reuse are permitted for personal and educational purposes only, "
+    "provided that this notice is kept intact and the source is acknowledged in every copy. "
+    "The archive makes no warranty of any kind, express or implied, including but not limited to "
+    "warranties of merchantability, fitness for a particular purpose and non-infringement. "
+    "In no event shall the archive or its contributors be liable for any claim, damages or other "
+    "liability arising from, out of or in connection with the document or its use. "
+) * 3
+TOPICS = {
+    "astronomy": ["Astronomy notes: the telescope revealed distant galaxies, nebulae and the rings of Saturn. "
+                  "Astronomers charted the stars and planets of the night sky.",
+                  "Astronomy notes: astronomers measured the orbit of a comet passing the planets and the sun. "
+                  "The observatory telescope tracked the stars all night."],
+    "cooking": ["Cooking notes: in the kitchen, chop the onions and garlic, then simmer them in butter with "
+                "tomatoes. Season the sauce and serve the dish hot.",
+                "Cooking notes: in the kitchen, knead the bread dough, then bake it in a hot oven until golden. "
+                "Serve the warm loaf with butter."],
+    "football": ["Football notes: the striker scored a late goal and the team won the league championship "
+                 "match. The fans cheered in the stadium.",
+                 "Football notes: the goalkeeper saved a penalty kick and the team won the cup final. "
+                 "The football fans cheered in the stadium."],
+}
+
+
+def test_same_boilerplate_different_endings_are_told_apart(minilm_path):
+    texts, labels = [], []
+    for topic, endings in TOPICS.items():
+        for e in endings:
+            texts.append(BOILERPLATE + e)
+            labels.append(topic)
+    default = TextEncoder.from_config(EncodeConfig(dtype="float32"))
+    assert default.settings.long_documents == "windows"
+    r = default.encode_texts(texts)
+    assert (r.n_tokens > 300).all() and (r.windows > 1).all()
+    sim = r.vectors @ r.vectors.T
+    np.fill_diagonal(sim, -1)
+    nearest = sim.argmax(1)
+    assert [labels[j] for j in nearest] == labels, sim
+    trunc = TextEncoder.from_config(EncodeConfig(dtype="float32", long_documents="truncate")).encode_texts(texts)
+    # truncation sees the boilerplate only: every document gets the same vector
+    assert np.abs(trunc.vectors - trunc.vectors[0]).max() < 1e-5
+
+
+def test_recipe_changes_with_window_settings(tmp_path, tiny_model):
+    from embedjob.pipeline import shard_stage_hash
+    from embedjob.stages.encode import resolve_encoder_settings
+
+    def recipe(**encode):
+        cfg = small_job(tmp_path, tmp_path / "o", tiny_model, encode=encode)
+        return shard_stage_hash(cfg, resolve_encoder_settings(cfg.encode))
+
+    hashes = [recipe(), recipe(long_documents="truncate"), recipe(window_overlap=8), recipe(max_windows=8),
+              recipe(window_pooling="max")]
+    assert len(set(hashes)) == len(hashes)
+    # the window settings do not touch a truncating job's recipe (its earlier outputs stay valid)
+    assert recipe(long_documents="truncate") == recipe(long_documents="truncate", window_overlap=8)
+
+
+def test_job_encodes_windows_and_records_them(ray_local, tmp_path, tiny_model):
+    texts = SAMPLE_TEXTS[:4] + [LONG, "word " * 2000]
+    ids = write_shards(tmp_path / "in", texts, n_shards=2)
+    from embedjob.pipeline import run_job
+
+    cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model,
+                    encode={"max_length": 32, "window_overlap": 8, "max_windows": 8, "write_chunks": True})
+    res = run_job(cfg)
+    out = tmp_path / "out"
+    t = pq.read_table(os.path.join(out, "vectors"))
+    n_tokens = dict(zip(t.column("id").to_pylist(), t.column("n_tokens").to_pylist()))
+    enc = TextEncoder.from_config(cfg.encode)
+    ref = enc.encode_texts(texts)
+    assert [n_tokens[i] for i in ids] == ref.n_tokens.tolist()
+    assert n_tokens[ids[5]] == 2002  # the whole document, though only 8 windows were encoded
+    got = dict(zip(t.column("id").to_pylist(), np.array(t.column("vector").to_pylist(), dtype=np.float32)))
+    np.testing.assert_allclose(np.stack([got[i] for i in ids]), ref.vectors, atol=1e-4)
+    stats = json.loads((out / "stats" / "encode.json").read_text())
+    assert stats["windows"] == int(ref.windows.sum()) > len(texts)
+    assert stats["encoded_tokens"] == int(ref.encoded_tokens.sum())
+    assert stats["capped_documents"] == 1 and stats["capped_ids"] == [ids[5]]
+    m = res.manifest
+    assert m["encoder"]["long_documents"] == "windows" and m["encoder"]["window_overlap"] == 8
+    assert m["stages"]["encode"]["capped_documents"] == 1
+    chunks = pq.read_table(os.path.join(out, "chunks"))
+    assert chunks.num_rows == stats["windows"]
+    assert sorted(m["shards"]["part-00000"]["outputs"]) == ["chunks", "tokens", "vectors"]
+    ends = {}
+    for r in chunks.select(["id", "end_char"]).to_pylist():
+        ends[r["id"]] = max(ends.get(r["id"], 0), r["end_char"])
+    assert ends[ids[4]] == len(texts[4])  # the whole text is covered
+
+
+def test_report_shows_windows_and_capped_documents():
+    from embedjob.report.build import run_section
+
+    manifest = {"status": "ok", "totals": {"shards": 1, "done": 1, "rows_out": 5}, "shards": {},
+                "encoder": {"long_documents": "windows", "window_overlap": 32, "max_windows": 64, "max_length": 256},
+                "stages": {"encode": {"documents": 5, "bert_tokens": 6000, "encoded_tokens": 6100, "windows": 27,
+                                      "capped_documents": 1, "capped_ids": ["d4"], "seconds": 2.0}}}
+    html = run_section(manifest)
+    assert "documents capped at max_windows 64" in html and "6,100 / 27" in html
+    assert "truncated at max_length" not in html
+
+
+def test_write_chunks_spans_round_trip_to_the_text(tmp_path, tiny_model):
+    """Preprocess -> EncodeActor -> staged part -> commit, in-process: chunks/<shard>.parquet has one
+    row per window whose character span is that window's text."""
+    from embedjob.stages.encode import EncodeActor, resolve_encoder_settings
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.write import BlockWriter, commit_shard
+
+    settings = resolve_encoder_settings(EncodeConfig(model=tiny_model, dtype="float32", max_length=32,
+                                                     window_overlap=8, write_chunks=True))
+    texts = [LONG + " The zebra crossing is near the old mill.", "A short text.", None, "  " + LONG[:200]]
+    n = len(texts)
+    table = pa.table({"_shard": ["s"] * n, "_row": list(range(n)), "id": [f"d{i}" for i in range(n)], "text": texts})
+    res = EncodeActor(settings, batch_tokens=128, max_batch_docs=4)(Preprocessor(PreprocessConfig(), "text", settings)(table))
+    out = str(tmp_path / "out")
+    BlockWriter(out, {}, "id")(res)
+    marker = commit_shard(out, {}, "s", n, "keep", {}, 32)
+    assert marker["outputs"]["chunks"] == "chunks/s.parquet"
+    chunks = pq.read_table(os.path.join(out, "chunks", "s.parquet")).to_pylist()
+    vectors = {r["id"]: r for r in pq.read_table(os.path.join(out, "vectors", "s.parquet")).to_pylist()}
+    enc = TextEncoder(settings, batch_tokens=128)
+    by_id: dict = {}
+    for c in chunks:
+        by_id.setdefault(c["id"], []).append(c)
+    assert sorted(by_id) == ["d0", "d1", "d3"]  # no chunk for a row without text
+    for i in (0, 1, 3):
+        cs = by_id[f"d{i}"]
+        assert [c["chunk"] for c in cs] == list(range(len(cs)))
+        assert cs[0]["start_char"] == len(texts[i]) - len(texts[i].lstrip())
+        assert cs[-1]["end_char"] == len(texts[i].rstrip())
+        for c in cs:  # each span's text, tokenised, is the window's content
+            piece = texts[i][c["start_char"]:c["end_char"]]
+            assert len(enc.tokenizer.encode([piece]).ids[0]) == c["n_tokens"]
+        assert sum(c["n_tokens"] for c in cs) == enc.encode_texts([texts[i]]).encoded_tokens[0]
+    assert len(by_id["d0"]) > 3 and "zebra" in texts[0][by_id["d0"][-1]["start_char"]:by_id["d0"][-1]["end_char"]]
+    np.testing.assert_allclose(by_id["d1"][0]["vector"], vectors["d1"]["vector"], atol=1e-6)
+    # a document's vector is the token-weighted mean of its chunks' (unnormalised here: the tiny model)
+    cs = by_id["d0"]
+    w = np.array([c["n_tokens"] for c in cs], dtype=np.float64)
+    mean = (np.array([c["vector"] for c in cs]) * w[:, None]).sum(0) / w.sum()
+    np.testing.assert_allclose(mean, vectors["d0"]["vector"], atol=1e-5)
