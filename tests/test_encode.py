@@ -164,7 +164,7 @@ def test_openvino_backend_matches_torch(tiny_model, tmp_path):
     seen = {}
     for name, enc in (("torch", torch_enc), ("ov", ov_enc)):
         enc.output_hidden_layers = (1,)
-        enc.encode_texts(texts[:3], token_hook=lambda layers, mask, idx, name=name: seen.setdefault(
+        enc.encode_texts(texts[:3], token_hook=lambda layers, mask, idx, spans, name=name: seen.setdefault(
             name, layers[0].float().numpy()))
     np.testing.assert_allclose(seen["torch"], seen["ov"], atol=1e-3)
     again = TextEncoder.from_config(cfg)  # from the cache
