@@ -27,6 +27,7 @@ run). Usage on a GPU host, from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -251,6 +252,21 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
         except Exception as e:  # noqa: BLE001
             res["st_error"] = f"{type(e).__name__}: {e}"
 
+    # long documents cut into windows (encode.long_documents=windows), packed on the device vs CPU float32
+    try:
+        long_texts = make_texts(np.full(24, 3 * max_length + 50), rng)
+        w_ref = TextEncoder(dataclasses.replace(settings("cpu", "float32"), long_documents="windows"),
+                            batch_tokens=8192, batching="padded").encode_texts(long_texts)
+        w_got = TextEncoder(dataclasses.replace(settings(args.device, args.dtype), long_documents="windows"),
+                            batch_tokens=args.batch_tokens, batching="packed").encode_texts(long_texts)
+        agr = agreement(w_ref.vectors, w_got.vectors)
+        res["agreement"]["embedjob packed, windows"] = agr
+        res["windows"] = {"documents": len(long_texts), "windows": int(w_got.windows.sum())}
+        if agr["min_cosine"] < args.min_cosine or not np.array_equal(w_ref.windows, w_got.windows):
+            res["failures"].append(f"windows: min cosine vs CPU float32 {agr['min_cosine']:.5f}")
+    except Exception as e:  # noqa: BLE001
+        res["failures"].append(f"windows: {type(e).__name__}: {e}")
+
     # speed: warm-up, then interleaved rounds; the best round of each
     runs: dict[str, list[float]] = {}
     text_runs: dict[str, list[float]] = {}
@@ -286,7 +302,7 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
                 res["st_error"] = f"{type(e).__name__}: {e}"
     tokens = float(got_lengths.sum())
     rows = {}
-    for key in list(variants) + list(st_models):
+    for key in list(variants) + list(st_models) + ["embedjob packed, windows"]:
         row: dict[str, Any] = {}
         if key in runs:
             best = min(runs[key])
