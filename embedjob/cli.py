@@ -136,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     in_opts = None if args.input_storage_option is None else _storage_options(args.input_storage_option)
     text = search_report(args.output, args.query, k=args.k, storage_options=_storage_options(args.storage_option),
-                         input_storage_options=in_opts, words=args.words, as_json=args.json)
+                         input_storage_options=in_opts, words=args.words, as_json=args.json, level=args.level)
     if text:
         print(text)
     return 0
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec option for reading the input shards' text (default: the manifest's, "
                    "with the output's credentials when on the same store)")
     q.add_argument("--words", metavar="NAME", help="search the word index NAME (word2vec, bert) for words near QUERY")
+    q.add_argument("--level", choices=("auto", "doc", "chunk"), default="auto",
+                   help="rank documents by their best passage ('chunk': the job ran with encode.write_chunks, "
+                   "the passage's text is shown) or by their document vector ('doc'); 'auto' = passages where "
+                   "the job wrote them")
     q.add_argument("--json", action="store_true", help="print the hits as one JSON object")
     q.set_defaults(func=cmd_search)
 

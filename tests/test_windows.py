@@ -288,3 +288,30 @@ def test_write_chunks_spans_round_trip_to_the_text(tmp_path, tiny_model):
     w = np.array([c["n_tokens"] for c in cs], dtype=np.float64)
     mean = (np.array([c["vector"] for c in cs]) * w[:, None]).sum(0) / w.sum()
     np.testing.assert_allclose(mean, vectors["d0"]["vector"], atol=1e-5)
+
+
+PLANTED = "The lighthouse keeper repainted the rusty spiral staircase a bright shade of blue."
+
+
+def test_search_returns_the_passage_that_holds_a_planted_phrase(ray_local, tmp_path, minilm_path):
+    """encode.write_chunks + index: `embedjob search` ranks documents by their best passage and
+    shows that passage; the planted phrase sits in the middle of a long document."""
+    from embedjob.pipeline import run_job
+    from embedjob.stages.index.search import search, search_report
+
+    fillers = [" ".join(SAMPLE_TEXTS[i:] + SAMPLE_TEXTS[:i]) for i in range(6)]
+    texts = [f"{fillers[0]} {PLANTED} {fillers[1]}"] + fillers[2:]
+    ids = write_shards(tmp_path / "in", texts, n_shards=2)
+    cfg = small_job(tmp_path / "in", tmp_path / "out", minilm_path, index={"enabled": True},
+                    encode={"max_length": 48, "window_overlap": 8, "write_chunks": True})
+    res = run_job(cfg)
+    assert res.manifest["stages"]["index"]["chunks"]["count"] == res.manifest["stages"]["encode"]["windows"]
+    out = str(tmp_path / "out")
+    hits = search(out, None, "a lighthouse keeper painting the stairs blue", k=3)
+    assert hits[0]["id"] == ids[0] and "lighthouse keeper" in hits[0]["passage"]
+    assert hits[0]["passage"] == texts[0][hits[0]["start_char"]:hits[0]["end_char"]]
+    assert len({h["id"] for h in hits}) == len(hits)  # one hit per document: its best passage
+    docs = search(out, None, "a lighthouse keeper painting the stairs blue", k=3, level="doc")
+    assert "passage" not in docs[0] and docs[0]["text_start"]
+    line = search_report(out, "a lighthouse keeper painting the stairs blue", k=1)
+    assert ids[0] in line and hits[0]["passage"].replace("\n", " ")[:100] in line  # the passage, not the head

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.stages.index.config import (
+    CHUNK_INDEX,
     DOCS,
     INDEX_RECIPE,
     IndexConfig,
@@ -36,7 +37,7 @@ from embedjob.stages.index.shards import (
     shard_codec,
     shard_rows,
 )
-from embedjob.storage import StorageError
+from embedjob.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -256,4 +257,28 @@ def build_words_index(cfg: IndexConfig, name: str, kv) -> BuiltIndex:
     built.meta["normalized_vectors"] = True
     logger.info("index: %s over %d %s word vectors built in %.1fs", built.meta["factory"], len(words), name,
                 built.meta["build_seconds"])
+    return built
+
+
+def build_chunks_index(cfg: IndexConfig, chunk_urls: list[str], storage_options: dict[str, Any],
+                       normalized: bool) -> BuiltIndex:
+    """The passage index over ``chunks/<shard>.parquet`` (encode.write_chunks): position ->
+    ``id``, ``chunk``, ``start_char``, ``end_char``, ``shard``."""
+    xs, labels = [], []
+    for url in chunk_urls:
+        t = Storage(url, storage_options).read_parquet("")
+        if not t.num_rows:
+            continue
+        vec = t.column("vector").combine_chunks()
+        xs.append(np.asarray(vec.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(t.num_rows, -1))
+        shard = url.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        labels.append(t.select(["id", "chunk", "start_char", "end_char"]).append_column(
+            "shard", pa.array([shard] * t.num_rows, pa.string())))
+    if not xs:
+        raise StorageError("index: encode.write_chunks is on but no chunk files hold rows")
+    x = np.ascontiguousarray(np.concatenate(xs))
+    t0 = time.time()
+    built = build_from_matrix(x, pa.concat_tables(labels), cfg, resolve_metric(cfg, normalized), CHUNK_INDEX)
+    built.meta.update(shards=len(chunk_urls), normalized_vectors=bool(normalized))
+    logger.info("index: %s over %d passage vectors built in %.1fs", built.meta["factory"], len(x), time.time() - t0)
     return built

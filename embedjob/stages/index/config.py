@@ -27,6 +27,7 @@ from embedjob._config_base import Section
 from embedjob.layout import INDEX_DIR
 
 DOCS = "docs"
+CHUNK_INDEX = "chunks"  # encode.write_chunks: one vector per window; labels id, chunk, start_char, end_char
 INDEX_RECIPE = "faiss_index_v1"
 KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from embedjob.layout import INDEX_DIR, MANIFEST
 from embedjob.models import resolve_model_path
 from embedjob.stages.encode import EncoderSettings, TextEncoder, cpu_supports_bf16
-from embedjob.stages.index.config import DOCS, index_files
+from embedjob.stages.index.config import CHUNK_INDEX, DOCS, index_files
 from embedjob.stages.index.faiss_index import set_search_params
 from embedjob.storage import Storage, StorageError, split_url
 from embedjob.vector_codec import quantize_query
@@ -34,6 +34,7 @@ from embedjob.vector_codec import quantize_query
 logger = logging.getLogger(__name__)
 
 TEXT_START_CHARS = 200
+SEARCH_LEVELS = ("auto", "doc", "chunk")  # auto: passages where the job wrote them, else documents
 
 
 @dataclass
@@ -139,12 +140,19 @@ class Searcher:
     """A loaded document index plus the job's encoder: ``Searcher(url, opts).search("text")``."""
 
     def __init__(self, output_url: str, storage_options: Optional[dict[str, Any]] = None, *,
-                 input_storage_options: Optional[dict[str, Any]] = None):
+                 input_storage_options: Optional[dict[str, Any]] = None, level: str = "auto"):
         self.out = Storage(output_url, storage_options or {})
         if not self.out.exists(MANIFEST):
             raise StorageError(f"{self.out.url('manifest.json')} does not exist: not a finished embedjob output")
+        if level not in SEARCH_LEVELS:
+            raise StorageError(f"search level {level!r}; valid: {', '.join(SEARCH_LEVELS)}")
         self.manifest = self.out.read_json(MANIFEST)
         self.loaded = load_index(self.out, DOCS)
+        has_chunks = self.out.exists(index_files(CHUNK_INDEX)["meta"])
+        if level == "chunk" and not has_chunks:
+            raise StorageError(f"no passage index at {self.out.url(INDEX_DIR)}: run the job with "
+                               "encode.write_chunks: true (and index.enabled: true) to search passages")
+        self.chunks = load_index(self.out, CHUNK_INDEX) if has_chunks and level != "doc" else None
         self.inp = self.manifest.get("input") or {}
         self.input_options = input_options(self.inp, self.out, input_storage_options)
         self._encoder = None
@@ -162,6 +170,11 @@ class Searcher:
         return self.search_vector(q[0], k, with_text=with_text)
 
     def search_vector(self, q: np.ndarray, k: int = 10, *, with_text: bool = True) -> list[dict[str, Any]]:
+        if self.chunks is not None:
+            hits = self._best_passages(q, k)
+            if with_text:
+                self._attach_texts(hits)
+            return hits
         k = max(1, min(int(k), self.loaded.index.ntotal))
         scores, labels = self.loaded.search_vectors(q.reshape(1, -1), k)
         pos = [int(p) for p in labels[0] if p >= 0]
@@ -171,6 +184,28 @@ class Searcher:
         if with_text:
             self._attach_texts(hits)
         return hits
+
+    def _best_passages(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` documents with the best-matching passages, each with its best passage (chunk
+        index and character span), best first."""
+        loaded = self.chunks
+        want = max(1, min(int(k), self.loaded.index.ntotal))
+        rows_of = {(r["shard"], r["id"]): r["row"] for r in self.loaded.ids.select(["id", "shard", "row"]).to_pylist()}
+        hits: dict[str, dict[str, Any]] = {}
+        kk = min(loaded.index.ntotal, want * 8)
+        while True:
+            scores, labels = loaded.search_vectors(q.reshape(1, -1), kk)
+            pos = [int(p) for p in labels[0] if p >= 0]
+            for r, sc in zip(loaded.ids.take(pa.array(pos, pa.int64())).to_pylist(), scores[0]):
+                if r["id"] not in hits and (r["shard"], r["id"]) in rows_of:
+                    hits[r["id"]] = {"id": r["id"], "score": float(sc), "shard": r["shard"],
+                                     "row": rows_of[(r["shard"], r["id"])], "chunk": r["chunk"],
+                                     "start_char": r["start_char"], "end_char": r["end_char"],
+                                     "text_start": None, "passage": None}
+            if len(hits) >= want or kk >= loaded.index.ntotal:
+                return list(hits.values())[:want]
+            hits.clear()
+            kk = min(loaded.index.ntotal, kk * 4)
 
     def _attach_texts(self, hits: list[dict[str, Any]]) -> None:
         shards = self.inp.get("shards") or {}
@@ -192,13 +227,18 @@ class Searcher:
             for h in hits:
                 if h["shard"] == shard and texts.get(h["id"]) is not None:
                     h["text_start"] = texts[h["id"]][:TEXT_START_CHARS]
+                    if "start_char" in h:  # a passage hit: text[start_char:end_char] is its text
+                        h["passage"] = texts[h["id"]][h["start_char"]:h["end_char"]]
 
 
 def search(output_url: str, storage_options: Optional[dict[str, Any]], query: str, k: int = 10, *,
-           input_storage_options: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+           input_storage_options: Optional[dict[str, Any]] = None, level: str = "auto") -> list[dict[str, Any]]:
     """The ``k`` documents nearest to ``query`` in a finished job's index: ``id``, ``score`` (see
-    ``index/docs.json``: inner product or squared L2), ``shard``, ``row`` and ``text_start``."""
-    return Searcher(output_url, storage_options, input_storage_options=input_storage_options).search(query, k)
+    ``index/docs.json``: inner product or squared L2), ``shard``, ``row`` and ``text_start``. With
+    a passage index (``encode.write_chunks``) and ``level`` auto or chunk, documents are ranked by
+    their best passage, given as ``chunk``, ``start_char``, ``end_char`` and ``passage``."""
+    return Searcher(output_url, storage_options, input_storage_options=input_storage_options,
+                    level=level).search(query, k)
 
 
 def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], name: str, word: str,
@@ -231,7 +271,7 @@ def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], na
 
 def search_report(output_url: str, query: str, *, k: int = 10, storage_options: Optional[dict[str, Any]] = None,
                   input_storage_options: Optional[dict[str, Any]] = None, words: Optional[str] = None,
-                  as_json: bool = False) -> str:
+                  as_json: bool = False, level: str = "auto") -> str:
     """What ``embedjob search`` prints: a line per hit (rank, score, id and the start of the text;
     with ``words`` the words near the word ``query`` in the ``words-<words>`` index), or one JSON
     object with ``as_json``."""
@@ -247,11 +287,11 @@ def search_report(output_url: str, query: str, *, k: int = 10, storage_options: 
     except ImportError:
         pass
     t = time.time()
-    hits = search(output_url, storage_options, query, k, input_storage_options=input_storage_options)
+    hits = search(output_url, storage_options, query, k, input_storage_options=input_storage_options, level=level)
     if as_json:
         return json.dumps({"query": query, "seconds": round(time.time() - t, 3), "hits": hits})
     lines = []
     for i, h in enumerate(hits, 1):
-        text = (h["text_start"] or "").replace("\n", " ")
+        text = (h.get("passage") or h["text_start"] or "").replace("\n", " ")
         lines.append(f"{i:>3}  {h['score']:.4f}  {h['id']}  {text[:100]}")
     return "\n".join(lines)

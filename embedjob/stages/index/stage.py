@@ -6,6 +6,8 @@ commit them to ``<output>/index/``, only after everything succeeded:
 * ``index/docs_ids.parquet`` — ``position`` -> ``id`` plus the ``shard`` key and ``row`` in
   ``vectors/<shard>.parquet`` (rows with a null vector — empty text — are not indexed);
 * ``index/docs.json`` — kind, metric, FAISS factory string, search parameters, counts, build id;
+* ``index/chunks.faiss`` / ``chunks_ids.parquet`` (``id``, ``chunk``, ``start_char``, ``end_char``,
+  ``shard``) / ``chunks.json`` with ``encode.write_chunks``: one vector per passage (window);
 * ``index/words-<name>.faiss`` / ``words-<name>_ids.parquet`` / ``words-<name>.json`` for each set
   of word vectors of a stage enabled in the run (``bert``: static, ``word2vec``), read from their
   safe files (``vectors.bin``; never the pickled ``vectors.kv``); cosine: vectors are
@@ -21,7 +23,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from embedjob.stages.index.build import BuiltIndex, build_docs_index, build_words_index
+from embedjob.layout import CHUNKS, VECTORS
+from embedjob.stages.index.build import BuiltIndex, build_chunks_index, build_docs_index, build_words_index
 from embedjob.stages.index.config import IndexConfig, index_files
 from embedjob.storage import Storage
 from embedjob.wordvectors import job_vectors_file, load_job_vectors
@@ -55,6 +58,9 @@ def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], normalized
     opts = out.storage_options
     t0 = time.time()
     built = [build_docs_index(icfg, vector_urls, opts, bool(normalized))]
+    if cfg.encode.write_chunks:  # passages: chunks/<shard>.parquet beside each vectors/<shard>.parquet
+        chunk_urls = [f"/{CHUNKS}/".join(u.rsplit(f"/{VECTORS}/", 1)) for u in vector_urls]
+        built.append(build_chunks_index(icfg, chunk_urls, opts, bool(normalized)))
     skipped: dict[str, str] = {}
     if icfg.words:
         for name in sorted(word_vector_kinds):
@@ -72,7 +78,8 @@ def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], normalized
         files[b.meta["name"]] = write_index(out, b)
     stats = {
         "docs": {k: v for k, v in built[0].meta.items()},
-        "words": {b.meta["name"][len("words-"):]: b.meta for b in built[1:]},
+        "words": {b.meta["name"][len("words-"):]: b.meta for b in built[1:] if b.meta["name"].startswith("words-")},
+        **({"chunks": built[1].meta} if cfg.encode.write_chunks else {}),
         "files": files,
         "seconds_total": round(time.time() - t0, 3),
     }
