@@ -14,7 +14,7 @@ from typing import Optional
 
 logger = logging.getLogger("embedjob")
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -249,6 +249,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_topics(sub)
     _add_bench_index(sub)
     _add_bench_vectors(sub)
+    _add_bench_windows(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -409,6 +410,22 @@ def _add_bench_vectors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encode-sample", type=int, default=300,
                    help="documents encoded again beside the Lance writes, for a rate under the same load (default "
                    "300; 0: only the cached full encode)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_windows(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("windows", help="kNN accuracy of labels with whole documents (windows) vs truncation",
+                       description="`embedjob bench windows`: leave-one-out kNN accuracy of the label of long "
+                       "documents of the shared corpus, encoded in windows and truncated, with tokens and time.")
+    p.add_argument("--corpus", default=None, help="Parquet corpus with text, source and label columns "
+                   "(default: the shared mixed-en)")
+    p.add_argument("--sources", default="austen,kjv,kernel,shakespeare",
+                   help="comma-separated, of austen, kjv, kernel, shakespeare")
+    p.add_argument("--limit", type=int, default=300, help="documents sampled per source (default 300)")
+    p.add_argument("--k", type=int, default=5, help="neighbours voting (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
+    p.add_argument("--backend", default="torch", choices=("torch", "openvino"), help="as encode.backend")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
