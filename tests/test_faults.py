@@ -116,8 +116,10 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
 def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny_model):
     texts = [f"{t} item {i}" for i in range(30) for t in SAMPLE_TEXTS[:4]]  # 120 docs
     ids = write_shards(tmp_path / "in", texts, n_shards=3)
+    # windows of 12 tokens and chunks: a retried block must not leave a window's chunk twice either
     cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model, input={"rows_per_block": 4},
-               encode={"rows_per_call": 4, "actors": 1, "max_restarts": 2, "max_task_retries": 3})
+               encode={"rows_per_call": 4, "actors": 1, "max_restarts": 2, "max_task_retries": 3,
+                       "max_length": 12, "window_overlap": 2, "write_chunks": True})
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("res", run_job(cfg)))
     t.start()
@@ -137,6 +139,13 @@ def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny
     assert res.ok
     got = _ids(tmp_path / "out")
     assert len(got) == len(ids) and sorted(got) == sorted(ids)
+    chunks = pq.read_table(tmp_path / "out" / "chunks").select(["id", "chunk"]).to_pylist()
+    by_id: dict = {}
+    for c in chunks:
+        by_id.setdefault(c["id"], []).append(c["chunk"])
+    assert sorted(by_id) == sorted(ids)
+    assert all(sorted(cs) == list(range(len(cs))) for cs in by_id.values())  # each window's chunk exactly once
+    assert len(chunks) == res.manifest["stages"]["encode"]["windows"] > len(ids)
 
 
 def test_rerun_unchanged_then_two_new_shards_then_config_change(ray_local, tmp_path, tiny_model):
