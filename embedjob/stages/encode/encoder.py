@@ -197,11 +197,10 @@ class TextEncoder:
         self.ov = None
         self.backend = self.settings.backend = backend
         if backend == "openvino":
-            from embedjob.stages.encode.openvino import DEFAULT_CACHE, OpenVinoEncoder
+            from embedjob.stages.encode.openvino import DEFAULT_CACHE
 
-            self._ov_args = (cache_dir or DEFAULT_CACHE, torch.get_num_threads())
-            self.ov = OpenVinoEncoder(self.model, self._ov_args[0], self.settings.model_fingerprint,
-                                      dtype=self.settings.dtype, layers=self._layers or (), threads=self._ov_args[1])
+            self._ov_cache = cache_dir or DEFAULT_CACHE
+            self.ov = self._openvino(self._layers)
             batching = "padded"
         self.packed = None
         if batching == "packed" or (batching == "auto" and self.device.type == "cuda"):
@@ -222,11 +221,15 @@ class TextEncoder:
     def output_hidden_layers(self, layers: Optional[Sequence[int]]) -> None:
         layers = tuple(layers) if layers else None
         if layers != self._layers and self.ov is not None:  # the exported graph returns exactly these layers
-            from embedjob.stages.encode.openvino import OpenVinoEncoder
-
-            self.ov = OpenVinoEncoder(self.model, self._ov_args[0], self.settings.model_fingerprint,
-                                      dtype=self.settings.dtype, layers=layers or (), threads=self._ov_args[1])
+            self.ov = self._openvino(layers)
         self._layers = layers
+
+    def _openvino(self, layers: Optional[tuple]):
+        """The model compiled by OpenVINO, returning the last hidden state and ``layers``."""
+        from embedjob.stages.encode.openvino import OpenVinoEncoder
+
+        return OpenVinoEncoder(self.model, self._ov_cache, self.settings.model_fingerprint, dtype=self.settings.dtype,
+                               layers=layers or (), threads=self.torch.get_num_threads())
 
     def _packed_forward(self, batching: str, compile: bool):
         from embedjob.stages.encode.packed import PackedBert, supports
