@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
-from embedjob.bench.flops import device_peak, flops_per_token
+from embedjob.bench.measure import device_peak, flops_per_token, row_cosines
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _encoder_rates(enc, texts: list[str], ids: list, lengths: np.ndarray, batch_
     # sentence-transformers truncates: compare the documents that fit in one window (all, when truncating)
     one = r.windows == 1
     ref, got = ref[one], got[one]
-    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    cos = row_cosines(ref, got)
     result: dict[str, Any] = {
         "documents": len(texts), "tokens": n_tokens, "dtype": enc.settings.dtype, "device": device,
         "batch_tokens": batch_tokens, "torch_threads": torch.get_num_threads(),
@@ -201,18 +201,17 @@ def batching_rates(corpus: str, limit: int, model: str, dtype: str, batch_tokens
     cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens)
     encs = {b: TextEncoder.from_config(cfg, device=device, batching=b) for b in ("padded", "packed")}
     ids = encs["padded"].tokenizer(texts)
-    tokens = sum(len(x) for x in ids)
     times: dict[str, list[float]] = {b: [] for b in encs}
-    vecs = {}
+    got = {}
     for b, enc in encs.items():
         enc.encode_ids(ids[:64])  # warm-up
     for _ in range(rounds):
         for b, enc in encs.items():
             t = time.perf_counter()
-            vecs[b] = enc.encode_ids(ids).vectors
+            got[b] = enc.encode_ids(ids)
             times[b].append(time.perf_counter() - t)
-    a, p = vecs["padded"], vecs["packed"]
-    cos = (a * p).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(p, axis=1), 1e-12)
+    tokens = int(got["padded"].encoded_tokens.sum())  # fed to the model (overlapping windows count twice)
+    cos = row_cosines(got["padded"].vectors, got["packed"].vectors)
     padded = encs["padded"].counters
     return {"documents": len(texts), "tokens": tokens, "device": device, "dtype": encs["packed"].settings.dtype,
             "batch_tokens": batch_tokens, "rounds": rounds,
@@ -236,8 +235,10 @@ def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds
 
     texts = load_texts(corpus, limit)
     half = torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    cfg = EncodeConfig(model=model, batch_tokens=batch_tokens)
-    path = TextEncoder.from_config(cfg).settings.model_path
+    # the same work as sentence-transformers: documents cut at max_length
+    cfg = EncodeConfig(model=model, batch_tokens=batch_tokens, long_documents="truncate")
+    encs = {b: TextEncoder.from_config(cfg.model_copy(update={"backend": b})) for b in ("torch", "openvino")}
+    path = encs["torch"].settings.model_path
     st = SentenceTransformer(path, device="cpu")
     st_best = SentenceTransformer(path, device="cpu").to(half)
     runs: dict[str, Any] = {
@@ -247,13 +248,11 @@ def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds
     if importlib.util.find_spec("optimum") is not None:
         st_ov = SentenceTransformer(path, device="cpu", backend="openvino")
         runs["st_openvino"] = lambda x: st_ov.encode(x, batch_size=128)
-    for backend in ("torch", "openvino"):
-        enc = TextEncoder.from_config(cfg.model_copy(update={"backend": backend}))
+    for backend, enc in encs.items():
         runs[f"embedjob_{backend}"] = lambda x, enc=enc: enc.encode_texts(x).vectors
     for fn in runs.values():
         fn(texts[:32])  # warm-up
-    ids = TextEncoder.from_config(cfg).tokenizer(texts)
-    tokens = sum(len(x) for x in ids)
+    tokens = sum(len(x) for x in encs["torch"].tokenizer(texts))
     times: dict[str, list[float]] = {k: [] for k in runs}
     out: dict[str, Any] = {}
     for _ in range(rounds):
@@ -265,7 +264,7 @@ def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds
     result: dict[str, Any] = {"documents": len(texts), "tokens": tokens, "rounds": rounds,
                               "dtype_best": str(half).replace("torch.", ""), "torch_threads": torch.get_num_threads()}
     for k in runs:
-        cos = (ref * out[k]).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out[k], axis=1), 1e-12)
+        cos = row_cosines(ref, out[k])
         result[f"{k}_tokens_per_s"] = tokens / min(times[k])
         result[f"{k}_min_cosine"] = float(cos.min())
     best_st = max(result[f"{k}_tokens_per_s"] for k in runs if k.startswith("st_"))

@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedjob.bench.flops import device_peak, useful_flops
+from embedjob.bench.measure import device_peak, row_cosines, useful_flops
 
 logger = logging.getLogger("embedjob.gpu_check")
 
@@ -115,14 +115,10 @@ def make_texts(lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
     return [" ".join(words[rng.integers(0, len(words), size=int(L) - 2)]) for L in lengths]
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
 def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """Cosine per document (min, mean), raw and with the reference's mean vector removed from both."""
     mu = ref.mean(0, keepdims=True)
-    raw, centred = _cos(ref, got), _cos(ref - mu, got - mu)
+    raw, centred = row_cosines(ref, got), row_cosines(ref - mu, got - mu)
     return {"min_cosine": float(raw.min()), "mean_cosine": float(raw.mean()),
             "min_centred_cosine": float(centred.min()), "mean_centred_cosine": float(centred.mean())}
 

@@ -1,4 +1,5 @@
-"""FLOPs of a BERT encoder's forward pass and the dense peaks of known accelerators (for MFU)."""
+"""What the encoder benchmarks measure alike: FLOPs of a BERT encoder's forward pass and the dense
+peaks of known accelerators (for MFU), and the cosine between two sets of vectors row by row."""
 
 from __future__ import annotations
 
@@ -36,3 +37,8 @@ def device_peak(device: str) -> Optional[float]:
         if key in name:
             return peak
     return None
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (0 where a row is all zeros)."""
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
