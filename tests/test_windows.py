@@ -99,6 +99,73 @@ def test_huge_document_is_capped_and_counted(tiny_model):
     assert np.isfinite(r.vectors).all()
 
 
+# Text that stresses a tokenizer's word boundaries: accents, CJK, punctuation, tabs and newlines,
+# runs of spaces, control characters BERT drops, and a 3,000-character "word" with no whitespace.
+AWKWARD = ("Café naïve – résumé!  Tabs\there,\nnew lines\r\n and   runs of spaces. 日本語のテキスト。"
+           "e-mail: a.b@c.org (x) [y] {z}; \x1cjoined\x1fwords\x0b 3.14 1,000 " * 60
+           + "x" * 3000 + " tail words at the very end")
+
+
+@pytest.mark.parametrize("max_tokens,words", [(10**7, True), (10**7, False), (600, True), (None, True)])
+def test_long_texts_tokenise_in_pieces_exactly_as_in_one_call(minilm_path, max_tokens, words):
+    """A text longer than a tokenizer call is cut into whitespace-bounded pieces (bounded memory);
+    ids, the whole-document count, word ids and character offsets are those of one call, in
+    windows mode (every token, or the cap) and in truncation (max_tokens None)."""
+    from embedjob.stages.encode.encoder import Tokenizer, piece_spans
+
+    texts = ["short", AWKWARD, "", AWKWARD[:700], AWKWARD[::-1], "two words"]
+    one = Tokenizer(minilm_path, 256, max_tokens, call_chars=10**9).encode(texts, words=words)
+    pieces = Tokenizer(minilm_path, 256, max_tokens, call_chars=500).encode(texts, words=words)
+    assert len(piece_spans(AWKWARD, 500)) > 15
+    assert pieces.ids == one.ids
+    assert pieces.doc_tokens.tolist() == one.doc_tokens.tolist()
+    if max_tokens == 10**7:
+        assert pieces.doc_tokens[1] == len(pieces.ids[1]) > 3000
+    if words:
+        assert pieces.word_ids == one.word_ids
+        assert pieces.offsets == one.offsets
+
+
+def test_piece_spans_cover_the_text_and_cut_before_whitespace():
+    from embedjob.stages.encode.encoder import piece_spans
+
+    spans = piece_spans(AWKWARD, 300)
+    assert spans[0][0] == 0 and spans[-1][1] == len(AWKWARD)
+    assert all(b == a2 for (_, b), (a2, _) in zip(spans, spans[1:]))
+    for a, b in spans[1:]:
+        assert AWKWARD[a] in " \t\n\r" and AWKWARD[a - 1] not in " \t\n\r" or b - a == 300 or a == spans[-1][0]
+
+
+_RSS_SCRIPT = """
+import resource, sys
+from embedjob.stages.encode import EncodeConfig, TextEncoder
+enc = TextEncoder.from_config(EncodeConfig(model=sys.argv[1], dtype="float32", max_length=64, max_windows=8))
+enc.encode_texts(["warm up " * 2000])
+text = "alpha beta, gamma delta! " * int(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = enc.encode_texts(["tiny", text])
+rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(rise // 1024, int(r.n_tokens[1]), bool(r.capped[1]), int(r.windows[1]))
+"""
+
+
+def test_huge_document_keeps_memory_flat(tiny_model):
+    """Peak RSS while encoding a capped 16-million-character document rises by no more than a
+    2-million-character one's: tokenizer memory is per call (``CALL_CHARS``), not per document
+    (before, one 8M-character document raised the peak by 1.3 GiB; now both rise ~60 MiB)."""
+    import subprocess
+    import sys
+
+    rises = {}
+    for reps in (80_000, 640_000):  # 2M and 16M characters
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, tiny_model, str(reps)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        rise, n_tokens, capped, windows = out.stdout.split()[-4:]
+        assert int(n_tokens) == 6 * reps + 2 and capped == "True" and int(windows) == 8  # counted whole
+        rises[reps] = int(rise)
+    assert rises[640_000] <= rises[80_000] + 64, f"peak RSS rise in MiB by document size: {rises}"
+
+
 def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_model):
     """With hidden states of ones, a word's pooled vector is 1 exactly when each of its occurrences
     was taken by one window: overlapping windows would make it 2, a dropped one less than 1."""

@@ -21,7 +21,7 @@ from embedjob.schema import (
     INPUT_IDS,
     WINDOWS,
 )
-from embedjob.stages.encode.encoder import TextEncoder
+from embedjob.stages.encode.encoder import TextEncoder, release_free_memory
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.static.accumulate import StaticAccumulator
 
@@ -119,7 +119,7 @@ class EncodeActor:
             out = _append_chunks(out, enc, keep)
         if self.node_id is not None:
             out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
-        _release_free_memory()
+        release_free_memory()
         out = out.append_column(ENCODER_RSS, pa.array([_peak_rss_mb()] * batch.num_rows, type=pa.float64()))
         if self.static is not None:
             out = self.static.attach(out)
@@ -139,24 +139,6 @@ def _append_chunks(out: pa.Table, enc, keep: np.ndarray) -> pa.Table:
     vecs = vectors_to_arrow(enc.window_vectors)
     out = out.append_column(CHUNK_VECTORS, pa.ListArray.from_arrays(offsets, vecs))
     return out.append_column(CHUNK_TOKENS, pa.ListArray.from_arrays(offsets, pa.array(enc.window_tokens, pa.int32())))
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``) after each block, so that the
-    variable-size buffers of many batches do not pile up in the allocator's free lists."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 
 
 def _peak_rss_mb() -> float:
