@@ -414,9 +414,10 @@ def _add_bench_vectors(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_windows(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("windows", help="kNN accuracy of labels with whole documents (windows) vs truncation",
+    p = sub.add_parser("windows", help="kNN accuracy of labels with whole documents (windows, snapped) vs truncation",
                        description="`embedjob bench windows`: leave-one-out kNN accuracy of the label of long "
-                       "documents of the shared corpus, encoded in windows and truncated, with tokens and time.")
+                       "documents of the shared corpus, truncated, in windows and in windows snapped to sentences, with tokens, time "
+                       "and the share of window boundaries on a sentence boundary.")
     p.add_argument("--corpus", default=None, help="Parquet corpus with text, source and label columns "
                    "(default: the shared mixed-en)")
     p.add_argument("--sources", default="austen,kjv,kernel,shakespeare",

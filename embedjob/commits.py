@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MARKER_ENCODER_KEYS = ("model", "model_fingerprint", "pooling", "normalize", "max_length", "dtype", "long_documents",
-                       "window_overlap", "max_windows", "window_pooling")
+                       "window_overlap", "max_windows", "window_pooling", "snap_to_sentences")
 CAPPED_IDS_LISTED = 1000  # stats list at most this many ids of capped documents (all are counted)
 
 

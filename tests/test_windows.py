@@ -11,20 +11,27 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.stages.encode import EncodeConfig, TextEncoder
-from embedjob.stages.encode.windows import max_document_tokens, plan_windows
+from embedjob.stages.encode.windows import max_document_tokens, plan_windows, snap_slack, window_content
 from tests.conftest import SAMPLE_TEXTS, write_shards
 from tests.helpers import small_job
 
 LONG = " ".join(SAMPLE_TEXTS)  # ~170 tokens
 
 
-@pytest.mark.parametrize("max_length,overlap", [(16, 4), (32, 0), (256, 32), (10, 4)])
-def test_windows_cover_every_token_and_own_each_once(max_length, overlap):
+@pytest.mark.parametrize("snap", [False, True])
+@pytest.mark.parametrize("max_length,overlap", [(16, 4), (32, 0), (256, 32), (10, 4), (64, 31)])
+def test_windows_cover_every_token_and_own_each_once(max_length, overlap, snap):
     rng = np.random.default_rng(0)
     lengths = np.concatenate([[2, 3, max_length, max_length + 1], rng.integers(2, 40 * max_length, 200)])
-    plan = plan_windows(lengths, max_length, overlap, max_windows=10_000)
+    # sentence starts at random, from dense (every 3rd token) to none
+    starts = [np.flatnonzero(rng.random(L) < rng.choice([0.0, 0.05, 0.3])) for L in lengths.tolist()]
+    starts = [b[(b >= 2) & (b <= L - 2)] for b, L in zip(starts, lengths.tolist())]
+    plain = plan_windows(lengths, max_length, overlap, max_windows=10_000)
+    plan = plan_windows(lengths, max_length, overlap, 10_000, starts if snap else None)
     assert not plan.capped.any()
     assert (plan.n_tokens <= max_length).all()
+    assert plan.windows.tolist() == plain.windows.tolist()  # snapping never adds a window
+    slack = snap_slack(max_length, overlap)
     for d, L in enumerate(lengths.tolist()):
         w = np.flatnonzero(plan.doc == d)
         assert len(w) == plan.windows[d]
@@ -39,9 +46,47 @@ def test_windows_cover_every_token_and_own_each_once(max_length, overlap):
             assert ((inner >= plan.start[k]) & (inner < plan.end[k])).all()
         assert (covered[1:L - 1] >= 1).all(), "every content token is in some window"
         assert (owned == 1).all(), "every position is owned by exactly one window"
-        if len(w) > 1:  # consecutive windows overlap by at least `overlap` tokens
-            assert (plan.end[w[:-1]] - plan.start[w[1:]] >= overlap).all()
+        if len(w) > 1:
             assert plan.end[w[-1]] == L - 1  # the last window ends with the document
+            assert (np.diff(plan.start[w]) > 0).all()
+            if not snap:  # consecutive windows overlap by at least `overlap` tokens
+                assert (plan.end[w[:-1]] - plan.start[w[1:]] >= overlap).all()
+            b = set(starts[d].tolist())
+            for i in range(1, len(w) - 1):  # a start moves back to the nearest sentence start within the slack
+                s0, prev = plain.start[w[i]], plan.start[w[i - 1]]
+                near = [p for p in range(s0 - slack, s0 + 1) if p in b and p > prev]
+                assert plan.start[w[i]] == (max(near) if snap and near and slack else s0)
+            for i in range(len(w) - 1):  # an end moves back only onto a sentence start
+                e0 = plan.start[w[i]] + window_content(max_length)
+                assert plan.end[w[i]] == e0 or (snap and plan.end[w[i]] in b and plan.end[w[i]] >= e0 - slack)
+
+
+SENTENCES = " ".join(f"{s} {i}." for i, s in enumerate(
+    ["The cat sat", "Birds fly south", "Rain fell today", "A dog barked", "Ships left port", "Snow covered hills"] * 12))
+
+
+def test_snapped_chunks_start_and_end_with_whole_sentences(tmp_path, tiny_model):
+    """With encode.snap_to_sentences, every chunk's text starts with a sentence and ends with its
+    full stop (short sentences: there is always one within the slack), and the chunks still cover
+    every token; without it they cut sentences."""
+    from embedjob.schema import CHUNK_CHARS
+    from embedjob.stages.encode import resolve_encoder_settings
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+
+    spans = {}
+    for snap in (False, True):
+        st = resolve_encoder_settings(EncodeConfig(model=tiny_model, max_length=32, window_overlap=8,
+                                                   write_chunks=True, snap_to_sentences=snap))
+        table = pa.table({"_shard": ["s"], "_row": [0], "id": ["d"], "text": [SENTENCES]})
+        c = Preprocessor(PreprocessConfig(), "text", st)(table).column(CHUNK_CHARS).to_pylist()[0]
+        spans[snap] = list(zip(c[0::2], c[1::2]))
+    assert len(spans[True]) == len(spans[False]) > 10
+    texts = {snap: [SENTENCES[a:b] for a, b in sp] for snap, sp in spans.items()}
+    assert all(t[0].isupper() and t.endswith(".") for t in texts[True])
+    assert not all(t[0].isupper() and t.endswith(".") for t in texts[False])
+    for (a, b), (a2, b2) in zip(spans[True], spans[True][1:]):
+        assert a < a2 <= b < b2  # in order, overlapping or touching: every token covered
+    assert spans[True][0][0] == 0 and spans[True][-1][1] == len(SENTENCES)
 
 
 def test_cap_counts_windows_and_matches_the_tokenizer_cap():
@@ -51,9 +96,12 @@ def test_cap_counts_windows_and_matches_the_tokenizer_cap():
     assert plan.capped.tolist() == [False, True, True]
 
 
-def _windows_reference(enc_trunc, ids, max_length, overlap, mode):
-    """A document's vector computed by hand: its windows encoded one by one, combined, normalised."""
-    plan = plan_windows(np.array([len(ids)]), max_length, overlap, 10_000)
+def _windows_reference(enc_trunc, ids, enc_windows, mode):
+    """A document's vector computed by hand: its windows (as ``enc_windows`` plans them, snapped to
+    sentences by default) encoded one by one, combined, normalised."""
+    from embedjob.stages.encode.windows import plan_for
+
+    plan = plan_for(enc_windows.settings, [ids], enc_windows.tokenizer.sentence_end_ids)
     wins = [ids if plan.whole[k] else np.concatenate([ids[:1], ids[plan.start[k]:plan.end[k]], ids[-1:]])
             for k in range(len(plan.doc))]
     vecs = enc_trunc.encode_ids(wins).vectors
@@ -79,7 +127,7 @@ def test_document_vector_combines_windows_before_normalising_in_order(tiny_model
     for i, t in enumerate(texts[:5]):
         ids = np.asarray(full.tokenizer.encode([t]).ids[0], dtype=np.int32)
         assert a.n_tokens[i] == len(ids)  # n_tokens counts the whole document
-        ref = _windows_reference(trunc, ids, 32, 8, mode)
+        ref = _windows_reference(trunc, ids, enc, mode)
         np.testing.assert_allclose(a.vectors[i], ref, atol=1e-5)
     assert a.windows[0] > 1 and a.windows[1] == 1
     # a short document gets exactly the vector truncation gives it
@@ -111,7 +159,7 @@ def test_long_texts_tokenise_in_pieces_exactly_as_in_one_call(minilm_path, max_t
     """A text longer than a tokenizer call is cut into whitespace-bounded pieces (bounded memory);
     ids, the whole-document count, word ids and character offsets are those of one call, in
     windows mode (every token, or the cap) and in truncation (max_tokens None)."""
-    from embedjob.stages.encode.encoder import Tokenizer, piece_spans
+    from embedjob.stages.encode.tokenizer import Tokenizer, piece_spans
 
     texts = ["short", AWKWARD, "", AWKWARD[:700], AWKWARD[::-1], "two words"]
     one = Tokenizer(minilm_path, 256, max_tokens, call_chars=10**9).encode(texts, words=words)
@@ -127,7 +175,7 @@ def test_long_texts_tokenise_in_pieces_exactly_as_in_one_call(minilm_path, max_t
 
 
 def test_piece_spans_cover_the_text_and_cut_before_whitespace():
-    from embedjob.stages.encode.encoder import piece_spans
+    from embedjob.stages.encode.tokenizer import piece_spans
 
     spans = piece_spans(AWKWARD, 300)
     assert spans[0][0] == 0 and spans[-1][1] == len(AWKWARD)
@@ -166,18 +214,21 @@ def test_huge_document_keeps_memory_flat(tiny_model):
     assert rises[640_000] <= rises[80_000] + 64, f"peak RSS rise in MiB by document size: {rises}"
 
 
-def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_model):
+@pytest.mark.parametrize("overlap,snap", [(7, False), (4, True)])
+def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_model, overlap, snap):
     """With hidden states of ones, a word's pooled vector is 1 exactly when each of its occurrences
-    was taken by one window: overlapping windows would make it 2, a dropped one less than 1."""
+    was taken by one window: overlapping windows would make it 2, a dropped one less than 1. Also
+    with windows snapped to sentences (irregular windows)."""
     import torch
 
     from embedjob.stages.encode import resolve_encoder_settings
     from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
     from embedjob.stages.static.accumulate import StaticAccumulator
 
-    cfg = EncodeConfig(model=tiny_model, dtype="float32", max_length=16, window_overlap=7)
+    cfg = EncodeConfig(model=tiny_model, dtype="float32", max_length=16, window_overlap=overlap,
+                       snap_to_sentences=snap)
     settings = resolve_encoder_settings(cfg)
-    texts = [LONG, "Unbelievable cats chase unbelievable dogs " * 20, "cats"]
+    texts = [LONG, "Unbelievable cats chase unbelievable dogs " * 20, "cats", "Cats chase dogs. Dogs run! " * 9]
     n = len(texts)
     table = pa.table({"_shard": ["s"] * n, "_row": list(range(n)), "id": [str(i) for i in range(n)], "text": texts})
     pre = Preprocessor(PreprocessConfig(), "text", settings, {"out_url": str(tmp_path)})(table)
@@ -191,10 +242,19 @@ def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_mo
     ids = [np.asarray(x, dtype=np.int32) for x in pre.column("_input_ids").to_pylist()]
     r = enc.encode_ids(ids, token_hook=ones, doc_tokens=pre.column("_doc_tokens").to_numpy())
     assert r.windows[0] > 5 and r.windows[1] > 5
+    if snap:  # the sentence document's windows were moved onto its sentences
+        plain = plan_windows(np.array([len(ids[3])]), 16, overlap, 64)
+        assert plain.start[1:-1].tolist() != enc_plan_starts(enc, ids[3])[1:-1]
     st = acc._state
     per_occurrence = st.sums.numpy()[:, 0] / st.counts
     np.testing.assert_allclose(per_occurrence, 1.0, atol=1e-6)
     assert st.counts.sum() == sum(len(w) for w in pre.column("_words").to_pylist())
+
+
+def enc_plan_starts(enc, ids) -> list:
+    from embedjob.stages.encode.windows import plan_for
+
+    return plan_for(enc.settings, [ids], enc.tokenizer.sentence_end_ids).start.tolist()
 
 
 def test_static_vectors_with_windows_through_the_actor(tmp_path, tiny_model):
@@ -264,10 +324,11 @@ def test_recipe_changes_with_window_settings(tmp_path, tiny_model):
         return shard_stage_hash(cfg, resolve_encoder_settings(cfg.encode))
 
     hashes = [recipe(), recipe(long_documents="truncate"), recipe(window_overlap=8), recipe(max_windows=8),
-              recipe(window_pooling="max")]
+              recipe(window_pooling="max"), recipe(snap_to_sentences=False)]
     assert len(set(hashes)) == len(hashes)
     # the window settings do not touch a truncating job's recipe (its earlier outputs stay valid)
     assert recipe(long_documents="truncate") == recipe(long_documents="truncate", window_overlap=8)
+    assert recipe(long_documents="truncate") == recipe(long_documents="truncate", snap_to_sentences=False)
 
 
 def test_job_encodes_windows_and_records_them(ray_local, tmp_path, tiny_model):

@@ -53,7 +53,8 @@ def _token_rows(e: dict[str, Any], enc: dict[str, Any], sample: Optional[DocSamp
     """Tokens of the documents and what reached the model: windows, or truncation."""
     if enc.get("long_documents") == "windows":
         return [("BERT tokens (whole documents)", e.get("bert_tokens")),
-                (f"tokens encoded / windows (overlap {enc.get('window_overlap')})",
+                (f"tokens encoded / windows (overlap {enc.get('window_overlap')}"
+                 f"{', snapped to sentences' if enc.get('snap_to_sentences') else ''})",
                  f"{e.get('encoded_tokens', 0):,} / {e.get('windows', 0):,}" if "windows" in e else None),
                 (f"documents capped at max_windows {enc.get('max_windows')}", e.get("capped_documents"))]
     return [("BERT tokens encoded", e.get("bert_tokens")),

@@ -175,15 +175,13 @@ def _append_chunk_chars(table: pa.Table, tok, texts: list[Optional[str]], empty:
     """``_chunk_chars`` (encode.write_chunks): the character span of each window the encoder will cut,
     from the tokenizer's offset mapping (a second tokenisation, with offsets, paid only for chunks)."""
     from embedjob.schema import CHUNK_CHARS
-    from embedjob.stages.encode.windows import chunk_char_spans, plan_windows, truncated_plan
+    from embedjob.stages.encode.windows import chunk_char_spans, plan_for
 
     todo = [t for t, e in zip(texts, empty) if not e]
     spans: list[Any] = [[] for _ in texts]
     if todo:
         enc = tok.encode(todo, words=True)
-        lengths = np.array([len(x) for x in enc.ids], dtype=np.int64)
-        plan = (plan_windows(lengths, st.max_length, st.window_overlap, st.max_windows)
-                if st.long_documents == "windows" else truncated_plan(lengths))
+        plan = plan_for(st, enc.ids, tok.sentence_end_ids)
         for k, i in enumerate(np.flatnonzero(~empty).tolist()):
             spans[i] = chunk_char_spans(enc.offsets[k], plan, k)
     return table.append_column(CHUNK_CHARS, pa.array(spans, type=pa.list_(pa.int32())))

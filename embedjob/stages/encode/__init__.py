@@ -5,13 +5,16 @@
   dtype, fingerprint), recorded in the manifest and hashed into the recipe.
 * ``encoder.py`` — :class:`TextEncoder`: token ids (or texts) -> document vectors, testable
   without Ray; padded batches, or packed ones (``packed.py``) where they are faster.
+* ``tokenizer.py`` — :class:`Tokenizer`: texts -> token ids in bounded memory, whatever a
+  document's size (long texts in whitespace-cut pieces).
 * ``packed.py`` — a padding-free BERT forward: the documents of a batch concatenated, attention per
   document (varlen kernels on CUDA).
 * ``windows.py`` — long documents as overlapping windows (``encode.long_documents: windows``): the
-  window plan, which window owns each token, and the combination of window vectors.
+  window plan (snapped to sentences by default), which window owns each token, and the combination
+  of window vectors.
 * ``actor.py`` — :class:`EncodeActor`, the callable class Ray Data runs in an actor pool.
 
-The encoder core (settings, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
+The encoder core (settings, tokenizer, windows, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
 ``.ci/gpu-check`` runs it on a bare GPU host. The names below are imported on first use for the
 same reason: ``from embedjob.stages.encode import TextEncoder`` loads only what it names.
 
@@ -30,9 +33,9 @@ _WHERE = {
     "EncodeConfig": "config",
     "EncoderSettings": "settings", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
     "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "settings",
-    "TextEncoder": "encoder", "Tokenizer": "encoder", "EncodedBatch": "encoder",
-    "token_budget_batches": "encoder", "TokenHook": "encoder", "Tokenized": "encoder",
-    "WindowPlan": "windows", "plan_windows": "windows",
+    "TextEncoder": "encoder", "EncodedBatch": "encoder", "token_budget_batches": "encoder", "TokenHook": "encoder",
+    "Tokenizer": "tokenizer", "Tokenized": "tokenizer",
+    "WindowPlan": "windows", "plan_windows": "windows", "plan_for": "windows",
     "EncodeActor": "actor", "vectors_to_arrow": "actor",
 }
 __all__ = sorted(_WHERE)

@@ -21,8 +21,9 @@ from embedjob.schema import (
     INPUT_IDS,
     WINDOWS,
 )
-from embedjob.stages.encode.encoder import TextEncoder, release_free_memory
+from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.settings import EncoderSettings
+from embedjob.stages.encode.tokenizer import release_free_memory
 from embedjob.stages.static.accumulate import StaticAccumulator
 
 logger = logging.getLogger(__name__)

@@ -51,6 +51,12 @@ class EncodeConfig(Section):
         "into the text, n_tokens, vector), committed with the shard. The vector is the window's, normalised "
         "when the model normalises.",
     )
+    snap_to_sentences: bool = Field(
+        True,
+        description="Move window boundaries back to sentence boundaries (after '.', '!', '?' tokens) found within "
+        "window_overlap tokens, so each window, and its chunk, starts and ends with whole sentences where the "
+        "text allows. Same windows count, every token still covered; false = windows at fixed token strides.",
+    )
     window_pooling: Literal["mean", "first", "max"] = Field(
         "mean",
         description="How a document's window vectors become its vector: token-count-weighted 'mean', the "

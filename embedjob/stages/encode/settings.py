@@ -67,12 +67,14 @@ class EncoderSettings:
     max_windows: int = 64
     window_pooling: str = "mean"
     write_chunks: bool = False
+    snap_to_sentences: bool = False
 
     def recipe_dict(self) -> dict[str, Any]:
         """The settings document vectors depend on (:data:`RECIPE_KEYS`, plus the window settings
         when documents are cut into windows)."""
         keys = RECIPE_KEYS + (WINDOW_RECIPE_KEYS if self.long_documents == "windows" else ())
         keys += ("write_chunks",) if self.write_chunks else ()
+        keys += ("snap_to_sentences",) if self.snap_to_sentences and self.long_documents == "windows" else ()
         d = self.as_dict()
         return {k: d[k] for k in keys}
 
@@ -111,4 +113,5 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
                            window_overlap=min(int(getattr(cfg, "window_overlap", 32)), (int(max_length) - 2) // 2),
                            max_windows=int(getattr(cfg, "max_windows", 64)),
                            window_pooling=getattr(cfg, "window_pooling", "mean"),
-                           write_chunks=bool(getattr(cfg, "write_chunks", False)))
+                           write_chunks=bool(getattr(cfg, "write_chunks", False)),
+                           snap_to_sentences=bool(getattr(cfg, "snap_to_sentences", False)))

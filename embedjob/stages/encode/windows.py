@@ -17,11 +17,13 @@ Numpy only (no torch at import), like the rest of the encoder core. Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 LONG_DOCUMENT_MODES = ("windows", "truncate")
+# Tokens after which a sentence starts (those a tokenizer's vocabulary has).
+SENTENCE_END_TOKENS = (".", "!", "?", "。", "！", "？", "…", "؟", "।")
 WINDOW_POOLING_MODES = ("mean", "first", "max")
 
 
@@ -81,10 +83,46 @@ class WindowPlan:
         return np.stack([offset, self.start[rows], self.end[rows], self.own_lo[rows], self.own_hi[rows]], axis=1)
 
 
-def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int) -> WindowPlan:
-    """Windows over documents of ``lengths`` token ids each (special tokens included)."""
+def sentence_starts(ids: np.ndarray, end_ids: np.ndarray) -> np.ndarray:
+    """Positions of a document's token ids (``[CLS] .. [SEP]``) that begin a sentence: those right
+    after a sentence-ending token (``end_ids``), from 2 to ``len - 2``."""
+    x = np.asarray(ids)
+    return np.flatnonzero(np.isin(x[1:-2], end_ids)) + 2 if len(x) > 3 else np.zeros(0, np.int64)
+
+
+def snap_slack(max_length: int, overlap: int) -> int:
+    """How far a boundary may move back to a sentence boundary: at most the overlap (so windows
+    still cover every token) and ``window - 2 * overlap`` (so ownership stays in order)."""
+    k = window_content(max_length)
+    return max(0, min(overlap, k - 2 * overlap))
+
+
+def _snap(s: np.ndarray, e: np.ndarray, b: np.ndarray, slack: int, k: int, last_fixed: bool) -> tuple:
+    """Starts, then ends, moved back to the nearest sentence start in ``b`` within ``slack``; an end
+    never moves before the next window's start, and a last window aligned to the document's end stays."""
+    s = s.copy()
+    n = len(s)
+    movable = n - 1 if last_fixed else n
+    for i in range(1, movable):
+        j = int(np.searchsorted(b, s[i], side="right")) - 1
+        if j >= 0 and b[j] >= s[i] - slack and b[j] > s[i - 1]:
+            s[i] = b[j]
+    e = s + k
+    for i in range(movable):
+        lo = max(e[i] - slack, s[i] + 1, s[i + 1] if i + 1 < n else 0)
+        j = int(np.searchsorted(b, e[i], side="right")) - 1
+        if j >= 0 and b[j] >= lo:
+            e[i] = b[j]
+    return s, e
+
+
+def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int,
+                 sentences: Optional[Sequence[Optional[np.ndarray]]] = None) -> WindowPlan:
+    """Windows over documents of ``lengths`` token ids each (special tokens included). ``sentences``:
+    each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None."""
     k = window_content(max_length)
     stride = max(1, k - overlap)
+    slack = snap_slack(max_length, overlap)
     docs, starts, ends, wholes, lo, hi = [], [], [], [], [], []
     n = len(lengths)
     windows = np.zeros(n, dtype=np.int32)
@@ -101,8 +139,12 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
             else:
                 s[-1] = L - 1 - k  # the last window ends with the document: full context for its tail
             e, whole = s + k, np.zeros(len(s), dtype=bool)
+            b = sentences[d] if sentences is not None and slack else None
+            if b is not None and len(b):
+                s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
         centre2 = s + e  # twice the centre
         cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
+        cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
         docs.append(np.full(len(s), d, dtype=np.int64))
         starts.append(s)
         ends.append(e)
@@ -115,6 +157,19 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
         return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped)
     cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
     return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped)
+
+
+def plan_for(settings: Any, ids: Sequence[np.ndarray], end_ids: Optional[np.ndarray] = None) -> WindowPlan:
+    """The windows ``settings`` (an :class:`EncoderSettings`) cut documents' token ``ids`` into: the
+    one plan both the encoder and the chunk spans use. ``end_ids``: the tokenizer's sentence-ending
+    token ids (:attr:`Tokenizer.sentence_end_ids`), used with ``snap_to_sentences``."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    if settings.long_documents != "windows":
+        return truncated_plan(lengths)
+    sentences = None
+    if getattr(settings, "snap_to_sentences", False) and end_ids is not None and len(end_ids):
+        sentences = [sentence_starts(x, end_ids) if len(x) > settings.max_length else None for x in ids]
+    return plan_windows(lengths, settings.max_length, settings.window_overlap, settings.max_windows, sentences)
 
 
 def truncated_plan(lengths: np.ndarray) -> WindowPlan:
