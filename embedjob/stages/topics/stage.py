@@ -108,9 +108,10 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
              "label_nmi": metrics.get("labels", {}).get("nmi"), "label_ari": metrics.get("labels", {}).get("ari")}
     if "warning" in metrics:
         stats["warning"] = metrics["warning"]
-    logger.info("topics: NPMI %s, C_V %s, diversity %.3f, %d duplicate topics, effective topics %s%s", stats["npmi"],
-                stats["c_v"], stats["diversity"], stats["duplicate_topics"], stats["effective_topics"],
-                "" if stats["label_nmi"] is None else f", label NMI {stats['label_nmi']} ARI {stats['label_ari']}")
+    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    logger.info("topics: NPMI %s, C_V %s, diversity %.3f, %d duplicate topics, effective topics %s%s", f(stats["npmi"]),
+                f(stats["c_v"]), stats["diversity"], stats["duplicate_topics"], f(stats["effective_topics"]),
+                "" if stats["label_nmi"] is None else f", label NMI {f(stats['label_nmi'])} ARI {f(stats['label_ari'])}")
     return stats
 
 
