@@ -56,7 +56,7 @@ SHAPES = {
     "tiny": ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}, 128),
 }
 VOCAB_SIZE = 30522
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]  # "." ends sentences (windows snap to them)
 
 
 def synthetic_vocab(size: int = VOCAB_SIZE) -> list[str]:
@@ -110,9 +110,17 @@ def sample_lengths(n: int, max_length: int, rng: np.random.Generator) -> np.ndar
     return np.clip(lengths, 3, max_length)
 
 
-def make_texts(lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
+def make_texts(lengths: np.ndarray, rng: np.random.Generator, sentence: int = 0) -> list[str]:
+    """Texts of ``lengths`` tokens each ([CLS]/[SEP] included) of random words; ``sentence`` > 0:
+    about every that many tokens a "." ends a sentence."""
     words = np.array(synthetic_vocab()[len(SPECIAL):])
-    return [" ".join(words[rng.integers(0, len(words), size=int(L) - 2)]) for L in lengths]
+    out = []
+    for L in lengths:
+        w = words[rng.integers(0, len(words), size=int(L) - 2)]
+        if sentence:
+            w[rng.random(len(w)) < 1 / sentence] = "."
+        out.append(" ".join(w))
+    return out
 
 
 def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -250,10 +258,11 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
 
     # long documents cut into windows (encode.long_documents=windows), packed on the device vs CPU float32
     try:
-        long_texts = make_texts(np.full(24, 3 * max_length + 50), rng)
-        w_ref = TextEncoder(dataclasses.replace(settings("cpu", "float32"), long_documents="windows"),
+        long_texts = make_texts(np.full(24, 3 * max_length + 50), rng, sentence=15)
+        w_ref = TextEncoder(dataclasses.replace(settings("cpu", "float32"), long_documents="windows", snap_to_sentences=True),
                             batch_tokens=8192, batching="padded").encode_texts(long_texts)
-        w_got = TextEncoder(dataclasses.replace(settings(args.device, args.dtype), long_documents="windows"),
+        w_got = TextEncoder(dataclasses.replace(settings(args.device, args.dtype), long_documents="windows",
+                                                snap_to_sentences=True),
                             batch_tokens=args.batch_tokens, batching="packed").encode_texts(long_texts)
         agr = agreement(w_ref.vectors, w_got.vectors)
         res["agreement"]["embedjob packed, windows"] = agr
