@@ -259,10 +259,10 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
     # long documents cut into windows (encode.long_documents=windows), packed on the device vs CPU float32
     try:
         long_texts = make_texts(np.full(24, 3 * max_length + 50), rng, sentence=15)
-        w_ref = TextEncoder(dataclasses.replace(settings("cpu", "float32"), long_documents="windows", snap_to_sentences=True),
+        windows = {"long_documents": "windows", "snap_to_sentences": True}  # as a job runs by default
+        w_ref = TextEncoder(dataclasses.replace(settings("cpu", "float32"), **windows),
                             batch_tokens=8192, batching="padded").encode_texts(long_texts)
-        w_got = TextEncoder(dataclasses.replace(settings(args.device, args.dtype), long_documents="windows",
-                                                snap_to_sentences=True),
+        w_got = TextEncoder(dataclasses.replace(settings(args.device, args.dtype), **windows),
                             batch_tokens=args.batch_tokens, batching="packed").encode_texts(long_texts)
         agr = agreement(w_ref.vectors, w_got.vectors)
         res["agreement"]["embedjob packed, windows"] = agr

@@ -166,7 +166,7 @@ def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: n
     for k, i in enumerate(np.flatnonzero(~empty).tolist()):
         ids[i], n_tok[i] = enc.ids[k], enc.doc_tokens[k]
     table = table.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
-    if tok.max_tokens > tok.max_length:
+    if tok.whole_documents:
         table = table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32()))
     return table
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -81,17 +82,20 @@ class Tokenizer:
         self.max_tokens = max(max_tokens or max_length, max_length)
         self.call_chars = call_chars
         self.piece_chars = min(piece_chars, call_chars)
-        if self.max_tokens > max_length:
+        if self.whole_documents:
             # whole documents are tokenised on purpose: no "longer than the maximum" warning
             self.tok.model_max_length = 1 << 40
 
     @property
+    def whole_documents(self) -> bool:
+        """Documents are read whole (windows): tokens past the cap are counted; else truncated."""
+        return self.max_tokens > self.max_length
+
+    @cached_property
     def sentence_end_ids(self) -> np.ndarray:
         """Ids of the vocabulary's sentence-ending tokens (``.``, ``!``, ``?``...), for snapping windows."""
-        if not hasattr(self, "_end_ids"):
-            vocab = self.tok.get_vocab()
-            self._end_ids = np.array(sorted({vocab[t] for t in SENTENCE_END_TOKENS if t in vocab}), dtype=np.int64)
-        return self._end_ids
+        vocab = self.tok.get_vocab()
+        return np.array(sorted({vocab[t] for t in SENTENCE_END_TOKENS if t in vocab}), dtype=np.int64)
 
     def encode(self, texts: Sequence[str], *, words: bool = False) -> Tokenized:
         """Tokenise ``texts``; ``words`` adds word ids and offsets (the static vectors' alignment)."""
@@ -115,8 +119,7 @@ class Tokenizer:
         return out
 
     def _call(self, texts: list[str], special: bool, words: bool):
-        windows = self.max_tokens > self.max_length
-        trunc = special and not windows
+        trunc = special and not self.whole_documents
         return self.tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
                         add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
                         return_offsets_mapping=words)
@@ -140,7 +143,6 @@ class Tokenizer:
     def _encode_long(self, text: str, k: int, out: Tokenized, words: bool) -> None:
         """One text longer than a call, piece by piece: the same ids, word ids and offsets as one
         call would give (pieces are cut at whitespace), holding one piece's tokens at a time."""
-        windows = self.max_tokens > self.max_length
         head: list[int] = []
         wids: list[Optional[int]] = []
         offs: list[tuple[int, int]] = []
@@ -156,20 +158,19 @@ class Tokenizer:
                 total = 1
             total += len(ids)
             room = self.max_tokens - 1 - len(head)
+            piece_wids = enc.word_ids(0) if words else None
             if room > 0:
                 head.extend(ids[:room])
-                if words:
-                    wid = enc.word_ids(0)[:len(ids)][:room]
-                    wids.extend(w if w is None else w + word_base for w in wid)
-                    offs.extend((s + a, e + a) if e > s or w is not None else (s, e)
-                                for (s, e), w in zip(enc["offset_mapping"][0][:len(ids)][:room], wid))
+                if words:  # word ids and offsets shifted to the whole text (a = 0 for [CLS]'s piece)
+                    keep = min(room, len(ids))
+                    wids.extend(w if w is None else w + word_base for w in piece_wids[:keep])
+                    offs.extend((s + a, e + a) for s, e in enc["offset_mapping"][0][:keep])
             if words:
-                last = max((w for w in enc.word_ids(0) if w is not None), default=-1)
-                word_base += last + 1
-            if not windows and len(head) >= self.max_tokens - 1:
+                word_base += max((w for w in piece_wids if w is not None), default=-1) + 1
+            if not self.whole_documents and len(head) >= self.max_tokens - 1:
                 break  # truncation: the rest of the text is never read
         out.ids[k] = head + sep
-        out.doc_tokens[k] = total if windows else len(head) + 1
+        out.doc_tokens[k] = total if self.whole_documents else len(head) + 1
         if words:
             out.word_ids[k] = wids + [None]  # type: ignore[index]
             out.offsets[k] = offs + [(0, 0)]  # type: ignore[index]

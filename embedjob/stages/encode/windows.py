@@ -167,7 +167,7 @@ def plan_for(settings: Any, ids: Sequence[np.ndarray], end_ids: Optional[np.ndar
     if settings.long_documents != "windows":
         return truncated_plan(lengths)
     sentences = None
-    if getattr(settings, "snap_to_sentences", False) and end_ids is not None and len(end_ids):
+    if settings.snap_to_sentences and end_ids is not None and len(end_ids):
         sentences = [sentence_starts(x, end_ids) if len(x) > settings.max_length else None for x in ids]
     return plan_windows(lengths, settings.max_length, settings.window_overlap, settings.max_windows, sentences)
 

@@ -54,7 +54,7 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     wid_col: list[Any] = [[] for _ in range(n)]
     words_col: list[list[str]] = [[] for _ in range(n)]
     n_tok = np.zeros(n, dtype=np.int32)
-    whole = tok.max_tokens > tok.max_length
+    whole = tok.whole_documents
     if todo:
         enc = tok.encode([texts[i] for i in todo], words=True)
         doc_tokens = table.column(TOKENS).to_pylist() if TOKENS in table.column_names else None
