@@ -5,9 +5,12 @@ for ``manifest.json`` and ``stats/<stage>.json``.
 from __future__ import annotations
 
 import platform
+import time
 from typing import Any, Optional
 
 from embedjob import __version__
+from embedjob.layout import DONE, LANCE_DOCS, SUPERSEDED, TOKENS_DIR, VECTORS
+from embedjob.redact import redact, redact_url
 
 
 def package_versions() -> dict[str, str]:
@@ -44,3 +47,48 @@ def stage_stats(name: str, status: dict[str, Any], stats: dict[str, Any]) -> dic
     else:
         base.update(stats)
     return base
+
+
+def build_manifest(run: Any) -> dict[str, Any]:
+    """``manifest.json``: what this run read, made, kept and moved aside, and how it went.
+
+    ``run`` is the sequencer's state of one run (``pipeline._Run``): its config, shards, statuses,
+    stage results and error."""
+    cfg, inp, status, keep = run.cfg, run.cfg.input, run.status, run.keep
+    failed = sum(1 for v in status.values() if v["status"] == "failed")
+    return {
+        "embedjob_version": __version__,
+        "job": cfg.name,
+        "run_id": run.lease.run_id,
+        "status": "failed" if run.error is not None else ("partial" if failed else "ok"),
+        **({"error": str(run.error)} if run.error is not None else {}),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": round(time.time() - run.t_start, 3),
+        "config": redact(cfg.model_dump(mode="json")),
+        "versions": package_versions(),
+        "ray": run.ray_info,
+        "encoder": {**run.encoder.as_dict(), "actors": run.plan},
+        "recipe": run.stage_hash,
+        "input": {
+            "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,
+            "storage_options": redact(inp.storage_options),
+            "shards": {s.key: redact_url(s.url) for s in run.shards},
+            "ids": run.id_stats,
+        },
+        "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | marker_summary(v.get("marker"))
+                   for k, v in sorted(status.items())},
+        "totals": {
+            "shards": len(run.shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
+            "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
+            "kept_not_in_input": sum(1 for v in status.values() if v["status"] == "kept-not-in-input"),
+            "failed": failed,
+            "committed_shards": len(keep),
+            # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
+            "rows_out": sum(int(m.get("rows_out") or 0) for m in keep.values()),
+        },
+        "superseded": run.superseded,
+        "stages": run.stages,
+        "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
+                    **({"lance": LANCE_DOCS} if cfg.output.lance else {}),
+                    "superseded": SUPERSEDED + "/"},
+    }

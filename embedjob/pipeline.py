@@ -24,17 +24,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from embedjob import __version__
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
 from embedjob.errors import JobError, root_cause
 from embedjob.layout import (
     CONFIG,
-    DONE,
     LANCE_DOCS,
     MANIFEST,
-    SUPERSEDED,
     TIMELINE,
     TMP,
     TOKENS_DIR,
@@ -42,12 +39,13 @@ from embedjob.layout import (
     stage_marker,
 )
 from embedjob.lease import OutputLease
-from embedjob.manifest import marker_summary, package_versions, stage_stats
+from embedjob.manifest import build_manifest, stage_stats
 from embedjob.models import check_model, model_fingerprint
 from embedjob.reconcile import (
     is_intact,
     list_lance_files,
     list_shard_files,
+    outputs_to_keep,
     read_marker,
     read_shard_markers,
     reconcile_outputs,
@@ -155,7 +153,7 @@ def _run_phases(run: _Run) -> JobResult:
     todo = _plan_shards(run, previous)
     _encode_shards(run, todo)
     # one recipe in the output: keep what this run vouches for, move the rest aside
-    run.keep, reasons = _outputs_to_keep(cfg, run.status, previous, run.stage_hash)
+    run.keep, reasons = outputs_to_keep(cfg.output.removed_shards, run.status, previous, run.stage_hash)
     lease.check()  # another run took the output over: move nothing, leave the manifest to it
     run.superseded = reconcile_outputs(out, keep=run.keep, markers=previous, reasons=reasons, run_id=lease.run_id)
     if run.error is None:
@@ -164,7 +162,7 @@ def _run_phases(run: _Run) -> JobResult:
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
-    manifest = _manifest(run)
+    manifest = build_manifest(run)
     out.write_json(CONFIG, manifest["config"])  # the resolved config, secrets masked
     out.write_json(MANIFEST, manifest)  # written last, on success and on failure
     write_run_report(out)  # report.html; a report that cannot be drawn only logs a warning
@@ -257,48 +255,6 @@ def _corpus_stages(run: _Run) -> None:
         run.error = e
 
 
-def _manifest(run: _Run) -> dict[str, Any]:
-    """``manifest.json``: what this run read, made, kept and moved aside, and how it went."""
-    cfg, inp, status, keep = run.cfg, run.cfg.input, run.status, run.keep
-    failed = sum(1 for v in status.values() if v["status"] == "failed")
-    return {
-        "embedjob_version": __version__,
-        "job": cfg.name,
-        "run_id": run.lease.run_id,
-        "status": "failed" if run.error is not None else ("partial" if failed else "ok"),
-        **({"error": str(run.error)} if run.error is not None else {}),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_seconds": round(time.time() - run.t_start, 3),
-        "config": redact(cfg.model_dump(mode="json")),
-        "versions": package_versions(),
-        "ray": run.ray_info,
-        "encoder": {**run.encoder.as_dict(), "actors": run.plan},
-        "recipe": run.stage_hash,
-        "input": {
-            "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,
-            "storage_options": redact(inp.storage_options),
-            "shards": {s.key: redact_url(s.url) for s in run.shards},
-            "ids": run.id_stats,
-        },
-        "shards": {k: {kk: vv for kk, vv in v.items() if kk != "marker"} | marker_summary(v.get("marker"))
-                   for k, v in sorted(status.items())},
-        "totals": {
-            "shards": len(run.shards), "done": sum(1 for v in status.values() if v["status"] == "done"),
-            "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
-            "kept_not_in_input": sum(1 for v in status.values() if v["status"] == "kept-not-in-input"),
-            "failed": failed,
-            "committed_shards": len(keep),
-            # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
-            "rows_out": sum(int(m.get("rows_out") or 0) for m in keep.values()),
-        },
-        "superseded": run.superseded,
-        "stages": run.stages,
-        "outputs": {"vectors": VECTORS + "/", "tokens": TOKENS_DIR + "/", "stats": "stats/", "markers": DONE + "/",
-                    **({"lance": LANCE_DOCS} if cfg.output.lance else {}),
-                    "superseded": SUPERSEDED + "/"},
-    }
-
-
 def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, Any], echo: Callable[[str], None]) -> None:
     """``--dry-run``: the resolved config (secrets masked) and what would be read and written."""
     import yaml
@@ -309,38 +265,6 @@ def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, A
          + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else ""))
     for s in shards:
         echo(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
-
-
-def _outputs_to_keep(cfg: JobConfig, status: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]],
-                     stage_hash: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """``({shard: marker} whose files stay, {shard: why its earlier commit is moved aside})``.
-
-    Kept: shards committed by this run or unchanged; a shard whose reprocessing failed keeps an
-    earlier commit of the same recipe; a shard no longer in the input keeps one only with
-    ``output.removed_shards=keep``. Updates ``status`` for the shards kept that way."""
-    keep: dict[str, dict[str, Any]] = {}
-    reasons: dict[str, str] = {}
-    for key, v in status.items():
-        if v["status"] in ("done", "skipped-unchanged"):
-            keep[key] = v["marker"]
-    for key, old in previous.items():
-        if key in keep:
-            continue
-        same_recipe = old.get("stage_hash") == stage_hash
-        if key in status:  # in the input, failed this run
-            if same_recipe:
-                keep[key] = old
-                status[key].update(previous_commit="kept", rows=old.get("rows_out"), marker=old)
-            else:
-                reasons[key] = "the shard failed and its earlier commit is of another recipe"
-        elif same_recipe and cfg.output.removed_shards == "keep":
-            keep[key] = old
-            status[key] = {"status": "kept-not-in-input", "url": (old.get("input") or {}).get("url"),
-                           "rows": old.get("rows_out"), "marker": old}
-        else:
-            reasons[key] = ("not in the input (output.removed_shards=move)" if same_recipe
-                            else "not in the input, another recipe")
-    return keep, reasons
 
 
 BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pipeline

@@ -153,3 +153,35 @@ def _summary(moved: dict[str, dict[str, Any]]) -> str:
     for v in moved.values():
         by_reason[v["reason"]] = by_reason.get(v["reason"], 0) + 1
     return ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
+
+
+def outputs_to_keep(removed_shards: str, status: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]],
+                     stage_hash: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``({shard: marker} whose files stay, {shard: why its earlier commit is moved aside})``.
+
+    Kept: shards committed by this run or unchanged; a shard whose reprocessing failed keeps an
+    earlier commit of the same recipe; a shard no longer in the input keeps one only with
+    ``removed_shards=keep`` (``output.removed_shards``). Updates ``status`` for the shards kept that way."""
+    keep: dict[str, dict[str, Any]] = {}
+    reasons: dict[str, str] = {}
+    for key, v in status.items():
+        if v["status"] in ("done", "skipped-unchanged"):
+            keep[key] = v["marker"]
+    for key, old in previous.items():
+        if key in keep:
+            continue
+        same_recipe = old.get("stage_hash") == stage_hash
+        if key in status:  # in the input, failed this run
+            if same_recipe:
+                keep[key] = old
+                status[key].update(previous_commit="kept", rows=old.get("rows_out"), marker=old)
+            else:
+                reasons[key] = "the shard failed and its earlier commit is of another recipe"
+        elif same_recipe and removed_shards == "keep":
+            keep[key] = old
+            status[key] = {"status": "kept-not-in-input", "url": (old.get("input") or {}).get("url"),
+                           "rows": old.get("rows_out"), "marker": old}
+        else:
+            reasons[key] = ("not in the input (output.removed_shards=move)" if same_recipe
+                            else "not in the input, another recipe")
+    return keep, reasons
