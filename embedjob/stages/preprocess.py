@@ -26,7 +26,8 @@ from gensim.parsing.preprocessing import STOPWORDS
 from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
-from embedjob.schema import EMPTY, TOKENS
+from embedjob.errors import row_error
+from embedjob.schema import EMPTY, ROW, SHARD, TOKENS
 from embedjob.stages.static.align import align_words
 
 if TYPE_CHECKING:
@@ -129,9 +130,6 @@ class Preprocessor:
         texts = batch.column(self.text_column).to_pylist()
         empty = is_empty(texts)
         if self.on_empty_text == "fail" and empty.any():
-            from embedjob.schema import ROW, SHARD
-            from embedjob.stages.read import row_error
-
             i = int(np.argmax(empty))
             shard = batch.column(SHARD)[i].as_py() if SHARD in batch.column_names else "?"
             row = batch.column(ROW)[i].as_py() if ROW in batch.column_names else i

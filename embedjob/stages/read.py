@@ -70,12 +70,6 @@ class InputConfig(Section):
 
 
 
-def row_error(shard: str, row: Any, doc_id: Any, problem: str) -> InputError:
-    """``InputError('shard <shard>, row <row> (id <doc_id>): <problem>')`` for one input row."""
-    detail = f"row {row} (id {doc_id!r}): {problem}"
-    return InputError(f"shard {shard}, {detail}", shard=shard, detail=detail)
-
-
 @dataclass
 class ShardInfo:
     key: str  # deterministic output name
