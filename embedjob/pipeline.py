@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
-from embedjob.errors import JobError, root_cause
+from embedjob.errors import JobError, NothingToDo, root_cause
 from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
@@ -367,6 +367,10 @@ class CorpusStages:
         self.timeline.stage(name)
         try:
             result = fn()
+        except NothingToDo as e:  # an empty corpus: the stage is skipped, not failed
+            logger.info("%s: skipped: %s", name, e)
+            self.stages[name] = {"status": "skipped", "reason": str(e), "seconds": round(time.time() - t, 3)}
+            return
         except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
             raise JobError(f"{name} stage failed: {root_cause(e)} (the outputs of its last successful run, "
                            "if any, are untouched)") from e

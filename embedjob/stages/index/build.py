@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from embedjob.errors import NothingToDo
 from embedjob.stages.index.config import (
     CHUNK_INDEX,
     DOCS,
@@ -157,7 +158,8 @@ def _build_binary(vector_urls: list[str], storage_options: dict[str, Any], codec
     counts = [r["count"] for r in results]
     n = sum(counts)
     if n == 0:
-        raise StorageError(f"index: the {len(vector_urls)} vector shard(s) hold no non-null vector")
+        raise NothingToDo(f"nothing to index: the {len(vector_urls)} vector shard(s) hold no non-null vector "
+                          "(every text empty or null)")
     width = next(r["vectors"].shape[1] for r in results if r["count"])
     index = faiss.IndexBinaryFlat(width * 8)
     for r in results:
@@ -195,7 +197,8 @@ def _common_dim(results: list[dict[str, Any]], n: int, n_shards: int) -> int:
     """The one vector dimension of all shards (an error when there is no vector or more than one)."""
     dims = {r["dim"] for r in results if r["dim"]}
     if n == 0 or not dims:
-        raise StorageError(f"index: the {n_shards} vector shard(s) hold no non-null vector")
+        raise NothingToDo(f"nothing to index: the {n_shards} vector shard(s) hold no non-null vector "
+                          "(every text empty or null)")
     if len(dims) > 1:
         raise StorageError(f"index: vector shards have different dimensions {sorted(dims)}")
     return dims.pop()
