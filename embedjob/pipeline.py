@@ -105,6 +105,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
+    if cfg.output.vector_dtype == "int8":
+        cfg.output.int8_max_for(encoder.normalize)  # int8 of vectors of unknown range: exit 2 before any work
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
         _echo_dry_run(cfg, shards, id_stats, echo)
@@ -278,7 +280,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
     commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash)
     if timeline is not None:
-        timeline.watch(docs=lambda: commits.stats["documents"], tokens=lambda: commits.stats["bert_tokens"],
+        timeline.watch(docs=lambda: commits.encoded()[0], tokens=lambda: commits.encoded()[1],  # per model batch
                        encoder_rss_mb=lambda: commits.stats.get("encoder_peak_rss_mb"))
     if not todo:
         return {}, {}, commits.stats
