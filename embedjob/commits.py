@@ -99,7 +99,7 @@ class ShardCommits:
         sink = {"vector_dtype": o.vector_dtype, "lance": o.lance, "carry_columns": list(o.carry_columns),
                 "input_url": s.url, "input_options": self.cfg.input.storage_options}
         if o.vector_dtype == "int8":  # one scale for every shard
-            sink["int8_max"] = o.int8_max_for(self.encoder.normalize)
+            sink["int8_max"] = o.int8_max_for(self.encoder.normalize, self.encoder.dim)
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
                                                 self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 

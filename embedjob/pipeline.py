@@ -106,7 +106,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
     if cfg.output.vector_dtype == "int8":
-        cfg.output.int8_max_for(encoder.normalize)  # int8 of vectors of unknown range: exit 2 before any work
+        cfg.output.int8_max_for(encoder.normalize, encoder.dim)  # int8 of vectors of unknown range: exit 2 before any work
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
         _echo_dry_run(cfg, shards, id_stats, echo)

@@ -3,8 +3,8 @@
 * ``float32`` — as encoded (4 bytes a dimension);
 * ``float16`` — half precision (2 bytes);
 * ``int8`` — symmetric scalar quantisation with one scale that every shard shares:
-  ``round(x * 127 / int8_max)`` clipped to ``[-127, 127]`` (1 byte), ``int8_max`` being 1.0 for
-  normalised vectors (a unit vector's components lie in ``[-1, 1]``) or ``output.int8_max``. Zero
+  ``round(x * 127 / int8_max)`` clipped to ``[-127, 127]`` (1 byte), ``int8_max`` being
+  ``output.int8_max`` or, for unit vectors, :func:`unit_int8_max` (``min(1, 6 / sqrt(dim))``). Zero
   stays zero and every row has the same step, so the raw int8 rows of any two shards compare as
   their vectors do (inner product and L2 up to the factor ``scale**2``) in any reader: duckdb's
   ``list_dot_product``, Lance, FAISS. The scale is kept with the vectors (the Parquet file's
@@ -46,10 +46,11 @@ def bytes_per_vector(dtype: str, dim: int) -> int:
 
 
 def encode(x: np.ndarray, dtype: str, valid: Optional[np.ndarray] = None, *,
-           int8_max: float = 1.0) -> tuple[pa.Array, dict[str, Any]]:
+           int8_max: Optional[float] = None) -> tuple[pa.Array, dict[str, Any]]:
     """``(fixed-size-list array, codec)`` of the (n, dim) float32 matrix ``x`` stored as ``dtype``;
     rows where ``valid`` is False are null. ``int8``: ``int8_max`` is the value stored as 127 (the
-    same for every shard of an output; 1.0 for unit vectors), larger values are clipped and counted."""
+    same for every shard of an output; None: :func:`unit_int8_max`, for unit vectors), larger values
+    are clipped and counted."""
     if dtype not in DTYPES:
         raise ValueError(f"vector dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     x = np.asarray(x, dtype=np.float32)
@@ -61,6 +62,7 @@ def encode(x: np.ndarray, dtype: str, valid: Optional[np.ndarray] = None, *,
     elif dtype == "float16":
         values = x.astype(np.float16)
     elif dtype == "int8":
+        int8_max = unit_int8_max(dim) if int8_max is None else float(int8_max)
         values, codec["clipped"] = quantize_int8(x, int8_max, valid)
         codec.update(scheme=INT8_SCHEME, int8_max=float(int8_max), scale=float(int8_max) / 127.0)
     else:
@@ -74,6 +76,12 @@ def encode(x: np.ndarray, dtype: str, valid: Optional[np.ndarray] = None, *,
 def _steps(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     steps = (hi - lo) / 255.0
     return np.where(steps > 0, steps, 1.0).astype(np.float32)
+
+
+def unit_int8_max(dim: int) -> float:
+    """The default ``int8_max`` of unit vectors: 6 standard deviations of a component of a random
+    unit vector of ``dim`` dimensions (``1 / sqrt(dim)``), at most 1 (0.306 for 384 dimensions)."""
+    return float(min(1.0, 6.0 / np.sqrt(max(int(dim), 1))))
 
 
 def quantize_int8(x: np.ndarray, int8_max: float = 1.0,
