@@ -110,7 +110,8 @@ class OutputConfig(Section):
     lance_index: Literal["none", "ivf_pq", "ivf_hnsw_sq"] = Field(
         "none",
         description="ANN index Lance builds on the dataset's vector column at the end of the job (recall@10 "
-        "against exact search in stats/lance.json); float32 or float16 vectors only.",
+        "against exact search in stats/lance.json); float32, float16 or binary vectors (binary: IVF_FLAT with "
+        "the Hamming distance, whichever kind is named; Lance indexes no int8 vectors).",
     )
     lance_index_min_rows: int = Field(
         5000, ge=1, description="Build lance_index only when the dataset holds at least this many rows."
@@ -122,9 +123,10 @@ class OutputConfig(Section):
             raise ValueError("output.carry_columns needs output.lance: true (only the Lance dataset carries them)")
         if self.lance_index != "none" and not self.lance:
             raise ValueError(f"output.lance_index={self.lance_index!r} needs output.lance: true")
-        if self.lance_index != "none" and self.vector_dtype not in ("float32", "float16"):
-            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32 or "
-                             f"float16 (got {self.vector_dtype!r})")
+        if self.lance_index != "none" and self.vector_dtype == "int8":
+            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32, float16 "
+                             "or binary: Lance indexes no int8 vector column (its vector indices take float "
+                             "vectors, and packed bits with the Hamming distance)")
         if self.lance and importlib.util.find_spec("lance") is None:
             raise ValueError("output.lance needs the pylance package: pip install 'embedjob[lance]'")
         clash = sorted(set(self.carry_columns) & {"id", "vector", "n_tokens", "shard"})
