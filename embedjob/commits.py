@@ -100,6 +100,8 @@ class ShardCommits:
                 "input_url": s.url, "input_options": self.cfg.input.storage_options}
         if o.vector_dtype == "int8":  # one scale for every shard
             sink["int8_max"] = o.int8_max_for(self.encoder.normalize, self.encoder.dim)
+        elif o.vector_dtype == "binary" and o.binary_rescore and (self.encoder.normalize or o.int8_max):
+            sink.update(rescore=True, int8_max=o.int8_max_for(self.encoder.normalize, self.encoder.dim))
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
                                                 self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 

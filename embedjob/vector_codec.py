@@ -115,6 +115,11 @@ def packed(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.ascontiguousarray(_values(arr), dtype=np.uint8)
 
 
+def values_matrix(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The (n, width) matrix of a vector column's raw stored values (int8 as int8, bits as bytes)."""
+    return _values(arr)
+
+
 def _values(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     n = len(arr)
@@ -133,6 +138,32 @@ def quantize_query(q: np.ndarray, codec: Optional[dict[str, Any]]) -> np.ndarray
     if codec and codec.get("dtype") == "binary":
         return np.packbits(np.asarray(q) > 0, axis=1)
     return np.asarray(q, dtype=np.float32)
+
+
+RESCORE_COLUMN = "rescore"  # binary: the same vectors as int8 (shared scale), to rescore Hamming candidates
+
+
+def add_rescore_column(table: pa.Table, x: np.ndarray, valid: Optional[np.ndarray], codec: dict[str, Any],
+                       int8_max: Optional[float] = None) -> tuple[pa.Table, dict[str, Any]]:
+    """``table`` (binary vectors) with the column ``rescore``: ``x`` as int8 with the shared scale, and
+    ``codec`` with that int8 codec under ``rescore``, so a search can rescore Hamming candidates."""
+    arr, rc = encode(x, "int8", valid, int8_max=int8_max)
+    rescore = {k: rc[k] for k in ("scheme", "int8_max", "scale", "clipped")}
+    return table.append_column(RESCORE_COLUMN, arr), {**codec, "rescore": rescore}
+
+
+def rescore(q: np.ndarray, candidates: np.ndarray, stored: np.ndarray, scale: float,
+            k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``candidates`` (positions, -1 = none) by inner product of the
+    float32 query with the stored int8 vectors: ``(scores, positions)``, each (n, k), -1 padded."""
+    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    labels = np.full((len(q), k), -1, dtype=np.int64)
+    for j, cand in enumerate(candidates):
+        cand = cand[cand >= 0]
+        s = (stored[cand].astype(np.float32) @ np.asarray(q[j], dtype=np.float32)) * np.float32(scale)
+        best = np.argsort(-s, kind="stable")[:k]
+        scores[j, :len(best)], labels[j, :len(best)] = s[best], cand[best]
+    return scores, labels
 
 
 def with_codec(schema: pa.Schema, codec: dict[str, Any]) -> pa.Schema:
