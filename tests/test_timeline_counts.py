@@ -47,4 +47,4 @@ def test_timeline_counts_documents_while_the_first_block_is_encoded(ray_batch_sl
     partial = [s for s in during if 0 < s["docs"] < 48]
     assert partial, f"no timeline sample while the block was encoded: {[(s['t'], s['docs']) for s in during]}"
     assert all(s["tokens"] > 0 for s in partial)
-    assert max(s["docs"] for s in during) == 48
+    assert max(s["docs"] for s in timeline["samples"] if s.get("docs") is not None) == 48
