@@ -401,7 +401,7 @@ def _add_bench_vectors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=22000, help="documents to encode (default 22000)")
     p.add_argument("--queries", type=int, default=1000, help="held-out query documents (default 1000)")
     p.add_argument("--shard-rows", type=int, default=2000,
-                   help="rows per shard (int8 ranges are calibrated per shard; default 2000)")
+                   help="rows per shard (default 2000)")
     p.add_argument("--lance-index", default="ivf_pq", choices=("none", "ivf_pq", "ivf_hnsw_sq"),
                    help="Lance ANN index built on the float32 dataset, with its recall@10 (default ivf_pq)")
     p.add_argument("--cache", default=os.path.join("output", "bench-cache"),

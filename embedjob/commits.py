@@ -79,6 +79,13 @@ class ShardCommits:
         ready = len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else 0
         self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed"
 
+    def encoded(self) -> tuple[int, int]:
+        """Documents and tokens encoded so far, as the progress line counts them: the encoder actors'
+        per-batch counts (while blocks are in flight) or the rows written, whichever is further."""
+        if self.progress is None:
+            return self.stats["documents"], self.stats["bert_tokens"]
+        return self.progress.counts()
+
     def _stop_progress(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
@@ -91,6 +98,10 @@ class ShardCommits:
         o = self.cfg.output
         sink = {"vector_dtype": o.vector_dtype, "lance": o.lance, "carry_columns": list(o.carry_columns),
                 "input_url": s.url, "input_options": self.cfg.input.storage_options}
+        if o.vector_dtype == "int8":  # one scale for every shard
+            sink["int8_max"] = o.int8_max_for(self.encoder.normalize, self.encoder.dim)
+        elif o.vector_dtype == "binary" and o.binary_rescore and (self.encoder.normalize or o.int8_max):
+            sink.update(rescore=True, int8_max=o.int8_max_for(self.encoder.normalize, self.encoder.dim))
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
                                                 self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 

@@ -73,6 +73,11 @@ class StorageError(Exception):
     """A URL cannot be read or written (names the URL and the reason)."""
 
 
+class NothingToDo(StorageError):
+    """A corpus-wide stage's input holds nothing to work on (every text empty or null): the
+    pipeline records the stage as skipped, with this message as the reason, and goes on."""
+
+
 class WordVectorsError(StorageError):
     """Word vectors cannot be read, or are refused (a pickle without the trust setting)."""
 

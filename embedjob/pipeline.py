@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
-from embedjob.errors import JobError, root_cause
+from embedjob.errors import JobError, NothingToDo, root_cause
 from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
@@ -105,6 +105,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
+    if cfg.output.vector_dtype == "int8":
+        cfg.output.int8_max_for(encoder.normalize, encoder.dim)  # int8 of vectors of unknown range: exit 2 before any work
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
         _echo_dry_run(cfg, shards, id_stats, echo)
@@ -278,7 +280,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
     commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash)
     if timeline is not None:
-        timeline.watch(docs=lambda: commits.stats["documents"], tokens=lambda: commits.stats["bert_tokens"],
+        timeline.watch(docs=lambda: commits.encoded()[0], tokens=lambda: commits.encoded()[1],  # per model batch
                        encoder_rss_mb=lambda: commits.stats.get("encoder_peak_rss_mb"))
     if not todo:
         return {}, {}, commits.stats
@@ -367,6 +369,10 @@ class CorpusStages:
         self.timeline.stage(name)
         try:
             result = fn()
+        except NothingToDo as e:  # an empty corpus: the stage is skipped, not failed
+            logger.info("%s: skipped: %s", name, e)
+            self.stages[name] = {"status": "skipped", "reason": str(e), "seconds": round(time.time() - t, 3)}
+            return
         except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
             raise JobError(f"{name} stage failed: {root_cause(e)} (the outputs of its last successful run, "
                            "if any, are untouched)") from e

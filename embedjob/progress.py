@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, TextIO
 logger = logging.getLogger("embedjob.progress")
 
 REPORT_EVERY_S = 0.5  # an encoder actor sends its counts to the counter at most this often
+POLL_EVERY_S = 1.0  # the driver reads the counter this often (and shows a line every `every` seconds)
 
 
 def format_duration(seconds: float) -> str:
@@ -151,8 +152,9 @@ class BatchReporter:
 
 class ProgressTicker:
     """A driver thread that shows ``progress`` every ``every`` seconds while a stage runs: a log
-    line, or a tqdm bar when ``stream`` is a terminal (redrawn every second). ``poll`` is called
-    first each time and refreshes the counts (e.g. reads the :class:`ProgressCounter`)."""
+    line, or a tqdm bar when ``stream`` is a terminal (redrawn every second). ``poll`` refreshes the
+    counts (e.g. reads the :class:`ProgressCounter`) every second, so whoever reads
+    ``progress.counts()`` in between (the run's timeline) sees them move too."""
 
     def __init__(self, progress: Progress, poll: Callable[[], None], *, every: float = 10.0,
                  stream: Optional[TextIO] = None):
@@ -172,15 +174,22 @@ class ProgressTicker:
         return self
 
     def _run(self) -> None:
-        wait = min(self.every, 1.0) if self.bar is not None else self.every
-        while not self._stop.wait(wait):
-            self.tick()
+        shown = time.time()
+        while not self._stop.wait(min(self.every, POLL_EVERY_S)):
+            if self.bar is not None or time.time() - shown >= self.every - 1e-3:
+                self.tick()
+                shown = time.time()
+            else:
+                self._poll()
 
-    def tick(self) -> None:
+    def _poll(self) -> None:
         try:
             self.poll()
         except Exception as e:  # noqa: BLE001 - a slow or gone counter: show what is known
             logger.debug("progress: poll failed: %s", e)
+
+    def tick(self) -> None:
+        self._poll()
         if self.bar is not None:
             done, tokens = self.progress.counts()
             self.bar.n = done

@@ -145,7 +145,7 @@ def test_lance_index_recall_and_settings(tmp_path):
     assert any("vector" in i["fields"] for i in lance.dataset(str(tmp_path / "v.lance")).list_indices())
     assert not build_index(ds, "ivf_hnsw_sq", min_rows=10_000, normalized=True)["built"]
     for bad, msg in [({"carry_columns": ["text"]}, "needs output.lance"),
-                     ({"lance": True, "lance_index": "ivf_pq", "vector_dtype": "int8"}, "float32 or float16"),
+                     ({"lance": True, "lance_index": "ivf_pq", "vector_dtype": "int8"}, "float32, float16 or binary"),
                      ({"lance": True, "carry_columns": ["vector"]}, "clash")]:
         with pytest.raises(ConfigError, match=msg):
             build_config({"output": bad})

@@ -1,5 +1,5 @@
-"""output.vector_dtype: float16, int8 (per-shard calibration ranges, as sentence-transformers'
-quantize_embeddings) and binary (packed bits, Hamming search in FAISS), in Parquet, Lance and the
+"""output.vector_dtype: float16, int8 (one scale shared by every shard; files with the older per-shard
+ranges still decode) and binary (packed bits, Hamming search in FAISS), in Parquet, Lance and the
 index that `embedjob search` reads."""
 
 import numpy as np
@@ -25,12 +25,13 @@ def test_codecs_round_trip_within_their_precision():
     assert arr.type.value_type == pa.float16() and arr.null_count == 1
     np.testing.assert_allclose(decode(arr.filter(pa.array(valid)), codec), x[valid], atol=1e-2)
 
-    arr, codec = encode(x, "int8", valid)
-    lo, hi = np.asarray(codec["ranges"][0]), np.asarray(codec["ranges"][1])
-    np.testing.assert_allclose(lo, x[valid].min(0), rtol=1e-6)  # calibrated on the valid rows only
-    step = (hi - lo) / 255
+    arr, codec = encode(x, "int8", valid, int8_max=4.0)
+    assert codec["scale"] == pytest.approx(4 / 127) and codec["scheme"] == "symmetric_v1"
     err = np.abs(decode(arr.filter(pa.array(valid)), codec) - x[valid])
-    assert (err <= step / 2 + 1e-5).all() and arr.type.value_type == pa.int8()
+    assert (err <= codec["scale"] / 2 + 1e-5).all() and arr.type.value_type == pa.int8()
+    old = {"dtype": "int8", "dim": 24, "ranges": [[-1.0] * 24, [1.0] * 24]}  # written before the shared scale
+    np.testing.assert_allclose(decode(pa.array([[-128] * 24, [127] * 24], pa.list_(pa.int8(), 24)), old),
+                               [[-1.0] * 24, [1.0] * 24], atol=1e-6)
 
     arr, codec = encode(x, "binary")
     assert arr.type.list_size == 3 and packed(arr).dtype == np.uint8
@@ -53,13 +54,13 @@ def test_int8_then_binary_job_search_and_manifest(ray_local, tmp_path, tiny_mode
     ids, planted = _ids_and_shards(tmp_path)
     out = tmp_path / "out"
     res = run_job(small_job(tmp_path / "in", out, tiny_model, index={"enabled": True},
-                            output={"vector_dtype": "int8", "lance": True}))
+                            output={"vector_dtype": "int8", "int8_max": 4.0, "lance": True}))
     assert res.ok
     t = pq.read_table(out / "vectors" / "part-00000.parquet")
     assert t.schema.field("vector").type.value_type == pa.int8()
     codec = codec_of(t.schema)
     shard = res.manifest["shards"]["part-00000"]
-    assert shard["vector_codec"]["ranges"] == codec["ranges"] and len(codec["ranges"][0]) == 32
+    assert shard["vector_codec"]["scale"] == codec["scale"] == pytest.approx(4 / 127) and codec["dim"] == 32
     ds = lance.dataset(str(out / "lance" / "docs.lance"))
     assert ds.schema.field("vector").type.value_type == pa.int8() and ds.count_rows() == len(ids)
     hits = Searcher(str(out)).search(PLANTED, k=2, with_text=False)

@@ -61,7 +61,7 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)
     key = hashlib.sha256(json.dumps([corpus_url, limit, model_fingerprint(settings.model_path),
-                                     {k: v for k, v in settings.items() if k != "model_path"}],
+                                     {k: v for k, v in settings.as_dict().items() if k != "model_path"}],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"bench-index-{key}.npy") if cache else None
     if path and os.path.exists(path):

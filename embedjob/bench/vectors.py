@@ -3,11 +3,13 @@ sink costs, measured side by side on one set of encoded documents.
 
 The first ``--limit`` non-empty documents of a corpus are encoded once with the job's encoder
 (cached in ``--cache`` with the encode time, so a rerun does not encode again) and cut into shards
-of ``--shard-rows`` (int8 ranges are calibrated per shard, as the job does). For each dtype the
+of ``--shard-rows`` (int8 with the one scale every shard shares, as the job does). For each dtype the
 shards are written as the job writes ``vectors/<shard>.parquet`` and as Lance fragments, and
 indexed by the index stage's own code (``index.kind=flat``: exact search over the stored vectors;
-binary: FAISS Hamming search); ``--queries`` held-out documents are searched as ``embedjob search``
-searches, and recall@10 is measured against exact float32 search. The Lance write (fragments of
+binary: FAISS Hamming search, its candidates rescored with the int8 ``rescore`` column); ``--queries``
+held-out documents are searched as ``embedjob search`` searches, and recall@10 is measured against
+exact float32 search; for binary also recall@10 and query time per rescore factor (``RESCORE_FACTORS``;
+1 = Hamming ranking only). The Lance write (fragments of
 every shard with the text carried, then the commit) is timed against the encoding of the same
 documents (the job's goal: at most 5%).
 
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "int8", "binary")
+RESCORE_FACTORS = (1, 2, 4, 8, 16, 32)  # binary: k * factor Hamming candidates rescored with int8
 
 
 def load_documents(corpus_url: str, limit: int) -> pa.Table:
@@ -120,7 +123,7 @@ def _shards(n: int, rows: int) -> list[tuple[str, int, int]]:
 
 def write_vectors(folder: str, ids: list[str], x: np.ndarray, dtype: str, shards: list[tuple[str, int, int]]) -> int:
     """``vectors/<shard>.parquet`` as the job writes them; returns their bytes on disk."""
-    from embedjob.vector_codec import encode, with_codec
+    from embedjob.vector_codec import add_rescore_column, encode, with_codec
 
     os.makedirs(os.path.join(folder, "vectors"), exist_ok=True)
     total = 0
@@ -128,23 +131,36 @@ def write_vectors(folder: str, ids: list[str], x: np.ndarray, dtype: str, shards
         arr, codec = encode(x[a:b], dtype)
         t = pa.table({"id": pa.array(ids[a:b], pa.string()), "vector": arr,
                       "n_tokens": pa.array(np.zeros(b - a, np.int32))})
+        if dtype == "binary":  # output.binary_rescore (the default)
+            t, codec = add_rescore_column(t, x[a:b], None, codec)
         path = os.path.join(folder, "vectors", f"{name}.parquet")
         pq.write_table(t.replace_schema_metadata(with_codec(t.schema, codec).metadata), path)
         total += os.path.getsize(path)
     return total
 
 
-def search_recall(folder: str, n_shards: int, q: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """recall@k of the index stage's index over ``folder``'s vectors (as ``embedjob search``)."""
+def search_recall(folder: str, n_shards: int, q: np.ndarray, truth: np.ndarray, k: int,
+                  factors: tuple[int, ...] = ()) -> tuple[float, list[dict[str, Any]]]:
+    """recall@k of the index stage's index over ``folder``'s vectors (as ``embedjob search``), and
+    for binary vectors recall@k and milliseconds per query for each rescore factor of ``factors``."""
     from embedjob.stages.index.build import build_docs_index
     from embedjob.stages.index.config import IndexConfig
     from embedjob.stages.index.search import LoadedIndex
 
     urls = [os.path.join(folder, "vectors", f"part-{i:05d}.parquet") for i in range(n_shards)]
     built = build_docs_index(IndexConfig(kind="flat"), urls, {}, True)
-    loaded = LoadedIndex(built.index, built.ids, built.meta)
-    _, labels = loaded.search_vectors(q, k)
-    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(labels, truth)]))
+    loaded = LoadedIndex(built.index, built.ids, built.meta, built.rescore)
+
+    def recall(labels: np.ndarray) -> float:
+        return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(labels, truth)]))
+
+    rows = []
+    for f in factors if built.rescore is not None else ():
+        t = time.perf_counter()
+        _, labels = loaded.search_vectors(q, k, rescore_factor=f)
+        rows.append({"factor": f, f"recall_at_{k}": round(recall(labels), 4),
+                     "ms_per_query": round(1000 * (time.perf_counter() - t) / len(q), 4)})
+    return recall(loaded.search_vectors(q, k)[1]), rows
 
 
 def lance_write(folder: str, docs: pa.Table, x: np.ndarray, dtype: str, shards: list[tuple[str, int, int]],
@@ -188,6 +204,7 @@ def run_bench(docs: pa.Table, x: np.ndarray, encode_seconds: float, *, queries: 
     ``encode_now`` seconds per document measured beside the writes (0: not measured)."""
     import faiss
 
+    from embedjob.stages.index.config import IndexConfig
     from embedjob.vector_codec import bytes_per_vector
 
     rng = np.random.default_rng(seed)
@@ -210,11 +227,13 @@ def run_bench(docs: pa.Table, x: np.ndarray, encode_seconds: float, *, queries: 
         for dtype in DTYPES:
             folder = os.path.join(tmp, dtype)
             parquet_bytes = write_vectors(folder, ids, base, dtype, shards)
+            rec, per_factor = search_recall(folder, len(shards), q, truth, k, RESCORE_FACTORS if dtype == "binary" else ())
             row = {"bytes_per_vector": bytes_per_vector(dtype, base.shape[1]),
-                   "parquet_bytes_per_row": round(parquet_bytes / len(base), 1),
-                   f"recall_at_{k}": round(search_recall(folder, len(shards), q, truth, k), 4)}
+                   "parquet_bytes_per_row": round(parquet_bytes / len(base), 1), f"recall_at_{k}": round(rec, 4)}
+            if per_factor:
+                row["rescore"] = {"default_factor": IndexConfig().rescore_factor, "factors": per_factor}
             lance = lance_write(folder, base_docs, base, dtype, shards,
-                                index=lance_index if dtype == "float32" else "none")
+                                index=lance_index if dtype in ("float32", "binary") else "none")
             row["lance"] = lance
             spent = lance["write_seconds"] + lance["commit_seconds"]
             row["lance_write_share_of_encode"] = round(spent / (per_doc * len(base)), 4)
@@ -250,6 +269,10 @@ def run(args: argparse.Namespace) -> int:
               f"{row['recall_at_10']:.4f}; Lance write {lance['write_seconds'] + lance['commit_seconds']:.2f}s = "
               f"{100 * row['lance_write_share_of_encode']:.2f}% of encoding "
               f"({100 * row.get('lance_write_share_of_encode_now', float('nan')):.2f}% of the encoding measured beside it)")
+        for r in row.get("rescore", {}).get("factors", []):
+            print(f"           rescore factor {r['factor']:3d}: recall@10 {r['recall_at_10']:.4f}, "
+                  f"{r['ms_per_query']:.3f} ms/query" + ("  (index.rescore_factor default)"
+                                                         if r["factor"] == row["rescore"]["default_factor"] else ""))
         if "index" in lance:
             print(f"           Lance {lance['index'].get('index_type')} index: {lance['index']}")
     return 0

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
-from embedjob.errors import IncompleteShardError
+from embedjob.errors import ConfigError, IncompleteShardError
 from embedjob.layout import CHUNKS, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
 from embedjob.schema import (
     CAPPED,
@@ -44,8 +44,8 @@ from embedjob.schema import (
 )
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
+from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, unit_int8_max, with_codec
 from embedjob.vector_codec import encode as encode_vectors
-from embedjob.vector_codec import with_codec
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,27 @@ class OutputConfig(Section):
     vector_dtype: Literal["float32", "float16", "int8", "binary"] = Field(
         "float32",
         description="How document vectors are stored (vectors/*.parquet and Lance): float32; float16 (half "
-        "the bytes); int8 (a quarter: each dimension's [min, max] over the shard cut into 256 steps, the ranges "
-        "kept in the file's metadata, the shard's marker and the manifest); binary (1 bit a dimension, x > 0, "
-        "searched by Hamming distance). Part of the recipe: a change re-encodes every shard.",
+        "the bytes); int8 (a quarter: round(x * 127 / int8_max), one scale shared by every shard, so raw rows "
+        "compare in any reader; the scale kept in the file's metadata, the shard's marker and the manifest); "
+        "binary (1 bit a dimension, x > 0, searched by Hamming distance). Part of the recipe: a change "
+        "re-encodes every shard.",
+    )
+    int8_max: Optional[float] = Field(
+        None, gt=0,
+        description="vector_dtype int8: the value stored as 127 (and -127), the same for every shard; larger "
+        "values are clipped (counted as 'clipped' in each shard's vector_codec). null = min(1, 6 / sqrt(dim)) "
+        "when the encoder normalises (6 standard deviations of a component of a random unit vector: 0.306 for "
+        "384 dimensions, where all-MiniLM-L6-v2's largest |component| was 0.257 on 1,000 documents of mixed-en); "
+        "a model without normalisation needs it set (a little above the largest |component| of its vectors). "
+        "Part of the recipe.",
+    )
+    binary_rescore: bool = Field(
+        True,
+        description="vector_dtype binary: also store each vector as int8 (the shared int8 scale) in the column "
+        "'rescore' of vectors/<shard>.parquet (dim bytes a row more), which the index stage keeps beside its "
+        "Hamming index to rescore the k * index.rescore_factor nearest by Hamming distance (recall@10 0.51 "
+        "without, measured in `embedjob bench vectors`). Vectors that are not normalised need output.int8_max "
+        "for it. Part of the recipe.",
     )
     lance: bool = Field(
         False,
@@ -100,7 +118,8 @@ class OutputConfig(Section):
     lance_index: Literal["none", "ivf_pq", "ivf_hnsw_sq"] = Field(
         "none",
         description="ANN index Lance builds on the dataset's vector column at the end of the job (recall@10 "
-        "against exact search in stats/lance.json); float32 or float16 vectors only.",
+        "against exact search in stats/lance.json); float32, float16 or binary vectors (binary: IVF_FLAT with "
+        "the Hamming distance, whichever kind is named; Lance indexes no int8 vectors).",
     )
     lance_index_min_rows: int = Field(
         5000, ge=1, description="Build lance_index only when the dataset holds at least this many rows."
@@ -112,9 +131,10 @@ class OutputConfig(Section):
             raise ValueError("output.carry_columns needs output.lance: true (only the Lance dataset carries them)")
         if self.lance_index != "none" and not self.lance:
             raise ValueError(f"output.lance_index={self.lance_index!r} needs output.lance: true")
-        if self.lance_index != "none" and self.vector_dtype not in ("float32", "float16"):
-            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32 or "
-                             f"float16 (got {self.vector_dtype!r})")
+        if self.lance_index != "none" and self.vector_dtype == "int8":
+            raise ValueError(f"output.lance_index={self.lance_index!r} needs output.vector_dtype float32, float16 "
+                             "or binary: Lance indexes no int8 vector column (its vector indices take float "
+                             "vectors, and packed bits with the Hamming distance)")
         if self.lance and importlib.util.find_spec("lance") is None:
             raise ValueError("output.lance needs the pylance package: pip install 'embedjob[lance]'")
         clash = sorted(set(self.carry_columns) & {"id", "vector", "n_tokens", "shard"})
@@ -125,7 +145,22 @@ class OutputConfig(Section):
     def recipe_part(self) -> dict[str, Any]:
         """How vectors are stored, for the recipe hash; empty for the defaults (older recipes stay valid)."""
         stored = {"vector_dtype": self.vector_dtype} if self.vector_dtype != "float32" else {}
+        if self.vector_dtype == "int8":  # the shared scale (older int8 outputs: per-shard ranges, another recipe)
+            stored["int8"] = {"scheme": INT8_SCHEME, "int8_max": self.int8_max}
+        if self.vector_dtype == "binary" and self.binary_rescore:
+            stored["rescore"] = {"scheme": INT8_SCHEME, "int8_max": self.int8_max}
         return {"stored": {**stored, "lance": self.lance, "carry": self.carry_columns}} if (stored or self.lance) else {}
+
+    def int8_max_for(self, normalized: bool, dim: int) -> float:
+        """The int8 scale's top value for ``dim``-dimensional vectors that are (not) unit length; a
+        ConfigError, before any work, when the vectors are not normalised and ``int8_max`` is not set."""
+        if self.int8_max is not None:
+            return float(self.int8_max)
+        if not normalized:
+            raise ConfigError("output.vector_dtype=int8: the encoder does not normalise its vectors, so their "
+                              "range is unknown; set output.int8_max (the value stored as 127, shared by every "
+                              "shard) or encode.normalize: true")
+        return unit_int8_max(dim)
 
 
 
@@ -221,7 +256,8 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     if on_empty_text == "skip" and n_empty:
         table = table.filter(pc.invert(empty))
     sink = sink or {}
-    vectors, codec = _stored_vectors(table, sink.get("vector_dtype", "float32"))
+    vectors, codec = _stored_vectors(table, sink.get("vector_dtype", "float32"), sink.get("int8_max"),
+                                     rescore=bool(sink.get("rescore")))
     tokens = table.select(["id", TOKENS])
     out.write_parquet(f"{VECTORS}/{shard}.parquet", vectors)
     lance_part = None
@@ -258,8 +294,10 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     return marker
 
 
-def _stored_vectors(table: pa.Table, dtype: str) -> tuple[pa.Table, dict[str, Any]]:
-    """``id``, ``vector`` (encoded as ``dtype``, the codec in the schema metadata), ``n_tokens``."""
+def _stored_vectors(table: pa.Table, dtype: str, int8_max: Optional[float] = None, *,
+                    rescore: bool = False) -> tuple[pa.Table, dict[str, Any]]:
+    """``id``, ``vector`` (encoded as ``dtype``, the codec in the schema metadata), ``n_tokens`` (and,
+    binary with ``rescore``, ``rescore``: the vectors as int8 with the scale of ``int8_max``)."""
     vec = table.column("vector").combine_chunks()
     dim = getattr(vec.type, "list_size", None)
     if dtype == "float32" or not len(vec) or not dim:
@@ -269,8 +307,10 @@ def _stored_vectors(table: pa.Table, dtype: str) -> tuple[pa.Table, dict[str, An
         valid = np.asarray(vec.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         values = vec.values.to_numpy(zero_copy_only=False)[vec.offset * dim:(vec.offset + len(vec)) * dim]
         x = np.nan_to_num(np.asarray(values, dtype=np.float32)).reshape(len(vec), dim)  # null rows: masked
-        arr, codec = encode_vectors(x, dtype, valid)
+        arr, codec = encode_vectors(x, dtype, valid, int8_max=int8_max)
         vectors = pa.table({"id": table.column("id"), "vector": arr, "n_tokens": table.column("n_tokens")})
+        if dtype == "binary" and rescore:
+            vectors, codec = add_rescore_column(vectors, x, valid, codec, int8_max)
     return vectors.replace_schema_metadata(with_codec(vectors.schema, codec).metadata), codec
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from embedjob.errors import NothingToDo
 from embedjob.stages.index.config import (
     CHUNK_INDEX,
     DOCS,
@@ -50,6 +51,7 @@ class BuiltIndex:
     index: Any
     ids: pa.Table
     meta: dict[str, Any]
+    rescore: Optional[np.ndarray] = None  # binary: the int8 vectors by position (index/<name>_rescore.npy)
 
 
 def build_from_matrix(x: np.ndarray, labels: pa.Table, cfg: IndexConfig, metric: str, name: str) -> BuiltIndex:
@@ -124,7 +126,7 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
     t0 = time.time()
     codec = shard_codec(vector_urls[0], storage_options)
     if codec["dtype"] == "binary":
-        return _build_binary(vector_urls, storage_options, codec, t0)
+        return _build_binary(vector_urls, storage_options, codec, t0, cfg.rescore_factor)
     kind, results = _scan_shards(cfg, vector_urls, storage_options)
     sampled = kind.startswith("ivf")  # ids and a sample only: the vectors are read per shard later
     counts = [r["count"] for r in results]
@@ -148,16 +150,18 @@ def build_docs_index(cfg: IndexConfig, vector_urls: list[str], storage_options: 
 
 
 def _build_binary(vector_urls: list[str], storage_options: dict[str, Any], codec: dict[str, Any],
-                  t0: float) -> BuiltIndex:
+                  t0: float, rescore_factor: int = 1) -> BuiltIndex:
     """``output.vector_dtype: binary``: an exact FAISS binary index (Hamming distance) over the
-    packed bits of every shard, whatever ``index.kind`` says (the bits are the compression)."""
+    packed bits of every shard, whatever ``index.kind`` says (the bits are the compression), and
+    the shards' int8 ``rescore`` vectors, when every shard has them, to rescore its candidates."""
     import faiss
 
     results = map_tasks(scan_vector_shard, [(u, storage_options) for u in vector_urls], {"with_vectors": True})
     counts = [r["count"] for r in results]
     n = sum(counts)
     if n == 0:
-        raise StorageError(f"index: the {len(vector_urls)} vector shard(s) hold no non-null vector")
+        raise NothingToDo(f"nothing to index: the {len(vector_urls)} vector shard(s) hold no non-null vector "
+                          "(every text empty or null)")
     width = next(r["vectors"].shape[1] for r in results if r["count"])
     index = faiss.IndexBinaryFlat(width * 8)
     for r in results:
@@ -169,8 +173,17 @@ def _build_binary(vector_urls: list[str], storage_options: dict[str, Any], codec
             "build_seconds": round(time.time() - t0, 3), "build_id": uuid.uuid4().hex,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": len(vector_urls),
             "null_vectors": sum(r["null_vectors"] for r in results), "vector_dtype": "binary"}
-    logger.info("index: binary Hamming index over %d document vectors built in %.1fs", n, meta["build_seconds"])
-    return BuiltIndex(index, _id_map(results, counts, n), meta)
+    rescore = None
+    if all("rescore" in r for r in results) and "rescore" in codec:
+        rescore = np.concatenate([r["rescore"] for r in results])
+        meta["rescore"] = {"factor": int(rescore_factor), "scale": codec["rescore"]["scale"],
+                           "score": "inner product with the stored int8 vectors (higher is nearer)"}
+        logger.info("index: binary Hamming index over %d document vectors built in %.1fs; a search rescores "
+                    "the k * %d nearest with the int8 vectors", n, meta["build_seconds"], rescore_factor)
+    else:
+        logger.info("index: binary Hamming index over %d document vectors built in %.1fs (no int8 rescore "
+                    "column in the vector shards: Hamming ranking only)", n, meta["build_seconds"])
+    return BuiltIndex(index, _id_map(results, counts, n), meta, rescore)
 
 
 def _scan_shards(cfg: IndexConfig, vector_urls: list[str],
@@ -195,7 +208,8 @@ def _common_dim(results: list[dict[str, Any]], n: int, n_shards: int) -> int:
     """The one vector dimension of all shards (an error when there is no vector or more than one)."""
     dims = {r["dim"] for r in results if r["dim"]}
     if n == 0 or not dims:
-        raise StorageError(f"index: the {n_shards} vector shard(s) hold no non-null vector")
+        raise NothingToDo(f"nothing to index: the {n_shards} vector shard(s) hold no non-null vector "
+                          "(every text empty or null)")
     if len(dims) > 1:
         raise StorageError(f"index: vector shards have different dimensions {sorted(dims)}")
     return dims.pop()

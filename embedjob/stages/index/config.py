@@ -84,6 +84,14 @@ class IndexConfig(Section):
         100_000, ge=256,
         description="ivf_*: vectors sampled uniformly across shards (proportionally to their rows) to train on.",
     )
+    rescore_factor: int = Field(
+        16, ge=1,
+        description="output.vector_dtype binary: `embedjob search` takes the k * rescore_factor nearest by "
+        "Hamming distance and ranks them by inner product with the stored int8 vectors (output.binary_rescore); "
+        "1 = Hamming ranking only. 16 gave recall@10 0.979 against float32 exact search on 1,000 documents of "
+        "mixed-en (all-MiniLM-L6-v2; 0.508 at 1, 0.934 at 8); `embedjob bench vectors` measures recall and query "
+        "time per factor.",
+    )
     words: bool = Field(True, description="Also index the word vectors (Word2Vec, BERT static) of the stages enabled "
                         "in the run.")
     use_gpu: Optional[bool] = Field(
@@ -161,4 +169,4 @@ def min_train_points(kind: str, dim: int, n: int, cfg: IndexConfig) -> int:
 def index_files(name: str) -> dict[str, str]:
     """Relative paths of an index's files under the output root."""
     return {"index": f"{INDEX_DIR}/{name}.faiss", "ids": f"{INDEX_DIR}/{name}_ids.parquet",
-            "meta": f"{INDEX_DIR}/{name}.json"}
+            "meta": f"{INDEX_DIR}/{name}.json", "rescore": f"{INDEX_DIR}/{name}_rescore.npy"}

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from embedjob.stages.encode import EncoderSettings, TextEncoder, cpu_supports_bf
 from embedjob.stages.index.config import CHUNK_INDEX, DOCS, index_files
 from embedjob.stages.index.faiss_index import set_search_params
 from embedjob.storage import Storage, StorageError, split_url
-from embedjob.vector_codec import quantize_query
+from embedjob.vector_codec import quantize_query, rescore
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,20 @@ class LoadedIndex:
     index: Any
     ids: pa.Table
     meta: dict[str, Any]
+    rescore: Optional[np.ndarray] = None  # binary: the stored int8 vectors by position
 
-    def search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, q: np.ndarray, k: int, *, rescore_factor: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, positions)`` of the ``k`` nearest to each row of ``q``. Binary vectors: the
+        ``k * rescore_factor`` nearest by Hamming distance (default: the index's ``rescore.factor``),
+        ranked by inner product with the stored int8 vectors where the index has them."""
         if self.meta.get("kind") == "binary_flat":  # output.vector_dtype=binary: packed bits, Hamming
-            return self.index.search(np.ascontiguousarray(quantize_query(q, {"dtype": "binary"})), k)
+            bits = np.ascontiguousarray(quantize_query(q, {"dtype": "binary"}))
+            spec = self.meta.get("rescore") or {}
+            factor = int(rescore_factor or spec.get("factor") or 1)
+            if self.rescore is None or factor <= 1:
+                return self.index.search(bits, k)
+            _, cand = self.index.search(bits, min(self.index.ntotal, k * factor))
+            return rescore(np.asarray(q, dtype=np.float32), cand, self.rescore, spec["scale"], k)
         return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
 
@@ -71,7 +82,13 @@ def load_index(out: Storage, name: str = DOCS) -> LoadedIndex:
     sp = meta.get("search_params") or {}
     if not binary:
         set_search_params(index, meta["kind"], sp.get("ef_search"), sp.get("nprobe"), sp.get("refine_k_factor"))
-    return LoadedIndex(index, ids, meta)
+    rescore_vectors = None
+    if binary and meta.get("rescore"):  # the int8 vectors that rescore the Hamming candidates (never a pickle)
+        rescore_vectors = np.load(io.BytesIO(out.read_bytes(files["rescore"])), allow_pickle=False)
+        if len(rescore_vectors) != meta["count"]:
+            raise StorageError(f"index {name!r} at {out.url(INDEX_DIR)}: {files['rescore']} holds "
+                               f"{len(rescore_vectors)} vectors, the index {meta['count']}; rebuild the index")
+    return LoadedIndex(index, ids, meta, rescore_vectors)
 
 
 def query_encoder(settings: dict[str, Any]):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from embedjob.layout import shard_key_of
 from embedjob.storage import Storage, StorageError
-from embedjob.vector_codec import codec_of, decode, packed
+from embedjob.vector_codec import RESCORE_COLUMN, codec_of, decode, packed, values_matrix
 
 
 def to_float32_matrix(column: pa.ChunkedArray | pa.Array, dim: Optional[int] = None) -> np.ndarray:
@@ -42,7 +42,7 @@ def scan_vector_shard(url: str, storage_options: dict[str, Any], *, with_vectors
     themselves (``with_vectors``) and/or a uniform sample of ``sample_n`` of them."""
     store = Storage(url, storage_options)
     try:
-        table = store.read_parquet("", columns=["id", "vector"])
+        table = store.read_parquet("")  # id, vector (binary: and the int8 rescore column), n_tokens
     except (OSError, KeyError, pa.ArrowInvalid) as e:
         raise StorageError(f"cannot read vector shard {url!r} (columns id, vector): {e}") from e
     vec = table.column("vector")
@@ -59,6 +59,9 @@ def scan_vector_shard(url: str, storage_options: dict[str, Any], *, with_vectors
                            "dim": int(x.shape[1]) if x is not None and len(x) else None}
     if with_vectors:
         out["vectors"] = x
+        if RESCORE_COLUMN in table.column_names:  # binary: the int8 vectors to rescore Hamming candidates
+            kept = table.column(RESCORE_COLUMN).combine_chunks().filter(pa.array(valid))
+            out["rescore"] = np.asarray(values_matrix(kept), dtype=np.int8)
     if sample_n and x is not None:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(x), size=min(sample_n, len(x)), replace=False))

@@ -20,8 +20,11 @@ Example::
 
 from __future__ import annotations
 
+import io
 import time
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from embedjob.layout import CHUNKS, VECTORS
 from embedjob.stages.index.build import BuiltIndex, build_chunks_index, build_docs_index, build_words_index
@@ -40,6 +43,12 @@ def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
     files = index_files(built.meta["name"])
     ids = built.ids.replace_schema_metadata({b"embedjob.build_id": built.meta["build_id"].encode()})
     out.write_parquet(files["ids"], ids)
+    if built.rescore is not None:  # binary: the int8 vectors that rescore the Hamming candidates
+        buf = io.BytesIO()
+        np.save(buf, built.rescore, allow_pickle=False)
+        out.write_bytes(files["rescore"], buf.getvalue())
+    else:
+        files = {k: v for k, v in files.items() if k != "rescore"}
     out.write_json(files["meta"], {**built.meta, "files": files})
     binary = built.meta.get("kind") == "binary_flat"
     data = faiss.serialize_index_binary(built.index) if binary else faiss.serialize_index(built.index)

@@ -21,6 +21,7 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from embedjob.errors import JobError, StorageError, root_cause
 from embedjob.layout import LANCE_DOCS, SUPERSEDED
@@ -128,10 +129,13 @@ def _has_vector_index(ds) -> bool:
     return any("vector" in (i.get("fields") or []) for i in ds.list_indices())
 
 
-def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+def index_params(kind: str, n: int, dim: int, *, binary: bool = False) -> dict[str, Any]:
     """``create_index`` parameters for ``n`` vectors of ``dim``: about sqrt(n) partitions (at least
-    some hundred rows each), PQ sub-vectors of 4 dimensions (a divisor of ``dim``)."""
+    some hundred rows each), PQ sub-vectors of 4 dimensions (a divisor of ``dim``). Packed bits
+    (``binary``) get IVF_FLAT, the index Lance builds for the Hamming distance, whatever ``kind``."""
     parts = max(1, min(int(math.sqrt(n)), n // 256 or 1))
+    if binary:
+        return {"index_type": "IVF_FLAT", "num_partitions": parts}
     params: dict[str, Any] = {"index_type": "IVF_PQ" if kind == "ivf_pq" else "IVF_HNSW_SQ", "num_partitions": parts}
     if kind == "ivf_pq":
         params["num_sub_vectors"] = max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
@@ -147,9 +151,10 @@ def build_index(ds, kind: str, *, min_rows: int, normalized: bool, seed: int = 0
         note = f"output.lance_index={kind!r} skipped: {n} rows < output.lance_index_min_rows={min_rows}"
         logger.warning("lance: %s", note)
         return {"kind": kind, "built": False, "note": note}
-    metric = "cosine" if normalized else "l2"
+    binary = ds.schema.field("vector").type.value_type == pa.uint8()  # output.vector_dtype binary: packed bits
+    metric = "hamming" if binary else "cosine" if normalized else "l2"
     dim = ds.schema.field("vector").type.list_size
-    params = index_params(kind, n, dim)
+    params = index_params(kind, n, dim, binary=binary)
     t = time.time()
     if rebuild or not _has_vector_index(ds):
         ds.create_index("vector", metric=metric, replace=True, **params)
@@ -171,7 +176,8 @@ def index_recall(ds, metric: str, *, seed: int = 0, queries: Optional[np.ndarray
     if queries is None:
         pick = np.sort(np.random.default_rng(seed).choice(n, size=min(RECALL_QUERIES, n), replace=False))
         vec = ds.take(pick.tolist(), columns=["vector"]).column("vector").combine_chunks()
-        queries = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(pick), -1)
+        flat = vec.flatten().to_numpy(zero_copy_only=False)
+        queries = (flat if metric == "hamming" else flat.astype(np.float32)).reshape(len(pick), -1)
     hits = []
     for q in queries:
         near = {"column": "vector", "q": q, "k": RECALL_K, "metric": metric}

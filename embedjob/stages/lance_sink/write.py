@@ -38,7 +38,8 @@ def shard_rows_table(shard: str, vectors: pa.Table, rows: pa.ChunkedArray | pa.A
         src = src.take(rows)
         for c in carry:
             table = table.append_column(c, src.column(c))
-    meta = {"dtype": codec.get("dtype", "float32"), "dim": codec.get("dim")}  # per-shard int8 ranges: in markers
+    meta = {"dtype": codec.get("dtype", "float32"), "dim": codec.get("dim"),  # the int8 scale: one for every shard
+            **({"scale": codec["scale"]} if "scale" in codec else {})}
     return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from embedjob.errors import TopicsError
+from embedjob.errors import NothingToDo, TopicsError
 from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR, shard_key_of
 from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
@@ -65,6 +65,9 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
     if tc.label_column:
         check_label_column(tc.label_column, token_urls, input_urls, cfg.input.storage_options)
     full = load_job_dictionary(out, token_urls)
+    if full.num_pos == 0:
+        raise NothingToDo(f"nothing to train on: the {len(token_urls)} token shard(s) hold no token "
+                          "(every text empty or null, or every word dropped by preprocessing)")
     tc = tc.model_copy(update={"embeddings": choose_embeddings(tc, out, int(full.num_pos))})
     dictionary = filter_dictionary(full, tc)
     vocab = vocab_list(dictionary)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from embedjob import raytrain
 from embedjob.debug import word2vec_switches
-from embedjob.errors import ConfigError, Word2VecTrainingError
+from embedjob.errors import ConfigError, NothingToDo, Word2VecTrainingError
 from embedjob.stages.vocab import build_vocabulary
 from embedjob.stages.word2vec.config import Word2VecConfig
 from embedjob.stages.word2vec.model import load_init, word_frequencies
@@ -122,6 +122,9 @@ def _loop_config(token_urls: list[str], cfg: Word2VecConfig, storage_options: di
 
     if dictionary is None:
         dictionary = build_vocabulary(token_urls, storage_options)
+    if dictionary.num_pos == 0:
+        raise NothingToDo(f"nothing to train on: the {len(token_urls)} token shard(s) hold no token "
+                          "(every text empty or null, or every word dropped by preprocessing)")
     word_freq = word_frequencies(dictionary, cfg.min_count)
     if not word_freq:
         raise ValueError(

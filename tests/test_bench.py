@@ -1,0 +1,158 @@
+"""Smoke tests of every ``embedjob bench`` subcommand: each runs the real command (``embedjob.cli.main``,
+in this process, so the module's one local Ray serves the benches that use one) on a tiny corpus made
+here and the tiny random BERT of conftest.py, in seconds, and checks that its output holds the
+figures it promises. They say nothing of the figures' values (tiny data, a random model): the
+benchmarks themselves measure those."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.cli import BENCHES, main
+
+# The long-document sources `bench windows` samples (embedjob.bench.windows.SOURCES).
+SOURCES = ("linux_kernel_docs", "kjv_chapters", "austen_chapters", "shakespeare_chunks")
+
+
+def _wordsim_words() -> list[str]:
+    from gensim.test.utils import datapath
+
+    words = set()
+    with open(datapath("wordsim353.tsv"), encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                words.update(w.lower() for w in line.split("\t")[:2] if w.isalpha())
+    return sorted(words)
+
+
+def make_corpus(folder, n: int = 240, n_shards: int = 3) -> str:
+    """``n`` documents (``id``, ``text``, ``source``, ``label``) in ``n_shards`` Parquet files: sentences
+    of WordSim-353 words drawn from 4 topics (so the static bench finds its pairs), one in five long
+    enough for several windows of the tiny model (128 positions)."""
+    rng = random.Random(0)
+    words = _wordsim_words()
+    topics = [words[i::4] for i in range(4)]
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        rows: dict[str, list] = {"id": [], "text": [], "source": [], "label": []}
+        for i in range(s, n, n_shards):
+            sentences = 2 + (i % 7) * (6 if i % 5 == 0 else 1)
+            text = " ".join(" ".join(rng.choice(topics[i % 4]) for _ in range(8)).capitalize() + "."
+                            for _ in range(sentences))
+            rows["id"].append(f"doc-{i:05d}")
+            rows["text"].append(text)
+            rows["source"].append(SOURCES[i % 4])
+            rows["label"].append(f"L{(i // 4) % 3}")
+        pq.write_table(pa.table(rows), os.path.join(folder, f"part-{s:05d}.parquet"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("bench-corpus"))
+
+
+def bench_json(capsys, *argv: str) -> dict:
+    """Run ``embedjob bench ARGV --json`` and return the JSON object it printed last."""
+    capsys.readouterr()
+    assert main(["bench", *argv, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_every_bench_has_a_smoke_test():
+    # bench feed and bench dedup come from other branches, with their smoke tests.
+    tested = {name[len("test_bench_"):].split("_")[0] for name in globals() if name.startswith("test_bench_")}
+    assert set(BENCHES) - {"feed", "dedup"} <= tested
+
+
+def test_bench_index_corpus(capsys, corpus, tiny_model, tmp_path):
+    # The command of issue 30 (it crashed with AttributeError: 'EncoderSettings' object has no attribute 'items').
+    res = bench_json(capsys, "index", "--corpus", corpus, "--model", tiny_model, "--limit", "150",
+                     "--queries", "15", "--kind", "hnsw", "--batch-size", "1", "--repeat", "1",
+                     "--cache", str(tmp_path), "--sweep", "16,32")
+    assert res["n_vectors"] == 135 and res["n_queries"] == 15 and res["dim"] == 32 and res["kind"] == "hnsw"
+    for key in ("recall_at_10", "qps_exact", "qps_ann", "qps_exact_cpu", "qps_ann_cpu", "speedup", "build_seconds"):
+        assert res[key] is not None and res[key] >= 0, key
+    assert [r["ef_search"] for r in res["sweep"]] == [16, 32]
+    assert any(f.startswith("bench-index-") for f in os.listdir(tmp_path))  # the vectors were cached
+
+
+def test_bench_vectors(capsys, corpus, tiny_model, tmp_path):
+    res = bench_json(capsys, "vectors", "--corpus", corpus, "--model", tiny_model, "--limit", "150",
+                     "--queries", "15", "--shard-rows", "50", "--encode-sample", "10", "--lance-index", "none",
+                     "--cache", str(tmp_path))
+    assert res["documents"] == 135 and res["queries"] == 15 and res["shards"] == 3
+    assert set(res["dtypes"]) == {"float32", "float16", "int8", "binary"}
+    for dtype, row in res["dtypes"].items():
+        assert row["bytes_per_vector"] == {"float32": 128, "float16": 64, "int8": 32, "binary": 4}[dtype]
+        assert 0 <= row["recall_at_10"] <= 1
+        assert row["lance"]["write_seconds"] >= 0 and row["lance_write_share_of_encode"] >= 0
+    assert res["dtypes"]["float32"]["recall_at_10"] == 1.0
+
+
+def test_bench_windows(capsys, corpus, tiny_model):
+    res = bench_json(capsys, "windows", "--corpus", corpus, "--model", tiny_model, "--limit", "12", "--k", "3",
+                     "--sources", "austen,kernel")
+    assert set(res) == {"austen", "kernel"}
+    for r in res.values():
+        assert r["documents"] == 12
+        for mode in ("truncate", "windows", "snapped"):
+            assert 0 <= r[f"{mode}_knn_accuracy"] <= 1 and r[f"{mode}_tokens_encoded"] > 0
+        assert r["windows_tokens_encoded"] >= r["truncate_tokens_encoded"]
+        assert 0 <= r["snapped_sentence_boundaries"] <= 1 and r["windows_seconds_per_token_vs_truncate"] > 0
+
+
+def test_bench_encode(capsys, corpus, tiny_model, ray_local):
+    res = bench_json(capsys, "encode", "--corpus", corpus, "--model", tiny_model, "--limit", "40", "--rounds", "1",
+                     "--dtype", "float32")
+    assert res["documents"] == 40 and res["tokens"] > 0
+    for key in ("sentence_transformers_tokens_per_s", "encoder_tokens_per_s", "ratio_vs_sentence_transformers",
+                "pipeline_tokens_per_s", "pipeline_end_to_end_tokens_per_s", "pipeline_vs_encoder"):
+        assert res[key] > 0, key
+    assert res["min_cosine"] > 0.999  # the same model and texts: the same vectors
+    assert res["pipeline_rows"] == 40
+    long = res["long_documents"]
+    assert long["documents_over_max_length"] > 0
+    assert long["windows"]["tokens_encoded"] > long["truncate"]["tokens_encoded"]
+
+
+def test_bench_encode_batching(capsys, corpus, tiny_model):
+    res = bench_json(capsys, "encode", "--corpus", corpus, "--model", tiny_model, "--limit", "30", "--rounds", "1",
+                     "--batching", "--dtype", "float32")
+    assert res["documents"] == 30 and res["padded_tokens_per_s"] > 0 and res["packed_tokens_per_s"] > 0
+    assert res["packed_vs_padded"] > 0 and 0 <= res["padding_fraction"] < 1
+    assert res["min_cosine_packed_vs_padded"] > 0.999
+
+
+def test_bench_static(capsys, corpus, tiny_model, ray_local):
+    res = bench_json(capsys, "static", "--corpus", corpus, "--limit", "60", "--set", f"encode.model={tiny_model}",
+                     "--min-count", "1", "--w2v-epochs", "1", "--w2v-dim", "16", "--w2v-workers", "1")
+    assert res["documents"] == 60 and res["bert_words"] > 100 and res["pairs_used"] > 100
+    for key in ("bert_spearman", "word2vec_spearman", "job_seconds", "encode_docs_per_second"):
+        assert isinstance(res[key], float), key
+
+
+def test_bench_topics(capsys, corpus, ray_local):
+    res = bench_json(capsys, "topics", "--corpus", corpus, "--k", "4", "--cpus", "2", "--embeddings", "learned",
+                     "--set", "topics.epochs=1", "--set", "topics.min_steps=5", "--set", "topics.min_documents_seen=10")
+    assert res["k"] == 4 and res["documents"] == 240 and res["vocabulary"] > 100
+    for key in ("etm_npmi", "lda_npmi", "etm_cv", "lda_cv", "etm_diversity", "lda_diversity", "etm_seconds",
+                "lda_seconds"):
+        assert isinstance(res[key], float), key
+
+
+def test_bench_word2vec(capsys, corpus, tmp_path):
+    # Last: it runs embedjob's trainer on a Ray of its own (shutting down the module's).
+    res = bench_json(capsys, "word2vec", "--corpus", corpus, "--epochs", "1", "--vector-size", "16",
+                     "--min-count", "1", "--cache", str(tmp_path))
+    assert res["documents"] == 240 and res["tokens_per_epoch"] > 0
+    for side in ("gensim", "embedjob"):
+        assert res[side]["words_per_s"] > 0 and res[side]["vocabulary"] > 100
+        assert isinstance(res[side]["wordsim_spearman"], float)
