@@ -45,25 +45,24 @@ def staged(rel: str, build_id: str) -> str:
     return f"{DEDUP_STAGING}/{build_id}/{rel[len(DEDUP_DIR) + 1:]}"
 
 
+PREVIOUS = f"{DEDUP_STAGING}/previous"  # the last committed dedup/, during a commit
+
+
 def recover(out: Storage) -> None:
     """Undo what a killed run left: a previous ``dedup/`` moved aside but not replaced goes back;
     every other staged leftover is deleted."""
     if out.exists(DEDUP_STAGING):
-        if not out.exists(DEDUP_DIR):
-            aside = sorted(n for n in out.list(DEDUP_STAGING) if n.endswith("-previous"))
-            if aside:
-                out.move(f"{DEDUP_STAGING}/{aside[-1]}", DEDUP_DIR)
-                logger.warning("dedup: put back the outputs of its last run, moved aside by a run that was killed")
+        if not out.exists(DEDUP_DIR) and out.exists(PREVIOUS):
+            out.move(PREVIOUS, DEDUP_DIR)
+            logger.warning("dedup: put back the outputs of its last run, moved aside by a run that was killed")
         out.delete(DEDUP_STAGING, recursive=True)
 
 
 def commit(out: Storage, build_id: str) -> None:
     """The staged folder becomes ``dedup/`` (the previous one moved aside, then deleted)."""
-    src = f"{DEDUP_STAGING}/{build_id}"
-    aside = f"{DEDUP_STAGING}/{build_id}-previous"
     if out.exists(DEDUP_DIR):
-        out.move(DEDUP_DIR, aside)
-    out.move(src, DEDUP_DIR)
+        out.move(DEDUP_DIR, PREVIOUS)
+    out.move(f"{DEDUP_STAGING}/{build_id}", DEDUP_DIR)
     out.delete(DEDUP_STAGING, recursive=True)  # the previous dedup/, and the emptied staging folder
 
 
