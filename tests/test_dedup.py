@@ -232,3 +232,82 @@ def test_killed_stage_leaves_no_partial_output(tmp_path, kill_at):
     assert _ids_pairs(out) == {(a, b) for a, b in _ids_pairs(out)} and len(_ids_pairs(out)) == again["pairs"]
     run_dedup(DedupConfig(enabled=True, threshold=0.9), out, [url])
     assert len(_ids_pairs(out)) == 6 and not out.exists("_tmp/stage-dedup")
+
+
+# -- a real job: the packaged MiniLM on near-duplicate texts ----------------------------------------
+EDITS = {  # a text of SAMPLE_TEXTS -> small edits of it
+    0: ["The cat sat on the mat and looked at the dog!", "The cat sat on a mat and looked at the dog."],
+    10: ["Heavy storms caused flooding in several coastal towns."],  # an exact copy
+    6: ["Scientists discovered a new species of frogs in the rainforest."],
+}
+
+
+def test_job_finds_near_duplicate_texts_across_shards_and_runs(ray_local, tmp_path, minilm_path):
+    texts = list(SAMPLE_TEXTS) + [e for k in sorted(EDITS) for e in EDITS[k][:1]]
+    ids = write_shards(tmp_path / "in", texts, n_shards=2)
+    cfg = small_job(tmp_path / "in", tmp_path / "out", minilm_path, dedup={"enabled": True, "clusters": 3})
+    from embedjob.pipeline import run_job
+
+    first = run_job(cfg).manifest["stages"]["dedup"]
+    out = Storage(str(tmp_path / "out"))
+    want = {tuple(sorted((ids[k], ids[12 + i]))) for i, k in enumerate(sorted(EDITS))}
+    assert _ids_pairs(out) == want  # every planted edit found, no two distinct texts paired
+    assert first["pairs"] == 3 and first["groups"] == 3 and first["dropped"] == 3 and first["documents"] == 15
+    assert first["mode"] == "exact" and "seconds" in first
+    assert run_job(cfg).manifest["stages"]["dedup"]["status"] == "skipped-unchanged"  # nothing computed
+    # a new shard: duplicates of documents of the old shards are found, the old pairs are reused
+    pq.write_table(pa.table({"id": ["new-0", "new-1"], "text": [EDITS[0][1], "An entirely new sentence about tea."]}),
+                   tmp_path / "in" / "part-00009.parquet")
+    third = run_job(cfg).manifest["stages"]["dedup"]
+    assert third["status"] == "done" and third["shards_reused"] == 2 and third["documents_new"] == 2
+    assert third["pairs_reused"] == 3
+    assert {(ids[0], "new-0"), (ids[12], "new-0")} <= _ids_pairs(out) and third["groups"] == 3
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="dedup"' in report and "The cat sat on the mat" in report  # a group with its first lines
+    assert "coloured by k-means cluster" in report
+
+
+def test_bad_dedup_settings_exit_2_with_one_line(tmp_path, capsys, tiny_model):
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match="dedup.threshold"):
+            build_config({"dedup": {"threshold": bad}})
+    assert build_config({"dedup": {"threshold": 1}}).dedup.threshold == 1.0
+    write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=2)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(small_job_data(tmp_path / "in", tmp_path / "out", tiny_model, dedup={"enabled": True})))
+    cases = {"dedup.threshold=1.5": "dedup.threshold",
+             "dedup.clusters=13": "dedup.clusters=13 is more than the 12 documents",
+             "output.vector_dtype=binary": "output.vector_dtype=binary"}
+    for override, message in cases.items():
+        assert cli_main(["run", str(spec), "--set", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out" / "vectors").exists()  # before any work
+    check_dedup(DedupConfig(enabled=False, clusters=99), "binary", 3)  # off: nothing to check
+
+
+def test_clusters_more_than_documents_with_a_vector_fail_in_the_stage(tmp_path):
+    x, _ = _planted()
+    out = Storage(str(tmp_path / "out"))
+    url = _write(out, x, 0, 0, 300)
+    with pytest.raises(ConfigError, match="dedup.clusters=301"):
+        run_dedup(DedupConfig(enabled=True, clusters=301), out, [url])
+    assert not out.exists("dedup")
+
+
+def test_bench_dedup_smoke(tmp_path, capsys):
+    """`embedjob bench dedup` on a tiny job output: recall 1 where exact, the plan where partitioned."""
+    x, truth = _planted()
+    out = Storage(str(tmp_path / "out"))
+    _write(out, x, 0, 0, 600)
+    _write(out, x, 1, 600, 600)
+    rc = cli_main(["bench", "dedup", "--vectors", str(tmp_path / "out"), "--sizes", "1200", "--modes",
+                   "exact,partitioned", "--set", "partition_size=100", "--queries", "1200", "--shard-rows", "400",
+                   "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert rows["exact"]["recall"] == 1.0 and rows["exact"]["precision"] == 1.0
+    assert rows["exact"]["true_pairs_sampled"] == len({p for p in truth if p[1] < 1200})
+    assert rows["partitioned"]["plan"]["partitions"] == 12 and rows["partitioned"]["recall"] is not None
+    assert rows["partitioned"]["seconds"] > 0 and rows["partitioned"]["driver_peak_rss_mb"] > 0

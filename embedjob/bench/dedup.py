@@ -110,6 +110,7 @@ def measure(x: np.ndarray, ids: list[str], n: int, mode: str, cfg: DedupConfig, 
     with tempfile.TemporaryDirectory(prefix="embedjob-bench-dedup-") as tmp:
         urls = write_shards(tmp, xs, id_n, shard_rows)
         out = Storage(tmp)
+        rss_before = RssPeak.rss_mb()
         t = time.perf_counter()
         with RssPeak() as rss:
             stats = run_dedup(cfg.model_copy(update={"mode": mode, "enabled": True}), out, urls)
@@ -130,7 +131,8 @@ def measure(x: np.ndarray, ids: list[str], n: int, mode: str, cfg: DedupConfig, 
             "true_pairs_sampled": len(truth), "found_pairs_sampled": len(got_q),
             "recall": round(hit / len(truth), 4) if truth else None,
             "precision": round(hit / len(got_q), 4) if got_q else None,
-            "driver_peak_rss_mb": round(rss.peak, 1), "task_peak_rss_mb": part.get("task_peak_rss_mb"),
+            "driver_peak_rss_mb": round(rss.peak, 1), "driver_rss_before_mb": round(rss_before, 1),
+            "task_peak_rss_mb": part.get("task_peak_rss_mb"),
             "plan": {k: v for k, v in part.items() if k != "task_peak_rss_mb"}}
 
 

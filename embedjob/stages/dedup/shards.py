@@ -137,13 +137,15 @@ def reduce_bucket(threshold: float, block_rows: int, incremental: bool, *parts: 
     parts = tuple(p for p in parts if len(p["pos"]))
     if not parts:
         return {"pairs": (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)), "rows": 0,
-                "bytes": 0, "seconds": 0.0, "peak_rss_mb": peak_rss_mb()}
+                "bytes": 0, "seconds": 0.0, "comparisons": 0, "peak_rss_mb": peak_rss_mb()}
     x = np.concatenate([p["x"] for p in parts])
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pos", "part", "base", "new")}
     pairs = partition_pairs(x, cat["pos"], cat["part"], cat["base"], threshold,
                             new=cat["new"] if incremental else None, block_rows=block_rows)
+    queries = np.bincount(cat["part"])
+    members = np.bincount(cat["part"][cat["base"]], minlength=len(queries))
     return {"pairs": pairs, "rows": int(len(x)), "bytes": int(x.nbytes), "seconds": round(time.time() - t, 3),
-            "peak_rss_mb": peak_rss_mb()}
+            "comparisons": int((queries * members).sum()), "peak_rss_mb": peak_rss_mb()}
 
 
 def exact_task(x: np.ndarray, threshold: float, start: int, stop: int, block_rows: int, n_old: int) -> dict[str, Any]:

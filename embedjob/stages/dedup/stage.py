@@ -189,6 +189,8 @@ def _partitioned(cfg: DedupConfig, out: Storage, docs: _Docs, clusters: Optional
              "reduce_rows_max": max(r["rows"] for r in results), "reduce_rows_total": sum(r["rows"] for r in results),
              "reduce_mb_max": round(max(r["bytes"] for r in results) / 2**20, 1),
              "reduce_seconds_max": max(r["seconds"] for r in results),
+             "reduce_seconds_total": round(sum(r["seconds"] for r in results), 3),
+             "comparisons": sum(r["comparisons"] for r in results),
              "task_peak_rss_mb": max([r["peak_rss_mb"] for r in results] + [r["peak_rss_mb"] for r in route_stats])}
     return concat_pairs([r["pairs"] for r in results]), stats
 
