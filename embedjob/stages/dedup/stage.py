@@ -167,7 +167,11 @@ def _partitioned(cfg: DedupConfig, out: Storage, docs: _Docs, clusters: Optional
 
     t = time.time()
     k = partitions_for(cfg, docs.n)
-    centroids = train_kmeans(docs.sample, k, iterations=cfg.kmeans_iterations, seed=cfg.seed)
+    # partitions need no finer centroids than 64 points each give (FAISS samples 256 by default):
+    # k-means time is sample x k, and the sample grows with k
+    rng = np.random.default_rng(cfg.seed)
+    train = docs.sample if len(docs.sample) <= 64 * k else docs.sample[rng.choice(len(docs.sample), 64 * k, replace=False)]
+    centroids = train_kmeans(train, k, iterations=cfg.kmeans_iterations, seed=cfg.seed)
     _, lab = nearest_centroids(docs.sample, centroids, cfg.probes)
     dim = centroids.shape[1]
     n_buckets = reduce_tasks_for(cfg, docs.n, dim, k, _cpus())
@@ -185,7 +189,7 @@ def _partitioned(cfg: DedupConfig, out: Storage, docs: _Docs, clusters: Optional
     route_stats = [ray.get(r[-1]) if ray.is_initialized() else r[-1] for r in routed]
     del routed
     stats = {"partitions": k, "probes": min(cfg.probes, k), "reduce_tasks": n_buckets,
-             "kmeans_seconds": round(train_s, 3), "train_sample": int(len(docs.sample)),
+             "kmeans_seconds": round(train_s, 3), "train_sample": int(len(train)),
              "reduce_rows_max": max(r["rows"] for r in results), "reduce_rows_total": sum(r["rows"] for r in results),
              "reduce_mb_max": round(max(r["bytes"] for r in results) / 2**20, 1),
              "reduce_seconds_max": max(r["seconds"] for r in results),
