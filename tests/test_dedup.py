@@ -173,7 +173,7 @@ def test_stage_across_shards_and_runs(tmp_path, ray_local, mode):
     assert n == 2000 and k == 4
 
 
-def test_keep_longest_in_the_stage(tmp_path):
+def test_keep_longest_and_central_in_the_stage(tmp_path):
     x, _ = _planted()
     out = Storage(str(tmp_path / "out"))
     toks = np.ones(2000, np.int32)
@@ -182,9 +182,10 @@ def test_keep_longest_in_the_stage(tmp_path):
     run_dedup(DedupConfig(enabled=True, keep="longest"), out, [url])
     kept = {r["id"] for r in out.read_parquet("dedup/groups.parquet").to_pylist() if r["keep"]}
     assert "d00905" in kept and "d00005" not in kept
-    run_dedup(DedupConfig(enabled=True, keep="central"), out, [url])
-    kept = {r["id"] for r in out.read_parquet("dedup/groups.parquet").to_pylist() if r["keep"]}
-    assert "d00005" in kept or "d00042" in kept  # the two equal vectors are nearer their mean than 905
+    for mode in ("exact", "partitioned"):  # partitioned: the group means are summed shard by shard
+        run_dedup(DedupConfig(enabled=True, keep="central", mode=mode, partition_size=100), out, [url])
+        kept = {r["id"] for r in out.read_parquet("dedup/groups.parquet").to_pylist() if r["keep"]}
+        assert "d00005" in kept and "d00042" not in kept  # the two equal vectors are nearer their mean than 905
 
 
 KILL_SCRIPT = """
