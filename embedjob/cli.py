@@ -14,7 +14,7 @@ from typing import Optional
 
 logger = logging.getLogger("embedjob")
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -250,6 +250,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_index(sub)
     _add_bench_vectors(sub)
     _add_bench_windows(sub)
+    _add_bench_dedup(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -427,6 +428,33 @@ def _add_bench_windows(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
     p.add_argument("--backend", default="torch", choices=("torch", "openvino"), help="as encode.backend")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_dedup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dedup", help="recall, precision, seconds and peak memory of the dedup stage against documents",
+                       description="`embedjob bench dedup`: the dedup stage on 20k, 87k and all vectors of a corpus: "
+                       "recall and precision against brute force on sampled documents, seconds and peak memory.")
+    p.add_argument("--vectors", metavar="OUTPUT_URL", help="a finished job output: its vectors/*.parquet")
+    p.add_argument("--corpus", default=None, help="Parquet corpus (id, text) to encode " + SHARED_CORPUS_HELP)
+    p.add_argument("--encode", default="minilm", choices=("minilm", "token-mean"),
+                   help="--corpus: 'minilm' (the model, truncated to --max-length tokens) or 'token-mean' (the mean "
+                   "of the model's input word-piece embeddings: seconds for the whole corpus)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default 32 minilm, 128 token-mean)")
+    p.add_argument("--backend", default="openvino", choices=("torch", "openvino"), help="--encode minilm: as encode.backend")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
+    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
+                   help="folder caching the encoded vectors, shard by shard (default output/bench-cache)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many documents")
+    p.add_argument("--sizes", default=None, help="comma-separated document counts (default 20000,87000,all)")
+    p.add_argument("--modes", default="auto", help="comma-separated dedup.mode values to run at each size "
+                   "(auto, exact, partitioned; default auto)")
+    p.add_argument("--threshold", type=float, default=0.9, help="dedup.threshold (default 0.9)")
+    p.add_argument("--queries", type=int, default=2000, help="documents sampled for the brute-force truth (default 2000)")
+    p.add_argument("--shard-rows", type=int, default=10900, help="rows per vector shard written (default 10900)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="dedup.KEY=VALUE", help="dedup config override")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from embedjob._config_base import Section
 from embedjob.cluster import RayConfig
 from embedjob.errors import ConfigError
+from embedjob.stages.dedup import DedupConfig
 from embedjob.stages.encode import EncodeConfig
 from embedjob.stages.index import IndexConfig
 from embedjob.stages.preprocess import PreprocessConfig
@@ -38,6 +39,7 @@ class JobConfig(Section):
     word2vec: Word2VecConfig = Field(default_factory=Word2VecConfig, description="Distributed Word2Vec.")
     topics: TopicsConfig = Field(default_factory=TopicsConfig, description="ETM / ProdLDA topic model.")
     index: IndexConfig = Field(default_factory=IndexConfig, description="FAISS indices.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Near-duplicates and clusters (off by default).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster settings.")
 
 

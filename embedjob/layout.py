@@ -42,6 +42,14 @@ INDEX_DIR = "index"
 LANCE_DIR = "lance"
 LANCE_DOCS = f"{LANCE_DIR}/docs.lance"  # Lance dataset of the document vectors (output.lance)
 LANCE_DATA = f"{LANCE_DOCS}/data"  # its data files: each shard's fragments, listed by the shard's marker
+DEDUP_DIR = "dedup"  # dedup stage: written whole to a staging folder, then moved in place
+DEDUP_PAIRS = f"{DEDUP_DIR}/pairs.parquet"  # id_a, id_b, cosine
+DEDUP_GROUPS = f"{DEDUP_DIR}/groups.parquet"  # id, group, keep
+DEDUP_CLUSTERS = f"{DEDUP_DIR}/clusters"  # dedup.clusters: clusters/<shard>.parquet (id, cluster, distance)
+DEDUP_CENTROIDS = f"{DEDUP_DIR}/centroids.parquet"  # dedup.clusters: cluster, vector
+DEDUP_EXAMPLES = f"{DEDUP_DIR}/examples.json"  # a few groups with each text's first line (the report's)
+DEDUP_STATE = f"{DEDUP_DIR}/dedup.json"  # written last: build id, settings, shards covered, counts
+DEDUP_STAGING = f"{TMP}/{STAGE_MARKER_PREFIX}dedup"  # _tmp/stage-dedup/<build id>/: the next dedup/
 
 
 def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:

@@ -53,6 +53,7 @@ from embedjob.reconcile import (
 from embedjob.redact import redact, redact_url
 from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
+from embedjob.stages.dedup.config import check_dedup, dedup_settings
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
@@ -103,6 +104,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
     check_sink(cfg.output.url, cfg.output.lance, [s.url for s in shards if not s.error], inp.storage_options,
                cfg.output.carry_columns)
     check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
+    check_dedup(cfg.dedup, cfg.output.vector_dtype, None if cfg.output.removed_shards == "keep"
+                else sum(s.num_rows for s in shards if not s.error))
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
     if cfg.output.vector_dtype == "int8":
@@ -387,9 +390,9 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
                       committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
                       stages: Optional[dict[str, Any]] = None, timeline: Optional[Timeline] = None,
                       input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
-    """Vocabulary, static vectors, Word2Vec, topics and indices over the committed shards, in
-    that order (each reads what the ones before it wrote); ``input_urls`` (shard -> input file)
-    for the topics' ``label_column``."""
+    """Vocabulary, static vectors, Word2Vec, topics, indices and dedup over the committed shards,
+    in that order (each reads what the ones before it wrote); ``input_urls`` (shard -> input file)
+    for the topics' ``label_column`` and the dedup report's texts."""
     stages = {} if stages is None else stages
     if not committed:
         logger.warning("no committed shard: corpus-wide stages skipped")
@@ -420,4 +423,9 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
         word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
         stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder.normalize, word_kinds),
               deps=("word2vec", "static"), reads="vectors")
+    if cfg.dedup.enabled:
+        from embedjob.stages.dedup.stage import run_dedup, text_source
+
+        stage("dedup", dedup_settings(cfg.dedup), lambda: run_dedup(cfg.dedup, out, vector_urls,
+              texts=text_source(cfg.input, input_urls)), reads="vectors")
     return stages

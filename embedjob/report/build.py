@@ -12,6 +12,7 @@ from embedjob.layout import MANIFEST, TIMELINE
 from embedjob.redact import redact_url
 from embedjob.report import page as P
 from embedjob.report import plots
+from embedjob.report.dedup import attach_clusters, dedup_section
 from embedjob.report.sample import DocSample, attach_labels, pca_2d, sample_documents
 from embedjob.report.topics import topic_view
 from embedjob.report.words import index_view, neighbours
@@ -20,7 +21,7 @@ from embedjob.storage import Storage
 logger = logging.getLogger(__name__)
 
 SAMPLE_DOCS = 1500  # documents drawn on the map (and whose theta gives the topic sizes)
-STAGE_ORDER = ("encode", "vocab", "static", "word2vec", "topics", "index")
+STAGE_ORDER = ("encode", "vocab", "static", "word2vec", "topics", "index", "dedup")
 
 
 def _stage_rate(name: str, s: dict[str, Any]) -> str:
@@ -38,6 +39,8 @@ def _stage_rate(name: str, s: dict[str, Any]) -> str:
         return f"{s['documents'] * (s.get('epochs') or 1) / s['train_seconds']:,.0f} docs/s (training)"
     if name == "index" and isinstance(s.get("docs"), dict) and s["docs"].get("build_seconds"):
         return f"{s['docs']['count'] / s['docs']['build_seconds']:,.0f} vectors/s (docs index build)"
+    if name == "dedup" and sec and s.get("documents"):
+        return f"{s['documents'] / sec:,.0f} documents/s"
     return ""
 
 
@@ -137,7 +140,8 @@ def topics_section(view: Optional[dict[str, Any]]) -> str:
     return P.section("topics", "Topics", body)
 
 
-def docmap_section(sample: DocSample, view: Optional[dict[str, Any]], label_column: Optional[str]) -> str:
+def docmap_section(sample: DocSample, view: Optional[dict[str, Any]], label_column: Optional[str],
+                   clusters: bool = False) -> str:
     title = "Document map"
     if sample.vectors is None or len(sample.vectors) < 3:
         return P.section("docmap", title, P.absent("too few document vectors to draw a map"))
@@ -145,7 +149,7 @@ def docmap_section(sample: DocSample, view: Optional[dict[str, Any]], label_colu
     if sample.labels is not None:
         names = sorted(set(sample.labels))
         classes = np.array([names.index(x) for x in sample.labels])
-        what = f"coloured by input column {label_column!r}"
+        what = "coloured by k-means cluster (dedup.clusters)" if clusters else f"coloured by input column {label_column!r}"
         titles = [f"{i} ({lab})" for i, lab in zip(sample.ids, sample.labels)]
     elif sample.theta is not None and view is not None:
         ok = ~np.isnan(sample.theta).any(axis=1)
@@ -190,14 +194,16 @@ def build_report(out: Storage, *, label_column: Optional[str] = None,
         from embedjob.stages.index.search import input_options
 
         attach_labels(sample, m, label_column, input_options(m.get("input") or {}, out, input_storage_options))
+    clusters = not label_column and attach_clusters(out, sample)  # dedup.clusters colour the map
     lam = float(((m.get("config") or {}).get("topics") or {}).get("ranking_lambda", 0.5))
     tview = topic_view(out, sample.theta, lam)
     status = m.get("status", "?")
     header = (f"<h1>{P.esc(m.get('job'))} <span class=\"badge {P.esc(status)}\">{P.esc(status)}</span></h1>"
               f"<div class=\"sub\">run {P.esc(m.get('run_id'))} · written {P.esc(m.get('created_at'))} · "
               f"output {P.esc(redact_url(out.url()))} · embedjob {P.esc(m.get('embedjob_version'))}</div>")
-    sections = [run_section(m, sample), timeline_section(out), topics_section(tview), docmap_section(sample, tview, label_column),
-                words_section(neighbours(out)), index_section(index_view(out, keys, sample.vectors))]
+    sections = [run_section(m, sample), timeline_section(out), topics_section(tview), docmap_section(sample, tview, label_column, clusters),
+                words_section(neighbours(out)), index_section(index_view(out, keys, sample.vectors)),
+                dedup_section(out, (m.get("stages") or {}).get("dedup"))]
     data = {"status": status, "rows_out": (m.get("totals") or {}).get("rows_out"), "sampled_docs": len(sample.ids),
             "sections": [s[len('<section id="'):].split('"', 1)[0] for s in sections]}
     return P.page(f"embedjob report: {m.get('job')}", header, sections, data)
