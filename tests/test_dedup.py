@@ -312,3 +312,17 @@ def test_bench_dedup_smoke(tmp_path, capsys):
     assert rows["exact"]["true_pairs_sampled"] == len({p for p in truth if p[1] < 1200})
     assert rows["partitioned"]["plan"]["partitions"] == 12 and rows["partitioned"]["recall"] is not None
     assert rows["partitioned"]["seconds"] > 0 and rows["partitioned"]["driver_peak_rss_mb"] > 0
+
+
+def test_bench_vectors_are_cached(tmp_path, tiny_model):
+    """The bench's own vectors: encoded (or token means) once, read back from the cache."""
+    from embedjob.bench.dedup_vectors import corpus_vectors, token_mean_vectors
+
+    ids = write_shards(tmp_path / "in", SAMPLE_TEXTS, n_shards=2)
+    cache = str(tmp_path / "cache")
+    for make in (lambda: corpus_vectors(str(tmp_path / "in"), cache, model=tiny_model, max_length=16, backend="torch"),
+                 lambda: token_mean_vectors(str(tmp_path / "in"), cache, model=tiny_model, max_length=16)):
+        x, got, meta = make()
+        assert x.shape == (12, 32) and sorted(got) == sorted(ids) and meta["documents"] == 12
+        x2, got2, meta2 = make()  # from the cache: same vectors, same recorded encode time
+        assert np.array_equal(x, x2) and got2 == got and meta2["encode_seconds"] == meta["encode_seconds"]
