@@ -102,7 +102,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
     check_sink(cfg.output.url, cfg.output.lance, [s.url for s in shards if not s.error], inp.storage_options,
                cfg.output.carry_columns)
-    check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
+    check_model(cfg.encode.model, trust_remote_code=cfg.encode.trust_remote_code)  # a folder that would only fail in the encoder actors fails here
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
     out = Storage(cfg.output.url, cfg.output.storage_options)
