@@ -101,10 +101,10 @@ def read_pipeline(path: str, *, trust_remote_code: bool = False) -> ModulePipeli
         mtype, mpath = str(m.get("type", "")), str(m.get("path", ""))
         name = mtype.rpartition(".")[2]
         label = f"{where}: module {i} (path {mpath!r}, type {mtype!r})"
-        if not mtype.startswith("sentence_transformers."):
-            p.remote_code = p.remote_code or f"module {i} (path {mpath!r}) is custom code, type {mtype!r}"
-            if not trust_remote_code:
-                continue
+        if not mtype.startswith("sentence_transformers.") and not trust_remote_code:
+            raise ModelError(f"{where}: the model needs its own code to load (module {i}, path {mpath!r}, is custom "
+                             f"code: type {mtype!r}); embedjob does not run it unless encode.trust_remote_code: true "
+                             "(only for a folder whose code you trust)")
         if name not in IMPLEMENTED or (name == "Transformer") != (i == 0) or (name == "Pooling") != (i == 1):
             where_ok = "first" if name == "Transformer" else "second, after the Transformer" if name == "Pooling" \
                 else "after the Pooling"
