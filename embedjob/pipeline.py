@@ -181,7 +181,8 @@ def _start_ray(run: _Run) -> None:
     run.ray_info = init_ray(run.cfg)
     run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
     if run.plan["device"] == "cuda":
-        run.encoder.dtype = resolve_encoder_settings(run.cfg.encode, "cuda").dtype
+        cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
+        run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
     run.encoder.device = run.plan["device"]
     run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
 
