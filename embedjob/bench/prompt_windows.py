@@ -20,12 +20,12 @@ from embedjob.bench.encode import load_texts
 PROMPTS = ("passage: ", "Represent this document for retrieval: ")
 
 
-def prompt_window_agreement(corpus: str, limit: int = 4000, docs: int = 200, model: str = "all-MiniLM-L6-v2",
+def prompt_window_agreement(corpus: str, limit: int = 600, docs: int = 150, model: str = "all-MiniLM-L6-v2",
                             prompts: tuple[str, ...] = PROMPTS) -> list[dict[str, Any]]:
     from embedjob.bench.measure import row_cosines
     from embedjob.stages.encode import EncodeConfig, TextEncoder
 
-    texts = [t for t in load_texts(corpus, limit) if 500 < len(t) < 1100][:docs]
+    texts = [t for t in load_texts(corpus, limit) if 600 < len(t) < 1000][:docs]
 
     def enc(**kw: Any) -> TextEncoder:
         return TextEncoder.from_config(EncodeConfig(model=model, dtype="float32", snap_to_sentences=False, **kw))
@@ -47,6 +47,6 @@ def prompt_window_agreement(corpus: str, limit: int = 4000, docs: int = 200, mod
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=DEFAULT_CORPUS)
-    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--docs", type=int, default=150)
     a = ap.parse_args()
     print(json.dumps(prompt_window_agreement(a.corpus, docs=a.docs), indent=1))  # noqa: T201 - a command's output
