@@ -10,8 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 from embedjob.errors import ModelError, one_line
 
@@ -46,45 +44,6 @@ def resolve_model_path(name: str) -> str:
     return path
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What a model folder's sentence-transformers files say about how to use it."""
-
-    pooling: str = "mean"
-    normalize: bool = False
-    max_seq_length: Optional[int] = None
-
-
-def model_defaults(path: str) -> ModelDefaults:
-    pooling, normalize, max_len = "mean", False, None
-    modules_file = os.path.join(path, "modules.json")
-    if os.path.exists(modules_file):
-        with open(modules_file) as f:
-            modules = json.load(f)
-        for m in modules:
-            t = m.get("type", "")
-            if t.endswith("Normalize"):
-                normalize = True
-            if t.endswith("Pooling"):
-                cfg_file = os.path.join(path, m.get("path", ""), "config.json")
-                if os.path.exists(cfg_file):
-                    with open(cfg_file) as f:
-                        pc = json.load(f)
-                    if pc.get("pooling_mode_cls_token"):
-                        pooling = "cls"
-                    elif pc.get("pooling_mode_max_tokens"):
-                        pooling = "max"
-    sb = os.path.join(path, "sentence_bert_config.json")
-    if os.path.exists(sb):
-        with open(sb) as f:
-            max_len = json.load(f).get("max_seq_length")
-    if max_len is None:
-        cfg_file = os.path.join(path, "config.json")
-        with open(cfg_file) as f:
-            max_len = json.load(f).get("max_position_embeddings")
-    return ModelDefaults(pooling=pooling, normalize=normalize, max_seq_length=max_len)
-
-
 def model_fingerprint(path: str) -> str:
     """A short hash of the model's config and weights files (sizes + config bytes), for the
     manifest and for invalidating outputs when the model changes."""
@@ -114,7 +73,7 @@ PICKLED = "pytorch_model.bin"
 PICKLED_INDEX = "pytorch_model.bin.index.json"
 
 
-def check_model(name: str) -> str:
+def check_model(name: str, *, trust_remote_code: bool = False) -> str:
     """Resolve ``encode.model`` and check, on the driver before any Ray work, that its folder loads:
     ``config.json`` parses and transformers knows its ``model_type``, a tokenizer with a vocabulary
     loads, and the weights are there and readable without running pickled code. Returns the folder.
@@ -127,8 +86,8 @@ def check_model(name: str) -> str:
     """
     path = resolve_model_path(name)
     where = f"encode.model={name!r} (folder {path})"
-    config = _check_config(where, path)
-    _check_tokenizer(where, path)
+    config = _check_config(where, path, trust_remote_code)
+    _check_tokenizer(where, path, trust_remote_code)
     _check_weights(where, path)
     logger.debug("model %s: %s, config, tokenizer and weights load", path, config.model_type)
     return path
@@ -138,7 +97,7 @@ def _one_line(e: BaseException) -> str:
     return one_line(str(e)) or type(e).__name__
 
 
-def _check_config(where: str, path: str):
+def _check_config(where: str, path: str, trust_remote_code: bool = False):
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
@@ -146,22 +105,26 @@ def _check_config(where: str, path: str):
         raise ModelError(f"{where}: config.json is not valid JSON: {_one_line(e)}") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{where}: config.json holds a {type(raw).__name__}, not a JSON object")
+    if raw.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{where}: the model needs its own code to load (config.json has auto_map "
+                         f"{sorted(raw['auto_map'])}); embedjob does not run it unless encode.trust_remote_code: true "
+                         "(only for a folder whose code you trust)")
     if not raw.get("model_type"):
         raise ModelError(f"{where}: config.json has no 'model_type' (e.g. \"bert\"), so transformers cannot tell "
                          "which model it is; save the folder with a current transformers, or add the key")
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, OSError...
         raise ModelError(f"{where}: transformers does not accept its config.json: {_one_line(e)}") from None
 
 
-def _check_tokenizer(where: str, path: str) -> None:
+def _check_tokenizer(where: str, path: str, trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{where}: cannot load its tokenizer: {_one_line(e)}") from None
     # transformers 5 builds a tokenizer even when tokenizer.json / vocab.txt are missing: one that

@@ -103,7 +103,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         raise InputError(f"no readable shard at {redact_url(inp.url)!r}: " + "; ".join(s.error or "" for s in bad))
     check_sink(cfg.output.url, cfg.output.lance, [s.url for s in shards if not s.error], inp.storage_options,
                cfg.output.carry_columns)
-    check_model(cfg.encode.model)  # a folder that would only fail in the encoder actors fails here
+    check_model(cfg.encode.model, trust_remote_code=cfg.encode.trust_remote_code)  # fails here, not in the actors
     check_dedup(cfg.dedup, cfg.output.vector_dtype, None if cfg.output.removed_shards == "keep"
                 else sum(s.num_rows for s in shards if not s.error))
     encoder = resolve_encoder_settings(cfg.encode)
@@ -186,7 +186,8 @@ def _start_ray(run: _Run) -> None:
     run.ray_info = init_ray(run.cfg)
     run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
     if run.plan["device"] == "cuda":
-        run.encoder.dtype = resolve_encoder_settings(run.cfg.encode, "cuda").dtype
+        cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
+        run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
     run.encoder.device = run.plan["device"]
     run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
 

@@ -120,3 +120,12 @@ def tiny_model(tmp_path_factory, minilm_path):
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, minilm_path):
+    """Tiny random-weight models of many architectures and pipelines, saved with sentence-transformers
+    and built on first use (tests/models_zoo.py)."""
+    from tests.models_zoo import Zoo
+
+    return Zoo(str(tmp_path_factory.mktemp("zoo")), minilm_path)

@@ -64,6 +64,21 @@ def _token_rows(e: dict[str, Any], enc: dict[str, Any], sample: Optional[DocSamp
             (f"documents truncated at max_length {enc.get('max_length')}", _truncated(sample, enc.get("max_length")))]
 
 
+def _pipeline(enc: dict[str, Any]) -> str:
+    """The model's module pipeline in one line: architecture, heads, prompt, dimensions, batches."""
+    parts = [enc.get("architecture") or "?", f"pool {enc.get('pooling')}"]
+    parts += [h.get("type", "?") + (f" {h['out_features']}" if "out_features" in h else "") for h in enc.get("heads") or []]
+    if enc.get("prompt"):
+        name = enc.get("prompt_name")
+        parts.append(f"prompt {name + ': ' if name else ''}{enc['prompt']!r}"
+                     + ("" if enc.get("include_prompt", True) else " (not pooled)"))
+    if enc.get("dimensions"):
+        parts.append(f"first {enc['dimensions']} dims")
+    if enc.get("batching"):
+        parts.append(f"{enc['batching']} batches")
+    return " · ".join(parts)
+
+
 def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
     """Inputs, recipe, counts, tokens, per-stage time and throughput, failed shards."""
     inp, enc, tot, stages = m.get("input") or {}, m.get("encoder") or {}, m.get("totals") or {}, m.get("stages") or {}
@@ -75,6 +90,7 @@ def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
             ("duplicate id rows", (inp.get("ids") or {}).get("duplicate_rows")),
             ("recipe", m.get("recipe")), ("model", enc.get("model")),
             ("pooling / normalise", f"{enc.get('pooling')} / {enc.get('normalize')}"),
+            ("model pipeline", _pipeline(enc)),
             ("dimension", enc.get("dim")), ("dtype / device", f"{enc.get('dtype')} / {enc.get('device')}"),
             ("encoder actors", (enc.get("actors") or {}).get("actors"))]
     right = [("shards encoded / unchanged / failed",

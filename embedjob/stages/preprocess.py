@@ -15,6 +15,7 @@ The batch transform is a plain function of a pyarrow table, testable without Ray
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -106,10 +107,10 @@ def is_empty(texts: list[Optional[str]]) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model_path: str, max_length: int, max_tokens: int):
-    from embedjob.stages.encode import Tokenizer
+def _tokenizer(settings_json: str):
+    from embedjob.stages.encode import EncoderSettings, Tokenizer
 
-    return Tokenizer(model_path, max_length, max_tokens)
+    return Tokenizer.from_settings(EncoderSettings.from_dict(json.loads(settings_json)))
 
 
 class Preprocessor:
@@ -141,7 +142,7 @@ class Preprocessor:
         out = out.append_column(EMPTY, pa.array(empty))
         if self.encoder_settings is not None:
             st = self.encoder_settings
-            tok = _tokenizer(st.model_path, st.max_length, st.max_document_tokens())
+            tok = _tokenizer(json.dumps(st.as_dict(), sort_keys=True))
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
                 out = align_words(out, texts, empty, tok, self.filters, self.static_settings)

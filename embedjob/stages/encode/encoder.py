@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from embedjob.models import model_fingerprint
-from embedjob.stages.encode.settings import POOLING_MODES, EncoderSettings, resolve_encoder_settings
+from embedjob.stages.encode.modules import POOLING_MODES, Heads, pool
+from embedjob.stages.encode.settings import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.encode.tokenizer import Tokenizer
 from embedjob.stages.encode.windows import (
     LONG_DOCUMENT_MODES,
@@ -104,7 +105,8 @@ class TextEncoder:
             torch.set_num_threads(num_threads)
         self.torch = torch
         self.settings = dataclasses.replace(settings)
-        if self.settings.pooling not in POOLING_MODES:
+        bad = [m for m in self.settings.pooling_modes if m not in POOLING_MODES]
+        if bad:
             raise ValueError(f"encode.pooling={self.settings.pooling!r}; valid: {', '.join(POOLING_MODES)}")
         if batching not in BATCHING_MODES:
             raise ValueError(f"encode.batching={batching!r}; valid: {', '.join(BATCHING_MODES)}")
@@ -117,20 +119,23 @@ class TextEncoder:
         self.dtype = getattr(torch, self.settings.dtype) if backend == "torch" else torch.float32
         path = self.settings.model_path
         hf_logging.disable_progress_bar()  # no "Loading weights" bar from every actor
+        kw = dict(self.settings.model_kwargs or {}, trust_remote_code=self.settings.trust_remote_code)
         try:
-            self.model = AutoModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa", **kw)
         except (ValueError, ImportError):  # models without SDPA support
-            self.model = AutoModel.from_pretrained(path, dtype=self.dtype)
+            self.model = AutoModel.from_pretrained(path, dtype=self.dtype, **kw)
         self.model.eval().to(self.device)
+        root = path if not self.settings.transformer_path else os.path.dirname(os.path.normpath(path))
+        self.heads = Heads(root, self.settings.heads, self.device)
         if self.settings.long_documents not in LONG_DOCUMENT_MODES:
             raise ValueError(f"encode.long_documents={self.settings.long_documents!r}; "
                              f"valid: {', '.join(LONG_DOCUMENT_MODES)}")
         if self.settings.long_documents == "windows":
             check_window_settings(self.settings.max_length, self.settings.window_overlap, self.settings.max_windows,
-                                  self.settings.window_pooling)
-        self.tokenizer = Tokenizer(path, self.settings.max_length, self.settings.max_document_tokens())
+                                  self.settings.window_pooling, self.settings.head_tokens, self.settings.tail_tokens)
+        self.tokenizer = Tokenizer.from_settings(self.settings)
         self.pad_id = self.tokenizer.tok.pad_token_id or 0
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.settings.dim or self.model.config.hidden_size)
         self.batch_tokens = batch_tokens
         self.max_batch_docs = max_batch_docs
         # Batch widths rounded up to a multiple of 16: few distinct shapes keep oneDNN's primitive cache
@@ -151,7 +156,7 @@ class TextEncoder:
         self.packed = None
         if batching == "packed" or (batching == "auto" and self.device.type == "cuda"):
             self.packed = self._packed_forward(batching, compile)
-        self.batching = "packed" if self.packed is not None else "padded"
+        self.batching = self.settings.batching = "packed" if self.packed is not None else "padded"
         on_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         # tokens = fed to the model (real, overlaps of windows twice); doc_tokens = the documents' own
@@ -250,11 +255,11 @@ class TextEncoder:
             pooled = torch.cat(parts)
             by_window = torch.empty_like(pooled)
             by_window[torch.from_numpy(np.concatenate(order)).to(pooled.device)] = pooled
-            pooled = combine_windows(by_window, plan, self.settings.window_pooling)
+            if self.heads:  # Dense / LayerNorm...: each window is a text of its own to the model
+                by_window = self.heads(by_window)
+            pooled = self._finish(combine_windows(by_window, plan, self.settings.window_pooling))
+            by_window = self._finish(by_window) if windows_out else by_window
             win_vecs = None
-            if self.settings.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                by_window = torch.nn.functional.normalize(by_window, p=2, dim=1)
             out[:] = pooled.cpu().numpy()
             if windows_out:
                 win_vecs = by_window.cpu().numpy()
@@ -266,6 +271,16 @@ class TextEncoder:
         c["windows"] += len(wlen)
         c["capped_docs"] += int(plan.capped.sum())
         return EncodedBatch(out, n_tokens, plan.windows, encoded, plan.capped, win_vecs, wlen.astype(np.int32))
+
+    def _finish(self, vecs):
+        """Matryoshka truncation to ``dimensions``, then L2 normalisation when the model normalises
+        (sentence-transformers' truncate_dim cuts its normalised vectors; normalised again here, so
+        that every vector has unit length)."""
+        if self.settings.dimensions:
+            vecs = vecs[:, :self.settings.dimensions]
+        if self.settings.normalize:
+            vecs = self.torch.nn.functional.normalize(vecs, p=2, dim=1)
+        return vecs
 
     def _run_packed(self, ids, lengths, token_hook):
         from embedjob.stages.encode.packed import PackedBatch, packed_batches
@@ -280,7 +295,11 @@ class TextEncoder:
             if token_hook is not None:
                 padded = [batch.to_padded(h) for h in (layers or [hidden])]
                 token_hook([p for p, _ in padded], padded[0][1], idx)
-            yield idx, batch.pool(hidden, self.settings.pooling)
+            modes, skip = self.settings.pooling_modes, self.settings.skip_tokens
+            if len(modes) == 1 and modes[0] in ("mean", "cls", "max") and not skip:
+                yield idx, batch.pool(hidden, modes[0])
+            else:
+                yield idx, pool(*batch.to_padded(hidden), modes, skip)
 
     def _run_padded(self, ids, lengths, token_hook):
         torch = self.torch
@@ -314,13 +333,4 @@ class TextEncoder:
             yield idx, self._pool(hidden, t_mask)
 
     def _pool(self, hidden, mask):
-        torch = self.torch
-        mode = self.settings.pooling
-        h = hidden.float()
-        if mode == "cls":
-            return h[:, 0]
-        if mode == "max":
-            h = h.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
-            return h.max(dim=1).values
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
+        return pool(hidden, mask, self.settings.pooling_modes, self.settings.skip_tokens)

@@ -74,10 +74,14 @@ class Tokenizer:
     (with windows the rest is only counted, so ``doc_tokens`` is the whole document's count)."""
 
     def __init__(self, model_path: str, max_length: int, max_tokens: Optional[int] = None,
-                 call_chars: int = CALL_CHARS, piece_chars: int = PIECE_CHARS):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+                 call_chars: int = CALL_CHARS, piece_chars: int = PIECE_CHARS, *, prompt: str = "",
+                 do_lower_case: bool = False, tokenizer_kwargs: Optional[dict] = None, trust_remote_code: bool = False):
+        self.tok = load_tokenizer(model_path, do_lower_case, tokenizer_kwargs, trust_remote_code)
+        self.prompt = prompt or ""
+        self.special_head, self.tail = special_layout(self.tok)
+        # sentence-transformers' prompt_length: the prompt's tokens with the leading special ones
+        self.prompt_length = prompt_length(self.tok, self.prompt) if self.prompt else 0
+        self.head = self.prompt_length if self.prompt else self.special_head
         self.max_length = max_length
         self.max_tokens = max(max_tokens or max_length, max_length)
         self.call_chars = call_chars
@@ -118,8 +122,18 @@ class Tokenizer:
             self._encode_group(texts, group, out, words)
         return out
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Tokenizer":
+        """The tokenizer an :class:`~embedjob.stages.encode.settings.EncoderSettings` describes (cap,
+        prompt, lower-casing and tokenizer arguments of the model's Transformer module)."""
+        return cls(settings.model_path, settings.max_length, settings.max_document_tokens(),
+                   prompt=settings.prompt, do_lower_case=settings.do_lower_case,
+                   tokenizer_kwargs=settings.tokenizer_kwargs, trust_remote_code=settings.trust_remote_code)
+
     def _call(self, texts: list[str], special: bool, words: bool):
         trunc = special and not self.whole_documents
+        if special and self.prompt:  # the prompt is tokenised with the text, as sentence-transformers does
+            texts = [self.prompt + t for t in texts]
         return self.tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
                         add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
                         return_offsets_mapping=words)
@@ -132,10 +146,13 @@ class Tokenizer:
             out.doc_tokens[k] = len(ids)
             wid = enc.word_ids(j) if words else None
             offs = enc["offset_mapping"][j] if words else None
+            if words and self.prompt:
+                wid, offs = self._strip_prompt(wid, offs)
+            t = self.tail
             if len(ids) > cap:  # keep the head and the closing [SEP]
-                ids = ids[:cap - 1] + ids[-1:]
+                ids = ids[:cap - t] + ids[len(ids) - t:]
                 if words:
-                    wid, offs = wid[:cap - 1] + [None], offs[:cap - 1] + [(0, 0)]
+                    wid, offs = wid[:cap - t] + [None] * t, offs[:cap - t] + [(0, 0)] * t
             out.ids[k] = ids
             if words:
                 out.word_ids[k], out.offsets[k] = wid, offs  # type: ignore[index]
@@ -153,32 +170,88 @@ class Tokenizer:
             first = i == 0
             enc = self._call([text[a:b]], first, words)
             ids = enc["input_ids"][0]
-            if first:  # [CLS] ... [SEP]: the closing token goes back on at the end
-                ids, sep = ids[:-1], ids[-1:]
-                total = 1
-            total += len(ids)
-            room = self.max_tokens - 1 - len(head)
             piece_wids = enc.word_ids(0) if words else None
+            piece_offs = enc["offset_mapping"][0] if words else None
+            if first and words and self.prompt:
+                piece_wids, piece_offs = self._strip_prompt(piece_wids, piece_offs)
+            if first:  # [CLS] ... [SEP]: the closing tokens go back on at the end
+                ids, sep = ids[:len(ids) - self.tail], ids[len(ids) - self.tail:]
+                total = self.tail
+            total += len(ids)
+            room = self.max_tokens - self.tail - len(head)
             if room > 0:
                 head.extend(ids[:room])
                 if words:  # word ids and offsets shifted to the whole text (a = 0 for [CLS]'s piece)
                     keep = min(room, len(ids))
                     wids.extend(w if w is None else w + word_base for w in piece_wids[:keep])
-                    offs.extend((s + a, e + a) for s, e in enc["offset_mapping"][0][:keep])
+                    offs.extend((s + a, e + a) for s, e in piece_offs[:keep])
             if words:
                 word_base += max((w for w in piece_wids if w is not None), default=-1) + 1
-            if not self.whole_documents and len(head) >= self.max_tokens - 1:
+            if not self.whole_documents and len(head) >= self.max_tokens - self.tail:
                 break  # truncation: the rest of the text is never read
         out.ids[k] = head + sep
-        out.doc_tokens[k] = total if self.whole_documents else len(head) + 1
+        out.doc_tokens[k] = total if self.whole_documents else len(head) + self.tail
         if words:
-            out.word_ids[k] = wids + [None]  # type: ignore[index]
-            out.offsets[k] = offs + [(0, 0)]  # type: ignore[index]
+            out.word_ids[k] = wids + [None] * self.tail  # type: ignore[index]
+            out.offsets[k] = offs + [(0, 0)] * self.tail  # type: ignore[index]
+
+    def _strip_prompt(self, wids: list, offs: list) -> tuple[list, list]:
+        """Word ids and offsets of a text tokenised after the prompt, as if without it: the prompt's
+        tokens count as special ones (no word, offsets (0, 0)), the text's offsets index the text."""
+        n = len(self.prompt)
+        w2, o2 = [], []
+        for w, (s, e) in zip(wids, offs):
+            if w is None or e <= n:
+                w2.append(None)
+                o2.append((0, 0))
+            else:
+                w2.append(w)
+                o2.append((max(s - n, 0), e - n))
+        return w2, o2
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
         if not texts:
             return []
         return [np.asarray(ids, dtype=np.int32) for ids in self.encode(texts).ids]
+
+
+def load_tokenizer(model_path: str, do_lower_case: bool = False, kwargs: Optional[dict] = None,
+                   trust_remote_code: bool = False) -> Any:
+    """The model's fast tokenizer, with the Transformer module's tokenizer arguments, lower-casing
+    added to its normaliser as sentence-transformers adds it (``do_lower_case``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, use_fast=True, trust_remote_code=trust_remote_code,
+                                        **(kwargs or {}))
+    if do_lower_case and getattr(tok, "is_fast", False):
+        from tokenizers.normalizers import Lowercase, Sequence
+
+        norm = tok.backend_tokenizer.normalizer
+        has = isinstance(norm, Lowercase) or (isinstance(norm, Sequence) and any(isinstance(n, Lowercase) for n in norm))
+        if not has:
+            rest = list(norm) if isinstance(norm, Sequence) else [norm] if norm is not None else []
+            tok.backend_tokenizer.normalizer = Sequence([Lowercase()] + rest)
+    return tok
+
+
+def special_layout(tok: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text's own (1 and 1 for
+    ``[CLS] .. [SEP]`` and ``<s> .. </s>``, 0 and 1 for a decoder closing with EOS...)."""
+    probe = "hello world. this is a test"
+    plain = tok(probe, add_special_tokens=False)["input_ids"]
+    full = tok(probe)["input_ids"]
+    for head in range(len(full) - len(plain) + 1):
+        if full[head:head + len(plain)] == plain:
+            return head, len(full) - head - len(plain)
+    raise ValueError("the tokenizer's special tokens do not wrap a text's own tokens (probe "
+                     f"{probe!r}: {full} vs {plain})")
+
+
+def prompt_length(tok: Any, prompt: str) -> int:
+    """Tokens of ``prompt`` alone, leading special tokens included and a closing special one
+    excluded: what sentence-transformers leaves out of pooling with ``include_prompt: false``."""
+    ids = tok(prompt)["input_ids"]
+    return len(ids) - (1 if ids and ids[-1] in set(tok.all_special_ids) else 0)
 
 
 def release_free_memory() -> None:

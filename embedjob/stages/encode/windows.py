@@ -27,26 +27,28 @@ SENTENCE_END_TOKENS = (".", "!", "?", "。", "！", "？", "…", "؟", "।")
 WINDOW_POOLING_MODES = ("mean", "first", "max")
 
 
-def max_document_tokens(max_length: int, overlap: int, max_windows: int) -> int:
+def max_document_tokens(max_length: int, overlap: int, max_windows: int, head: int = 1, tail: int = 1) -> int:
     """Token ids (special tokens included) that ``max_windows`` windows hold: the tokenizer's cap."""
-    k = window_content(max_length)
-    return 2 + k + (max_windows - 1) * (k - overlap)
+    k = window_content(max_length, head, tail)
+    return head + tail + k + (max_windows - 1) * (k - overlap)
 
 
-def window_content(max_length: int) -> int:
-    """Content tokens of one window ([CLS] and [SEP] take two of ``max_length``)."""
-    return max(1, max_length - 2)
+def window_content(max_length: int, head: int = 1, tail: int = 1) -> int:
+    """Content tokens of one window: ``head`` leading tokens ([CLS], and the prompt's when there is
+    one) and ``tail`` closing ones ([SEP], </s>, EOS; 0 for some decoders) repeat in every window."""
+    return max(1, max_length - head - tail)
 
 
-def check_window_settings(max_length: int, overlap: int, max_windows: int, pooling: str) -> None:
+def check_window_settings(max_length: int, overlap: int, max_windows: int, pooling: str, head: int = 1,
+                          tail: int = 1) -> None:
     """ValueError naming the setting when the window settings cannot work together."""
     if pooling not in WINDOW_POOLING_MODES:
         raise ValueError(f"encode.window_pooling={pooling!r}; valid: {', '.join(WINDOW_POOLING_MODES)}")
     if max_windows < 1:
         raise ValueError(f"encode.max_windows={max_windows}: at least 1")
-    if not 0 <= overlap <= window_content(max_length) // 2:
+    if not 0 <= overlap <= window_content(max_length, head, tail) // 2:
         raise ValueError(f"encode.window_overlap={overlap}: between 0 and half a window "
-                         f"({window_content(max_length) // 2} tokens at max_length {max_length})")
+                         f"({window_content(max_length, head, tail) // 2} tokens at max_length {max_length})")
 
 
 @dataclass
@@ -55,7 +57,8 @@ class WindowPlan:
     ids (0 = its [CLS]). Window ``w`` covers positions ``start[w] <= p < end[w]``: a *whole* window is
     the document's ids as they are (column ``c`` = position ``c``); any other holds ``ids[start:end]``
     between a [CLS] and a [SEP] of its own (column ``c`` = position ``start - 1 + c``). It owns the
-    positions ``own_lo[w] <= p < own_hi[w]``."""
+    positions ``own_lo[w] <= p < own_hi[w]``. ``head`` and ``tail``: the leading and closing tokens
+    every cut window repeats (1 and 1 for [CLS] .. [SEP]; the prompt adds to ``head``)."""
 
     doc: np.ndarray  # (W,) int64 document of each window
     start: np.ndarray  # (W,) int64
@@ -65,6 +68,8 @@ class WindowPlan:
     own_hi: np.ndarray  # (W,) int64
     windows: np.ndarray  # (n,) int32 windows per document
     capped: np.ndarray  # (n,) bool: the document had more than max_windows windows (its tail dropped)
+    head: int = 1
+    tail: int = 1
 
     @property
     def single(self) -> bool:
@@ -74,26 +79,28 @@ class WindowPlan:
     @property
     def n_tokens(self) -> np.ndarray:
         """(W,) tokens fed to the model per window, special tokens included."""
-        return self.end - self.start + np.where(self.whole, 0, 2)
+        return self.end - self.start + np.where(self.whole, 0, self.head + self.tail)
 
     def spans(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), 5)`` int64 for token hooks: the position of column 0 (columns map to
         positions ``offset + c``), the covered positions [start, end) and the owned ones [own_lo, own_hi)."""
-        offset = np.where(self.whole[rows], 0, self.start[rows] - 1)
+        offset = np.where(self.whole[rows], 0, self.start[rows] - self.head)
         return np.stack([offset, self.start[rows], self.end[rows], self.own_lo[rows], self.own_hi[rows]], axis=1)
 
 
-def sentence_starts(ids: np.ndarray, end_ids: np.ndarray) -> np.ndarray:
+def sentence_starts(ids: np.ndarray, end_ids: np.ndarray, head: int = 1, tail: int = 1) -> np.ndarray:
     """Positions of a document's token ids (``[CLS] .. [SEP]``) that begin a sentence: those right
-    after a sentence-ending token (``end_ids``), from 2 to ``len - 2``."""
+    after a sentence-ending token (``end_ids``), from ``head + 1`` to ``len - tail - 1``."""
     x = np.asarray(ids)
-    return np.flatnonzero(np.isin(x[1:-2], end_ids)) + 2 if len(x) > 3 else np.zeros(0, np.int64)
+    if len(x) <= head + tail + 1:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.isin(x[head:len(x) - tail - 1], end_ids)) + head + 1
 
 
-def snap_slack(max_length: int, overlap: int) -> int:
+def snap_slack(max_length: int, overlap: int, head: int = 1, tail: int = 1) -> int:
     """How far a boundary may move back to a sentence boundary: at most the overlap (so windows
     still cover every token) and ``window - 2 * overlap`` (so ownership stays in order)."""
-    k = window_content(max_length)
+    k = window_content(max_length, head, tail)
     return max(0, min(overlap, k - 2 * overlap))
 
 
@@ -117,12 +124,14 @@ def _snap(s: np.ndarray, e: np.ndarray, b: np.ndarray, slack: int, k: int, last_
 
 
 def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int,
-                 sentences: Optional[Sequence[Optional[np.ndarray]]] = None) -> WindowPlan:
+                 sentences: Optional[Sequence[Optional[np.ndarray]]] = None, head: int = 1,
+                 tail: int = 1) -> WindowPlan:
     """Windows over documents of ``lengths`` token ids each (special tokens included). ``sentences``:
-    each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None."""
-    k = window_content(max_length)
+    each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None.
+    ``head``/``tail``: leading and closing tokens each cut window repeats (see :class:`WindowPlan`)."""
+    k = window_content(max_length, head, tail)
     stride = max(1, k - overlap)
-    slack = snap_slack(max_length, overlap)
+    slack = snap_slack(max_length, overlap, head, tail)
     docs, starts, ends, wholes, lo, hi = [], [], [], [], [], []
     n = len(lengths)
     windows = np.zeros(n, dtype=np.int32)
@@ -132,12 +141,12 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
         if L <= max_length:
             s, e, whole = np.array([0]), np.array([L]), np.array([True])
         else:
-            m = 1 + -(-(L - 2 - k) // stride)
-            s = 1 + stride * np.arange(min(m, max_windows), dtype=np.int64)
+            m = 1 + -(-(L - head - tail - k) // stride)
+            s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
             if m > max_windows:
                 capped[d] = True
             else:
-                s[-1] = L - 1 - k  # the last window ends with the document: full context for its tail
+                s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
             e, whole = s + k, np.zeros(len(s), dtype=bool)
             b = sentences[d] if sentences is not None and slack else None
             if b is not None and len(b):
@@ -154,9 +163,10 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
         windows[d] = len(s)
     if not n:
         z = np.zeros(0, np.int64)
-        return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped)
+        return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped, head, tail)
     cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
-    return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped)
+    return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped,
+                      head, tail)
 
 
 def plan_for(settings: Any, ids: Sequence[np.ndarray], end_ids: Optional[np.ndarray] = None) -> WindowPlan:
@@ -167,9 +177,11 @@ def plan_for(settings: Any, ids: Sequence[np.ndarray], end_ids: Optional[np.ndar
     if settings.long_documents != "windows":
         return truncated_plan(lengths)
     sentences = None
+    head, tail = getattr(settings, "head_tokens", 1), getattr(settings, "tail_tokens", 1)
     if settings.snap_to_sentences and end_ids is not None and len(end_ids):
-        sentences = [sentence_starts(x, end_ids) if len(x) > settings.max_length else None for x in ids]
-    return plan_windows(lengths, settings.max_length, settings.window_overlap, settings.max_windows, sentences)
+        sentences = [sentence_starts(x, end_ids, head, tail) if len(x) > settings.max_length else None for x in ids]
+    return plan_windows(lengths, settings.max_length, settings.window_overlap, settings.max_windows, sentences,
+                        head, tail)
 
 
 def truncated_plan(lengths: np.ndarray) -> WindowPlan:
@@ -182,13 +194,15 @@ def truncated_plan(lengths: np.ndarray) -> WindowPlan:
 
 
 def window_ids(ids: Sequence[np.ndarray], plan: WindowPlan) -> list[np.ndarray]:
-    """The token ids of every window: ``[CLS] ids[start:end] [SEP]``, or a whole document as it is."""
+    """The token ids of every window: ``[CLS] ids[start:end] [SEP]`` (the document's first
+    ``plan.head`` and last ``plan.tail`` ids around the window's), or a whole document as it is."""
     if plan.single:
         return list(ids)
     out = []
+    h, t = plan.head, plan.tail
     for d, s, e, whole in zip(plan.doc.tolist(), plan.start.tolist(), plan.end.tolist(), plan.whole.tolist()):
         x = ids[d]
-        out.append(x if whole else np.concatenate([x[:1], x[s:e], x[-1:]]))
+        out.append(x if whole else np.concatenate([x[:h], x[s:e], x[len(x) - t:]]))
     return out
 
 
