@@ -5,6 +5,8 @@ them in the environment to widen a race window or to make a worker fail on purpo
   test can kill an actor mid-run;
 * ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` (seconds): the encoder sleeps this long after each model
   batch, so a block takes long enough for progress to be seen while it is in flight;
+* ``EMBEDJOB_DEBUG_PREPROCESS_DELAY`` (seconds): each preprocess task sleeps this long first, so
+  the encoder waits on its input (a feed-bound job: "encoder busy" drops);
 * ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
 * ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
   one machine (a multi-node layout on one machine).
@@ -20,6 +22,7 @@ from typing import Optional
 
 ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 ENCODE_BATCH_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY"
+PREPROCESS_DELAY_ENV = "EMBEDJOB_DEBUG_PREPROCESS_DELAY"
 WORD2VEC_FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"
 WORD2VEC_RANKS_PER_MACHINE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
 
@@ -34,6 +37,12 @@ def encode_batch_delay() -> None:
     """Sleep for ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` seconds when it is set (after a model batch)."""
     if ENCODE_BATCH_DELAY_ENV in os.environ:
         time.sleep(float(os.environ[ENCODE_BATCH_DELAY_ENV]))
+
+
+def preprocess_delay() -> None:
+    """Sleep for ``EMBEDJOB_DEBUG_PREPROCESS_DELAY`` seconds when it is set (preprocess tasks)."""
+    if PREPROCESS_DELAY_ENV in os.environ:
+        time.sleep(float(os.environ[PREPROCESS_DELAY_ENV]))
 
 
 def word2vec_switches() -> dict[str, Optional[str]]:

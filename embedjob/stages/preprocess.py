@@ -26,6 +26,7 @@ from gensim.parsing.preprocessing import STOPWORDS
 from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
+from embedjob.debug import preprocess_delay
 from embedjob.schema import EMPTY, TOKENS
 from embedjob.stages.static.align import align_words
 
@@ -194,6 +195,7 @@ def preprocess_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
     """Task-friendly form of :class:`Preprocessor` (built once per worker process per settings)."""
     import json
 
+    preprocess_delay()  # test-only: a slow preprocess, the encoder waits (encoder busy drops)
     key = json.dumps({k: (v.model_dump() if hasattr(v, "model_dump") else v.as_dict() if hasattr(v, "as_dict") else v)
                       for k, v in kwargs.items()},
                      sort_keys=True, default=str)
