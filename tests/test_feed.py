@@ -126,3 +126,24 @@ def test_gpu_check_feed_smoke_on_a_bare_host(tmp_path):
     assert feed["tokens"] > 24 and feed["tokens_per_s"] > 0 and 0 < feed["busy"] <= 1
     assert feed["gensim"] is False and feed["ids_only_tokens_per_s"] > 0 and feed["host_cores_used"] > 0
     assert "RESULT: ok" in (tmp_path / "out" / "gpu-check-feed.md").read_text()
+
+
+def test_static_bookkeeping_helpers_equal_their_per_row_originals():
+    """hook_for reads the word columns as flat Arrow buffers and finds each occurrence's first
+    piece from runs: the same as the per-row lists and np.unique it replaced."""
+    import numpy as np
+
+    from embedjob.stages.static.accumulate import _first_positions, _list_parts
+
+    rows = [[-1, 0, 0, 1, -1, 2, 2, 2, -1], [], [-1, -1], [-1, 1, 0, 0, 1, -1]]  # the last: out of order
+    col = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.int32())), pa.array(rows[2:], pa.list_(pa.int32()))])
+    off, flat = _list_parts(col.slice(1))  # a sliced column: offsets rebased
+    assert [flat[off[r]:off[r + 1]].tolist() for r in range(3)] == rows[1:]
+    for t in rows:
+        t = np.asarray(t, dtype=np.int64)
+        n = int(t.max()) + 1 if len(t) and t.max() >= 0 else 0
+        want = np.zeros(n, dtype=np.int64)
+        at = np.flatnonzero(t >= 0)
+        seen, first_at = np.unique(t[at], return_index=True)
+        want[seen] = at[first_at]
+        assert _first_positions(t, n).tolist() == want.tolist()
