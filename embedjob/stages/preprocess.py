@@ -202,4 +202,8 @@ def preprocess_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
     pre = _CACHE.get(key)
     if pre is None:
         pre = _CACHE[key] = Preprocessor(**kwargs)
-    return pre(batch)
+    out = pre(batch)
+    # Nothing after this stage reads the text (ids, words and chunk spans carry what it said): it is
+    # not serialised to the encoder actors and on to the write tasks.
+    text = kwargs.get("text_column")
+    return out.drop_columns([text]) if text in out.column_names and text != kwargs.get("id_column") else out
