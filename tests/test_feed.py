@@ -88,7 +88,8 @@ def _run_with(env: dict[str, str], tmp_path, tiny_model, name: str, caplog) -> d
             res = run_job(cfg)
         assert res.ok
         stats = json.loads((tmp_path / f"out-{name}" / "stats" / "encode.json").read_text())
-        return {"busy": stats["encoder_busy"], "log": [r.getMessage() for r in caplog.records]}
+        return {"busy": stats["encoder_busy"], "log": [r.getMessage() for r in caplog.records],
+                "report": (tmp_path / f"out-{name}" / "report.html").read_text()}
     finally:
         ray.shutdown()
 
@@ -101,6 +102,7 @@ def test_encoder_busy_drops_when_the_preprocess_is_slow(tmp_path, tiny_model, ca
     assert starved["busy"] < 0.5 and fed["busy"] > starved["busy"] + 0.25, (fed["busy"], starved["busy"])
     assert any("the encoder is feed-bound" in m and "encode.preprocess_concurrency" in m for m in starved["log"])
     assert any(m.startswith("encode: ") and "encoder busy " in m for m in starved["log"])  # the progress line
+    assert f"encoder busy {100 * starved['busy']:.0f}%" in starved["report"]  # report.html, the stage table
 
 
 def test_gpu_check_feed_smoke_on_a_bare_host(tmp_path):
@@ -147,3 +149,20 @@ def test_static_bookkeeping_helpers_equal_their_per_row_originals():
         seen, first_at = np.unique(t[at], return_index=True)
         want[seen] = at[first_at]
         assert _first_positions(t, n).tolist() == want.tolist()
+
+
+def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, caplog):
+    """On a cluster with GPUs the plan sizes the preprocess tasks from the measured rates and logs
+    the CPUs per GPU it takes; encode.preprocess_concurrency overrides the count."""
+    from embedjob.cluster import plan_encoder
+
+    cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda"})
+    with caplog.at_level(logging.INFO, logger="embedjob.cluster"):
+        plan = plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})
+    feed = plan["feed"]
+    assert plan["actors"] == 2 and plan["preprocess_concurrency"] == feed["preprocess_concurrency"] >= 1
+    assert feed["cpus_per_gpu"] == 7.0 and feed["cpus_per_gpu_needed"] > 0
+    assert any("CPUs per GPU" in r.getMessage() and "preprocess tasks at once" in r.getMessage() for r in caplog.records)
+    cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "preprocess_concurrency": 3})
+    assert plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})["preprocess_concurrency"] == 3
+    assert plan_encoder(small_job(tmp_path, tmp_path / "o", tiny_model), {"CPU": 2.0})["preprocess_concurrency"] is None

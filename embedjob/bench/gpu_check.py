@@ -22,6 +22,7 @@ run). Usage on a GPU host, from the repository root::
 
     .ci/gpu-check --out /tmp/gpu-check            # MiniLM-L6 and BERT-base shapes, ~20k documents
     .ci/gpu-check --device cpu --models tiny --docs 64 --rounds 1   # the plumbing, on any machine
+    .ci/gpu-check --feed --out /tmp/gpu-feed     # end to end from Parquet (embedjob.bench.gpu_feed)
 """
 
 from __future__ import annotations
