@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedjob.debug import ENCODE_DELAY_ENV, PREPROCESS_DELAY_ENV
+from embedjob.debug import ENCODE_DELAY_ENV, ENCODER_READY_FILE_ENV, PREPROCESS_DELAY_ENV
 from embedjob.pipeline import run_job
 from embedjob.stages.encode.busy import BusyClock, busy_fraction, feed_bound_line, feed_plan
 from embedjob.stages.preprocess import PreprocessConfig, build_filters, preprocess_texts
@@ -95,10 +95,11 @@ def _run_with(env: dict[str, str], tmp_path, tiny_model, name: str, caplog) -> d
 
 
 def test_encoder_busy_drops_when_the_preprocess_is_slow(tmp_path, tiny_model, caplog):
-    # 6 blocks: 4 s of preprocessing each (one at a time beside the actor) outlast the encoder actor's
-    # start, so it waits for most of them; against an encoder that sleeps 0.5 s in every call.
+    # 6 blocks, each preprocessed in 1 s once the encoder actor is ready (so they cannot all be done
+    # while it starts): the encoder waits for them; against an encoder that sleeps 0.5 s in every call.
     fed = _run_with({ENCODE_DELAY_ENV: "0.5"}, tmp_path, tiny_model, "encode-bound", caplog)
-    starved = _run_with({PREPROCESS_DELAY_ENV: "4.0"}, tmp_path, tiny_model, "feed-bound", caplog)
+    starved = _run_with({PREPROCESS_DELAY_ENV: "1.0", ENCODER_READY_FILE_ENV: str(tmp_path / "encoder-ready")},
+                        tmp_path, tiny_model, "feed-bound", caplog)
     assert starved["busy"] < 0.5 and fed["busy"] > starved["busy"] + 0.25, (fed["busy"], starved["busy"])
     assert any("the encoder is feed-bound" in m and "encode.preprocess_concurrency" in m for m in starved["log"])
     assert any(m.startswith("encode: ") and "encoder busy " in m for m in starved["log"])  # the progress line

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.debug import encode_batch_delay, encode_delay
+from embedjob.debug import encode_batch_delay, encode_delay, encoder_ready
 from embedjob.progress import BatchReporter
 from embedjob.schema import (
     CAPPED,
@@ -95,6 +95,7 @@ class EncodeActor:
         self.clock = BusyClock()  # waiting for blocks vs computing: "encoder busy" (busy.py)
         logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
+        encoder_ready()  # test-only: a deliberately slow preprocess starts now
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.clock.arrive()

@@ -22,7 +22,7 @@ FEED_BOUND = 0.8  # encoder busy below this: feed-bound
 # CPU-seconds per million encoded tokens of the work around the model (read, gensim preprocess,
 # tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en
 # (README "CPU cores per GPU"); the plan's default when a job has no measurement of its own.
-FEED_CPU_S_PER_MTOK = {"static": 9.0, "plain": 6.0}
+FEED_CPU_S_PER_MTOK = {"static": 13.0, "plain": 6.8}
 # Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
 GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
 
