@@ -14,7 +14,7 @@ from typing import Optional
 
 logger = logging.getLogger("embedjob")
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -251,6 +251,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_vectors(sub)
     _add_bench_windows(sub)
     _add_bench_dedup(sub)
+    _add_bench_feed(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -455,6 +456,19 @@ def _add_bench_dedup(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="dedup.KEY=VALUE", help="dedup config override")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("feed", help="can the CPUs feed the encoder: pipeline vs raw tokenizer tokens/s, CPU per part",
+                       description="`embedjob bench feed`: the job's per-shard stages with a near-free model (1 layer, "
+                       "32 dims, MiniLM's tokenizer) over N shards: encoded tokens per CPU-second against the raw fast "
+                       "tokenizer's on one core (feed efficiency), and CPU-seconds per million tokens of each part.")
+    p.add_argument("--corpus", default=None, help="Parquet corpus with id and text columns (default: the shared mixed-en)")
+    p.add_argument("--shards", type=int, default=4, help="shards of the corpus to run (default 4)")
+    p.add_argument("--static", default="both", choices=("both", "on", "off"), help="static word vectors (default both)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

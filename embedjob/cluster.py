@@ -7,6 +7,7 @@ the actor pool's device, size, CPUs and threads.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Optional
@@ -15,6 +16,8 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.errors import JobError
+from embedjob.models import resolve_model_path
+from embedjob.stages.encode.busy import FEED_BOUND, feed_plan
 
 if TYPE_CHECKING:
     from embedjob.config import JobConfig
@@ -136,7 +139,31 @@ def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
     if e.resources:
         plan["resources"] = dict(e.resources)
         logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
+    plan["preprocess_concurrency"] = e.preprocess_concurrency
+    if device == "cuda":
+        _plan_feed(cfg, plan, max(gpus, actors), cpus)
     return plan
+
+
+def _plan_feed(cfg: JobConfig, plan: dict[str, Any], gpus: int, cpus: int) -> None:
+    """CPU preprocessing per GPU from the measured rates (busy.feed_plan), logged; sets the
+    preprocess tasks at once unless ``encode.preprocess_concurrency`` does."""
+    try:
+        with open(os.path.join(resolve_model_path(cfg.encode.model), "config.json")) as f:
+            hidden = json.load(f).get("hidden_size")
+    except (OSError, ValueError):
+        hidden = None
+    feed = feed_plan(gpus, cpus, hidden, static=cfg.static.enabled)
+    plan["feed"] = feed
+    if plan["preprocess_concurrency"] is None:
+        plan["preprocess_concurrency"] = feed["preprocess_concurrency"]
+    logger.info("encode: feeding %d GPU(s) at ~%.1fM tokens/s each takes ~%.1f CPUs per GPU (%.1f CPU-s per million "
+                "tokens); the cluster has %.1f per GPU (expected encoder busy ~%d%%); %d preprocess tasks at once",
+                gpus, feed["gpu_tokens_per_s"] / 1e6, feed["cpus_per_gpu_needed"], feed["cpu_s_per_mtok"],
+                feed["cpus_per_gpu"], 100 * feed["expected_busy"], plan["preprocess_concurrency"])
+    if feed["expected_busy"] < FEED_BOUND:
+        logger.warning("encode: %.1f CPUs per GPU is below the ~%.1f that keep a GPU busy: add CPUs to the GPU nodes "
+                       "(or CPU-only nodes for preprocessing)", feed["cpus_per_gpu"], feed["cpus_per_gpu_needed"])
 
 
 def _custom_resources(resources: dict[str, float]) -> dict[str, float]:

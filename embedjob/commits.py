@@ -19,6 +19,7 @@ import pyarrow as pa
 from embedjob.errors import InputError, JobError, root_cause
 from embedjob.layout import TMP
 from embedjob.progress import Progress, ProgressTicker, start_counter
+from embedjob.stages.encode.busy import busy_fraction, busy_text, feed_bound_line
 from embedjob.stages.read import ShardInfo
 from embedjob.stages.write import commit_shard
 from embedjob.storage import Storage
@@ -41,6 +42,8 @@ class ShardCommits:
                  plan: dict[str, Any], stage_hash: str):
         self.cfg, self.out, self.todo, self.encoder, self.stage_hash = cfg, out, todo, encoder, stage_hash
         self.by_key = {s.key: s for s in todo}
+        self.plan = plan
+        self.times = (0.0, 0.0)  # the encoder actors' (seconds waiting, seconds computing): busy.py
         self.covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
         self.pending: dict[str, Any] = {}  # shard -> commit task
         self.markers: dict[str, Any] = {}
@@ -74,10 +77,14 @@ class ShardCommits:
         """(ticker thread) The encoder actors' counts and the shards committed so far."""
         import ray
 
-        self.progress.in_flight(*ray.get(self.counter.read.remote(), timeout=max(self.progress.every, 5.0)))
+        timeout = max(self.progress.every, 5.0)
+        self.progress.in_flight(*ray.get(self.counter.read.remote(), timeout=timeout))
+        self.times = ray.get(self.counter.times.remote(), timeout=timeout)
         pending = list(self.pending.values())
         ready = len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else 0
-        self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed"
+        busy = busy_text(busy_fraction(*self.times))
+        self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed" + (
+            f"; {busy}" if busy else "")
 
     def encoded(self) -> tuple[int, int]:
         """Documents and tokens encoded so far, as the progress line counts them: the encoder actors'
@@ -191,6 +198,13 @@ class ShardCommits:
                 self.tokens_after_first / (self.last_output - self.first_output), 1)
         stats["docs_per_second"] = round(stats["documents"] / max(self.progress.elapsed, 1e-9), 1)
         stats["tokens_per_second"] = round(stats["bert_tokens"] / max(self.progress.elapsed, 1e-9), 1)
+        busy = busy_fraction(*self.times)
+        if busy is not None:
+            stats.update(encoder_busy=round(busy, 3), encoder_wait_s=round(self.times[0], 2),
+                         encoder_compute_s=round(self.times[1], 2))
+            line = feed_bound_line(busy, self.plan)
+            if line:
+                logger.warning("%s", line)
         return self.markers, self.failures, stats
 
 

@@ -5,6 +5,10 @@ them in the environment to widen a race window or to make a worker fail on purpo
   test can kill an actor mid-run;
 * ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` (seconds): the encoder sleeps this long after each model
   batch, so a block takes long enough for progress to be seen while it is in flight;
+* ``EMBEDJOB_DEBUG_PREPROCESS_DELAY`` (seconds): each preprocess task sleeps this long first, so
+  the encoder waits on its input (a feed-bound job: "encoder busy" drops); with
+  ``EMBEDJOB_DEBUG_ENCODER_READY_FILE`` (a path) set too, it first waits until an encoder actor is
+  ready (the actor creates that file), so the blocks cannot all be done before the actor starts;
 * ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
 * ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
   one machine (a multi-node layout on one machine).
@@ -20,6 +24,8 @@ from typing import Optional
 
 ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 ENCODE_BATCH_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY"
+PREPROCESS_DELAY_ENV = "EMBEDJOB_DEBUG_PREPROCESS_DELAY"
+ENCODER_READY_FILE_ENV = "EMBEDJOB_DEBUG_ENCODER_READY_FILE"
 WORD2VEC_FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"
 WORD2VEC_RANKS_PER_MACHINE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
 
@@ -34,6 +40,24 @@ def encode_batch_delay() -> None:
     """Sleep for ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` seconds when it is set (after a model batch)."""
     if ENCODE_BATCH_DELAY_ENV in os.environ:
         time.sleep(float(os.environ[ENCODE_BATCH_DELAY_ENV]))
+
+
+def preprocess_delay() -> None:
+    """Sleep for ``EMBEDJOB_DEBUG_PREPROCESS_DELAY`` seconds when it is set (preprocess tasks),
+    after an encoder actor is ready when ``EMBEDJOB_DEBUG_ENCODER_READY_FILE`` is set (at most 600 s)."""
+    if PREPROCESS_DELAY_ENV in os.environ:
+        ready = os.environ.get(ENCODER_READY_FILE_ENV)
+        deadline = time.time() + 600
+        while ready and not os.path.exists(ready) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(float(os.environ[PREPROCESS_DELAY_ENV]))
+
+
+def encoder_ready() -> None:
+    """An encoder actor is ready: creates ``EMBEDJOB_DEBUG_ENCODER_READY_FILE`` when it is set."""
+    path = os.environ.get(ENCODER_READY_FILE_ENV)
+    if path:
+        open(path, "a").close()
 
 
 def word2vec_switches() -> dict[str, Optional[str]]:

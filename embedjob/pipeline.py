@@ -340,7 +340,8 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
         preprocess_batch, fn_kwargs={
             "cfg": cfg.preprocess, "text_column": inp.text_column, "encoder_settings": encoder,
             "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
-        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        compute=ray.data.TaskPoolStrategy(size=plan.get("preprocess_concurrency")),
     )
     ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter)
     return staged_writes(ds, out, inp.id_column)

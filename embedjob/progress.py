@@ -108,10 +108,20 @@ class ProgressCounter:
     def __init__(self) -> None:
         self.done = 0
         self.tokens = 0
+        self.wait_s = 0.0  # the encoder actors' seconds waiting for input, and computing (busy.py)
+        self.busy_s = 0.0
 
     def add(self, done: int, tokens: int) -> None:
         self.done += done
         self.tokens += tokens
+
+    def add_time(self, wait_s: float, busy_s: float) -> None:
+        self.wait_s += wait_s
+        self.busy_s += busy_s
+
+    def times(self) -> tuple[float, float]:
+        """(seconds waiting, seconds computing) of all encoder actors so far."""
+        return self.wait_s, self.busy_s
 
     def read(self) -> tuple[int, int]:
         return self.done, self.tokens
@@ -131,7 +141,13 @@ class BatchReporter:
     def __init__(self, counter: Any):
         self.counter = counter
         self.done = self.tokens = 0
+        self.wait_s = self.busy_s = 0.0
         self._sent = time.time()
+
+    def add_time(self, wait_s: float, busy_s: float) -> None:
+        """One call's seconds waiting for its block and computing it (sent with the next flush)."""
+        self.wait_s += wait_s
+        self.busy_s += busy_s
 
     def add(self, done: int, tokens: int) -> None:
         self.done += done
@@ -140,13 +156,17 @@ class BatchReporter:
             self.flush()
 
     def flush(self) -> None:
-        if self.counter is None or not (self.done or self.tokens):
+        if self.counter is None:
             return
         try:
-            self.counter.add.remote(self.done, self.tokens)
+            if self.done or self.tokens:
+                self.counter.add.remote(self.done, self.tokens)
+            if self.wait_s or self.busy_s:
+                self.counter.add_time.remote(self.wait_s, self.busy_s)
         except Exception:  # noqa: BLE001 - progress is bookkeeping: never fail a batch for it
             pass
         self.done = self.tokens = 0
+        self.wait_s = self.busy_s = 0.0
         self._sent = time.time()
 
 

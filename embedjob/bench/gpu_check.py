@@ -22,6 +22,7 @@ run). Usage on a GPU host, from the repository root::
 
     .ci/gpu-check --out /tmp/gpu-check            # MiniLM-L6 and BERT-base shapes, ~20k documents
     .ci/gpu-check --device cpu --models tiny --docs 64 --rounds 1   # the plumbing, on any machine
+    .ci/gpu-check --feed --out /tmp/gpu-feed     # end to end from Parquet (embedjob.bench.gpu_feed)
 """
 
 from __future__ import annotations
@@ -383,6 +384,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="also measure torch.compile'd packed layers (encode.compile)")
     p.add_argument("--min-cosine", type=float, default=0.999, help="fail below this cosine vs CPU float32")
     p.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for gpu-check.json and gpu-check.md")
+    p.add_argument("--feed", action="store_true", help="end to end from Parquet instead: the job's read, preprocess "
+                   "and tokenizer in a process pool over the host's cores feeding the encoder (gpu-check-feed.json/.md)")
+    p.add_argument("--feed-workers", type=int, default=None, help="--feed: pool processes (default: cores - 1)")
+    p.add_argument("--feed-ids-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="--feed: also time the encoder alone on the same ids (the ids-only rate)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -404,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "models": [],
     }
     rng = np.random.default_rng(0)
+    if args.feed:
+        return _main_feed(args, report, rng)
     with tempfile.TemporaryDirectory(prefix="embedjob-gpu-check-") as root:
         for name in args.models.split(","):
             logger.info("gpu-check: %s", name)
@@ -421,6 +429,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         json.dump(report, f, indent=1, default=str)
     text = table(report)
     with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
+        f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 1 if report["failed"] else 0
+
+
+def _main_feed(args: argparse.Namespace, report: dict[str, Any], rng: np.random.Generator) -> int:
+    """``--feed``: every model shape end to end from Parquet (:mod:`embedjob.bench.gpu_feed`)."""
+    from embedjob.bench.gpu_feed import feed_table, run_feed
+
+    report["host_cores"] = os.cpu_count()
+    with tempfile.TemporaryDirectory(prefix="embedjob-gpu-feed-") as root:
+        for name in args.models.split(","):
+            name = name.strip()
+            m: dict[str, Any] = {"model": name, "failures": []}
+            try:
+                path = build_model_dir(root, name)
+                max_length = SHAPES[name][1]
+                lengths = sample_lengths(args.docs, 4 * max_length, rng)  # whole documents: longer than a window
+                m["feed"] = feed = run_feed(name, path, make_texts(lengths, rng, sentence=20), max_length, args, root)
+                if feed.get("target_met") is False:
+                    m["failures"].append(f"target {feed['target']} not met")
+                logger.info("gpu-check --feed: %s %s", name, feed)
+            except Exception as e:  # noqa: BLE001 - one model's crash is reported, the next still runs
+                m["failures"].append(f"crashed: {type(e).__name__}: {e}")
+            report["models"].append(m)
+    report["failed"] = any(m.get("failures") for m in report["models"])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu-check-feed.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    text = feed_table(report)
+    with open(os.path.join(args.out, "gpu-check-feed.md"), "w") as f:
         f.write(text + "\n")
     sys.stdout.write(text + "\n")
     return 1 if report["failed"] else 0

@@ -28,7 +28,8 @@ def _stage_rate(name: str, s: dict[str, Any]) -> str:
     """A stage's throughput in words, from what its stats record."""
     sec = s.get("seconds") or 0.0
     if name == "encode" and s.get("docs_per_second") is not None:
-        return f"{s['docs_per_second']:,.1f} docs/s, {s.get('tokens_per_second', 0):,.0f} tokens/s"
+        busy = f"; encoder busy {100 * s['encoder_busy']:.0f}%" if s.get("encoder_busy") is not None else ""
+        return f"{s['docs_per_second']:,.1f} docs/s, {s.get('tokens_per_second', 0):,.0f} tokens/s{busy}"
     if name == "vocab" and sec and s.get("tokens"):
         return f"{s['tokens'] / sec:,.0f} tokens/s"
     if name == "static" and sec and s.get("occurrences"):

@@ -27,6 +27,7 @@ from gensim.parsing.preprocessing import STOPWORDS
 from pydantic import Field, field_validator
 
 from embedjob._config_base import Section
+from embedjob.debug import preprocess_delay
 from embedjob.errors import row_error
 from embedjob.schema import EMPTY, ROW, SHARD, TOKENS
 from embedjob.stages.static.align import align_words
@@ -193,10 +194,15 @@ def preprocess_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
     """Task-friendly form of :class:`Preprocessor` (built once per worker process per settings)."""
     import json
 
+    preprocess_delay()  # test-only: a slow preprocess, the encoder waits (encoder busy drops)
     key = json.dumps({k: (v.model_dump() if hasattr(v, "model_dump") else v.as_dict() if hasattr(v, "as_dict") else v)
                       for k, v in kwargs.items()},
                      sort_keys=True, default=str)
     pre = _CACHE.get(key)
     if pre is None:
         pre = _CACHE[key] = Preprocessor(**kwargs)
-    return pre(batch)
+    out = pre(batch)
+    # Nothing after this stage reads the text (ids, words and chunk spans carry what it said): it is
+    # not serialised to the encoder actors and on to the write tasks.
+    text = kwargs.get("text_column")
+    return out.drop_columns([text]) if text in out.column_names and text != kwargs.get("id_column") else out

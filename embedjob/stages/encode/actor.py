@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.debug import encode_batch_delay, encode_delay
+from embedjob.debug import encode_batch_delay, encode_delay, encoder_ready
 from embedjob.progress import BatchReporter
 from embedjob.schema import (
     CAPPED,
@@ -21,6 +21,7 @@ from embedjob.schema import (
     INPUT_IDS,
     WINDOWS,
 )
+from embedjob.stages.encode.busy import BusyClock
 from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.encode.tokenizer import release_free_memory
@@ -91,10 +92,20 @@ class EncodeActor:
             self.static = StaticAccumulator(self.encoder, **static)
         self.node_id = _ray_node_id()
         self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
+        self.clock = BusyClock()  # waiting for blocks vs computing: "encoder busy" (busy.py)
         logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
+        encoder_ready()  # test-only: a deliberately slow preprocess starts now
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.clock.arrive()
+        try:
+            return self._encode(batch)
+        finally:
+            self.progress.add_time(*self.clock.leave())
+            self.progress.flush()
+
+    def _encode(self, batch: pa.Table) -> pa.Table:
         encode_delay()  # test-only: widens the window to kill an actor mid-run
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)

@@ -130,6 +130,12 @@ class EncodeConfig(Section):
         None, description="Folder for exported models (encode.backend=openvino); null = ~/.cache/embedjob/openvino "
         "on each node.",
     )
+    preprocess_concurrency: Optional[int] = Field(
+        None, ge=1,
+        description="Preprocess tasks (gensim, tokenizer, static alignment) running at once; null = as many as Ray "
+        "schedules on a CPU cluster, and on a GPU cluster the CPUs that keep the GPUs busy at the measured rates "
+        "(the job logs that plan). Raise it, or give the GPU nodes more CPUs, when the job says it is feed-bound.",
+    )
     max_batch_docs: int = Field(256, ge=1, description="At most this many documents in one model batch.")
     rows_per_call: int = Field(
         2048, ge=1, description="Rows handed to an encoder actor at once (sorted by length inside)."

@@ -46,6 +46,32 @@ class _CallState:
     sums: Any  # torch (slots, dim) float32 on the encoder's device
 
 
+def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, Any]:
+    """(offsets, values) of a list column: row ``r`` holds ``values[offsets[r]:offsets[r + 1]]``."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    off = arr.offsets.to_numpy()
+    values = arr.values
+    if pa.types.is_integer(values.type):
+        values = values.to_numpy(zero_copy_only=False)
+    return off - off[0], (values[int(off[0]):int(off[-1])] if len(off) else values)
+
+
+def _first_positions(t: np.ndarray, n_inst: int) -> np.ndarray:
+    """Token position of each instance's first piece (``t``: instance per token, -1 = none)."""
+    first = np.zeros(n_inst, dtype=np.int64)
+    at = np.flatnonzero(t >= 0)
+    tt = t[at]
+    if len(tt) and bool((tt[1:] >= tt[:-1]).all()):  # instances ascend (BERT's words): runs
+        new = np.empty(len(tt), dtype=bool)
+        new[0] = True
+        np.not_equal(tt[1:], tt[:-1], out=new[1:])
+        first[tt[new]] = at[new]
+    elif len(tt):
+        seen, first_at = np.unique(tt, return_index=True)  # positions ascend: each one's first piece
+        first[seen] = at[first_at]
+    return first
+
+
 class StaticAccumulator:
     """Held by an encoder actor: sums every counted word occurrence's pooled vector per (shard row
     run, word) while the encoder runs, then writes one staged part per run.
@@ -69,29 +95,23 @@ class StaticAccumulator:
         """Prepare the word-slot bookkeeping of one encoder call; returns the token hook."""
         run_of, runs = _row_runs(batch.column(SHARD).to_numpy(zero_copy_only=False).astype(str),
                                  batch.column(ROW).to_numpy())
-        wid_col = batch.column(WORD_IDS).to_pylist()
-        words_col = batch.column(WORDS).to_pylist()
+        w_off, wid_flat = _list_parts(batch.column(WORD_IDS))
+        x_off, words_flat = _list_parts(batch.column(WORDS))
+        words_all = words_flat.to_pylist()
         slot_of: dict[tuple[int, str], int] = {}
         tok_inst: list[np.ndarray] = []
         first_pos: list[np.ndarray] = []
         inst_slot: list[np.ndarray] = []
-        for row in np.flatnonzero(keep):
+        setdefault = slot_of.setdefault
+        for row in np.flatnonzero(keep).tolist():
             run = int(run_of[row])
-            words = words_col[row]
-            slots = np.empty(len(words), dtype=np.int64)
-            for w, word in enumerate(words):
-                key = (run, word)
-                s = slot_of.get(key)
-                if s is None:
-                    s = slot_of[key] = len(slot_of)
-                slots[w] = s
-            t = np.asarray(wid_col[row], dtype=np.int64)
-            first = np.zeros(len(words), dtype=np.int64)
-            at = np.flatnonzero(t >= 0)
-            seen, first_at = np.unique(t[at], return_index=True)  # positions ascend: each one's first piece
-            first[seen] = at[first_at]
+            a, b = int(x_off[row]), int(x_off[row + 1])
+            # one slot per (run, word), numbered in order of first occurrence
+            slots = np.fromiter((setdefault((run, word), len(slot_of)) for word in words_all[a:b]),
+                                dtype=np.int64, count=b - a)
+            t = wid_flat[int(w_off[row]):int(w_off[row + 1])].astype(np.int64)
             tok_inst.append(t)
-            first_pos.append(first)
+            first_pos.append(_first_positions(t, b - a))
             inst_slot.append(slots)
         n_slots = len(slot_of)
         counts = np.bincount(np.concatenate(inst_slot) if inst_slot else np.zeros(0, np.int64),

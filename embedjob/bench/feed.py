@@ -1,0 +1,356 @@
+"""`embedjob bench feed`: can the CPUs around the model feed it? The per-shard stages of a job
+(read -> preprocess -> tokenize -> encode -> staged write -> commit) run with a near-free model (a
+1-layer, 32-dim random BERT with MiniLM's tokenizer, built offline), so what is measured is the
+work around the model, which a GPU host's CPUs must do for every token the GPU encodes.
+
+It reports, for static vectors on and off:
+
+* the pipeline's encoded tokens per CPU-second (``per_core``): the job's own Ray Data pipeline
+  (:func:`embedjob.pipeline.run_shard_stages`) over ``--shards`` shards, its CPU time read from
+  ``/proc`` for the driver and every process under it (Ray's daemons and workers), so that other
+  load on a shared machine does not count;
+* the raw fast tokenizer's tokens/s on one core, on the same texts, in the same run;
+* feed efficiency: their ratio, with and without the model's own CPU (on a GPU host the model runs
+  on the GPU, so ``feed`` leaves its forward pass out; ``with model`` keeps it);
+* CPU-seconds per million encoded tokens of each part, run in-process, one block after another
+  on the same shards: read, gensim preprocess, tokenize, static alignment, window plan, static
+  accumulation, model, write, commit; "Ray Data and the rest" is the pipeline's CPU minus them.
+
+Example::
+
+    embedjob bench feed --shards 4 --static both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from embedjob.bench.corpus import DEFAULT_CORPUS
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("read", "preprocess", "tokenize", "align", "window_plan", "static", "model", "encoder_io", "write",
+         "commit")
+PART_NAMES = {"read": "read (Parquet)", "preprocess": "gensim preprocess", "tokenize": "tokenize",
+              "align": "static alignment (words)", "window_plan": "window plan",
+              "static": "static accumulation", "model": "model (1 layer, 32 dim)",
+              "encoder_io": "encoder actor Arrow in/out",
+              "write": "Arrow/Parquet staged write", "commit": "commit", "rest": "Ray Data and the rest"}
+
+
+# -- CPU time of this process and everything under it (Ray's daemons and workers) ------------------
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process readable in /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
+    return out
+
+
+def tree_cpu_seconds(root: Optional[int] = None) -> float:
+    """CPU seconds used so far by process ``root`` (this one) and its live descendants."""
+    root = root or os.getpid()
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += table.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class TreeCpu:
+    """Samples :func:`tree_cpu_seconds` every ``every`` seconds, so that processes that end before
+    the measurement does (Ray Data's task workers) still count up to their last sample."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.every = every
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-feed-cpu")
+
+    def _sample(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            self.seen[pid] = max(self.seen.get(pid, 0.0), table.get(pid, (0, 0.0))[1])
+            todo.extend(children.get(pid, []))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "TreeCpu":
+        self._sample()
+        self.start = dict(self.seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(v - self.start.get(pid, 0.0) for pid, v in self.seen.items())
+
+
+# -- the near-free model ----------------------------------------------------------------------------
+def build_feed_model(root: str) -> str:
+    """A 1-layer, 32-dim random BERT with MiniLM's tokenizer and sentence-transformers files (max
+    length 256, mean pooling, normalised), saved offline under ``root``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from embedjob.models import resolve_model_path
+
+    minilm = resolve_model_path("all-MiniLM-L6-v2")
+    path = os.path.join(root, "feed-model")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    for name in ("sentence_bert_config.json", "modules.json", "1_Pooling", "2_Normalize"):
+        src = os.path.join(minilm, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(path, name), dirs_exist_ok=True)
+        elif os.path.exists(src):
+            shutil.copy(src, path)
+    with open(os.path.join(path, "1_Pooling", "config.json")) as f:
+        pooling = json.load(f)
+    pooling["word_embedding_dimension"] = 32
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+        json.dump(pooling, f)
+    return path
+
+
+def job_config(input_url: str, output_url: str, model: str, static: bool, overrides: list[str]):
+    """The job config the bench runs: defaults, the feed model, static vectors on or off, the rest of
+    the corpus-wide stages off (they run after the per-shard stages, not measured here)."""
+    from embedjob.config import apply_override, build_config
+
+    d = {"input": {"url": input_url}, "output": {"url": output_url, "overwrite": True},
+         "encode": {"model": model, "dtype": "float32", "threads_per_actor": 1},
+         "static": {"enabled": static}, "word2vec": {"enabled": False}, "topics": {"enabled": False},
+         "index": {"enabled": False}}
+    for assignment in overrides:
+        apply_override(d, assignment)
+    return build_config(d, "bench feed")
+
+
+# -- the raw tokenizer --------------------------------------------------------------------------------
+def raw_tokenizer_rate(model: str, texts: list[str], rounds: int = 2) -> float:
+    """Tokens per CPU-second of the model's fast tokenizer alone (the Rust ``encode_batch``, one
+    thread, special tokens added, no truncation), best of ``rounds``."""
+    from transformers import AutoTokenizer
+
+    backend = AutoTokenizer.from_pretrained(model, use_fast=True).backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    best = 0.0
+    for _ in range(rounds):
+        c0, n = time.thread_time(), 0
+        for i in range(0, len(texts), 1000):
+            n += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + 1000]))
+        best = max(best, n / max(time.thread_time() - c0, 1e-9))
+    return best
+
+
+# -- the parts, in-process ----------------------------------------------------------------------------
+class _Clock:
+    """CPU seconds per part (this thread's CPU time)."""
+
+    def __init__(self) -> None:
+        self.s = dict.fromkeys(PARTS, 0.0)
+
+    def run(self, part: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+        c = time.thread_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.s[part] += time.thread_time() - c
+
+    def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *a, **kw: self.run(part, fn, *a, **kw)
+
+
+def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
+    """CPU seconds of each part over ``shards``, in this process, block by block as the pipeline
+    cuts them (the encoder takes ``encode.rows_per_call`` rows); and the encoded tokens."""
+    import pyarrow as pa
+
+    from embedjob.stages.encode import resolve_encoder_settings
+    from embedjob.stages.encode.actor import EncodeActor
+    from embedjob.stages.encode.windows import plan_for
+    from embedjob.stages.preprocess import Preprocessor, preprocess_texts
+    from embedjob.stages.read import read_shard_blocks
+    from embedjob.stages.static.config import static_actor_settings
+    from embedjob.stages.write import BlockWriter, commit_shard
+    from embedjob.storage import Storage
+
+    inp, clock = cfg.input, _Clock()
+    clock.s["hook"] = 0.0
+    out = Storage(out_url)
+    enc = resolve_encoder_settings(cfg.encode)
+    static = static_actor_settings(cfg, out) if cfg.static.enabled else None
+    pre = Preprocessor(cfg.preprocess, inp.text_column, enc, static, inp.on_empty_text, inp.id_column)
+    actor = EncodeActor(enc, cfg.encode.batch_tokens_for("cpu"), cfg.encode.max_batch_docs, 1, static)
+    tok = actor.encoder.tokenizer
+    encoder = actor.encoder
+    encoder.encode_ids = clock.wrap("model", encoder.encode_ids)
+    if actor.static is not None:
+        acc = actor.static
+        acc.hook_for, acc.attach = clock.wrap("static", acc.hook_for), clock.wrap("static", acc.attach)
+        acc._hook = clock.wrap("hook", acc._hook)  # inside the model's clock: moved from model to static below
+    writer = BlockWriter(out_url, {}, inp.id_column)
+    tokens = 0
+    for s in shards:
+        blocks = list(clock.run("read", lambda: list(read_shard_blocks(s, {}, inp.id_column, inp.text_column,
+                                                                    inp.rows_per_block))))
+        done = []
+        for b in blocks:
+            texts = b.column(inp.text_column).to_pylist()
+            clock.run("preprocess", preprocess_texts, texts, cfg.preprocess, pre.filters)
+            clock.run("tokenize", tok.encode, [t for t in texts if t and t.strip()], words=static is not None)
+            c = time.thread_time()
+            done.append(pre(b))  # preprocess, tokenize, align: the remainder is the alignment (or columns)
+            clock.s["align"] += time.thread_time() - c
+        table = pa.concat_tables(done)
+        for i in range(0, table.num_rows, cfg.encode.rows_per_call):
+            batch = table.slice(i, cfg.encode.rows_per_call)
+            ids = [np.asarray(x, dtype=np.int32) for x in batch.column("_input_ids").to_pylist() if x]
+            plan = clock.run("window_plan", plan_for, enc, ids, tok.sentence_end_ids)
+            tokens += int(plan.n_tokens.sum())
+            res = clock.run("encoder_io", actor, batch)
+            clock.run("write", writer, res)
+        clock.run("commit", commit_shard, out_url, {}, s.key, s.num_rows, inp.on_empty_text, {}, enc.dim,
+                  {"vector_dtype": cfg.output.vector_dtype})
+    sec = clock.s
+    sec["align"] -= sec["preprocess"] + sec["tokenize"]  # what pre() did beyond gensim and the tokenizer
+    hook = sec.pop("hook")
+    sec["encoder_io"] -= sec["model"] + sec["static"]  # the actor call beyond the encoder and accumulator
+    sec["model"] -= sec["window_plan"] + hook  # encode_ids plans the windows again and runs the hook
+    sec["static"] += hook
+    return sec, tokens
+
+
+# -- the pipeline, on Ray ----------------------------------------------------------------------------
+def pipeline_run(cfg, shards) -> dict[str, Any]:
+    """The job's per-shard stages over ``shards`` on Ray: encoded tokens, wall and CPU seconds."""
+    from embedjob.cluster import init_ray, plan_encoder
+    from embedjob.models import model_fingerprint
+    from embedjob.pipeline import run_shard_stages, shard_stage_hash
+    from embedjob.stages.encode import resolve_encoder_settings
+    from embedjob.storage import Storage
+
+    out = Storage(cfg.output.url, cfg.output.storage_options)
+    encoder = resolve_encoder_settings(cfg.encode)
+    encoder.model_fingerprint = model_fingerprint(encoder.model_path)
+    plan = plan_encoder(cfg, init_ray(cfg)["resources"])
+    t0 = time.time()
+    with TreeCpu() as cpu:
+        processed, failures, stats = run_shard_stages(cfg, out, shards, encoder, plan, shard_stage_hash(cfg, encoder))
+    if failures:
+        raise RuntimeError(f"bench feed: shards failed: {failures}")
+    return {"encoded_tokens": int(stats["encoded_tokens"]), "documents": int(stats["documents"]),
+            "wall_s": round(time.time() - t0, 2), "cpu_s": round(cpu.seconds, 2),
+            **({"encoder_busy": stats["encoder_busy"]} if "encoder_busy" in stats else {})}
+
+
+def run(args: argparse.Namespace) -> int:
+    from embedjob.stages.read import discover_shards
+    from embedjob.storage import list_shards
+
+    corpus = args.corpus or DEFAULT_CORPUS
+    urls = list_shards(corpus)[: args.shards]
+    work = tempfile.mkdtemp(prefix="embedjob-bench-feed-")
+    try:
+        inp = os.path.join(work, "input")
+        os.makedirs(inp)
+        for u in urls:
+            os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
+        model = build_feed_model(work)
+        modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.static]
+        shards = discover_shards(inp, {}, "id", "text")
+        import pyarrow.parquet as pq
+
+        texts = [t for u in urls for t in pq.read_table(u, columns=["text"]).column("text").to_pylist()
+                 if t and t.strip()]
+        results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "modes": {}}
+        for r in range(args.rounds):  # modes interleaved round by round; the tokenizer measured in each
+            tok_rate = raw_tokenizer_rate(model, texts, rounds=1)
+            for static in modes:
+                key = "static on" if static else "static off"
+                cfg = job_config(inp, os.path.join(work, f"out-{key[-3:].strip()}"), model, static, args.set or [])
+                pipe = pipeline_run(cfg, shards)
+                parts, tokens = part_seconds(cfg, shards, os.path.join(work, f"parts-{key[-3:].strip()}"))
+                results["modes"].setdefault(key, []).append(_summary(pipe, parts, tokens, tok_rate))
+        _report(results, args.json)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _summary(pipe: dict[str, Any], parts: dict[str, float], part_tokens: int, tok_rate: float) -> dict[str, Any]:
+    """One round of one mode: rates, efficiencies and the per-part table (CPU s per million tokens)."""
+    tokens = pipe["encoded_tokens"]
+    per_mtok = {k: v / max(part_tokens, 1) * 1e6 for k, v in parts.items()}
+    pipe_per_mtok = pipe["cpu_s"] / max(tokens, 1) * 1e6
+    per_mtok["rest"] = pipe_per_mtok - sum(per_mtok.values())
+    feed_per_mtok = pipe_per_mtok - per_mtok["model"]
+    per_core = tokens / max(pipe["cpu_s"], 1e-9)
+    return {**pipe, "per_core": round(per_core), "tokenizer_per_core": round(tok_rate),
+            "efficiency_with_model": round(per_core / tok_rate, 3),
+            "feed_efficiency": round(1e6 / feed_per_mtok / tok_rate, 3),
+            "tokenizer_s_per_mtok": round(1e6 / tok_rate, 3), "pipeline_s_per_mtok": round(pipe_per_mtok, 3),
+            "parts_s_per_mtok": {k: round(v, 3) for k, v in per_mtok.items()}}
+
+
+def _report(results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"bench feed: {results['shards']} shard(s), {results['documents']} documents, "
+          f"{results['rounds']} round(s); CPU seconds of the job's processes (shared machines: other load does not count)")
+    for key, rounds in results["modes"].items():
+        print(f"\n{key}")
+        print("  round  tokens     pipeline tok/s/core  tokenizer tok/s/core  feed efficiency  with model  busy")
+        for i, r in enumerate(rounds):
+            print(f"  {i:<5}  {r['encoded_tokens']:<9}  {r['per_core']:<19}  {r['tokenizer_per_core']:<20}  "
+                  f"{r['feed_efficiency']:<15}  {r['efficiency_with_model']:<10}  {r.get('encoder_busy', '-')}")
+        print("  CPU-seconds per million encoded tokens (median of rounds):")
+        names = list(rounds[0]["parts_s_per_mtok"])
+        for k in names:
+            v = float(np.median([r["parts_s_per_mtok"][k] for r in rounds]))
+            print(f"    {PART_NAMES.get(k, k):<28} {v:8.3f}")
+        print(f"    {'= pipeline':<28} {float(np.median([r['pipeline_s_per_mtok'] for r in rounds])):8.3f}")
+        print(f"    {'(tokenizer alone)':<28} {float(np.median([r['tokenizer_s_per_mtok'] for r in rounds])):8.3f}")

@@ -1,0 +1,90 @@
+"""Is the encoder fed? Each encoder actor splits its time into *waiting* for its next block (from
+the end of one call to the start of the next, and from being ready to its first call) and
+*computing* (inside a call); "encoder busy" is computing / (computing + waiting) over all actors.
+
+Below :data:`FEED_BOUND` the encoder waits on the CPU stages before it (read, preprocess,
+tokenize): the job is feed-bound, and one line says so with the remedy. On a cluster with GPUs,
+:func:`feed_plan` sizes the CPU preprocessing per GPU from measured rates. Example::
+
+    clock = BusyClock()
+    clock.arrive(); ...; clock.leave()            # around each call
+    busy_fraction(wait_s=3.0, busy_s=7.0)         # 0.7
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+FEED_BOUND = 0.8  # encoder busy below this: feed-bound
+
+# CPU-seconds per million encoded tokens of the work around the model (read, gensim preprocess,
+# tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en
+# (README "CPU cores per GPU"); the plan's default when a job has no measurement of its own.
+FEED_CPU_S_PER_MTOK = {"static": 13.0, "plain": 6.8}
+# Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
+GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
+
+
+class BusyClock:
+    """An encoder actor's waiting and computing seconds (``time.monotonic``)."""
+
+    def __init__(self) -> None:
+        self.last_end = time.monotonic()  # ready: waiting for the first block starts now
+        self.wait_s = 0.0
+        self.busy_s = 0.0
+        self._start: Optional[float] = None
+
+    def arrive(self) -> None:
+        """A block arrived: the wait since the last call ends."""
+        self._start = time.monotonic()
+        self.wait_s += self._start - self.last_end
+
+    def leave(self) -> tuple[float, float]:
+        """The call is done; returns the (wait, busy) seconds of this call."""
+        now = time.monotonic()
+        start = self._start if self._start is not None else now
+        wait = start - self.last_end
+        busy = now - start
+        self.busy_s += busy
+        self.last_end, self._start = now, None
+        return wait, busy
+
+
+def busy_fraction(wait_s: float, busy_s: float) -> Optional[float]:
+    """Computing / (computing + waiting); None before anything was measured."""
+    total = wait_s + busy_s
+    return busy_s / total if total > 0 else None
+
+
+def busy_text(fraction: Optional[float]) -> str:
+    """``encoder busy 87%`` for the progress line and the report ("" before any measurement)."""
+    return "" if fraction is None else f"encoder busy {100 * fraction:.0f}%"
+
+
+def feed_bound_line(fraction: Optional[float], plan: dict[str, Any]) -> Optional[str]:
+    """The one line that says the encoder waits on its input, with the remedy; None when busy."""
+    if fraction is None or fraction >= FEED_BOUND:
+        return None
+    where = "GPU" if plan.get("device") == "cuda" else "encoder actor"
+    return (f"encode: the encoder is feed-bound ({busy_text(fraction)}, below {100 * FEED_BOUND:.0f}%): it waits on "
+            f"read/preprocess/tokenize; give each {where} more CPUs (more CPUs per GPU on the nodes), or raise "
+            f"encode.preprocess_concurrency (now {plan.get('preprocess_concurrency') or 'Ray default'})")
+
+
+def feed_plan(gpus: int, cpus: int, hidden_size: Optional[int], *, static: bool,
+              cpu_s_per_mtok: Optional[float] = None, gpu_tokens_per_s: Optional[float] = None) -> dict[str, Any]:
+    """CPU preprocessing per GPU: the CPUs that keep one GPU busy (its encoder rate x the CPU
+    seconds per token of the work around the model), what the cluster has per GPU, and the
+    preprocess tasks to run at once (all the CPUs the encoder actors leave free, at most what
+    the GPUs need). Rates default to the measured ones (:data:`FEED_CPU_S_PER_MTOK`,
+    :data:`GPU_TOKENS_PER_S`)."""
+    rate = gpu_tokens_per_s or GPU_TOKENS_PER_S.get(int(hidden_size or 0)) or GPU_TOKENS_PER_S[768]
+    cost = cpu_s_per_mtok or FEED_CPU_S_PER_MTOK["static" if static else "plain"]
+    need = rate * cost / 1e6  # CPUs that keep one GPU busy
+    have = (cpus - gpus) / max(gpus, 1)  # one CPU per GPU actor
+    tasks = max(1, min(cpus - gpus, int(math.ceil(need * max(gpus, 1)))))
+    return {"cpus_per_gpu_needed": round(need, 1), "cpus_per_gpu": round(have, 1),
+            "gpu_tokens_per_s": rate, "cpu_s_per_mtok": cost, "preprocess_concurrency": tasks,
+            "expected_busy": round(min(1.0, have / need), 2) if need > 0 else 1.0}
