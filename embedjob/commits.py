@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.errors import InputError, JobError, root_cause
+from embedjob.faults import alive_nodes, fault_stats
 from embedjob.layout import TMP
 from embedjob.progress import Progress, ProgressTicker, start_counter
 from embedjob.stages.read import ShardInfo
@@ -55,6 +56,8 @@ class ShardCommits:
         self.counter: Any = None  # the encoder actors' progress counter (a Ray actor)
         self._ticker: Optional[ProgressTicker] = None
         self._commit = None
+        self.nodes_at_start: dict[str, str] = {}  # Ray nodes alive when encoding started (faults.py)
+        self.stop_requested: Any = None  # () -> bool: stop taking new blocks (preempt.py, SIGTERM)
 
     def start(self) -> None:
         """Start the progress counter and line; commit the empty shards at once (no row will report them)."""
@@ -65,6 +68,7 @@ class ShardCommits:
         self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs", every=every)
         self.progress.extra = f"0/{len(self.todo)} shards committed"
         self.counter = start_counter()
+        self.nodes_at_start = alive_nodes()
         self._ticker = ProgressTicker(self.progress, self._poll, every=every).start()
         for s in self.todo:
             if s.num_rows == 0:
@@ -148,6 +152,7 @@ class ShardCommits:
         under on_bad_shard=fail) or a JobError; either carries the shards committed before it."""
         self._stop_progress()
         self.settle()
+        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
         cause = root_cause(e)
         if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
             cause = cause.naming(self.by_key[cause.shard].url)
@@ -175,6 +180,7 @@ class ShardCommits:
         if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
             out.fs.rmdir(out.path(TMP))
         stats = self.stats
+        stats.update(fault_stats(self.counter, self.nodes_at_start))
         if self.first_output is not None and self.last_output > self.first_output:
             stats["steady_tokens_per_second"] = round(
                 self.tokens_after_first / (self.last_output - self.first_output), 1)

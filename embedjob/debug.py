@@ -5,6 +5,14 @@ them in the environment to widen a race window or to make a worker fail on purpo
   test can kill an actor mid-run;
 * ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` (seconds): the encoder sleeps this long after each model
   batch, so a block takes long enough for progress to be seen while it is in flight;
+* ``EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS`` (tokens): a model batch of more tokens than this raises
+  ``torch.OutOfMemoryError`` before its forward, as a GPU without room for it would (the encoder's
+  split-and-retry, ``stages/encode/oom.py``); a window longer than this never fits;
+* ``EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS`` (``N:folder``): the first N encoder actors to start die
+  while they initialise (the process exits, as on a lost node), counted by files in ``folder``;
+* ``EMBEDJOB_DEBUG_RAY_FAILURE`` (kind): the driver raises Ray's own exception of that kind where
+  Ray would (``ray_errors.py``): ``node-died`` when the encode stream starts, ``startup-timeout``
+  and ``register-worker`` from ``ray.init``;
 * ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
 * ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
   one machine (a multi-node layout on one machine).
@@ -20,6 +28,9 @@ from typing import Optional
 
 ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 ENCODE_BATCH_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY"
+ENCODE_OOM_TOKENS_ENV = "EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS"
+ENCODE_INIT_DEATHS_ENV = "EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS"
+RAY_FAILURE_ENV = "EMBEDJOB_DEBUG_RAY_FAILURE"
 WORD2VEC_FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"
 WORD2VEC_RANKS_PER_MACHINE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
 
@@ -34,6 +45,38 @@ def encode_batch_delay() -> None:
     """Sleep for ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` seconds when it is set (after a model batch)."""
     if ENCODE_BATCH_DELAY_ENV in os.environ:
         time.sleep(float(os.environ[ENCODE_BATCH_DELAY_ENV]))
+
+
+def encode_oom_check(tokens: int) -> None:
+    """Raise ``torch.OutOfMemoryError`` for a model batch of more than ``EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS``
+    tokens, when it is set (the encoder, before each forward)."""
+    limit = os.environ.get(ENCODE_OOM_TOKENS_ENV)
+    if limit is not None and tokens > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {tokens} tokens "
+                                     f"(injected: {ENCODE_OOM_TOKENS_ENV}={limit})")
+
+
+def encode_init_death() -> None:
+    """Exit this process (an encoder actor initialising) while fewer than N deaths are recorded in the
+    folder of ``EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS=N:folder``, when it is set."""
+    spec = os.environ.get(ENCODE_INIT_DEATHS_ENV)
+    if not spec:
+        return
+    n, folder = spec.split(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    if len(os.listdir(folder)) < int(n):
+        with open(os.path.join(folder, f"death-{os.getpid()}"), "w") as f:
+            f.write(str(time.time()))
+        os._exit(1)
+
+
+def ray_failure(where: str) -> Optional[str]:
+    """The kind of Ray failure to raise at ``where`` (``EMBEDJOB_DEBUG_RAY_FAILURE``), if any."""
+    kind = os.environ.get(RAY_FAILURE_ENV)
+    starts = {"node-died": "stream", "startup-timeout": "init", "register-worker": "init"}
+    return kind if kind and starts.get(kind) == where else None
 
 
 def word2vec_switches() -> dict[str, Optional[str]]:

@@ -319,6 +319,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     # A UDF's own error (InputError naming shard, row and id) reaches the driver as itself, not as
     # "UDF failed to process a data block" with the cause only in Ray's logs.
     ctx.raise_original_map_exception = True
+    ctx.max_consecutive_actor_init_deaths = cfg.encode.max_actor_init_deaths  # a lost actor is replaced
     static = None
     if cfg.static.enabled:
         from embedjob.stages.static.config import static_actor_settings
@@ -336,7 +337,9 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
             "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(),
     )
-    ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter)
+    ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter,
+                      unfit={"on_bad_shard": inp.on_bad_shard, "out_url": out.url(), "out_options": out.storage_options,
+                             "id_column": inp.id_column})
     return staged_writes(ds, out, inp.id_column)
 
 
