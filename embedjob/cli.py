@@ -164,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS")
+    r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS",
+                       epilog="exit codes: 0 success; 2 an error, as one line (config, input, model, lease, a failed "
+                       "stage, or Ray's own runtime failing; -v adds Ray's traceback); 3 some shards failed "
+                       "(input.on_bad_shard: skip); 75 stopped by SIGTERM (preemption, `ray job stop`): committed "
+                       "shards are kept, rerun the same command to continue; 130 interrupted (Ctrl-C)")
     r.add_argument("job", nargs="?", default=None, help="job spec YAML (default: all defaults)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting (repeatable; value parsed as YAML)")
@@ -436,16 +440,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from embedjob.errors import USER_ERRORS, one_line
+    from embedjob.errors import USER_ERRORS, Interrupted, one_line
 
     try:
         return args.func(args)
+    except Interrupted as e:  # SIGTERM (a spot node reclaimed, `ray job stop`): preempt.py
+        from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
+
+        print(f"embedjob: {one_line(str(e))}; {resume_hint(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as e:
-        print(f"embedjob: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"embedjob: error: {_ray_failure_line(e, args.verbose) or one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("embedjob: interrupted; committed shards are kept, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - Ray's own failures as one line; anything else is a bug: raised
+        line = _ray_failure_line(e, args.verbose)
+        if line is None:
+            raise
+        print(f"embedjob: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _ray_failure_line(e: BaseException, verbose: bool):
+    """One line for a failure of Ray's runtime (ray_errors.py), Ray's traceback first with -v."""
+    from embedjob.ray_errors import ray_failure_line
+
+    line = ray_failure_line(e)
+    if line is not None and verbose:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    return line
 
 
 if __name__ == "__main__":

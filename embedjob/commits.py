@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.errors import InputError, JobError, root_cause
+from embedjob.errors import InputError, Interrupted, JobError, root_cause
 from embedjob.faults import alive_nodes, fault_stats
 from embedjob.layout import TMP
 from embedjob.progress import Progress, ProgressTicker, start_counter
+from embedjob.ray_errors import raise_injected
 from embedjob.stages.read import ShardInfo
 from embedjob.stages.write import commit_shard
 from embedjob.storage import Storage
@@ -57,7 +58,6 @@ class ShardCommits:
         self._ticker: Optional[ProgressTicker] = None
         self._commit = None
         self.nodes_at_start: dict[str, str] = {}  # Ray nodes alive when encoding started (faults.py)
-        self.stop_requested: Any = None  # () -> bool: stop taking new blocks (preempt.py, SIGTERM)
 
     def start(self) -> None:
         """Start the progress counter and line; commit the empty shards at once (no row will report them)."""
@@ -101,6 +101,7 @@ class ShardCommits:
     def add_report(self, rep: pa.Table) -> None:
         """One batch of the write stage's reports."""
         now = time.time()
+        raise_injected("stream")  # test-only: a node marked dead under the stream (EMBEDJOB_DEBUG_RAY_FAILURE)
         if self.first_output is None:
             self.first_output = now
         else:
@@ -160,6 +161,17 @@ class ShardCommits:
             err: Exception = cause
         else:
             err = JobError(f"encode stage failed ({len(self.markers)} shard(s) committed before the failure): {cause}")
+        err.committed = dict(self.markers)  # type: ignore[attr-defined] - run_job records and keeps them
+        return err
+
+    def interrupted(self) -> Interrupted:
+        """SIGTERM stopped the stream: settle the commits submitted so far; the error to raise carries them."""
+        self._stop_progress()
+        self.settle()
+        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
+        left = len(self.todo) - len(self.markers)
+        err = Interrupted(f"interrupted by SIGTERM: {len(self.markers)} shard(s) committed in this run, {left} left "
+                          "for the next run")
         err.committed = dict(self.markers)  # type: ignore[attr-defined] - run_job records and keeps them
         return err
 
