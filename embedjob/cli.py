@@ -14,7 +14,7 @@ from typing import Optional
 
 logger = logging.getLogger("embedjob")
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "faults")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -254,6 +254,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_index(sub)
     _add_bench_vectors(sub)
     _add_bench_windows(sub)
+    _add_bench_faults(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -431,6 +432,24 @@ def _add_bench_windows(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
     p.add_argument("--backend", default="torch", choices=("torch", "openvino"), help="as encode.backend")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_faults(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("faults", help="soak: kill the job's Ray workers, actors and driver N times, rerun, compare",
+                       description="`embedjob bench faults`: a multi-shard job (chunks and static vectors on) runs "
+                       "once clean, then again while random Ray workers, encoder actors and the driver (SIGKILL or "
+                       "SIGTERM) are killed, one per run, rerunning until done; reports kills, runs, exit codes "
+                       "and the exactly-once checks against the clean run.")
+    p.add_argument("--kills", type=int, default=20, help="kills to make (default 20)")
+    p.add_argument("--docs", type=int, default=240, help="documents (of gensim's Lee corpus; default 240)")
+    p.add_argument("--shards", type=int, default=6, help="input shards (default 6)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
+    p.add_argument("--max-minutes", type=float, default=60.0, help="stop making kills after this long (default 60)")
+    p.add_argument("--run-timeout", type=float, default=600.0, help="seconds before a run is counted as hung")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="folder for the corpus, outputs and runs.log (default: a new "
+                   "temporary folder, kept)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

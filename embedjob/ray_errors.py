@@ -63,7 +63,9 @@ def _frames(e: BaseException):
 
 def ray_failure(e: BaseException) -> Optional[str]:
     """``"<what failed> (<Ray's message>)"`` when ``e`` is (or wraps) a failure of Ray's runtime, else None."""
-    for cur in _chain(e):
+    chain = list(_chain(e))  # Ray's own errors first: embedjob's wrappers repeat their message with a prefix
+    chain.sort(key=lambda x: type(x).__module__.split(".")[0] == "embedjob")
+    for cur in chain:
         names = {c.__name__ for c in type(cur).__mro__}
         text = str(cur)
         for what, types, fragments in RAY_FAILURES:

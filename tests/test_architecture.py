@@ -151,7 +151,7 @@ def test_every_command_answers_help(command, capsys):
     assert out.startswith("usage: embedjob " + command), out[:200]
 
 
-BENCHES = ["encode", "static", "word2vec", "topics", "index", "vectors", "windows"]
+BENCHES = ["encode", "static", "word2vec", "topics", "index", "vectors", "windows", "faults"]
 
 
 @pytest.mark.parametrize("bench", BENCHES)
