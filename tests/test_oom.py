@@ -89,6 +89,8 @@ def test_unfit_document_fails_its_shard_only_and_budget_is_recorded(ray_oom, tmp
     assert sorted(got) == sorted(i for k, i in enumerate(ids) if k % 3 != 1)  # the other shards, every row once
     stats = json.loads((tmp_path / "out" / "stats" / "encode.json").read_text())
     assert stats["oom"]["batch_tokens"] == oom["batch_tokens"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "out of memory: batches split / token budget" in report and f"1024 -&gt; {oom['batch_tokens']}" in report
     # under on_bad_shard=fail the same document stops the job, named by shard, row and id
     with pytest.raises(InputError, match=r"part-00001.*doc-00007.*does not fit"):
         run_job(small_job(tmp_path / "in", tmp_path / "out2", tiny_model, encode={"actors": 1}))

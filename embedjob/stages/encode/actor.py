@@ -68,6 +68,8 @@ def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+            # actors on as many nodes as hold room for them: a lost (spot) node costs the fewest
+            **({"scheduling_strategy": "SPREAD"} if plan["actors"] > 1 else {}),
         )
 
 
