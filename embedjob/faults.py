@@ -56,9 +56,9 @@ def fault_stats(counter: Any, nodes_before: dict[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {"retried_blocks": 0, "oom": {}}
     if counter is not None:
         try:
-            found = ray.get(counter.faults.remote(), timeout=10)
+            found = ray.get(counter.faults.remote(), timeout=120)
         except Exception as e:  # noqa: BLE001 - a counter lost with its node: the counts are unknown
-            logger.warning("encode: the fault counts were lost (%s)", type(e).__name__)
+            logger.warning("encode: the fault counts were lost (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
             found = {"retried_blocks": None, "oom": {}}
     stats: dict[str, Any] = {"lost_nodes": lost_nodes(nodes_before), "retried_blocks": found["retried_blocks"]}
     per_actor = list(found["oom"].values())

@@ -30,10 +30,10 @@ RAY_FAILURES = (
     ("the raylet is gone", ("LocalRayletDiedError",), ("raylet died", "Raylet is terminated", "raylet has died",
                                                        "lost its connection to the raylet")),
     ("the Ray cluster cannot be reached", (), ("Could not find any running Ray instance", "Failed to connect to GCS",
-                                               "Could not connect to", "Failed to get cluster ID from GCS",
-                                               "GCS has been unreachable", "Ray GCS")),
-    ("Ray's runtime failed", ("RaySystemError", "ObjectLostError", "OwnerDiedError",
-                              "ObjectReconstructionFailedError", "OutOfDiskError"), ()),
+                                               "Failed to get cluster ID from GCS", "GCS has been unreachable")),
+    ("Ray lost an object or its owner", ("ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError"), ()),
+    ("the disk under Ray's object store is full", ("OutOfDiskError",), ()),
+    ("a Ray system error", ("RaySystemError",), ()),
 )
 
 
@@ -63,9 +63,9 @@ def _frames(e: BaseException):
 
 def ray_failure(e: BaseException) -> Optional[str]:
     """``"<what failed> (<Ray's message>)"`` when ``e`` is (or wraps) a failure of Ray's runtime, else None."""
-    chain = list(_chain(e))  # Ray's own errors first: embedjob's wrappers repeat their message with a prefix
-    chain.sort(key=lambda x: type(x).__module__.split(".")[0] == "embedjob")
-    for cur in chain:
+    # embedjob's own errors are never Ray's failure themselves (a wrapper repeats Ray's message after a
+    # prefix; an input error may quote anything): only the errors they were raised from count
+    for cur in (x for x in _chain(e) if type(x).__module__.split(".")[0] != "embedjob"):
         names = {c.__name__ for c in type(cur).__mro__}
         text = str(cur)
         for what, types, fragments in RAY_FAILURES:

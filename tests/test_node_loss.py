@@ -95,5 +95,5 @@ def test_worker_node_lost_mid_encode_job_finishes_on_the_head(two_nodes, tmp_pat
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     encode = manifest["stages"]["encode"]
     assert manifest["status"] == "ok" and len(encode["lost_nodes"]) == 1, encode
-    assert encode["retried_blocks"] >= 1, encode
+    assert (encode["retried_blocks"] or 0) >= 1, (encode, err[-4000:])
     assert "Ray nodes lost / blocks retried" in (tmp_path / "out" / "report.html").read_text()
