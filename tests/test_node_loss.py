@@ -42,12 +42,19 @@ def _descendants(root: int) -> list[tuple[int, str]]:
 
 @pytest.fixture()
 def two_nodes():
-    cluster = LocalRayCluster()
-    # encoder calls slow enough to be caught mid-block; a dead node noticed within seconds
-    cluster.env.update({"EMBEDJOB_DEBUG_ENCODE_DELAY": "0.3", "RAY_health_check_period_ms": "1000",
-                        "RAY_health_check_failure_threshold": "3", "RAY_health_check_timeout_ms": "1000"})
+    for attempt in (1, 2):  # a second, fresh cluster if the first did not come up (a loaded machine)
+        cluster = LocalRayCluster()
+        # encoder calls slow enough to be caught mid-block; a dead node noticed within seconds
+        cluster.env.update({"EMBEDJOB_DEBUG_ENCODE_DELAY": "0.3", "RAY_health_check_period_ms": "1000",
+                            "RAY_health_check_failure_threshold": "3"})
+        try:
+            cluster.start(head_cpus=2, workers=[("worker", 2, {})])
+            break
+        except RuntimeError:
+            cluster.stop()
+            if attempt == 2:
+                raise
     try:
-        cluster.start(head_cpus=2, workers=[("worker", 2, {})])
         yield cluster
     finally:
         cluster.stop()
@@ -95,5 +102,5 @@ def test_worker_node_lost_mid_encode_job_finishes_on_the_head(two_nodes, tmp_pat
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     encode = manifest["stages"]["encode"]
     assert manifest["status"] == "ok" and len(encode["lost_nodes"]) == 1, encode
-    assert (encode["retried_blocks"] or 0) >= 1, (encode, err[-4000:])
+    assert (encode["retried_blocks"] or 0) >= 1, [ln for ln in err.splitlines() if "WARNING" in ln or "Error" in ln]
     assert "Ray nodes lost / blocks retried" in (tmp_path / "out" / "report.html").read_text()
