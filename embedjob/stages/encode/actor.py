@@ -107,11 +107,11 @@ class EncodeActor:
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows:  # a second start of the same rows is a retried block (bookkeeping)
+            self.progress.begin(f"{batch.column(SHARD)[0].as_py()}:{batch.column(ROW)[0].as_py()}")
         encode_delay()  # test-only: widens the window to kill an actor mid-run
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
-        if batch.num_rows:  # a second start of the same rows is a retried block (bookkeeping)
-            self.progress.begin(f"{batch.column(SHARD)[0].as_py()}:{batch.column(ROW)[0].as_py()}")
         unfit = np.zeros(batch.num_rows, dtype=bool)
         while True:  # out of memory even alone (oom.py): that document is left out, the actor lives on
             try:
