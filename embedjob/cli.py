@@ -9,12 +9,11 @@ import importlib
 import logging
 import os
 import sys
-import tempfile
 from typing import Optional
 
-logger = logging.getLogger("embedjob")
+from embedjob.bench.flags import BENCHES, add_bench_parsers  # the flags only: no bench module is loaded
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed")
+logger = logging.getLogger("embedjob")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -164,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS")
+    r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS",
+                       epilog="exit codes: 0 success; 2 an error, as one line (config, input, model, lease, a failed "
+                       "stage, or Ray's own runtime failing; -v adds Ray's traceback); 3 some shards failed "
+                       "(input.on_bad_shard: skip); 75 stopped by SIGTERM (preemption, `ray job stop`): committed "
+                       "shards are kept, rerun the same command to continue; 130 interrupted (Ctrl-C)")
     r.add_argument("job", nargs="?", default=None, help="job spec YAML (default: all defaults)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting (repeatable; value parsed as YAML)")
@@ -233,244 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}",
                        description="Benchmarks of embedjob's stages beside their usual baselines.")
     b.set_defaults(func=cmd_bench)
-    _add_bench_parsers(b.add_subparsers(dest="bench", metavar="NAME", required=True))
+    add_bench_parsers(b.add_subparsers(dest="bench", metavar="NAME", required=True))
     return p
-
-# The benchmarks' flags. Defaults that live in the bench modules (the shared corpus's path) or in a
-# stage's config are None here and resolved by the bench's run(args): importing them would load gensim.
-SHARED_CORPUS_HELP = "(default: the shared corpus, ../shared/corpus/mixed-en beside the repository)"
-
-
-def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
-    """One sub-parser per benchmark (``embedjob bench NAME --help``)."""
-    _add_bench_encode(sub)
-    _add_bench_static(sub)
-    _add_bench_word2vec(sub)
-    _add_bench_topics(sub)
-    _add_bench_index(sub)
-    _add_bench_vectors(sub)
-    _add_bench_windows(sub)
-    _add_bench_dedup(sub)
-    _add_bench_feed(sub)
-
-
-def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encode", help="the encoder against sentence-transformers and against itself on Ray",
-                       description="`embedjob bench encode`: the encoder against sentence-transformers and "
-                       "against itself on Ray.")
-    p.add_argument("--corpus", default=None,
-                   help="Parquet shards to take documents from (default: the shared corpus "
-                   "../shared/corpus/mixed-en when present, else data/gensim-corpus)")
-    p.add_argument("--limit", type=int, default=2000, help="documents to encode")
-    p.add_argument("--model", default="all-MiniLM-L6-v2")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch (default: encode.batch_tokens)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-pipeline", action="store_true", help="skip (c), the Ray pipeline run")
-    p.add_argument("--batching", action="store_true",
-                   help="only compare the encoder's packed and padded batches (encode.batching), interleaved")
-    p.add_argument("--backends", action="store_true",
-                   help="only compare, on CPU, sentence-transformers (default and best configuration) with the "
-                   "encoder's torch and OpenVINO backends (encode.backend), interleaved")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="--batching, --backends and the long-documents comparison: interleaved rounds (the best of each)")
-    p.add_argument("--long-documents", choices=("windows", "truncate"), default=None,
-                   help="encode.long_documents of the encoder and the pipeline run (default: the job default, "
-                   "windows); both modes are also timed on the same documents (tokens encoded, time)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_static(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("static", help="WordSim-353 of the job's BERT static word vectors beside gensim Word2Vec",
-                       description="`embedjob bench static`: WordSim-353 Spearman correlation of the job's BERT "
-                       "static word vectors, beside gensim Word2Vec trained on the same tokens, measured in one run.")
-    p.add_argument("--corpus", default=None, help=f"Parquet corpus (id, text columns). {SHARED_CORPUS_HELP}")
-    p.add_argument("--limit", type=int, default=50000, help="Documents to use (0 = all). Default 50000.")
-    p.add_argument("--vectors", metavar="OUTPUT", default=None,
-                   help="Score a finished job's output instead of running one (its static/ vectors and tokens/; "
-                   "the job's own preprocessing from its manifest).")
-    p.add_argument("--output", default=None,
-                   help="Job output folder (kept; a rerun reuses committed shards). Default: a temporary folder.")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="Job config override, e.g. static.layers=last4 or encode.max_length=128.")
-    p.add_argument("--min-count", type=int, default=5, help="min_count of both vocabularies.")
-    p.add_argument("--w2v-epochs", type=int, default=5)
-    p.add_argument("--w2v-dim", type=int, default=100)
-    p.add_argument("--w2v-workers", type=int, default=2)
-    p.add_argument("--no-word2vec", action="store_true", help="Skip the Word2Vec baseline.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object.")
-
-
-def _add_bench_word2vec(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("word2vec", help="single-process gensim vs embedjob's Ray Train data-parallel trainer",
-                       description="`embedjob bench word2vec`: single-process gensim vs embedjob's Ray Train "
-                       "data-parallel trainer, on the same tokens, side by side in one run.")
-    p.add_argument("--corpus", default=None, help=f"Parquet corpus with a 'text' column (any URL). {SHARED_CORPUS_HELP}")
-    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
-                   help="fsspec option of the corpus (repeatable; value parsed as JSON when possible).")
-    p.add_argument("--workers", type=int, default=2, help="Ray workers for embedjob = threads for gensim.")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="gensim threads in each Ray worker.")
-    p.add_argument("--model", choices=["word2vec", "fasttext"], default="word2vec")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--vector-size", type=int, default=100)
-    p.add_argument("--min-count", type=int, default=5)
-    p.add_argument("--sg", type=int, choices=[0, 1], default=0)
-    p.add_argument("--bucket", type=int, default=2_000_000, help="FastText n-gram buckets.")
-    p.add_argument("--sync-every", type=float, default=None, help="default: word2vec.sync_every")
-    p.add_argument("--ngram-sync-every", type=int, default=None, help="default: word2vec.ngram_sync_every")
-    p.add_argument("--sync-mode", choices=["sum", "average"], default="sum",
-                   help="How embedjob's workers combine at a sync (see word2vec.sync_mode).")
-    p.add_argument("--no-corpus-file", action="store_true", help="embedjob workers train in iterable mode.")
-    p.add_argument("--no-share-memory", action="store_true",
-                   help="Every embedjob worker keeps its own model and syncs with all_reduce (word2vec.share_memory "
-                   "false), as workers on different machines do.")
-    p.add_argument("--gensim-mode", choices=["iterable", "corpus_file"], default="iterable",
-                   help="How the single-process gensim baseline is fed (its usual iterable mode by default).")
-    p.add_argument("--max-docs-per-shard", type=int, default=None, help="Use only the first N docs of each shard.")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "embedjob-bench-tokens"),
-                   help="Folder caching the tokenised corpus.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object.")
-
-
-def _add_bench_topics(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("topics", help="embedjob's topic model beside gensim LdaMulticore: coherence, diversity, time",
-                       description="`embedjob bench topics`: embedjob's topic model (ETM by default) beside gensim "
-                       "``LdaMulticore`` with the same K on the same dictionary, measured in one run: NPMI and C_V "
-                       "coherence (gensim ``CoherenceModel``, top 10 words, the same reference sample of the "
-                       "corpus's tokens), topic diversity (top 25) and training wall time.")
-    p.add_argument("--corpus", default=None, help=f"corpus URL (Parquet shards with id, text) {SHARED_CORPUS_HELP}")
-    p.add_argument("--k", type=int, nargs="+", default=None, help="number of topics (several: one run each; default "
-                   "20, with --suite the number of labels of each corpus, clamped to 5..20)")
-    p.add_argument("--suite", action="store_true", help="several corpora cut from mixed-en (whole sample, its "
-                   "sources, fortunes, kernel docs, KJV, Shakespeare, Austen), each against LdaMulticore with label "
-                   "NMI/ARI, duplicate topics and the issue's targets (embedjob.bench.topics_suite)")
-    p.add_argument("--corpora", nargs="+", default=None, help="--suite: these corpora only (default: all)")
-    p.add_argument("--mixed-docs", type=int, default=None, help="--suite: documents of the 'mixed' corpus "
-                   "(default 20000; the whole of mixed-en is 174k)")
-    p.add_argument("--limit", type=int, default=None, help="first N documents of the corpus (default: all)")
-    p.add_argument("--workdir", default=None, help="folder for tokens, vectors and outputs, reused across runs "
-                   "(default: a temporary folder, deleted)")
-    p.add_argument("--embeddings", default=None, help="(default: word2vec; --suite: auto, the job's default) "
-                   "auto, word2vec (trained here on the same tokens unless "
-                   "WORKDIR/word2vec/vectors.bin exists), learned, or a vector file URL")
-    p.add_argument("--w2v-dim", type=int, default=None,
-                   help="Word2Vec dimensions (default: the job's word2vec.vector_size default)")
-    p.add_argument("--w2v-epochs", type=int, default=None,
-                   help="Word2Vec epochs (default: the job's word2vec.epochs default)")
-    p.add_argument("--lda-passes", type=int, default=None, help="LdaMulticore passes (default: gensim's 1; --suite: "
-                   "scaled to the corpus, about 60k documents seen, 1..20)")
-    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs for both (Ray num_cpus, LDA processes)")
-    p.add_argument("--set", action="append", default=[], metavar="topics.KEY=VALUE",
-                   help="override a topics setting (value parsed as YAML); repeatable")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="runs per K with seeds topics.seed, +1, ... (both models; topic models vary from seed to "
-                   "seed): the summary gives the mean, min and max of each figure")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_index(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="recall@10 and queries/s of the ANN document index against exact search",
-                       description="`embedjob bench index`: recall@10 of the ANN document index against exact "
-                       "search, and the queries/s of each, measured side by side in one run.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vectors", metavar="OUTPUT_URL", help="a finished job output: index its vectors/*.parquet")
-    src.add_argument("--corpus", metavar="URL", help="Parquet corpus (text column) to encode here")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many documents (--corpus: default 20000)")
-    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
-                   help="--corpus: folder caching the encoded vectors (default output/bench-cache)")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="--corpus: model (as encode.model)")
-    p.add_argument("--kind", default="hnsw", choices=("hnsw", "ivf_pq", "ivf_flat", "flat"))
-    p.add_argument("--queries", type=int, default=1000, help="held-out query vectors (default 1000)")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=None, help="queries per search call (default: all at once)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs of each search; the fastest counts")
-    p.add_argument("--threads", type=int, default=None,
-                   help="FAISS OpenMP threads of both timed searches (default: all cores; 1 is steadier on a "
-                   "shared machine). The build always uses all cores.")
-    p.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE", help="index config override")
-    p.add_argument("--sweep", default=None,
-                   help="comma-separated ef_search (hnsw) or nprobe (ivf) values to also measure, e.g. 16,32,64,128")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_vectors(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vectors", help="bytes per vector and recall@10 of each output.vector_dtype; Lance write cost",
-                       description="`embedjob bench vectors`: bytes per stored vector and recall@10 of the job's "
-                       "search against float32 exact search for each output.vector_dtype, and the Lance sink's "
-                       "write time as a share of encoding the same documents.")
-    p.add_argument("--corpus", default=None, help="Parquet corpus (id, text) to encode (default: the shared mixed-en)")
-    p.add_argument("--limit", type=int, default=22000, help="documents to encode (default 22000)")
-    p.add_argument("--queries", type=int, default=1000, help="held-out query documents (default 1000)")
-    p.add_argument("--shard-rows", type=int, default=2000,
-                   help="rows per shard (default 2000)")
-    p.add_argument("--lance-index", default="ivf_pq", choices=("none", "ivf_pq", "ivf_hnsw_sq"),
-                   help="Lance ANN index built on the float32 dataset, with its recall@10 (default ivf_pq)")
-    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
-                   help="folder caching the encoded vectors and their encode time (default output/bench-cache)")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
-    p.add_argument("--encode-sample", type=int, default=300,
-                   help="documents encoded again beside the Lance writes, for a rate under the same load (default "
-                   "300; 0: only the cached full encode)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_windows(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("windows", help="kNN accuracy of labels with whole documents (windows, snapped) vs truncation",
-                       description="`embedjob bench windows`: leave-one-out kNN accuracy of the label of long "
-                       "documents of the shared corpus, truncated, in windows and in windows snapped to sentences, with tokens, time "
-                       "and the share of window boundaries on a sentence boundary.")
-    p.add_argument("--corpus", default=None, help="Parquet corpus with text, source and label columns "
-                   "(default: the shared mixed-en)")
-    p.add_argument("--sources", default="austen,kjv,kernel,shakespeare",
-                   help="comma-separated, of austen, kjv, kernel, shakespeare")
-    p.add_argument("--limit", type=int, default=300, help="documents sampled per source (default 300)")
-    p.add_argument("--k", type=int, default=5, help="neighbours voting (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
-    p.add_argument("--backend", default="torch", choices=("torch", "openvino"), help="as encode.backend")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_dedup(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dedup", help="recall, precision, seconds and peak memory of the dedup stage against documents",
-                       description="`embedjob bench dedup`: the dedup stage on 20k, 87k and all vectors of a corpus: "
-                       "recall and precision against brute force on sampled documents, seconds and peak memory.")
-    p.add_argument("--vectors", metavar="OUTPUT_URL", help="a finished job output: its vectors/*.parquet")
-    p.add_argument("--corpus", default=None, help="Parquet corpus (id, text) to encode " + SHARED_CORPUS_HELP)
-    p.add_argument("--encode", default="minilm", choices=("minilm", "token-mean"),
-                   help="--corpus: 'minilm' (the model, truncated to --max-length tokens) or 'token-mean' (the mean "
-                   "of the model's input word-piece embeddings: seconds for the whole corpus)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default 32 minilm, 128 token-mean)")
-    p.add_argument("--backend", default="openvino", choices=("torch", "openvino"), help="--encode minilm: as encode.backend")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
-    p.add_argument("--cache", default=os.path.join("output", "bench-cache"),
-                   help="folder caching the encoded vectors, shard by shard (default output/bench-cache)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many documents")
-    p.add_argument("--sizes", default=None, help="comma-separated document counts (default 20000,87000,all)")
-    p.add_argument("--modes", default="auto", help="comma-separated dedup.mode values to run at each size "
-                   "(auto, exact, partitioned; default auto)")
-    p.add_argument("--threshold", type=float, default=0.9, help="dedup.threshold (default 0.9)")
-    p.add_argument("--queries", type=int, default=2000, help="documents sampled for the brute-force truth (default 2000)")
-    p.add_argument("--shard-rows", type=int, default=10900, help="rows per vector shard written (default 10900)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default 2)")
-    p.add_argument("--set", action="append", default=[], metavar="dedup.KEY=VALUE", help="dedup config override")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("feed", help="can the CPUs feed the encoder: pipeline vs raw tokenizer tokens/s, CPU per part",
-                       description="`embedjob bench feed`: the job's per-shard stages with a near-free model (1 layer, "
-                       "32 dims, MiniLM's tokenizer) over N shards: encoded tokens per CPU-second against the raw fast "
-                       "tokenizer's on one core (feed efficiency), and CPU-seconds per million tokens of each part.")
-    p.add_argument("--corpus", default=None, help="Parquet corpus with id and text columns (default: the shared mixed-en)")
-    p.add_argument("--shards", type=int, default=4, help="shards of the corpus to run (default 4)")
-    p.add_argument("--static", default="both", choices=("both", "on", "off"), help="static word vectors (default both)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -478,16 +245,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from embedjob.errors import USER_ERRORS, one_line
+    from embedjob.errors import USER_ERRORS, Interrupted, one_line
 
     try:
         return args.func(args)
+    except Interrupted as e:  # SIGTERM (a spot node reclaimed, `ray job stop`): preempt.py
+        from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
+
+        print(f"embedjob: {one_line(str(e))}; {resume_hint(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as e:
-        print(f"embedjob: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"embedjob: error: {_ray_failure_line(e, args.verbose) or one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("embedjob: interrupted; committed shards are kept, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - Ray's own failures as one line; anything else is a bug: raised
+        line = _ray_failure_line(e, args.verbose)
+        if line is None:
+            raise
+        print(f"embedjob: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _ray_failure_line(e: BaseException, verbose: bool):
+    """One line for a failure of Ray's runtime (ray_errors.py), Ray's traceback first with -v."""
+    from embedjob.ray_errors import ray_failure_line
+
+    line = ray_failure_line(e)
+    if line is not None and verbose:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    return line
 
 
 if __name__ == "__main__":

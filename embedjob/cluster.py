@@ -17,6 +17,7 @@ from pydantic import Field
 from embedjob._config_base import Section
 from embedjob.errors import JobError
 from embedjob.models import resolve_model_path
+from embedjob.ray_errors import raise_injected
 from embedjob.stages.encode.busy import FEED_BOUND, feed_plan
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def init_ray(cfg: JobConfig) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    raise_injected("init")  # test-only: Ray failing to start (EMBEDJOB_DEBUG_RAY_FAILURE)
     if ray.is_initialized():
         mode = "existing"
     elif address:

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.errors import InputError, JobError, root_cause
+from embedjob.errors import InputError, Interrupted, JobError, root_cause
+from embedjob.faults import alive_nodes, fault_stats
 from embedjob.layout import TMP
 from embedjob.progress import Progress, ProgressTicker, start_counter
+from embedjob.ray_errors import raise_injected
 from embedjob.stages.encode.busy import busy_fraction, busy_text, feed_bound_line
 from embedjob.stages.read import ShardInfo
 from embedjob.stages.write import commit_shard
@@ -58,6 +60,7 @@ class ShardCommits:
         self.counter: Any = None  # the encoder actors' progress counter (a Ray actor)
         self._ticker: Optional[ProgressTicker] = None
         self._commit = None
+        self.nodes_at_start: dict[str, str] = {}  # Ray nodes alive when encoding started (faults.py)
 
     def start(self) -> None:
         """Start the progress counter and line; commit the empty shards at once (no row will report them)."""
@@ -68,6 +71,7 @@ class ShardCommits:
         self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs", every=every)
         self.progress.extra = f"0/{len(self.todo)} shards committed"
         self.counter = start_counter()
+        self.nodes_at_start = alive_nodes()
         self._ticker = ProgressTicker(self.progress, self._poll, every=every).start()
         for s in self.todo:
             if s.num_rows == 0:
@@ -115,6 +119,7 @@ class ShardCommits:
     def add_report(self, rep: pa.Table) -> None:
         """One batch of the write stage's reports."""
         now = time.time()
+        raise_injected("stream")  # test-only: a node marked dead under the stream (EMBEDJOB_DEBUG_RAY_FAILURE)
         if self.first_output is None:
             self.first_output = now
         else:
@@ -166,6 +171,7 @@ class ShardCommits:
         under on_bad_shard=fail) or a JobError; either carries the shards committed before it."""
         self._stop_progress()
         self.settle()
+        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
         cause = root_cause(e)
         if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
             cause = cause.naming(self.by_key[cause.shard].url)
@@ -173,6 +179,17 @@ class ShardCommits:
             err: Exception = cause
         else:
             err = JobError(f"encode stage failed ({len(self.markers)} shard(s) committed before the failure): {cause}")
+        err.committed = dict(self.markers)  # type: ignore[attr-defined] - run_job records and keeps them
+        return err
+
+    def interrupted(self) -> Interrupted:
+        """SIGTERM stopped the stream: settle the commits submitted so far; the error to raise carries them."""
+        self._stop_progress()
+        self.settle()
+        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
+        left = len(self.todo) - len(self.markers)
+        err = Interrupted(f"interrupted by SIGTERM: {len(self.markers)} shard(s) committed in this run, {left} left "
+                          "for the next run")
         err.committed = dict(self.markers)  # type: ignore[attr-defined] - run_job records and keeps them
         return err
 
@@ -193,6 +210,7 @@ class ShardCommits:
         if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
             out.fs.rmdir(out.path(TMP))
         stats = self.stats
+        stats.update(fault_stats(self.counter, self.nodes_at_start))
         if self.first_output is not None and self.last_output > self.first_output:
             stats["steady_tokens_per_second"] = round(
                 self.tokens_after_first / (self.last_output - self.first_output), 1)

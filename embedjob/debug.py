@@ -9,6 +9,14 @@ them in the environment to widen a race window or to make a worker fail on purpo
   the encoder waits on its input (a feed-bound job: "encoder busy" drops); with
   ``EMBEDJOB_DEBUG_ENCODER_READY_FILE`` (a path) set too, it first waits until an encoder actor is
   ready (the actor creates that file), so the blocks cannot all be done before the actor starts;
+* ``EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS`` (tokens): a model batch of more tokens than this raises
+  ``torch.OutOfMemoryError`` before its forward, as a GPU without room for it would (the encoder's
+  split-and-retry, ``stages/encode/oom.py``); a window longer than this never fits;
+* ``EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS`` (``N:folder``): the first N encoder actors to start die
+  while they initialise (the process exits, as on a lost node), counted by files in ``folder``;
+* ``EMBEDJOB_DEBUG_RAY_FAILURE`` (kind): the driver raises Ray's own exception of that kind where
+  Ray would (``ray_errors.py``): ``node-died`` when the encode stream starts, ``startup-timeout``
+  and ``register-worker`` from ``ray.init``;
 * ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
 * ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
   one machine (a multi-node layout on one machine).
@@ -26,6 +34,9 @@ ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
 ENCODE_BATCH_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY"
 PREPROCESS_DELAY_ENV = "EMBEDJOB_DEBUG_PREPROCESS_DELAY"
 ENCODER_READY_FILE_ENV = "EMBEDJOB_DEBUG_ENCODER_READY_FILE"
+ENCODE_OOM_TOKENS_ENV = "EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS"
+ENCODE_INIT_DEATHS_ENV = "EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS"
+RAY_FAILURE_ENV = "EMBEDJOB_DEBUG_RAY_FAILURE"
 WORD2VEC_FAIL_RANK_ENV = "EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK"
 WORD2VEC_RANKS_PER_MACHINE_ENV = "EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE"
 
@@ -58,6 +69,38 @@ def encoder_ready() -> None:
     path = os.environ.get(ENCODER_READY_FILE_ENV)
     if path:
         open(path, "a").close()
+
+
+def encode_oom_check(tokens: int) -> None:
+    """Raise ``torch.OutOfMemoryError`` for a model batch of more than ``EMBEDJOB_DEBUG_ENCODE_OOM_TOKENS``
+    tokens, when it is set (the encoder, before each forward)."""
+    limit = os.environ.get(ENCODE_OOM_TOKENS_ENV)
+    if limit is not None and tokens > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {tokens} tokens "
+                                     f"(injected: {ENCODE_OOM_TOKENS_ENV}={limit})")
+
+
+def encode_init_death() -> None:
+    """Exit this process (an encoder actor initialising) while fewer than N deaths are recorded in the
+    folder of ``EMBEDJOB_DEBUG_ENCODE_INIT_DEATHS=N:folder``, when it is set."""
+    spec = os.environ.get(ENCODE_INIT_DEATHS_ENV)
+    if not spec:
+        return
+    n, folder = spec.split(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    if len(os.listdir(folder)) < int(n):
+        with open(os.path.join(folder, f"death-{os.getpid()}"), "w") as f:
+            f.write(str(time.time()))
+        os._exit(1)
+
+
+def ray_failure(where: str) -> Optional[str]:
+    """The kind of Ray failure to raise at ``where`` (``EMBEDJOB_DEBUG_RAY_FAILURE``), if any."""
+    kind = os.environ.get(RAY_FAILURE_ENV)
+    starts = {"node-died": "stream", "startup-timeout": "init", "register-worker": "init"}
+    return kind if kind and starts.get(kind) == where else None
 
 
 def word2vec_switches() -> dict[str, Optional[str]]:

@@ -11,7 +11,8 @@ module may raise these.
   vectors that cannot be read, or are refused because they are a pickle);
 * :class:`ModelError` — the model setting (folder, config, tokenizer, weights);
 * :class:`LeaseError` — another run holds the output;
-* :class:`JobError` — a stage that failed (what was committed is kept), with the stages' own
+* :class:`JobError` — a stage that failed (what was committed is kept; :class:`Interrupted`: the run
+  stopped on SIGTERM), with the stages' own
   :class:`StaticVectorsError`, :class:`TopicsError`, :class:`Word2VecTrainingError`.
 
 An error raised in a Ray task or actor reaches the driver wrapped, often more than once:
@@ -92,6 +93,10 @@ class LeaseError(Exception):
 
 class JobError(Exception):
     """The job failed; the message says where and why."""
+
+
+class Interrupted(JobError):
+    """The run stopped on SIGTERM (``preempt.py``): committed shards are kept, a rerun continues."""
 
 
 class StaticVectorsError(Exception):

@@ -9,6 +9,7 @@ import time
 from typing import Any, Optional
 
 from embedjob import __version__
+from embedjob.errors import Interrupted
 from embedjob.layout import DONE, LANCE_DOCS, SUPERSEDED, TOKENS_DIR, VECTORS
 from embedjob.redact import redact, redact_url
 
@@ -60,7 +61,8 @@ def build_manifest(run: Any) -> dict[str, Any]:
         "embedjob_version": __version__,
         "job": cfg.name,
         "run_id": run.lease.run_id,
-        "status": "failed" if run.error is not None else ("partial" if failed else "ok"),
+        "status": (("interrupted" if isinstance(run.error, Interrupted) else "failed") if run.error is not None
+                   else ("partial" if failed else "ok")),
         **({"error": str(run.error)} if run.error is not None else {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(time.time() - run.t_start, 3),
@@ -82,6 +84,7 @@ def build_manifest(run: Any) -> dict[str, Any]:
             "skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
             "kept_not_in_input": sum(1 for v in status.values() if v["status"] == "kept-not-in-input"),
             "failed": failed,
+            **({"interrupted": n} if (n := sum(1 for v in status.values() if v["status"] == "interrupted")) else {}),
             "committed_shards": len(keep),
             # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
             "rows_out": sum(int(m.get("rows_out") or 0) for m in keep.values()),

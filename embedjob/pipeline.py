@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from embedjob import preempt
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
-from embedjob.errors import JobError, NothingToDo, root_cause
+from embedjob.errors import Interrupted, JobError, NothingToDo, root_cause
 from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
@@ -148,6 +149,7 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
     try:
         return _run_phases(run)
     finally:
+        preempt.disarm()
         run.timeline.stop()
 
 
@@ -184,6 +186,7 @@ def _run_phases(run: _Run) -> JobResult:
 def _start_ray(run: _Run) -> None:
     """Start or join Ray, size the encoder pool, and fix the recipe (the shard stage hash)."""
     run.ray_info = init_ray(run.cfg)
+    preempt.arm()  # SIGTERM from now on: stop taking blocks, commit what is done (after ray.init's own handler)
     run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
     if run.plan["device"] == "cuda":
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
@@ -233,7 +236,7 @@ def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:
         status[key] = {"status": "failed", "url": next(s.url for s in run.shards if s.key == key), "reason": reason}
     for s in todo:
         if s.key not in status:  # not reached: the job stopped first
-            status[s.key] = {"status": "failed", "url": s.url,
+            status[s.key] = {"status": "interrupted" if isinstance(run.error, Interrupted) else "failed", "url": s.url,
                              "reason": f"not processed: the job stopped ({run.error})"}
     shard_stats["seconds"] = round(time.time() - t0, 3)
     run.stages["encode"] = shard_stats
@@ -293,11 +296,13 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
     commits.start()  # the progress counter the encoder actors report to, and the progress line
     try:
         ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter)
-        for rep in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for rep in preempt.stream(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)):
             commits.add_report(rep)
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
         err = commits.failed(e)
         raise err from (None if isinstance(err, InputError) else e)
+    if preempt.requested():  # SIGTERM: the shards whose rows are all written are committed, the rest wait
+        raise commits.interrupted()
     return commits.finish()
 
 
@@ -325,6 +330,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     # A UDF's own error (InputError naming shard, row and id) reaches the driver as itself, not as
     # "UDF failed to process a data block" with the cause only in Ray's logs.
     ctx.raise_original_map_exception = True
+    ctx.max_consecutive_actor_init_deaths = cfg.encode.max_actor_init_deaths  # a lost actor is replaced
     static = None
     if cfg.static.enabled:
         from embedjob.stages.static.config import static_actor_settings
@@ -343,7 +349,9 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
         compute=ray.data.TaskPoolStrategy(size=plan.get("preprocess_concurrency")),
     )
-    ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter)
+    ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter,
+                      unfit={"on_bad_shard": inp.on_bad_shard, "out_url": out.url(), "out_options": out.storage_options,
+                             "id_column": inp.id_column})
     return staged_writes(ds, out, inp.id_column)
 
 
@@ -364,6 +372,7 @@ class CorpusStages:
             reads: str = "tokens") -> None:
         key = _hash({"inputs": self.inputs_hash[reads], "settings": settings,
                      "deps": {d: self.stages[d].get("hash") for d in deps if d in self.stages}})
+        preempt.check(name)  # SIGTERM: no stage starts
         prev = None if self.cfg.output.overwrite else read_marker(self.out, stage_marker(name))
         if prev and prev.get("hash") == key:
             logger.info("%s: unchanged since its last run, kept", name)

@@ -103,13 +103,27 @@ class Progress:
 
 
 class ProgressCounter:
-    """Counts what the workers of one stage have processed (run as a Ray actor, ``num_cpus=0``)."""
+    """Counts what the workers of one stage have processed (run as a Ray actor, ``num_cpus=0``), and
+    the faults they met: encoder calls started more than once (a block retried after its actor or
+    node died) and out-of-memory figures (``stages/encode/oom.py``)."""
 
     def __init__(self) -> None:
         self.done = 0
         self.tokens = 0
         self.wait_s = 0.0  # the encoder actors' seconds waiting for input, and computing (busy.py)
         self.busy_s = 0.0
+        self.calls: dict[str, int] = {}  # encoder call (shard:first row) -> times started
+        self.oom: dict[str, dict] = {}  # encoder actor -> its OomBudget figures
+
+    def begin(self, key: str) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def oom_report(self, actor: str, figures: dict) -> None:
+        self.oom[actor] = figures
+
+    def faults(self) -> dict:
+        """Retried encoder calls and the actors' out-of-memory figures."""
+        return {"retried_blocks": sum(n - 1 for n in self.calls.values() if n > 1), "oom": dict(self.oom)}
 
     def add(self, done: int, tokens: int) -> None:
         self.done += done
@@ -130,8 +144,11 @@ class ProgressCounter:
 def start_counter() -> Any:
     """A :class:`ProgressCounter` actor of this job (the driver holds it; it ends with the job)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(ProgressCounter).remote()
+    # on the driver's node: a lost worker node does not take the job's counts with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=0)(ProgressCounter).options(scheduling_strategy=here).remote()
 
 
 class BatchReporter:
@@ -154,6 +171,21 @@ class BatchReporter:
         self.tokens += tokens
         if time.time() - self._sent >= REPORT_EVERY_S:
             self.flush()
+
+    def begin(self, key: str) -> None:
+        """An encoder call on the rows ``key`` starts (a second start is a retried block)."""
+        self._send("begin", key)
+
+    def oom(self, actor: str, figures: dict) -> None:
+        self._send("oom_report", actor, figures)
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self.counter is None:
+            return
+        try:
+            getattr(self.counter, method).remote(*args)
+        except Exception:  # noqa: BLE001 - bookkeeping: never fail a batch for it
+            pass
 
     def flush(self) -> None:
         if self.counter is None:

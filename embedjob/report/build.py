@@ -80,6 +80,21 @@ def _pipeline(enc: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _fault_rows(e: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What the encode stage survived (faults.py): nodes lost, blocks retried, out-of-memory splits."""
+    lost = e.get("lost_nodes") or []
+    rows: list[tuple[str, Any]] = []
+    if lost or e.get("retried_blocks"):
+        rows.append(("Ray nodes lost / blocks retried",
+                     f"{len(lost)} ({', '.join(n.get('address') or n.get('node_id', '') for n in lost)}) / "
+                     f"{e.get('retried_blocks')}" if lost else f"0 / {e.get('retried_blocks')}"))
+    oom = e.get("oom")
+    if oom:
+        rows.append(("out of memory: batches split / token budget",
+                     f"{oom.get('ooms')} / {oom.get('configured_batch_tokens')} -> {oom.get('batch_tokens')}"))
+    return rows
+
+
 def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
     """Inputs, recipe, counts, tokens, per-stage time and throughput, failed shards."""
     inp, enc, tot, stages = m.get("input") or {}, m.get("encoder") or {}, m.get("totals") or {}, m.get("stages") or {}
@@ -104,6 +119,7 @@ def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
              ("vocabulary", (stages.get("vocab") or {}).get("words")),
              ("word occurrences dropped by static.min_count",
               (static["occurrences"] - static["occurrences_kept"]) if "occurrences_kept" in static else None),
+             *_fault_rows(e),
              ("wall time", f"{m.get('wall_seconds', 0):,.1f} s")]
     body = f'<div class="flex"><div>{P.kv(left)}</div><div>{P.kv(right)}</div></div>'
     names = [n for n in STAGE_ORDER if n in stages] + [n for n in stages if n not in STAGE_ORDER]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from embedjob.debug import encode_batch_delay, encode_delay, encoder_ready
+from embedjob.debug import encode_batch_delay, encode_delay, encode_init_death, encoder_ready
+from embedjob.errors import row_error
+from embedjob.layout import TMP
 from embedjob.progress import BatchReporter
 from embedjob.schema import (
     CAPPED,
@@ -19,13 +22,17 @@ from embedjob.schema import (
     ENCODER_NODE,
     ENCODER_RSS,
     INPUT_IDS,
+    ROW,
+    SHARD,
     WINDOWS,
 )
 from embedjob.stages.encode.busy import BusyClock
 from embedjob.stages.encode.encoder import TextEncoder
+from embedjob.stages.encode.oom import DocumentTooLarge
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.encode.tokenizer import release_free_memory
 from embedjob.stages.static.accumulate import StaticAccumulator
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +46,11 @@ def vectors_to_arrow(vectors: np.ndarray, valid: Optional[np.ndarray] = None) ->
 
 
 def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]],
-                 counter: Any = None):
+                 counter: Any = None, unfit: Optional[dict[str, Any]] = None):
     """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
     :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor; ``counter``:
-    the driver's :class:`~embedjob.progress.ProgressCounter` the actors report each batch to)."""
+    the driver's :class:`~embedjob.progress.ProgressCounter` the actors report each batch to;
+    ``unfit``: ``on_bad_shard``, ``out_url``, ``out_options`` for a document that does not fit in memory)."""
     import warnings
 
     import ray
@@ -56,11 +64,13 @@ def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static
             fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.batch_tokens_for(encoder.device),
                                    "max_batch_docs": cfg.max_batch_docs, "num_threads": plan["threads"],
                                    "static": static, "batching": cfg.batching, "compile": cfg.compile,
-                                   "cache_dir": cfg.cache_dir, "progress": counter},
+                                   "cache_dir": cfg.cache_dir, "progress": counter, "unfit": unfit},
             batch_format="pyarrow", batch_size=cfg.rows_per_call, zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+            # actors on as many nodes as hold room for them: a lost (spot) node costs the fewest
+            **({"scheduling_strategy": "SPREAD"} if plan["actors"] > 1 else {}),
         )
 
 
@@ -75,9 +85,10 @@ class EncodeActor:
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
                  num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
                  batching: str = "auto", compile: bool = False, cache_dir: Optional[str] = None,
-                 progress: Any = None):
+                 progress: Any = None, unfit: Optional[dict[str, Any]] = None):
         import torch
 
+        encode_init_death()  # test-only: an actor lost while it starts (a node gone, a crash)
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 f"encoder actor was placed for a GPU (node {_ray_node_id()}, Ray GPU ids {_ray_gpu_ids()}) but "
@@ -93,6 +104,7 @@ class EncodeActor:
         self.node_id = _ray_node_id()
         self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
         self.clock = BusyClock()  # waiting for blocks vs computing: "encoder busy" (busy.py)
+        self.unfit = unfit or {}  # where a document too large for memory is reported (oom.py)
         logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
         encoder_ready()  # test-only: a deliberately slow preprocess starts now
@@ -100,23 +112,29 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.clock.arrive()
         try:
-            return self._encode(batch)
+            return self._call(batch)
         finally:
             self.progress.add_time(*self.clock.leave())
             self.progress.flush()
 
-    def _encode(self, batch: pa.Table) -> pa.Table:
+    def _call(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows:  # a second start of the same rows is a retried block (bookkeeping)
+            self.progress.begin(f"{batch.column(SHARD)[0].as_py()}:{batch.column(ROW)[0].as_py()}")
         encode_delay()  # test-only: widens the window to kill an actor mid-run
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
-        todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
-        doc_tokens = None
-        if DOC_TOKENS in batch.column_names:  # whole documents tokenised: ids capped at encode.max_windows
-            doc_tokens = batch.column(DOC_TOKENS).to_numpy(zero_copy_only=False)[keep]
-        hook = self.static.hook_for(batch, keep) if self.static is not None else None
-        chunks = self.encoder.settings.write_chunks
-        enc = self.encoder.encode_ids(todo, token_hook=hook, doc_tokens=doc_tokens, windows_out=chunks,
-                                      on_batch=self._batch_done)
+        unfit = np.zeros(batch.num_rows, dtype=bool)
+        while True:  # out of memory even alone (oom.py): that document is left out, the actor lives on
+            try:
+                enc = self._encode(batch, ids_col, keep)
+                break
+            except DocumentTooLarge as e:
+                row = int(np.flatnonzero(keep)[e.doc])
+                keep[row] = False
+                unfit[row] = True
+                unfit_document(batch, row, e, **self.unfit)
+        if self.encoder.oom.ooms:
+            self.progress.oom(f"{self.node_id}:{os.getpid()}", self.encoder.oom.as_dict())
         self.progress.flush()
         vectors = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
         vectors[keep] = enc.vectors
@@ -127,7 +145,7 @@ class EncodeActor:
             col = np.zeros(batch.num_rows, dtype=values.dtype)
             col[keep] = values
             out = out.append_column(name, pa.array(col, type=typ))
-        if chunks:
+        if self.encoder.settings.write_chunks:
             out = _append_chunks(out, enc, keep)
         if self.node_id is not None:
             out = out.append_column(ENCODER_NODE, pa.array([self.node_id] * batch.num_rows, type=pa.string()))
@@ -135,11 +153,37 @@ class EncodeActor:
         out = out.append_column(ENCODER_RSS, pa.array([_peak_rss_mb()] * batch.num_rows, type=pa.float64()))
         if self.static is not None:
             out = self.static.attach(out)
+        if unfit.any():  # its shard is never complete: not committed, its failure recorded
+            out = out.filter(pa.array(~unfit))
         return out
+
+    def _encode(self, batch: pa.Table, ids_col: list, keep: np.ndarray):
+        """The encoder's output for the rows ``keep`` of ``batch`` (static word sums hooked in)."""
+        todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
+        doc_tokens = None
+        if DOC_TOKENS in batch.column_names:  # whole documents tokenised: ids capped at encode.max_windows
+            doc_tokens = batch.column(DOC_TOKENS).to_numpy(zero_copy_only=False)[keep]
+        hook = self.static.hook_for(batch, keep) if self.static is not None else None
+        return self.encoder.encode_ids(todo, token_hook=hook, doc_tokens=doc_tokens,
+                                       windows_out=self.encoder.settings.write_chunks, on_batch=self._batch_done)
 
     def _batch_done(self, docs: int, tokens: int) -> None:
         self.progress.add(docs, tokens)
         encode_batch_delay()  # test-only: a block long enough to see progress while it is in flight
+
+
+def unfit_document(batch: pa.Table, row: int, e: DocumentTooLarge, *, on_bad_shard: str = "fail",
+                   out_url: Optional[str] = None, out_options: Optional[dict[str, Any]] = None,
+                   id_column: str = "id") -> None:
+    """A document that does not fit in memory even alone: under ``on_bad_shard=fail`` the error
+    (shard, row, id); under ``skip`` its shard's failure record (the shard is never committed)."""
+    shard, at = batch.column(SHARD)[row].as_py(), batch.column(ROW)[row].as_py()
+    doc_id = batch.column(id_column)[row].as_py() if id_column in batch.column_names else None
+    err = row_error(shard, at, doc_id, f"encode: the document {e}")
+    if on_bad_shard != "skip" or out_url is None:
+        raise err
+    logger.warning("%s; shard %s fails (input.on_bad_shard=skip)", err, shard)
+    Storage(out_url, out_options or {}).write_json(f"{TMP}/{shard}/_FAILED.json", {"reason": str(err)})
 
 
 def _append_chunks(out: pa.Table, enc, keep: np.ndarray) -> pa.Table:

@@ -147,6 +147,13 @@ class EncodeConfig(Section):
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed encoder actor.")
     max_task_retries: int = Field(3, ge=0, description="Ray retries of a batch whose actor died.")
+    max_actor_init_deaths: int = Field(
+        3, ge=-1,
+        description="Encoder actors that may die in a row while they start (a node lost while it loads the "
+        "model, a crash) before the job fails; each is replaced, and one that starts resets the count, so "
+        "sporadic losses cost one actor each while a model that can never load fails after this many + 1 "
+        "tries. -1 = no limit (Ray Data's max_consecutive_actor_init_deaths).",
+    )
     progress_seconds: float = Field(
         10.0, gt=0,
         description="Seconds between encode progress lines (documents and tokens done, rates, ETA, shards "

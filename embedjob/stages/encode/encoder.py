@@ -25,8 +25,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from embedjob.debug import encode_oom_check
 from embedjob.models import model_fingerprint
 from embedjob.stages.encode.modules import POOLING_MODES, Heads, pool
+from embedjob.stages.encode.oom import OomBudget, by_document, split_on_oom
 from embedjob.stages.encode.settings import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.encode.tokenizer import Tokenizer
 from embedjob.stages.encode.windows import (
@@ -136,7 +138,7 @@ class TextEncoder:
         self.tokenizer = Tokenizer.from_settings(self.settings)
         self.pad_id = self.tokenizer.tok.pad_token_id or 0
         self.dim = int(self.settings.dim or self.model.config.hidden_size)
-        self.batch_tokens = batch_tokens
+        self.oom = OomBudget(batch_tokens)  # the token budget, lowered on out-of-memory (oom.py)
         self.max_batch_docs = max_batch_docs
         # Batch widths rounded up to a multiple of 16: few distinct shapes keep oneDNN's primitive cache
         # and the allocator's free lists bounded (actor memory stays flat over a long backfill) and
@@ -162,6 +164,15 @@ class TextEncoder:
         # tokens = fed to the model (real, overlaps of windows twice); doc_tokens = the documents' own
         self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0, "doc_tokens": 0,
                          "windows": 0, "capped_docs": 0}
+
+    @property
+    def batch_tokens(self) -> int:
+        """Token budget of one model batch (lowered for good after an out-of-memory, ``oom.py``)."""
+        return self.oom.batch_tokens
+
+    @batch_tokens.setter
+    def batch_tokens(self, value: int) -> None:
+        self.oom = OomBudget(value)
 
     @property
     def output_hidden_layers(self) -> Optional[tuple]:
@@ -242,7 +253,7 @@ class TextEncoder:
         share = 1.0 / np.maximum(plan.windows[plan.doc], 1)  # each window's share of its document (progress)
         done, reported = 0.0, 0
         with torch.inference_mode():
-            for idx, pooled in run(wids, wlen, hook):
+            for idx, pooled in by_document(run(wids, wlen, hook), plan.doc, self.oom):
                 parts.append(pooled)
                 order.append(idx)
                 if on_batch is not None:
@@ -283,54 +294,71 @@ class TextEncoder:
         return vecs
 
     def _run_packed(self, ids, lengths, token_hook):
-        from embedjob.stages.encode.packed import PackedBatch, packed_batches
+        from embedjob.stages.encode.packed import packed_batches
+
+        def cost(idx):
+            return int(lengths[idx].sum())
+
+        for idx in packed_batches(lengths, self.batch_tokens, self.max_batch_docs):
+            yield from split_on_oom(lambda i: self._packed_batch(ids, lengths, i, token_hook), idx, cost, self.oom)
+
+    def _packed_batch(self, ids, lengths, idx, token_hook):
+        """One packed model batch of windows ``idx``: (idx, pooled vectors)."""
+        from embedjob.stages.encode.packed import PackedBatch
 
         on_cuda = self.device.type == "cuda"
         layers_wanted = self.output_hidden_layers if token_hook is not None else None
-        for idx in packed_batches(lengths, self.batch_tokens, self.max_batch_docs):
-            batch = PackedBatch.build([ids[j] for j in idx], self.device, pin=on_cuda, copy_stream=self.copy_stream)
-            hidden, layers = self.packed(batch, hidden_layers=layers_wanted)
-            self.counters["computed_tokens"] += int(lengths[idx].sum())
-            self.counters["batches"] += 1
-            if token_hook is not None:
-                padded = [batch.to_padded(h) for h in (layers or [hidden])]
-                token_hook([p for p, _ in padded], padded[0][1], idx)
-            modes, skip = self.settings.pooling_modes, self.settings.skip_tokens
-            if len(modes) == 1 and modes[0] in ("mean", "cls", "max") and not skip:
-                yield idx, batch.pool(hidden, modes[0])
-            else:
-                yield idx, pool(*batch.to_padded(hidden), modes, skip)
+        encode_oom_check(int(lengths[idx].sum()))  # test-only: an injected allocator failure
+        batch = PackedBatch.build([ids[j] for j in idx], self.device, pin=on_cuda, copy_stream=self.copy_stream)
+        hidden, layers = self.packed(batch, hidden_layers=layers_wanted)
+        self.counters["computed_tokens"] += int(lengths[idx].sum())
+        self.counters["batches"] += 1
+        if token_hook is not None:
+            padded = [batch.to_padded(h) for h in (layers or [hidden])]
+            token_hook([p for p, _ in padded], padded[0][1], idx)
+        modes, skip = self.settings.pooling_modes, self.settings.skip_tokens
+        if len(modes) == 1 and modes[0] in ("mean", "cls", "max") and not skip:
+            return idx, batch.pool(hidden, modes[0])
+        return idx, pool(*batch.to_padded(hidden), modes, skip)
 
     def _run_padded(self, ids, lengths, token_hook):
+        def cost(idx):
+            return len(idx) * int(lengths[idx].max())
+
+        for idx in token_budget_batches(lengths, self.batch_tokens, self.max_batch_docs):
+            yield from split_on_oom(lambda i: self._padded_batch(ids, lengths, i, token_hook), idx, cost, self.oom)
+
+    def _padded_batch(self, ids, lengths, idx, token_hook):
+        """One padded model batch of windows ``idx``: (idx, pooled vectors)."""
         torch = self.torch
         on_cuda = self.device.type == "cuda"
-        for idx in token_budget_batches(lengths, self.batch_tokens, self.max_batch_docs):
-            width = int(lengths[idx].max())
-            if self.pad_multiple > 1:
-                width = min(-(-width // self.pad_multiple) * self.pad_multiple,
-                            max(int(self.settings.max_length or width), width))
-            input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for r, j in enumerate(idx):
-                L = lengths[j]
-                input_ids[r, :L] = ids[j]
-                mask[r, :L] = 1
-            t_ids, t_mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
-            if on_cuda:
-                t_ids, t_mask = (t.pin_memory().to(self.device, non_blocking=True) for t in (t_ids, t_mask))
-            want_hidden = token_hook is not None and self.output_hidden_layers is not None
-            if self.ov is not None:
-                last, extra = self.ov(input_ids, mask)
-                hidden, chosen = torch.from_numpy(last), [torch.from_numpy(x) for x in extra]
-            else:
-                res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
-                hidden = res.last_hidden_state
-                chosen = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else []
-            self.counters["computed_tokens"] += len(idx) * width
-            self.counters["batches"] += 1
-            if token_hook is not None:
-                token_hook(chosen if want_hidden else [hidden], t_mask, idx)
-            yield idx, self._pool(hidden, t_mask)
+        width = int(lengths[idx].max())
+        if self.pad_multiple > 1:
+            width = min(-(-width // self.pad_multiple) * self.pad_multiple,
+                        max(int(self.settings.max_length or width), width))
+        encode_oom_check(len(idx) * width)  # test-only: an injected allocator failure
+        input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for r, j in enumerate(idx):
+            L = lengths[j]
+            input_ids[r, :L] = ids[j]
+            mask[r, :L] = 1
+        t_ids, t_mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
+        if on_cuda:
+            t_ids, t_mask = (t.pin_memory().to(self.device, non_blocking=True) for t in (t_ids, t_mask))
+        want_hidden = token_hook is not None and self.output_hidden_layers is not None
+        if self.ov is not None:
+            last, extra = self.ov(input_ids, mask)
+            hidden, chosen = torch.from_numpy(last), [torch.from_numpy(x) for x in extra]
+        else:
+            res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
+            hidden = res.last_hidden_state
+            chosen = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else []
+        self.counters["computed_tokens"] += len(idx) * width
+        self.counters["batches"] += 1
+        if token_hook is not None:
+            token_hook(chosen if want_hidden else [hidden], t_mask, idx)
+        return idx, self._pool(hidden, t_mask)
 
     def _pool(self, hidden, mask):
         return pool(hidden, mask, self.settings.pooling_modes, self.settings.skip_tokens)
