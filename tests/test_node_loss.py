@@ -12,32 +12,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.bench.faults import descendant_processes
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
 from tests.test_cluster import LocalRayCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _descendants(root: int) -> list[tuple[int, str]]:
-    parent, cmd = {}, {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        for c, pp in parent.items():
-            if pp == p:
-                out.append((c, cmd.get(c, "")))
-                todo.append(c)
-    return out
 
 
 @pytest.fixture()
@@ -82,7 +61,7 @@ def test_worker_node_lost_mid_encode_job_finishes_on_the_head(two_nodes, tmp_pat
         while time.time() < deadline and killed is None:
             if proc.poll() is not None:
                 pytest.fail("job ended before the node was lost: " + proc.stderr.read()[-3000:])
-            below = _descendants(worker_start)
+            below = descendant_processes(worker_start)
             raylets = [p for p, c in below if c.split(" ")[0].endswith("/raylet")]
             working = [p for p, c in below if "EncodeActor" in c]
             parts = tmp_path / "out" / "_tmp"

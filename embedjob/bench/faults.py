@@ -31,7 +31,7 @@ TARGETS = ("encoder-actor", "ray-worker", "driver-sigkill", "driver-sigterm")
 ALLOWED_EXITS = {0, 2, 3, 75}
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
+def descendant_processes(root: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process below ``root``."""
     parent: dict[int, int] = {}
     cmd: dict[int, str] = {}
@@ -56,7 +56,7 @@ def _descendants(root: int) -> list[tuple[int, str]]:
 
 
 def _victim(driver: int, target: str) -> Optional[int]:
-    procs = _descendants(driver)
+    procs = descendant_processes(driver)
     if target == "encoder-actor":
         pids = [p for p, c in procs if "EncodeActor" in c]
     else:  # any other Ray worker process of this job
