@@ -67,9 +67,42 @@ def bench_json(capsys, *argv: str) -> dict:
 
 
 def test_every_bench_has_a_smoke_test():
-    # bench feed and bench dedup come from other branches, with their smoke tests.
-    tested = {name[len("test_bench_"):].split("_")[0] for name in globals() if name.startswith("test_bench_")}
-    assert set(BENCHES) - {"feed", "dedup"} <= tested
+    """Every `embedjob bench NAME` has a ``test_bench_NAME...`` in some test file of this folder."""
+    import re
+
+    names = set()
+    for path in os.listdir(os.path.dirname(os.path.abspath(__file__))):
+        if path.startswith("test_") and path.endswith(".py"):
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
+                names.update(re.findall(r"^def test_bench_([a-z0-9]+)", f.read(), flags=re.M))
+    assert set(BENCHES) <= names, sorted(set(BENCHES) - names)
+
+
+def bench_json_object(capsys, *argv: str) -> dict:
+    """Run ``embedjob bench ARGV --json`` for a bench that prints one indented JSON object."""
+    capsys.readouterr()
+    assert main(["bench", *argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_bench_feed(capsys, corpus):
+    # the near-free model it builds, the job's own per-shard stages on one shard, the parts in-process
+    res = bench_json_object(capsys, "feed", "--corpus", corpus, "--shards", "1", "--rounds", "1", "--static", "on")
+    assert res["shards"] == 1 and res["rounds"] == 1 and list(res["modes"]) == ["static on"]
+    r = res["modes"]["static on"][0]
+    assert r["encoded_tokens"] > 0 and r["per_core"] > 0 and r["tokenizer_per_core"] > 0
+    assert r["feed_efficiency"] > 0 and r["efficiency_with_model"] > 0
+    assert {"tokenize", "model", "static", "write"} <= set(r["parts_s_per_mtok"]), r["parts_s_per_mtok"]
+
+
+@pytest.mark.slow
+def test_bench_faults(capsys, tiny_model, tmp_path):
+    # one kill (a subprocess job per run: about two minutes), then the exactly-once checks against a clean run
+    res = bench_json_object(capsys, "faults", "--kills", "1", "--docs", "24", "--shards", "2", "--model", tiny_model,
+                            "--max-minutes", "8", "--run-timeout", "300", "--workdir", str(tmp_path))
+    assert res["ok"] and res["kills"] == 1 and not res["unexpected_exits"], res
+    assert res["checks"]["ok"], res["checks"]
 
 
 def test_bench_index_corpus(capsys, corpus, tiny_model, tmp_path):
