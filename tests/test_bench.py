@@ -172,15 +172,6 @@ def test_bench_static(capsys, corpus, tiny_model, ray_local):
         assert isinstance(res[key], float), key
 
 
-def test_bench_topics(capsys, corpus, ray_local):
-    res = bench_json(capsys, "topics", "--corpus", corpus, "--k", "4", "--cpus", "2", "--embeddings", "learned",
-                     "--set", "topics.epochs=1", "--set", "topics.min_steps=5", "--set", "topics.min_documents_seen=10")
-    assert res["k"] == 4 and res["documents"] == 240 and res["vocabulary"] > 100
-    for key in ("etm_npmi", "lda_npmi", "etm_cv", "lda_cv", "etm_diversity", "lda_diversity", "etm_seconds",
-                "lda_seconds"):
-        assert isinstance(res[key], float), key
-
-
 def test_bench_word2vec(capsys, corpus, tmp_path):
     # Last: it runs embedjob's trainer on a Ray of its own (shutting down the module's).
     res = bench_json(capsys, "word2vec", "--corpus", corpus, "--epochs", "1", "--vector-size", "16",

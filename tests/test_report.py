@@ -81,8 +81,8 @@ def test_report_in_chromium(job_output, tmp_path):
     dom = json.loads(dom)
     assert errors == []
     assert [u for u in requests if not u.startswith("file:")] == []
-    assert dom["sections"] == ["run", "timeline", "topics", "docmap", "words", "index"]
-    assert dom["plots"] == {"run": 1, "timeline": 1, "topics": 1, "docmap": 1, "words": 0, "index": 0}
+    assert dom["sections"] == ["run", "timeline", "topics", "docmap", "words", "index", "dedup"]
+    assert dom["plots"] == {"run": 1, "timeline": 1, "topics": 1, "docmap": 1, "words": 0, "index": 0, "dedup": 0}
     assert dom["docPoints"] == dom["docTitles"] == N_DOCS  # every document sampled, each with its id
     assert dom["topicPoints"] == dom["cards"] == N_TOPICS and dom["bars"] >= N_TOPICS * 5
     assert dom["neighbourRows"] >= 5
