@@ -156,3 +156,15 @@ def test_pooling_override_and_lower_case(zoo, tmp_path):
     got = _ours(path).encode_texts(texts).vectors
     assert _cos(ref, got).min() >= 0.9999
     assert _cos(ref, _st(zoo.get("roberta")).encode(texts)).min() < 0.999
+
+
+@pytest.mark.parametrize("name", ["roberta", "xlmr", "qwen3"])
+def test_openvino_backend_equals_sentence_transformers(zoo, name):
+    """The OpenVINO backend (encode.backend: openvino) with BPE, SentencePiece and decoder models."""
+    path = zoo.get(name)
+    ref = _st(path).encode(TEXTS, convert_to_numpy=True)
+    enc = _ours(path, backend="openvino")
+    assert enc.backend == "openvino"
+    got = enc.encode_texts(TEXTS).vectors
+    assert got.shape == ref.shape
+    assert _cos(ref, got).min() >= 0.9999, _cos(ref, got)
