@@ -22,3 +22,21 @@ def small_job_data(inp, out, model, **sections: dict[str, Any]) -> dict[str, Any
 def small_job(inp, out, model, **sections: dict[str, Any]) -> JobConfig:
     """:func:`small_job_data`, validated."""
     return build_config(small_job_data(inp, out, model, **sections))
+
+
+def ray_with_batch_delay(seconds: float):
+    """A fresh local Ray whose encoder sleeps ``seconds`` after each model batch (a block lasts
+    seconds), for a fixture to yield; shut down after."""
+    import ray
+
+    from embedjob.debug import ENCODE_BATCH_DELAY_ENV
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {ENCODE_BATCH_DELAY_ENV: str(seconds), "HF_HUB_OFFLINE": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -319,19 +319,27 @@ class LocalRayCluster:
         self.procs = []
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head node (2 CPUs, dashboard and Jobs API on 127.0.0.1) and a worker node with 2 CPUs and
-    the custom resource ``encoder_node: 1``; stopped at the end, pass or fail."""
-    for attempt in (1, 2):  # a second, fresh cluster if the first did not come up (ports, a loaded machine)
+def start_cluster(workers: list, env: "dict | None" = None) -> "LocalRayCluster":
+    """A started :class:`LocalRayCluster` (head with 2 CPUs, then ``workers``), ``env`` added to every
+    node's environment; a second, fresh cluster if the first did not come up (ports, a loaded machine)."""
+    for attempt in (1, 2):
         cluster = LocalRayCluster()
+        cluster.env.update(env or {})
         try:
-            cluster.start(head_cpus=2, workers=[("worker", 2, {"encoder_node": 1})])
-            break
+            cluster.start(head_cpus=2, workers=workers)
+            return cluster
         except RuntimeError:
             cluster.stop()
             if attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node (2 CPUs, dashboard and Jobs API on 127.0.0.1) and a worker node with 2 CPUs and
+    the custom resource ``encoder_node: 1``; stopped at the end, pass or fail."""
+    cluster = start_cluster([("worker", 2, {"encoder_node": 1})])
     try:
         yield cluster
     finally:

@@ -14,25 +14,17 @@ import pytest
 
 from embedjob.bench.faults import descendant_processes
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
-from tests.test_cluster import LocalRayCluster
+from tests.test_cluster import start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture()
 def two_nodes():
-    for attempt in (1, 2):  # a second, fresh cluster if the first did not come up (a loaded machine)
-        cluster = LocalRayCluster()
-        # encoder calls slow enough to be caught mid-block; a dead node noticed within seconds
-        cluster.env.update({"EMBEDJOB_DEBUG_ENCODE_DELAY": "0.3", "RAY_health_check_period_ms": "1000",
-                            "RAY_health_check_failure_threshold": "3"})
-        try:
-            cluster.start(head_cpus=2, workers=[("worker", 2, {})])
-            break
-        except RuntimeError:
-            cluster.stop()
-            if attempt == 2:
-                raise
+    # encoder calls slow enough to be caught mid-block; a dead node noticed within seconds
+    cluster = start_cluster([("worker", 2, {})], {"EMBEDJOB_DEBUG_ENCODE_DELAY": "0.3",
+                                                  "RAY_health_check_period_ms": "1000",
+                                                  "RAY_health_check_failure_threshold": "3"})
     try:
         yield cluster
     finally:

@@ -19,26 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedjob.debug import ENCODE_BATCH_DELAY_ENV
 from embedjob.layout import shard_marker
 from embedjob.pipeline import run_job
 from embedjob.progress import Progress, ProgressTicker
 from tests.conftest import SAMPLE_TEXTS
-from tests.helpers import small_job
+from tests.helpers import ray_with_batch_delay, small_job
 
 
 @pytest.fixture()
 def ray_batch_slow():
     """Local Ray whose encoder sleeps 0.1 s after each model batch (a block lasts seconds)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {ENCODE_BATCH_DELAY_ENV: "0.1", "HF_HUB_OFFLINE": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
-    ray.shutdown()
+    yield from ray_with_batch_delay(0.1)
 
 
 def test_progress_line_moves_before_the_first_shard_commits(ray_batch_slow, tmp_path, tiny_model, caplog):

@@ -10,24 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedjob.debug import ENCODE_BATCH_DELAY_ENV
 from embedjob.pipeline import run_job
 from tests.conftest import SAMPLE_TEXTS
-from tests.helpers import small_job
+from tests.helpers import ray_with_batch_delay, small_job
 
 
 @pytest.fixture()
 def ray_batch_slower():
-    """Local Ray whose encoder sleeps 0.25 s after each model batch (the one block lasts seconds)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {ENCODE_BATCH_DELAY_ENV: "0.25", "HF_HUB_OFFLINE": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
-    ray.shutdown()
+    """Local Ray whose encoder sleeps 0.25 s after each model batch (a block lasts seconds)."""
+    yield from ray_with_batch_delay(0.25)
 
 
 def test_timeline_counts_documents_while_the_first_block_is_encoded(ray_batch_slower, tmp_path, tiny_model):
