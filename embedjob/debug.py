@@ -3,6 +3,8 @@ them in the environment to widen a race window or to make a worker fail on purpo
 
 * ``EMBEDJOB_DEBUG_ENCODE_DELAY`` (seconds): each encoder actor call sleeps this long first, so a
   test can kill an actor mid-run;
+* ``EMBEDJOB_DEBUG_ENCODE_CALLS_DIR`` (a folder): each encoder actor call creates ``<pid>-<n>`` there as
+  it starts, so a test can tell which process is mid-call (with the delay above, for a while);
 * ``EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY`` (seconds): the encoder sleeps this long after each model
   batch, so a block takes long enough for progress to be seen while it is in flight;
 * ``EMBEDJOB_DEBUG_PREPROCESS_DELAY`` (seconds): each preprocess task sleeps this long first, so
@@ -31,6 +33,7 @@ import time
 from typing import Optional
 
 ENCODE_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_DELAY"
+ENCODE_CALLS_DIR_ENV = "EMBEDJOB_DEBUG_ENCODE_CALLS_DIR"
 ENCODE_BATCH_DELAY_ENV = "EMBEDJOB_DEBUG_ENCODE_BATCH_DELAY"
 PREPROCESS_DELAY_ENV = "EMBEDJOB_DEBUG_PREPROCESS_DELAY"
 ENCODER_READY_FILE_ENV = "EMBEDJOB_DEBUG_ENCODER_READY_FILE"
@@ -45,6 +48,15 @@ def encode_delay() -> None:
     """Sleep for ``EMBEDJOB_DEBUG_ENCODE_DELAY`` seconds when it is set (encoder actors)."""
     if ENCODE_DELAY_ENV in os.environ:
         time.sleep(float(os.environ[ENCODE_DELAY_ENV]))
+
+
+def encode_call_started() -> None:
+    """Record an encoder call's start in ``EMBEDJOB_DEBUG_ENCODE_CALLS_DIR`` when it is set."""
+    folder = os.environ.get(ENCODE_CALLS_DIR_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        n = sum(1 for f in os.listdir(folder) if f.startswith(f"{os.getpid()}-"))
+        open(os.path.join(folder, f"{os.getpid()}-{n}"), "a").close()
 
 
 def encode_batch_delay() -> None:

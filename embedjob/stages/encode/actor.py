@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from embedjob.debug import encode_batch_delay, encode_delay, encode_init_death, encoder_ready
+from embedjob.debug import encode_batch_delay, encode_call_started, encode_delay, encode_init_death, encoder_ready
 from embedjob.errors import row_error
 from embedjob.layout import TMP
 from embedjob.progress import BatchReporter
@@ -120,6 +120,7 @@ class EncodeActor:
     def _call(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows:  # a second start of the same rows is a retried block (bookkeeping)
             self.progress.begin(f"{batch.column(SHARD)[0].as_py()}:{batch.column(ROW)[0].as_py()}")
+        encode_call_started()  # test-only: tells a test this process is mid-call
         encode_delay()  # test-only: widens the window to kill an actor mid-run
         ids_col = batch.column(INPUT_IDS).to_pylist()
         keep = np.array([bool(x) for x in ids_col], dtype=bool)
