@@ -145,6 +145,7 @@ def _run_leased(cfg: JobConfig, out: Storage, shards: list[ShardInfo], id_stats:
                 encoder: EncoderSettings, lease: OutputLease, t_start: float) -> JobResult:
     """The job's work, while this run holds the output's lease (one writer at a time, lease.py)."""
     run = _Run(cfg, out, shards, id_stats, encoder, lease, t_start)
+    preempt.arm()  # SIGTERM from now on: stop taking blocks, commit what is done
     run.timeline.start()
     try:
         return _run_phases(run)
@@ -185,8 +186,14 @@ def _run_phases(run: _Run) -> JobResult:
 
 def _start_ray(run: _Run) -> None:
     """Start or join Ray, size the encoder pool, and fix the recipe (the shard stage hash)."""
-    run.ray_info = init_ray(run.cfg)
-    preempt.arm()  # SIGTERM from now on: stop taking blocks, commit what is done (after ray.init's own handler)
+    try:
+        run.ray_info = init_ray(run.cfg)
+    except SystemExit as e:  # SIGTERM while ray.init ran, under Ray's own handler: interrupted, nothing done
+        interrupted = preempt.during_ray_start(e)
+        if interrupted is None:
+            raise
+        raise interrupted from None
+    preempt.arm()  # put the handler back: ray.init replaced it with its own
     run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
     if run.plan["device"] == "cuda":
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")

@@ -41,6 +41,15 @@ class _Preempted(BaseException):
     """Raised by the handler only while the driver waits for the next block (nothing half done)."""
 
 
+def during_ray_start(exc: SystemExit) -> Optional[Interrupted]:
+    """The :class:`Interrupted` to raise for ``exc`` when it is SIGTERM arriving while ``ray.init``
+    ran: Ray's own handler, installed first thing in ``ray.init``, turns it into ``sys.exit(15)``."""
+    if exc.code != signal.SIGTERM:
+        return None
+    _state["requested"] = True
+    return Interrupted("interrupted by SIGTERM while Ray started: 0 shard(s) committed in this run, nothing written")
+
+
 def requested() -> bool:
     """Whether SIGTERM asked this run to stop."""
     return bool(_state["requested"])
@@ -57,8 +66,14 @@ def _handler(signum: int, frame: Any) -> None:
 
 
 def arm() -> None:
-    """Install the SIGTERM handler (main thread only; a no-op elsewhere, e.g. a test's thread)."""
-    if threading.current_thread() is not threading.main_thread() or _state["armed"]:
+    """Install the SIGTERM handler (main thread only; a no-op elsewhere, e.g. a test's thread).
+    Called again once armed, it puts the handler back where another replaced it (``ray.init`` installs
+    its own first thing), keeping the handler :func:`disarm` restores."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _state["armed"]:
+        if signal.getsignal(signal.SIGTERM) is not _handler:
+            signal.signal(signal.SIGTERM, _handler)
         return
     _state.update(requested=False, previous=signal.getsignal(signal.SIGTERM), armed=True)
     signal.signal(signal.SIGTERM, _handler)

@@ -67,3 +67,49 @@ def test_sigterm_commits_what_is_done_exits_75_and_a_rerun_continues(ray_local, 
     assert sorted(k for k, v in status.items() if v == "done") == sorted(set(status) - set(committed))
     got = pq.read_table(tmp_path / "out" / "vectors", columns=["id"]).column("id").to_pylist()
     assert len(got) == len(ids) and sorted(got) == sorted(ids)  # every row exactly once
+
+
+def test_sigterm_while_ray_starts_exits_75_with_one_line(tmp_path, tiny_model):
+    """SIGTERM while ``ray.init`` runs (Ray's own handler turns it into ``sys.exit(15)``) is an interrupted
+    run too: exit 75, the one line, nothing written; the rerun does the whole job."""
+    from embedjob.bench.faults import descendant_processes
+
+    texts = [f"{t} number {i}" for i in range(4) for t in SAMPLE_TEXTS[:4]]
+    ids = write_shards(tmp_path / "in", texts, n_shards=2)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps({
+        "input": {"url": str(tmp_path / "in")}, "output": {"url": str(tmp_path / "out")},
+        "encode": {"model": tiny_model, "dtype": "float32", "actors": 1}, **ONLY_SHARD_STAGES,
+        "ray": {"num_cpus": 2},
+    }))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # ray.init has started Ray's GCS: it is mid-start
+            if any("gcs_server" in c for _, c in descendant_processes(proc.pid)):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before Ray started: " + proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # what a driver stopped mid-start may leave of its Ray
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("embedjob: interrupted by SIGTERM") and "rerun the same command" in last, err[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "_done").exists() or not list((tmp_path / "out" / "_done").glob("part-*.json"))
+    rerun = subprocess.run([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    got = pq.read_table(tmp_path / "out" / "vectors", columns=["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(ids)
