@@ -36,6 +36,10 @@ class RayConfig(Section):
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of the in-process local Ray; null = detect.")
 
 
+LOCAL_HEALTH_CHECK_ENV = "RAY_health_check_failure_threshold"  # Ray's setting, read by the GCS it starts
+LOCAL_HEALTH_CHECK_FAILURES = "20"
+
+
 def init_ray(cfg: JobConfig) -> dict[str, Any]:
     """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, else start a local Ray in-process."""
     import ray
@@ -52,6 +56,10 @@ def init_ray(cfg: JobConfig) -> dict[str, Any]:
     else:
         verbose = logging.getLogger("embedjob").isEnabledFor(logging.DEBUG)
         _quiet_ray_console(verbose)
+        # one node, started here: a raylet late with its heartbeats is one busy with this job's own work
+        # (seen at load 30 on 2 cores), and Ray marking it dead ends the driver (exit 1) with nothing
+        # gained. Ray's default gives up after 5 missed checks 3 s apart; locally, wait 20.
+        os.environ.setdefault(LOCAL_HEALTH_CHECK_ENV, LOCAL_HEALTH_CHECK_FAILURES)
         # the workers' own output (Ray Train's reports, library warnings) stays in Ray's log files
         # unless -v: embedjob's driver says what each stage does
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,

@@ -81,3 +81,29 @@ def test_node_marked_dead_under_the_stream_gives_one_line(ray_local, tmp_path, t
     assert "Ray's logs: " in last and "Traceback" not in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "marked dead" in manifest["error"]
+
+
+def test_a_local_ray_waits_longer_before_marking_its_own_node_dead(tmp_path):
+    """A local Ray's GCS gives its one raylet 20 missed health checks, not Ray's 5 (a busy raylet, not a dead
+    one: marked dead, it ends the driver with exit 1); a value the user set is kept."""
+    import subprocess
+    import sys
+
+    code = ("import os, ray\n"
+            "from embedjob.config import JobConfig\n"
+            "from embedjob.cluster import init_ray\n"
+            "from embedjob.bench.faults import descendant_processes\n"
+            f"init_ray(JobConfig.model_validate({{'input': {{'url': {str(tmp_path)!r}}}, "
+            f"'output': {{'url': {str(tmp_path / 'out')!r}}}, 'ray': {{'num_cpus': 1}}}}))\n"
+            "gcs = [p for p, c in descendant_processes(os.getpid()) if 'gcs_server' in c]\n"
+            "env = open(f'/proc/{gcs[0]}/environ', 'rb').read().decode().split(chr(0))\n"
+            "print([e for e in env if e.startswith('RAY_health_check_failure_threshold=')])\n"
+            "ray.shutdown()\n")
+    for preset, want in ((None, "20"), ("7", "7")):
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_health_check_failure_threshold")}
+        if preset:
+            env["RAY_health_check_failure_threshold"] = preset
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"['RAY_health_check_failure_threshold={want}']" in out.stdout, out.stdout
