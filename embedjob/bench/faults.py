@@ -55,13 +55,14 @@ def descendant_processes(root: int) -> list[tuple[int, str]]:
     return out
 
 
-def _victim(driver: int, target: str) -> Optional[int]:
+def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:
+    """(pid, command line) of a process of ``target``'s kind under ``driver``, if one runs now."""
     procs = descendant_processes(driver)
     if target == "encoder-actor":
-        pids = [p for p, c in procs if "EncodeActor" in c]
+        found = [(p, c) for p, c in procs if "EncodeActor" in c]
     else:  # any other Ray worker process of this job
-        pids = [p for p, c in procs if c.startswith("ray::") and "EncodeActor" not in c and "IDLE" not in c]
-    return random.choice(pids) if pids else None
+        found = [(p, c) for p, c in procs if c.startswith("ray::") and "EncodeActor" not in c and "IDLE" not in c]
+    return random.choice(found) if found else None
 
 
 def _build_corpus(folder: str, docs: int, shards: int) -> int:
@@ -111,11 +112,12 @@ def _run(spec: str, output: str, *, overwrite: bool, kill: Optional[tuple[str, f
                 proc.send_signal(signal.SIGTERM)
                 done["kill"] = target
             else:
-                pid = _victim(proc.pid, target)
-                if pid is not None:
+                victim = _victim(proc.pid, target)
+                if victim is not None:
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(victim[0], signal.SIGKILL)
                         done["kill"] = target
+                        done["victim"] = victim[1].strip()[:80]  # which worker: read, write, progress, ...
                     except ProcessLookupError:
                         pass
         time.sleep(0.05)
