@@ -167,3 +167,47 @@ def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, 
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "preprocess_concurrency": 3})
     assert plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})["preprocess_concurrency"] == 3
     assert plan_encoder(small_job(tmp_path, tmp_path / "o", tiny_model), {"CPU": 2.0})["preprocess_concurrency"] is None
+
+
+class _TransformersCallTokenizer:
+    """The job's Tokenizer as it was: every call through transformers' ``tok(...)`` (BatchEncoding)."""
+
+    @staticmethod
+    def make(path: str, *args, **kwargs):
+        from embedjob.stages.encode.tokenizer import Tokenizer, _Encoding
+
+        class Old(Tokenizer):
+            def _call(self, texts, special, words):
+                trunc = special and not self.whole_documents
+                if special and self.prompt:
+                    texts = [self.prompt + t for t in texts]
+                enc = self.tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
+                               add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
+                               return_offsets_mapping=words)
+                return [_Encoding(enc["input_ids"][j], enc.word_ids(j) if words else None,
+                                  enc["offset_mapping"][j] if words else None) for j in range(len(texts))]
+
+        return Old(path, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["minilm", "roberta", "xlmr", "qwen"])
+def test_tokenizer_on_the_rust_encodings_equals_the_transformers_call(kind, minilm_path, tmp_path):
+    """The Tokenizer reads the Rust encodings directly (no BatchEncoding): the same ids, whole
+    counts, word ids and offsets as transformers' call, truncated or whole, with a prompt, and for a
+    text tokenised in pieces; WordPiece, byte-level BPE (both layouts) and Unigram."""
+    from embedjob.stages.encode.tokenizer import Tokenizer
+    from tests.models_zoo import _bpe_tokenizer
+
+    path = minilm_path
+    if kind != "minilm":
+        path = str(tmp_path / kind)
+        _bpe_tokenizer(kind).save_pretrained(path)
+    texts = HARD_TEXTS + [" ".join(HARD_TEXTS) * 4, ""]
+    for args, kw in [((16,), {}), ((16, 64), {}), ((16, 64), {"prompt": "query: "}), ((16,), {"prompt": "query: "}),
+                     ((16, 300), {"piece_chars": 64}), ((16,), {"piece_chars": 64, "call_chars": 100})]:
+        new, old = Tokenizer(path, *args, **kw), _TransformersCallTokenizer.make(path, *args, **kw)
+        for words in (False, True):
+            a, b = new.encode(texts, words=words), old.encode(texts, words=words)
+            assert a.ids == b.ids and a.doc_tokens.tolist() == b.doc_tokens.tolist(), (kind, args, kw)
+            assert a.word_ids == b.word_ids and a.offsets == b.offsets, (kind, args, kw)
+        assert [x.tolist() for x in new(texts[:3])] == [x.tolist() for x in old(texts[:3])]
