@@ -211,3 +211,60 @@ def test_tokenizer_on_the_rust_encodings_equals_the_transformers_call(kind, mini
             assert a.ids == b.ids and a.doc_tokens.tolist() == b.doc_tokens.tolist(), (kind, args, kw)
             assert a.word_ids == b.word_ids and a.offsets == b.offsets, (kind, args, kw)
         assert [x.tolist() for x in new(texts[:3])] == [x.tolist() for x in old(texts[:3])]
+
+
+def _word_slots_reference(words_all, x_off, run_of, keep):
+    """hook_for's per-occurrence original: slot_of.setdefault((run, word)) row by row, and attach's
+    per-run lists sorted by word."""
+    import numpy as np
+
+    slot_of: dict = {}
+    inst_slot = []
+    for row in np.flatnonzero(keep).tolist():
+        run = int(run_of[row])
+        for word in words_all[x_off[row]:x_off[row + 1]]:
+            inst_slot.append(slot_of.setdefault((run, word), len(slot_of)))
+    by_run: list = [[] for _ in range(int(run_of.max()) + 1 if len(run_of) else 0)]
+    for (run, word), s in slot_of.items():
+        by_run[run].append((word, s))
+    return inst_slot, slot_of, [[s for _, s in sorted(items)] for items in by_run]
+
+
+def test_vectorised_word_slots_equal_the_per_occurrence_original():
+    """The static accumulator's slots (one per row run and word, in order of first occurrence),
+    each run's word order for its part, and the counts: Arrow dictionary encoding and numpy, the
+    same as the dict it replaced; with dropped rows, empty rows, repeats across runs and a column
+    slice."""
+    import numpy as np
+
+    from embedjob.stages.static.accumulate import _list_parts, slots_by_run, word_slots
+
+    rng = np.random.default_rng(0)
+    vocab = ["cat", "cats", "Zebra", "über", "dog", "a", "b", "éa", "ea", "z"]
+    rows = [[vocab[i] for i in rng.integers(0, len(vocab), rng.integers(0, 9))] for _ in range(40)] + [[]]
+    col = pa.chunked_array([pa.array(rows[:7], pa.list_(pa.string())), pa.array(rows[7:], pa.list_(pa.string()))])
+    for sl in (col, col.slice(3)):
+        off, flat = _list_parts(sl)
+        n = len(off) - 1
+        run_of = np.repeat(np.arange(4), [n // 4, n // 4, n // 4, n - 3 * (n // 4)])
+        for keep in (np.ones(n, bool), rng.random(n) > 0.3, np.zeros(n, bool)):
+            occ, slot_run, slot_word = word_slots(flat, off, run_of, keep)
+            want, slot_of, want_order = _word_slots_reference(flat.to_pylist(), off, run_of, keep)
+            assert occ.tolist() == want
+            assert {(int(r), w): s for s, (r, w) in enumerate(zip(slot_run, slot_word))} == slot_of
+            assert [x.tolist() for x in slots_by_run(slot_run, slot_word, 4)] == want_order
+            assert np.bincount(occ, minlength=len(slot_word)).tolist() == np.bincount(want, minlength=len(slot_of)).tolist()
+
+
+def test_id_arrays_equal_the_python_lists():
+    """The encoder actor reads _input_ids as views of the column's flat buffer: equal to to_pylist."""
+    import numpy as np
+
+    from embedjob.stages.encode.actor import id_arrays
+
+    rows = [[101, 5, 102], [], None, [101, 102], [7] * 40]
+    col = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.int32())), pa.array(rows[2:], pa.list_(pa.int32()))])
+    for c in (col, col.slice(1), col.slice(2, 2), col.slice(5)):
+        got = id_arrays(c)
+        assert [x.tolist() for x in got] == [x or [] for x in c.to_pylist()]
+        assert all(x.dtype == np.int32 for x in got)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedjob.layout import STATIC_PART_SUFFIX, part_name
 from embedjob.schema import ROW, SHARD, WORD_IDS, WORDS, contiguous_runs
@@ -38,7 +39,8 @@ class _CallState:
     """The word-slot bookkeeping of one encoder call (a slot = one (row run, word) pair)."""
 
     runs: list[tuple[str, int, int]]  # (shard, first row, last row) per run
-    slot_of: dict[tuple[int, str], int]  # (run, word) -> slot
+    slot_run: np.ndarray  # run of each slot
+    slot_word: list[str]  # word of each slot
     counts: np.ndarray  # occurrences per slot
     tok_inst: list[np.ndarray]  # per kept doc: instance (word occurrence) index per token, -1 = none
     first_pos: list[np.ndarray]  # per kept doc: token position of each instance's first piece
@@ -72,6 +74,38 @@ def _first_positions(t: np.ndarray, n_inst: int) -> np.ndarray:
     return first
 
 
+def word_slots(words: pa.Array, offsets: np.ndarray, run_of: np.ndarray,
+               keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One slot per (row run, word) among the kept rows' word occurrences (row ``r`` holds
+    ``words[offsets[r]:offsets[r + 1]]``), numbered in order of first occurrence: the slot of each
+    kept occurrence (kept rows in order), and the run and word of each slot. Arrow's dictionary
+    encoding and numpy, no Python per occurrence."""
+    n_rows = len(offsets) - 1
+    occ_row = np.repeat(np.arange(n_rows), np.diff(offsets))
+    kept = np.flatnonzero(keep[occ_row]) if len(occ_row) else np.zeros(0, np.int64)
+    if not len(kept):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    enc = pc.dictionary_encode(words.take(pa.array(kept)))
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    key = run_of[occ_row[kept]].astype(np.int64) * len(enc.dictionary) + codes
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    slot_of_uniq = np.empty(len(uniq), dtype=np.int64)
+    by_first = np.argsort(first, kind="stable")
+    slot_of_uniq[by_first] = np.arange(len(uniq))
+    ordered = uniq[by_first]
+    slot_words = enc.dictionary.take(pa.array(ordered % len(enc.dictionary))).to_pylist()
+    return slot_of_uniq[inv.reshape(-1)], ordered // len(enc.dictionary), slot_words
+
+
+def slots_by_run(slot_run: np.ndarray, slot_word: list[str], n_runs: int) -> list[np.ndarray]:
+    """The slots of each run, ordered by word (Python's string order, as the parts are sorted)."""
+    rank = np.empty(len(slot_word), dtype=np.int64)
+    rank[sorted(range(len(slot_word)), key=slot_word.__getitem__)] = np.arange(len(slot_word))
+    order = np.lexsort((rank, slot_run))
+    bounds = np.searchsorted(slot_run[order], np.arange(n_runs + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(n_runs)]
+
+
 class StaticAccumulator:
     """Held by an encoder actor: sums every counted word occurrence's pooled vector per (shard row
     run, word) while the encoder runs, then writes one staged part per run.
@@ -97,27 +131,21 @@ class StaticAccumulator:
                                  batch.column(ROW).to_numpy())
         w_off, wid_flat = _list_parts(batch.column(WORD_IDS))
         x_off, words_flat = _list_parts(batch.column(WORDS))
-        words_all = words_flat.to_pylist()
-        slot_of: dict[tuple[int, str], int] = {}
+        occ_slot, slot_run, slot_word = word_slots(words_flat, x_off, run_of, keep)
         tok_inst: list[np.ndarray] = []
         first_pos: list[np.ndarray] = []
         inst_slot: list[np.ndarray] = []
-        setdefault = slot_of.setdefault
+        at = 0
         for row in np.flatnonzero(keep).tolist():
-            run = int(run_of[row])
-            a, b = int(x_off[row]), int(x_off[row + 1])
-            # one slot per (run, word), numbered in order of first occurrence
-            slots = np.fromiter((setdefault((run, word), len(slot_of)) for word in words_all[a:b]),
-                                dtype=np.int64, count=b - a)
+            n_inst = int(x_off[row + 1] - x_off[row])
             t = wid_flat[int(w_off[row]):int(w_off[row + 1])].astype(np.int64)
             tok_inst.append(t)
-            first_pos.append(_first_positions(t, b - a))
-            inst_slot.append(slots)
-        n_slots = len(slot_of)
-        counts = np.bincount(np.concatenate(inst_slot) if inst_slot else np.zeros(0, np.int64),
-                             minlength=n_slots).astype(np.int64)
-        sums = self.torch.zeros((n_slots, self.dim), dtype=self.torch.float32, device=self.encoder.device)
-        self._state = _CallState(runs, slot_of, counts, tok_inst, first_pos, inst_slot, sums)
+            first_pos.append(_first_positions(t, n_inst))
+            inst_slot.append(occ_slot[at:at + n_inst])
+            at += n_inst
+        counts = np.bincount(occ_slot, minlength=len(slot_word)).astype(np.int64)
+        sums = self.torch.zeros((len(slot_word), self.dim), dtype=self.torch.float32, device=self.encoder.device)
+        self._state = _CallState(runs, slot_run, slot_word, counts, tok_inst, first_pos, inst_slot, sums)
         return self._hook
 
     def _hook(self, layers, mask, idx: np.ndarray, spans: np.ndarray) -> None:
@@ -181,12 +209,7 @@ class StaticAccumulator:
         if st is None:
             raise RuntimeError("StaticAccumulator.attach called without hook_for (one call per encoder batch)")
         sums = st.sums.cpu().numpy()
-        by_run: list[list[tuple[str, int]]] = [[] for _ in st.runs]
-        for (run, word), s in st.slot_of.items():
-            by_run[run].append((word, s))
-        for (shard, r0, r1), items in zip(st.runs, by_run):
-            items.sort()
-            sl = np.fromiter((s for _, s in items), dtype=np.int64, count=len(items))
-            table = part_table([w for w, _ in items], st.counts[sl], sums[sl], self.dim)
+        for (shard, r0, r1), sl in zip(st.runs, slots_by_run(st.slot_run, st.slot_word, len(st.runs))):
+            table = part_table([st.slot_word[s] for s in sl.tolist()], st.counts[sl], sums[sl], self.dim)
             self.out.write_parquet(part_name(shard, r0, r1, STATIC_PART_SUFFIX), table, compression="none")
         return out.drop_columns([c for c in (WORD_IDS, WORDS) if c in out.column_names])
