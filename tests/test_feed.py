@@ -131,25 +131,74 @@ def test_gpu_check_feed_smoke_on_a_bare_host(tmp_path):
     assert "RESULT: ok" in (tmp_path / "out" / "gpu-check-feed.md").read_text()
 
 
-def test_static_bookkeeping_helpers_equal_their_per_row_originals():
-    """hook_for reads the word columns as flat Arrow buffers and finds each occurrence's first
-    piece from runs: the same as the per-row lists and np.unique it replaced."""
+def _hook_reference(tok_inst, first_pos, inst_slot, idx, spans, S):
+    """The accumulator's per-row original: each window row's pieces, occurrences and slots."""
     import numpy as np
 
-    from embedjob.stages.static.accumulate import _first_positions, _list_parts
+    pos, inst, slots = [], [], []
+    offset = 0
+    for r, j in enumerate(idx):
+        col0, a, b, lo, hi = (int(x) for x in spans[r])
+        t = tok_inst[j]
+        p = np.arange(a, min(b, len(t)), dtype=np.int64)
+        p = p[t[p] >= 0]
+        fp = first_pos[j][t[p]]
+        p = p[(fp >= lo) & (fp < hi)]
+        if not len(p):
+            continue
+        taken, local = np.unique(t[p], return_inverse=True)
+        pos.append(r * S + p - col0)
+        inst.append(offset + local)
+        slots.append(inst_slot[j][taken])
+        offset += len(taken)
+    if not offset:
+        return None
+    return np.concatenate(pos), np.concatenate(inst), np.concatenate(slots), offset
 
-    rows = [[-1, 0, 0, 1, -1, 2, 2, 2, -1], [], [-1, -1], [-1, 1, 0, 0, 1, -1]]  # the last: out of order
+
+def test_static_window_bookkeeping_equals_the_per_row_original():
+    """hook_for's token-to-occurrence arrays, over all kept rows at once, and the hook's pieces of a
+    model batch (windows of several documents, overlapping, owned ranges, out-of-order rows,
+    dropped rows): the same positions, occurrences and slots, in the same order, as the per-row
+    lists and loop they replaced."""
+    import numpy as np
+
+    from embedjob.stages.static.accumulate import _CallState, _instances, _list_parts, window_pieces
+
+    rows = [[-1, 0, 0, 1, -1, 2, 2, 2, -1], [], [-1, -1], [-1, 1, 0, 0, 1, -1], [-1] + [0, 1, 1, 2, 3] * 3 + [-1]]
+    rows[4] = [-1] + [w for k in range(8) for w in [k, k]] + [-1]  # 8 words of two pieces
+    n_words = [3, 0, 0, 2, 8]
     col = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.int32())), pa.array(rows[2:], pa.list_(pa.int32()))])
     off, flat = _list_parts(col.slice(1))  # a sliced column: offsets rebased
-    assert [flat[off[r]:off[r + 1]].tolist() for r in range(3)] == rows[1:]
-    for t in rows:
-        t = np.asarray(t, dtype=np.int64)
-        n = int(t.max()) + 1 if len(t) and t.max() >= 0 else 0
-        want = np.zeros(n, dtype=np.int64)
-        at = np.flatnonzero(t >= 0)
-        seen, first_at = np.unique(t[at], return_index=True)
-        want[seen] = at[first_at]
-        assert _first_positions(t, n).tolist() == want.tolist()
+    assert [flat[off[r]:off[r + 1]].tolist() for r in range(4)] == rows[1:]
+    w_off, wid_flat = _list_parts(col)
+    x_off = np.concatenate([[0], np.cumsum(n_words)])
+    for keep in (np.ones(5, bool), np.array([True, False, True, True, True])):
+        tok_inst, tok_base, first_tok = _instances(wid_flat, w_off, x_off, keep)
+        kept = np.flatnonzero(keep)
+        ref_t = [np.asarray(rows[i], dtype=np.int64) for i in kept]
+        ref_first, ref_slot, at = [], [], 0
+        for i, t in zip(kept, ref_t):
+            first = np.zeros(n_words[i], dtype=np.int64)
+            w = np.flatnonzero(t >= 0)
+            seen, first_at = np.unique(t[w], return_index=True)
+            first[seen] = w[first_at]
+            ref_first.append(first)
+            ref_slot.append(np.arange(at, at + n_words[i]) * 7 % 5)  # any slot per occurrence
+            at += n_words[i]
+        assert tok_inst.tolist() == [x + b if x >= 0 else -1 for t, b in zip(ref_t, np.cumsum([0] + [n_words[i] for i in kept])) for x in t.tolist()]
+        st = _CallState([], np.zeros(0), [], np.zeros(0), tok_inst, tok_base, first_tok,
+                        np.concatenate(ref_slot), None)
+        last = len(kept) - 1  # the long document, in windows of 6 positions owning 4 each
+        spans = np.array([[0, 0, 9, 0, 9], [0, 0, 4, 0, 4], [-1, 1, 7, 1, 5], [3, 3, 9, 5, 9], [7, 7, 13, 9, 13],
+                          [11, 11, 18, 13, 18], [0, 0, 2, 0, 2]])
+        idx = np.array([0, 0, last, last, last, last, 1 if len(kept) > 4 else 0])
+        for order in (np.arange(len(idx)), np.array([3, 0, 5, 2, 6, 1, 4]), np.array([6])):
+            got = window_pieces(st, idx[order], spans[order], 20)
+            want = _hook_reference(ref_t, ref_first, ref_slot, idx[order], spans[order], 20)
+            assert (got is None) == (want is None) and (got is not None or len(order) == 1)
+            if got is not None:
+                assert all(g.tolist() == w.tolist() for g, w in zip(got[:3], want[:3])) and got[3] == want[3]
 
 
 def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, caplog):
