@@ -155,13 +155,17 @@ class Tokenizer:
                       return_offsets_mapping=words)
             return [_Encoding(enc["input_ids"][j], enc.word_ids(j) if words else None,
                               enc["offset_mapping"][j] if words else None) for j in range(len(texts))]
-        tok.set_truncation_and_padding(
-            padding_strategy=PaddingStrategy.DO_NOT_PAD,
-            truncation_strategy=TruncationStrategy.LONGEST_FIRST if trunc else TruncationStrategy.DO_NOT_TRUNCATE,
-            max_length=self.max_length if trunc else None, stride=0, pad_to_multiple_of=None, padding_side=None)
+        kw = dict(padding_strategy=PaddingStrategy.DO_NOT_PAD,
+                  truncation_strategy=TruncationStrategy.LONGEST_FIRST if trunc else TruncationStrategy.DO_NOT_TRUNCATE,
+                  max_length=self.max_length if trunc else None, stride=0, pad_to_multiple_of=None)
+        try:
+            tok.set_truncation_and_padding(**kw, padding_side=None)
+        except TypeError:  # transformers before padding_side (a bare GPU host's older install)
+            tok.set_truncation_and_padding(**kw)
         backend = tok.backend_tokenizer
-        if backend.encode_special_tokens != tok.split_special_tokens:
-            backend.encode_special_tokens = tok.split_special_tokens
+        split = bool(getattr(tok, "split_special_tokens", False))
+        if getattr(backend, "encode_special_tokens", split) != split:
+            backend.encode_special_tokens = split
         return backend.encode_batch(texts, add_special_tokens=special)
 
     def _encode_group(self, texts: list[str], group: list[int], out: Tokenized, words: bool) -> None:
