@@ -93,6 +93,7 @@ def test_bench_feed(capsys, corpus):
     r = res["modes"]["static on"][0]
     assert r["encoded_tokens"] > 0 and r["per_core"] > 0 and r["tokenizer_per_core"] > 0
     assert r["feed_efficiency"] > 0 and r["efficiency_with_model"] > 0
+    assert r["startup"]["encoded_tokens"] < r["encoded_tokens"] and r["startup_cpu_s"] > 0 and "steady_feed_efficiency" in r
     assert {"tokenize", "model", "static", "write"} <= set(r["parts_s_per_mtok"]), r["parts_s_per_mtok"]
 
 

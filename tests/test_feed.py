@@ -131,25 +131,74 @@ def test_gpu_check_feed_smoke_on_a_bare_host(tmp_path):
     assert "RESULT: ok" in (tmp_path / "out" / "gpu-check-feed.md").read_text()
 
 
-def test_static_bookkeeping_helpers_equal_their_per_row_originals():
-    """hook_for reads the word columns as flat Arrow buffers and finds each occurrence's first
-    piece from runs: the same as the per-row lists and np.unique it replaced."""
+def _hook_reference(tok_inst, first_pos, inst_slot, idx, spans, S):
+    """The accumulator's per-row original: each window row's pieces, occurrences and slots."""
     import numpy as np
 
-    from embedjob.stages.static.accumulate import _first_positions, _list_parts
+    pos, inst, slots = [], [], []
+    offset = 0
+    for r, j in enumerate(idx):
+        col0, a, b, lo, hi = (int(x) for x in spans[r])
+        t = tok_inst[j]
+        p = np.arange(a, min(b, len(t)), dtype=np.int64)
+        p = p[t[p] >= 0]
+        fp = first_pos[j][t[p]]
+        p = p[(fp >= lo) & (fp < hi)]
+        if not len(p):
+            continue
+        taken, local = np.unique(t[p], return_inverse=True)
+        pos.append(r * S + p - col0)
+        inst.append(offset + local)
+        slots.append(inst_slot[j][taken])
+        offset += len(taken)
+    if not offset:
+        return None
+    return np.concatenate(pos), np.concatenate(inst), np.concatenate(slots), offset
 
-    rows = [[-1, 0, 0, 1, -1, 2, 2, 2, -1], [], [-1, -1], [-1, 1, 0, 0, 1, -1]]  # the last: out of order
+
+def test_static_window_bookkeeping_equals_the_per_row_original():
+    """hook_for's token-to-occurrence arrays, over all kept rows at once, and the hook's pieces of a
+    model batch (windows of several documents, overlapping, owned ranges, out-of-order rows,
+    dropped rows): the same positions, occurrences and slots, in the same order, as the per-row
+    lists and loop they replaced."""
+    import numpy as np
+
+    from embedjob.stages.static.accumulate import _CallState, _instances, _list_parts, window_pieces
+
+    rows = [[-1, 0, 0, 1, -1, 2, 2, 2, -1], [], [-1, -1], [-1, 1, 0, 0, 1, -1], [-1] + [0, 1, 1, 2, 3] * 3 + [-1]]
+    rows[4] = [-1] + [w for k in range(8) for w in [k, k]] + [-1]  # 8 words of two pieces
+    n_words = [3, 0, 0, 2, 8]
     col = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.int32())), pa.array(rows[2:], pa.list_(pa.int32()))])
     off, flat = _list_parts(col.slice(1))  # a sliced column: offsets rebased
-    assert [flat[off[r]:off[r + 1]].tolist() for r in range(3)] == rows[1:]
-    for t in rows:
-        t = np.asarray(t, dtype=np.int64)
-        n = int(t.max()) + 1 if len(t) and t.max() >= 0 else 0
-        want = np.zeros(n, dtype=np.int64)
-        at = np.flatnonzero(t >= 0)
-        seen, first_at = np.unique(t[at], return_index=True)
-        want[seen] = at[first_at]
-        assert _first_positions(t, n).tolist() == want.tolist()
+    assert [flat[off[r]:off[r + 1]].tolist() for r in range(4)] == rows[1:]
+    w_off, wid_flat = _list_parts(col)
+    x_off = np.concatenate([[0], np.cumsum(n_words)])
+    for keep in (np.ones(5, bool), np.array([True, False, True, True, True])):
+        tok_inst, tok_base, first_tok = _instances(wid_flat, w_off, x_off, keep)
+        kept = np.flatnonzero(keep)
+        ref_t = [np.asarray(rows[i], dtype=np.int64) for i in kept]
+        ref_first, ref_slot, at = [], [], 0
+        for i, t in zip(kept, ref_t):
+            first = np.zeros(n_words[i], dtype=np.int64)
+            w = np.flatnonzero(t >= 0)
+            seen, first_at = np.unique(t[w], return_index=True)
+            first[seen] = w[first_at]
+            ref_first.append(first)
+            ref_slot.append(np.arange(at, at + n_words[i]) * 7 % 5)  # any slot per occurrence
+            at += n_words[i]
+        assert tok_inst.tolist() == [x + b if x >= 0 else -1 for t, b in zip(ref_t, np.cumsum([0] + [n_words[i] for i in kept])) for x in t.tolist()]
+        st = _CallState([], np.zeros(0), [], np.zeros(0), tok_inst, tok_base, first_tok,
+                        np.concatenate(ref_slot), None)
+        last = len(kept) - 1  # the long document, in windows of 6 positions owning 4 each
+        spans = np.array([[0, 0, 9, 0, 9], [0, 0, 4, 0, 4], [-1, 1, 7, 1, 5], [3, 3, 9, 5, 9], [7, 7, 13, 9, 13],
+                          [11, 11, 18, 13, 18], [0, 0, 2, 0, 2]])
+        idx = np.array([0, 0, last, last, last, last, 1 if len(kept) > 4 else 0])
+        for order in (np.arange(len(idx)), np.array([3, 0, 5, 2, 6, 1, 4]), np.array([6])):
+            got = window_pieces(st, idx[order], spans[order], 20)
+            want = _hook_reference(ref_t, ref_first, ref_slot, idx[order], spans[order], 20)
+            assert (got is None) == (want is None) and (got is not None or len(order) == 1)
+            if got is not None:
+                assert all(g.tolist() == w.tolist() for g, w in zip(got[:3], want[:3])) and got[3] == want[3]
 
 
 def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, caplog):
@@ -167,3 +216,104 @@ def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, 
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "preprocess_concurrency": 3})
     assert plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})["preprocess_concurrency"] == 3
     assert plan_encoder(small_job(tmp_path, tmp_path / "o", tiny_model), {"CPU": 2.0})["preprocess_concurrency"] is None
+
+
+class _TransformersCallTokenizer:
+    """The job's Tokenizer as it was: every call through transformers' ``tok(...)`` (BatchEncoding)."""
+
+    @staticmethod
+    def make(path: str, *args, **kwargs):
+        from embedjob.stages.encode.tokenizer import Tokenizer, _Encoding
+
+        class Old(Tokenizer):
+            def _call(self, texts, special, words):
+                trunc = special and not self.whole_documents
+                if special and self.prompt:
+                    texts = [self.prompt + t for t in texts]
+                enc = self.tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
+                               add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
+                               return_offsets_mapping=words)
+                return [_Encoding(enc["input_ids"][j], enc.word_ids(j) if words else None,
+                                  enc["offset_mapping"][j] if words else None) for j in range(len(texts))]
+
+        return Old(path, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["minilm", "roberta", "xlmr", "qwen"])
+def test_tokenizer_on_the_rust_encodings_equals_the_transformers_call(kind, minilm_path, tmp_path):
+    """The Tokenizer reads the Rust encodings directly (no BatchEncoding): the same ids, whole
+    counts, word ids and offsets as transformers' call, truncated or whole, with a prompt, and for a
+    text tokenised in pieces; WordPiece, byte-level BPE (both layouts) and Unigram."""
+    from embedjob.stages.encode.tokenizer import Tokenizer
+    from tests.models_zoo import _bpe_tokenizer
+
+    path = minilm_path
+    if kind != "minilm":
+        path = str(tmp_path / kind)
+        _bpe_tokenizer(kind).save_pretrained(path)
+    texts = HARD_TEXTS + [" ".join(HARD_TEXTS) * 4, ""]
+    for args, kw in [((16,), {}), ((16, 64), {}), ((16, 64), {"prompt": "query: "}), ((16,), {"prompt": "query: "}),
+                     ((16, 300), {"piece_chars": 64}), ((16,), {"piece_chars": 64, "call_chars": 100})]:
+        new, old = Tokenizer(path, *args, **kw), _TransformersCallTokenizer.make(path, *args, **kw)
+        for words in (False, True):
+            a, b = new.encode(texts, words=words), old.encode(texts, words=words)
+            assert a.ids == b.ids and a.doc_tokens.tolist() == b.doc_tokens.tolist(), (kind, args, kw)
+            assert a.word_ids == b.word_ids and a.offsets == b.offsets, (kind, args, kw)
+        assert [x.tolist() for x in new(texts[:3])] == [x.tolist() for x in old(texts[:3])]
+
+
+def _word_slots_reference(words_all, x_off, run_of, keep):
+    """hook_for's per-occurrence original: slot_of.setdefault((run, word)) row by row, and attach's
+    per-run lists sorted by word."""
+    import numpy as np
+
+    slot_of: dict = {}
+    inst_slot = []
+    for row in np.flatnonzero(keep).tolist():
+        run = int(run_of[row])
+        for word in words_all[x_off[row]:x_off[row + 1]]:
+            inst_slot.append(slot_of.setdefault((run, word), len(slot_of)))
+    by_run: list = [[] for _ in range(int(run_of.max()) + 1 if len(run_of) else 0)]
+    for (run, word), s in slot_of.items():
+        by_run[run].append((word, s))
+    return inst_slot, slot_of, [[s for _, s in sorted(items)] for items in by_run]
+
+
+def test_vectorised_word_slots_equal_the_per_occurrence_original():
+    """The static accumulator's slots (one per row run and word, in order of first occurrence),
+    each run's word order for its part, and the counts: Arrow dictionary encoding and numpy, the
+    same as the dict it replaced; with dropped rows, empty rows, repeats across runs and a column
+    slice."""
+    import numpy as np
+
+    from embedjob.stages.static.accumulate import _list_parts, slots_by_run, word_slots
+
+    rng = np.random.default_rng(0)
+    vocab = ["cat", "cats", "Zebra", "über", "dog", "a", "b", "éa", "ea", "z"]
+    rows = [[vocab[i] for i in rng.integers(0, len(vocab), rng.integers(0, 9))] for _ in range(40)] + [[]]
+    col = pa.chunked_array([pa.array(rows[:7], pa.list_(pa.string())), pa.array(rows[7:], pa.list_(pa.string()))])
+    for sl in (col, col.slice(3)):
+        off, flat = _list_parts(sl)
+        n = len(off) - 1
+        run_of = np.repeat(np.arange(4), [n // 4, n // 4, n // 4, n - 3 * (n // 4)])
+        for keep in (np.ones(n, bool), rng.random(n) > 0.3, np.zeros(n, bool)):
+            occ, slot_run, slot_word = word_slots(flat, off, run_of, keep)
+            want, slot_of, want_order = _word_slots_reference(flat.to_pylist(), off, run_of, keep)
+            assert occ.tolist() == want
+            assert {(int(r), w): s for s, (r, w) in enumerate(zip(slot_run, slot_word))} == slot_of
+            assert [x.tolist() for x in slots_by_run(slot_run, slot_word, 4)] == want_order
+            assert np.bincount(occ, minlength=len(slot_word)).tolist() == np.bincount(want, minlength=len(slot_of)).tolist()
+
+
+def test_id_arrays_equal_the_python_lists():
+    """The encoder actor reads _input_ids as views of the column's flat buffer: equal to to_pylist."""
+    import numpy as np
+
+    from embedjob.stages.encode.actor import id_arrays
+
+    rows = [[101, 5, 102], [], None, [101, 102], [7] * 40]
+    col = pa.chunked_array([pa.array(rows[:2], pa.list_(pa.int32())), pa.array(rows[2:], pa.list_(pa.int32()))])
+    for c in (col, col.slice(1), col.slice(2, 2), col.slice(5)):
+        got = id_arrays(c)
+        assert [x.tolist() for x in got] == [x or [] for x in c.to_pylist()]
+        assert all(x.dtype == np.int32 for x in got)

@@ -14,7 +14,11 @@ It reports, for static vectors on and off:
   on the GPU, so ``feed`` leaves its forward pass out; ``with model`` keeps it);
 * CPU-seconds per million encoded tokens of each part, run in-process, one block after another
   on the same shards: read, gensim preprocess, tokenize, static alignment, window plan, static
-  accumulation, model, write, commit; "Ray Data and the rest" is the pipeline's CPU minus them.
+  accumulation, model, write, commit; "Ray Data and the rest" is the pipeline's CPU minus them;
+* the job's fixed start-up CPU (a run over the first ``STARTUP_DOCS`` documents of one shard: worker
+  processes and their imports, the model's load, Ray Data's actors), and the pipeline's CPU per
+  token with it taken out (``steady``): what a long backfill pays per token, and so what sizes a
+  GPU host's cores.
 
 Example::
 
@@ -37,6 +41,10 @@ import numpy as np
 from embedjob.bench.corpus import DEFAULT_CORPUS
 
 logger = logging.getLogger(__name__)
+
+# Documents of the start-up run: the job's fixed CPU (worker processes and their imports, the model's
+# load, Ray Data's own actors) over a few blocks, subtracted to give the per-token cost of a long run.
+STARTUP_DOCS = 300
 
 PARTS = ("read", "preprocess", "tokenize", "align", "window_plan", "static", "model", "encoder_io", "write",
          "commit")
@@ -298,20 +306,36 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(inp)
         for u in urls:
             os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
+        # one core for the Rust tokenizer, as in the job's workers (init_ray sets it for them): with its
+        # thread pool the raw rate would count only the calling thread's CPU
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         model = build_feed_model(work)
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.static]
         shards = discover_shards(inp, {}, "id", "text")
         import pyarrow.parquet as pq
 
+        small = os.path.join(work, "small")  # the start-up run: the first STARTUP_DOCS documents of one shard
+        os.makedirs(small)
+        first = pq.read_table(urls[0])
+        pq.write_table(first.slice(0, min(STARTUP_DOCS, max(1, first.num_rows // 4))),
+                       os.path.join(small, "part-00000.parquet"))
+        small_shards = discover_shards(small, {}, "id", "text")
+
         texts = [t for u in urls for t in pq.read_table(u, columns=["text"]).column("text").to_pylist()
                  if t and t.strip()]
         results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "modes": {}}
+        # Ray's worker pool warmed once, not measured: otherwise the first run of each round alone pays
+        # for starting Ray's idle workers, which later runs (and a long job) reuse
+        pipeline_run(job_config(small, os.path.join(work, "warm-up"), model, True, args.set or []), small_shards)
         for r in range(args.rounds):  # modes interleaved round by round; the tokenizer measured in each
             tok_rate = raw_tokenizer_rate(model, texts, rounds=1)
             for static in modes:
                 key = "static on" if static else "static off"
                 cfg = job_config(inp, os.path.join(work, f"out-{key[-3:].strip()}"), model, static, args.set or [])
                 pipe = pipeline_run(cfg, shards)
+                start = pipeline_run(job_config(small, os.path.join(work, f"small-{key[-3:].strip()}"), model, static,
+                                                args.set or []), small_shards)
+                pipe["startup"] = {k: start[k] for k in ("encoded_tokens", "cpu_s", "wall_s")}
                 parts, tokens = part_seconds(cfg, shards, os.path.join(work, f"parts-{key[-3:].strip()}"))
                 results["modes"].setdefault(key, []).append(_summary(pipe, parts, tokens, tok_rate))
         _report(results, args.json)
@@ -328,7 +352,13 @@ def _summary(pipe: dict[str, Any], parts: dict[str, float], part_tokens: int, to
     per_mtok["rest"] = pipe_per_mtok - sum(per_mtok.values())
     feed_per_mtok = pipe_per_mtok - per_mtok["model"]
     per_core = tokens / max(pipe["cpu_s"], 1e-9)
-    return {**pipe, "per_core": round(per_core), "tokenizer_per_core": round(tok_rate),
+    steady = {}
+    if "startup" in pipe:  # the job's fixed start-up (workers, model load, Ray Data's actors) taken out
+        st = pipe["startup"]
+        marginal = (pipe["cpu_s"] - st["cpu_s"]) / max(tokens - st["encoded_tokens"], 1) * 1e6
+        steady = {"startup_cpu_s": st["cpu_s"], "steady_s_per_mtok": round(marginal, 3),
+                  "steady_feed_efficiency": round(1e6 / max(marginal - per_mtok["model"], 1e-9) / tok_rate, 3)}
+    return {**pipe, **steady, "per_core": round(per_core), "tokenizer_per_core": round(tok_rate),
             "efficiency_with_model": round(per_core / tok_rate, 3),
             "feed_efficiency": round(1e6 / feed_per_mtok / tok_rate, 3),
             "tokenizer_s_per_mtok": round(1e6 / tok_rate, 3), "pipeline_s_per_mtok": round(pipe_per_mtok, 3),
@@ -353,4 +383,10 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
             v = float(np.median([r["parts_s_per_mtok"][k] for r in rounds]))
             print(f"    {PART_NAMES.get(k, k):<28} {v:8.3f}")
         print(f"    {'= pipeline':<28} {float(np.median([r['pipeline_s_per_mtok'] for r in rounds])):8.3f}")
+        if "steady_s_per_mtok" in rounds[0]:
+            med = {k: float(np.median([r[k] for r in rounds]))
+                   for k in ("startup_cpu_s", "steady_s_per_mtok", "steady_feed_efficiency")}
+            print(f"    {'start-up (CPU s, fixed)':<28} {med['startup_cpu_s']:8.3f}")
+            print(f"    {'pipeline, start-up out':<28} {med['steady_s_per_mtok']:8.3f}   "
+                  f"feed efficiency {med['steady_feed_efficiency']}")
         print(f"    {'(tokenizer alone)':<28} {float(np.median([r['tokenizer_s_per_mtok'] for r in rounds])):8.3f}")

@@ -45,6 +45,18 @@ def vectors_to_arrow(vectors: np.ndarray, valid: Optional[np.ndarray] = None) ->
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
 
 
+def id_arrays(col: Any) -> list[np.ndarray]:
+    """Each row of a ``list<int32>`` column as an int32 array: views of the column's one flat
+    buffer (no Python int per token, as ``to_pylist`` would make); a null row is empty."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not len(arr):
+        return []
+    off = arr.offsets.to_numpy()
+    flat = arr.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    base = int(off[0])
+    return np.split(flat[base:int(off[-1])], (off[1:-1] - base).tolist())
+
+
 def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]],
                  counter: Any = None, unfit: Optional[dict[str, Any]] = None):
     """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
@@ -122,8 +134,8 @@ class EncodeActor:
             self.progress.begin(f"{batch.column(SHARD)[0].as_py()}:{batch.column(ROW)[0].as_py()}")
         encode_call_started()  # test-only: tells a test this process is mid-call
         encode_delay()  # test-only: widens the window to kill an actor mid-run
-        ids_col = batch.column(INPUT_IDS).to_pylist()
-        keep = np.array([bool(x) for x in ids_col], dtype=bool)
+        ids_col = id_arrays(batch.column(INPUT_IDS))
+        keep = np.fromiter((len(x) > 0 for x in ids_col), dtype=bool, count=len(ids_col))
         unfit = np.zeros(batch.num_rows, dtype=bool)
         while True:  # out of memory even alone (oom.py): that document is left out, the actor lives on
             try:
@@ -160,7 +172,7 @@ class EncodeActor:
 
     def _encode(self, batch: pa.Table, ids_col: list, keep: np.ndarray):
         """The encoder's output for the rows ``keep`` of ``batch`` (static word sums hooked in)."""
-        todo = [np.asarray(x, dtype=np.int32) for x, k in zip(ids_col, keep) if k]
+        todo = [x for x, k in zip(ids_col, keep) if k]
         doc_tokens = None
         if DOC_TOKENS in batch.column_names:  # whole documents tokenised: ids capped at encode.max_windows
             doc_tokens = batch.column(DOC_TOKENS).to_numpy(zero_copy_only=False)[keep]

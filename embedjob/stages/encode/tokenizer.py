@@ -65,6 +65,15 @@ def piece_spans(text: str, piece_chars: int) -> list[tuple[int, int]]:
     return spans
 
 
+@dataclass
+class _Encoding:
+    """A slow tokenizer's output for one text, shaped like the Rust ``tokenizers.Encoding``."""
+
+    ids: list[int]
+    word_ids: Optional[list[Optional[int]]]
+    offsets: Optional[list[tuple[int, int]]]
+
+
 class Tokenizer:
     """The model's fast tokenizer: texts -> token id arrays (special tokens included), at most
     ``max_tokens`` per document (default ``max_length``: truncation; more for windows).
@@ -130,22 +139,44 @@ class Tokenizer:
                    prompt=settings.prompt, do_lower_case=settings.do_lower_case,
                    tokenizer_kwargs=settings.tokenizer_kwargs, trust_remote_code=settings.trust_remote_code)
 
-    def _call(self, texts: list[str], special: bool, words: bool):
+    def _call(self, texts: list[str], special: bool, words: bool) -> list:
+        """The Rust tokenizer's encodings of ``texts``: what ``self.tok(texts, ...)`` computes
+        (transformers sets the same truncation state, then calls ``encode_batch``), without its
+        per-token conversion into Python dicts and lists that nothing here reads."""
+        from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
         trunc = special and not self.whole_documents
         if special and self.prompt:  # the prompt is tokenised with the text, as sentence-transformers does
             texts = [self.prompt + t for t in texts]
-        return self.tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
-                        add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
-                        return_offsets_mapping=words)
+        tok = self.tok
+        if not getattr(tok, "is_fast", False):  # a slow tokenizer: transformers' own call
+            enc = tok(texts, truncation=trunc, max_length=self.max_length if trunc else None,
+                      add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False,
+                      return_offsets_mapping=words)
+            return [_Encoding(enc["input_ids"][j], enc.word_ids(j) if words else None,
+                              enc["offset_mapping"][j] if words else None) for j in range(len(texts))]
+        kw = dict(padding_strategy=PaddingStrategy.DO_NOT_PAD,
+                  truncation_strategy=TruncationStrategy.LONGEST_FIRST if trunc else TruncationStrategy.DO_NOT_TRUNCATE,
+                  max_length=self.max_length if trunc else None, stride=0, pad_to_multiple_of=None)
+        try:
+            tok.set_truncation_and_padding(**kw, padding_side=None)
+        except TypeError:  # transformers before padding_side (a bare GPU host's older install)
+            tok.set_truncation_and_padding(**kw)
+        backend = tok.backend_tokenizer
+        split = bool(getattr(tok, "split_special_tokens", False))
+        if getattr(backend, "encode_special_tokens", split) != split:
+            backend.encode_special_tokens = split
+        return backend.encode_batch(texts, add_special_tokens=special)
 
     def _encode_group(self, texts: list[str], group: list[int], out: Tokenized, words: bool) -> None:
-        enc = self._call([texts[k] for k in group], True, words)
+        encs = self._call([texts[k] for k in group], True, words)
         cap = self.max_tokens
         for j, k in enumerate(group):
-            ids = enc["input_ids"][j]
+            e = encs[j]
+            ids = e.ids
             out.doc_tokens[k] = len(ids)
-            wid = enc.word_ids(j) if words else None
-            offs = enc["offset_mapping"][j] if words else None
+            wid = e.word_ids if words else None
+            offs = e.offsets if words else None
             if words and self.prompt:
                 wid, offs = self._strip_prompt(wid, offs)
             t = self.tail
@@ -168,10 +199,10 @@ class Tokenizer:
             if i:
                 release_free_memory()
             first = i == 0
-            enc = self._call([text[a:b]], first, words)
-            ids = enc["input_ids"][0]
-            piece_wids = enc.word_ids(0) if words else None
-            piece_offs = enc["offset_mapping"][0] if words else None
+            enc = self._call([text[a:b]], first, words)[0]
+            ids = enc.ids
+            piece_wids = enc.word_ids if words else None
+            piece_offs = enc.offsets if words else None
             if first and words and self.prompt:
                 piece_wids, piece_offs = self._strip_prompt(piece_wids, piece_offs)
             if first:  # [CLS] ... [SEP]: the closing tokens go back on at the end

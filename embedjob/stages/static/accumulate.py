@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedjob.layout import STATIC_PART_SUFFIX, part_name
 from embedjob.schema import ROW, SHARD, WORD_IDS, WORDS, contiguous_runs
@@ -38,11 +39,13 @@ class _CallState:
     """The word-slot bookkeeping of one encoder call (a slot = one (row run, word) pair)."""
 
     runs: list[tuple[str, int, int]]  # (shard, first row, last row) per run
-    slot_of: dict[tuple[int, str], int]  # (run, word) -> slot
+    slot_run: np.ndarray  # run of each slot
+    slot_word: list[str]  # word of each slot
     counts: np.ndarray  # occurrences per slot
-    tok_inst: list[np.ndarray]  # per kept doc: instance (word occurrence) index per token, -1 = none
-    first_pos: list[np.ndarray]  # per kept doc: token position of each instance's first piece
-    inst_slot: list[np.ndarray]  # per kept doc: slot of each instance
+    tok_inst: np.ndarray  # per token of the kept docs (one after another): its instance, -1 = none
+    tok_base: np.ndarray  # (kept docs + 1,): where each kept doc's tokens start in tok_inst
+    first_tok: np.ndarray  # per instance (word occurrence): index in tok_inst of its first piece
+    inst_slot: np.ndarray  # per instance: its slot
     sums: Any  # torch (slots, dim) float32 on the encoder's device
 
 
@@ -56,20 +59,84 @@ def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, Any]:
     return off - off[0], (values[int(off[0]):int(off[-1])] if len(off) else values)
 
 
-def _first_positions(t: np.ndarray, n_inst: int) -> np.ndarray:
-    """Token position of each instance's first piece (``t``: instance per token, -1 = none)."""
-    first = np.zeros(n_inst, dtype=np.int64)
-    at = np.flatnonzero(t >= 0)
-    tt = t[at]
-    if len(tt) and bool((tt[1:] >= tt[:-1]).all()):  # instances ascend (BERT's words): runs
-        new = np.empty(len(tt), dtype=bool)
-        new[0] = True
-        np.not_equal(tt[1:], tt[:-1], out=new[1:])
-        first[tt[new]] = at[new]
-    elif len(tt):
-        seen, first_at = np.unique(tt, return_index=True)  # positions ascend: each one's first piece
-        first[seen] = at[first_at]
-    return first
+def word_slots(words: pa.Array, offsets: np.ndarray, run_of: np.ndarray,
+               keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One slot per (row run, word) among the kept rows' word occurrences (row ``r`` holds
+    ``words[offsets[r]:offsets[r + 1]]``), numbered in order of first occurrence: the slot of each
+    kept occurrence (kept rows in order), and the run and word of each slot. Arrow's dictionary
+    encoding and numpy, no Python per occurrence."""
+    n_rows = len(offsets) - 1
+    occ_row = np.repeat(np.arange(n_rows), np.diff(offsets))
+    kept = np.flatnonzero(keep[occ_row]) if len(occ_row) else np.zeros(0, np.int64)
+    if not len(kept):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    enc = pc.dictionary_encode(words.take(pa.array(kept)))
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    key = run_of[occ_row[kept]].astype(np.int64) * len(enc.dictionary) + codes
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    slot_of_uniq = np.empty(len(uniq), dtype=np.int64)
+    by_first = np.argsort(first, kind="stable")
+    slot_of_uniq[by_first] = np.arange(len(uniq))
+    ordered = uniq[by_first]
+    slot_words = enc.dictionary.take(pa.array(ordered % len(enc.dictionary))).to_pylist()
+    return slot_of_uniq[inv.reshape(-1)], ordered // len(enc.dictionary), slot_words
+
+
+def _instances(wid_flat: np.ndarray, w_off: np.ndarray, x_off: np.ndarray,
+               keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kept rows' tokens one after another, each as its word occurrence (an *instance*: the
+    kept rows' occurrences numbered in row order, as :func:`word_slots` numbers them; -1 = none);
+    where each kept row's tokens start; and each instance's first piece (an index into the tokens)."""
+    n_rows = len(w_off) - 1
+    tok_row = np.repeat(np.arange(n_rows), np.diff(w_off))
+    kept_tok = keep[tok_row] if len(tok_row) else np.zeros(0, bool)
+    t = wid_flat[:len(tok_row)][kept_tok].astype(np.int64)
+    n_inst = np.where(keep, np.diff(x_off), 0)
+    inst_base = np.cumsum(n_inst) - n_inst  # first instance of each row (kept rows only)
+    tok_inst = np.where(t >= 0, t + inst_base[tok_row[kept_tok]], -1)
+    lens = np.diff(w_off)[keep]
+    tok_base = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=tok_base[1:])
+    first_tok = np.zeros(int(n_inst.sum()), dtype=np.int64)
+    at = np.flatnonzero(tok_inst >= 0)
+    seen, first_at = np.unique(tok_inst[at], return_index=True)  # positions ascend: each one's first piece
+    first_tok[seen] = at[first_at]
+    return tok_inst, tok_base, first_tok
+
+
+def window_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: int):
+    """One model batch's pieces to pool: row ``r`` is a window of kept doc ``docs[r]``
+    (``spans[r]``: column 0's position, the covered positions [a, b), the owned ones [lo, hi)). An
+    occurrence is taken by the window that owns its first piece, its pieces in that window pooled.
+
+    Returns (flat positions ``r * width + column`` of the pieces, each piece's occurrence numbered
+    by row then instance, each occurrence's slot, the number of occurrences), or None; numpy over all
+    rows at once (the per-row loop it replaced is ``tests/test_feed.py``'s reference)."""
+    col0, a, b, lo, hi = spans.T
+    base = st.tok_base[docs]
+    n = np.maximum(np.minimum(b, st.tok_base[docs + 1] - base) - a, 0)
+    rr = np.repeat(np.arange(len(docs)), n)
+    p = a[rr] + np.arange(len(rr)) - np.repeat(np.cumsum(n) - n, n)
+    g = st.tok_inst[base[rr] + p]
+    m = g >= 0
+    rr, p, g = rr[m], p[m], g[m]
+    fp = st.first_tok[g] - base[rr]
+    m = (fp >= lo[rr]) & (fp < hi[rr])
+    rr, p, g = rr[m], p[m], g[m]
+    if not len(p):
+        return None
+    n_inst = max(len(st.first_tok), 1)
+    uniq, inst = np.unique(rr * n_inst + g, return_inverse=True)
+    return rr * width + p - col0[rr], inst.reshape(-1), st.inst_slot[uniq % n_inst], len(uniq)
+
+
+def slots_by_run(slot_run: np.ndarray, slot_word: list[str], n_runs: int) -> list[np.ndarray]:
+    """The slots of each run, ordered by word (Python's string order, as the parts are sorted)."""
+    rank = np.empty(len(slot_word), dtype=np.int64)
+    rank[sorted(range(len(slot_word)), key=slot_word.__getitem__)] = np.arange(len(slot_word))
+    order = np.lexsort((rank, slot_run))
+    bounds = np.searchsorted(slot_run[order], np.arange(n_runs + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(n_runs)]
 
 
 class StaticAccumulator:
@@ -97,27 +164,11 @@ class StaticAccumulator:
                                  batch.column(ROW).to_numpy())
         w_off, wid_flat = _list_parts(batch.column(WORD_IDS))
         x_off, words_flat = _list_parts(batch.column(WORDS))
-        words_all = words_flat.to_pylist()
-        slot_of: dict[tuple[int, str], int] = {}
-        tok_inst: list[np.ndarray] = []
-        first_pos: list[np.ndarray] = []
-        inst_slot: list[np.ndarray] = []
-        setdefault = slot_of.setdefault
-        for row in np.flatnonzero(keep).tolist():
-            run = int(run_of[row])
-            a, b = int(x_off[row]), int(x_off[row + 1])
-            # one slot per (run, word), numbered in order of first occurrence
-            slots = np.fromiter((setdefault((run, word), len(slot_of)) for word in words_all[a:b]),
-                                dtype=np.int64, count=b - a)
-            t = wid_flat[int(w_off[row]):int(w_off[row + 1])].astype(np.int64)
-            tok_inst.append(t)
-            first_pos.append(_first_positions(t, b - a))
-            inst_slot.append(slots)
-        n_slots = len(slot_of)
-        counts = np.bincount(np.concatenate(inst_slot) if inst_slot else np.zeros(0, np.int64),
-                             minlength=n_slots).astype(np.int64)
-        sums = self.torch.zeros((n_slots, self.dim), dtype=self.torch.float32, device=self.encoder.device)
-        self._state = _CallState(runs, slot_of, counts, tok_inst, first_pos, inst_slot, sums)
+        occ_slot, slot_run, slot_word = word_slots(words_flat, x_off, run_of, keep)
+        tok_inst, tok_base, first_tok = _instances(wid_flat, w_off, x_off, keep)
+        counts = np.bincount(occ_slot, minlength=len(slot_word)).astype(np.int64)
+        sums = self.torch.zeros((len(slot_word), self.dim), dtype=self.torch.float32, device=self.encoder.device)
+        self._state = _CallState(runs, slot_run, slot_word, counts, tok_inst, tok_base, first_tok, occ_slot, sums)
         return self._hook
 
     def _hook(self, layers, mask, idx: np.ndarray, spans: np.ndarray) -> None:
@@ -129,26 +180,12 @@ class StaticAccumulator:
         st = self._state
         h = layers[0].float() if len(layers) == 1 else torch.stack([x.float() for x in layers]).mean(0)
         B, S, D = h.shape
-        pos, inst, slots = [], [], []
-        offset = 0
-        for r, j in enumerate(idx):
-            col0, a, b, lo, hi = (int(x) for x in spans[r])
-            t = st.tok_inst[j]
-            p = np.arange(a, min(b, len(t)), dtype=np.int64)
-            p = p[t[p] >= 0]
-            fp = st.first_pos[j][t[p]]
-            p = p[(fp >= lo) & (fp < hi)]
-            if not len(p):
-                continue
-            taken, local = np.unique(t[p], return_inverse=True)
-            pos.append(r * S + p - col0)
-            inst.append(offset + local)
-            slots.append(st.inst_slot[j][taken])
-            offset += len(taken)
-        if offset == 0:
+        taken = window_pieces(st, np.asarray(idx, dtype=np.int64), np.asarray(spans, dtype=np.int64), S)
+        if taken is None:
             return
-        vec = self._pool(h.reshape(B * S, D), np.concatenate(pos), np.concatenate(inst), offset)
-        st.sums.index_add_(0, torch.from_numpy(np.concatenate(slots)).to(h.device), vec)
+        pos, inst, slots, n_inst = taken
+        vec = self._pool(h.reshape(B * S, D), pos, inst, n_inst)
+        st.sums.index_add_(0, torch.from_numpy(slots).to(h.device), vec)
 
     def _pool(self, flat, pos_a: np.ndarray, inst_a: np.ndarray, n_inst: int):
         """One vector per word occurrence (``n_inst`` of them) from its pieces' rows ``pos_a`` of
@@ -181,12 +218,7 @@ class StaticAccumulator:
         if st is None:
             raise RuntimeError("StaticAccumulator.attach called without hook_for (one call per encoder batch)")
         sums = st.sums.cpu().numpy()
-        by_run: list[list[tuple[str, int]]] = [[] for _ in st.runs]
-        for (run, word), s in st.slot_of.items():
-            by_run[run].append((word, s))
-        for (shard, r0, r1), items in zip(st.runs, by_run):
-            items.sort()
-            sl = np.fromiter((s for _, s in items), dtype=np.int64, count=len(items))
-            table = part_table([w for w, _ in items], st.counts[sl], sums[sl], self.dim)
+        for (shard, r0, r1), sl in zip(st.runs, slots_by_run(st.slot_run, st.slot_word, len(st.runs))):
+            table = part_table([st.slot_word[s] for s in sl.tolist()], st.counts[sl], sums[sl], self.dim)
             self.out.write_parquet(part_name(shard, r0, r1, STATIC_PART_SUFFIX), table, compression="none")
         return out.drop_columns([c for c in (WORD_IDS, WORDS) if c in out.column_names])
