@@ -29,6 +29,7 @@ REPORT_HTML = "report.html"  # the run's HTML report, written at the end of ever
 CONFIG = "config.json"
 REPORT = "report.html"  # the run's HTML report, written after the manifest
 STATIC_PART_SUFFIX = ".static.parquet"
+REUSE_TMP = f"{TMP}/_reuse"  # output.reuse: _tmp/_reuse/<run id>/plan/<shard>/<partition>.parquet
 
 # corpus-wide stages
 VOCAB_DIR = "vocab"

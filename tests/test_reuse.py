@@ -1,0 +1,154 @@
+"""output.reuse: a rerun encodes only new and changed documents (issue 29). Real local Ray, real
+files, the tiny model; each test runs the job twice or more on the same output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.pipeline import run_job
+from embedjob.stages.reuse import lookup as reuse_lookup
+from tests.conftest import SAMPLE_TEXTS
+from tests.helpers import small_job, small_job_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = [f"{t} number {i}" for i in range(8) for t in SAMPLE_TEXTS]  # 96 documents
+IDS = [f"doc-{i:05d}" for i in range(len(TEXTS))]
+
+
+def _write(folder, ids, texts, n_shards):
+    """Contiguous cuts of (ids, texts) into ``n_shards`` files (the folder's old files go)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    bounds = np.linspace(0, len(ids), n_shards + 1).astype(int)
+    for s in range(n_shards):
+        a, b = bounds[s], bounds[s + 1]
+        pq.write_table(pa.table({"id": ids[a:b], "text": texts[a:b]}), os.path.join(folder, f"part-{s:05d}.parquet"))
+
+
+def _vectors(out):
+    t = pq.read_table(os.path.join(out, "vectors"), columns=["id", "vector"])
+    ids = t.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id twice in vectors/"
+    return dict(zip(ids, np.asarray(t.column("vector").to_pylist(), dtype=np.float32)))
+
+
+def _docs(res):
+    return res.manifest["totals"]["documents"]
+
+
+def _job(tmp_path, model, **sections):
+    return small_job(tmp_path / "in", tmp_path / "out", model, **sections)
+
+
+def test_repartitioned_4_into_7_encodes_nothing(ray_local, tmp_path, tiny_model, monkeypatch):
+    _write(tmp_path / "in", IDS, TEXTS, 4)
+    first = run_job(_job(tmp_path, tiny_model, encode={"write_chunks": True, "max_length": 12}))
+    assert _docs(first)["encoded"] == len(IDS) and _docs(first)["reused"] == 0
+    before = _vectors(tmp_path / "out")
+    chunks_before = pq.read_table(tmp_path / "out" / "chunks").sort_by([("id", "ascending"), ("chunk", "ascending")])
+    monkeypatch.setattr(reuse_lookup, "ROWS_PER_PARTITION", 20)  # 5 partitions: the join runs partition by partition
+    _write(tmp_path / "in", IDS, TEXTS, 7)
+    res = run_job(_job(tmp_path, tiny_model, encode={"write_chunks": True, "max_length": 12}))
+    assert res.ok
+    assert _docs(res) == {"encoded": 0, "reused": len(IDS), "removed": 0}
+    assert res.manifest["stages"]["reuse"]["partitions"] == 5
+    after = _vectors(tmp_path / "out")
+    assert sorted(after) == sorted(IDS)
+    assert all(np.array_equal(before[i], after[i]) for i in IDS)  # copied, bit for bit
+    chunks_after = pq.read_table(tmp_path / "out" / "chunks").sort_by([("id", "ascending"), ("chunk", "ascending")])
+    assert chunks_after.select(["id", "chunk", "start_char", "end_char"]).equals(
+        chunks_before.select(["id", "chunk", "start_char", "end_char"]))
+    tokens = pq.read_table(tmp_path / "out" / "tokens")
+    assert sorted(tokens.column("id").to_pylist()) == sorted(IDS)
+    assert not (tmp_path / "out" / "_tmp" / "_reuse").exists()
+    # the old shards part-00004..6 did not exist; part-00000..3 were rewritten in place: nothing left over
+    assert sorted(p.name for p in (tmp_path / "out" / "vectors").iterdir()) == [f"part-{s:05d}.parquet" for s in range(7)]
+
+
+def test_edit_append_and_recipe_change(ray_local, tmp_path, tiny_model):
+    _write(tmp_path / "in", IDS, TEXTS, 4)
+    run_job(_job(tmp_path, tiny_model))
+    before = _vectors(tmp_path / "out")
+    # two rows of one shard edited: two documents encoded, the shard's others copied
+    texts = list(TEXTS)
+    texts[3], texts[7] = "An edited text about rivers.", "Another edited text, about mountains."
+    _write(tmp_path / "in", IDS, texts, 4)
+    res = run_job(_job(tmp_path, tiny_model))
+    assert _docs(res)["encoded"] == 2 and _docs(res)["reused"] == len(IDS) // 4 - 2
+    assert res.manifest["stages"]["reuse"]["changed"] == 2
+    after = _vectors(tmp_path / "out")
+    assert not np.allclose(before[IDS[3]], after[IDS[3]])
+    assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in (IDS[3], IDS[7]))
+    # a shard appended: only its documents are encoded (the others are unchanged shards, skipped)
+    extra = tmp_path / "in" / "part-00004.parquet"
+    new_ids = [f"new-{i}" for i in range(10)]
+    pq.write_table(pa.table({"id": new_ids, "text": [f"A new document {i} about boats." for i in range(10)]}), extra)
+    res = run_job(_job(tmp_path, tiny_model))
+    assert _docs(res)["encoded"] == 10 and _docs(res)["reused"] == 0
+    assert res.manifest["totals"]["skipped_unchanged"] == 4
+    # removing a shard: its documents are counted as removed
+    os.remove(extra)
+    res = run_job(_job(tmp_path, tiny_model))
+    assert _docs(res) == {"encoded": 0, "reused": 0, "removed": 10}
+    # a recipe change (pooling) encodes every document again
+    res = run_job(_job(tmp_path, tiny_model, encode={"pooling": "cls"}))
+    assert _docs(res)["encoded"] == len(IDS) and _docs(res)["reused"] == 0
+    # output.reuse off: every document of a re-partitioned corpus is encoded
+    _write(tmp_path / "in", IDS, texts, 3)
+    res = run_job(_job(tmp_path, tiny_model, encode={"pooling": "cls"}, output={"reuse": "off"}))
+    assert _docs(res)["encoded"] == len(IDS) and res.manifest["stages"]["reuse"]["reason"] == "output.reuse is off"
+
+
+def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model):
+    _write(tmp_path / "in", IDS, TEXTS, 4)
+    job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1}}
+    run_job(_job(tmp_path, tiny_model, **job))
+    before = _vectors(tmp_path / "out")
+    # re-partitioned into 8, with one edited document in each new shard: every shard encodes one
+    texts = list(TEXTS)
+    edited = [IDS[i] for i in range(6, len(IDS), 12)]
+    for i in range(6, len(IDS), 12):
+        texts[i] = f"Edited document {i} about a long journey across the sea."
+    _write(tmp_path / "in", IDS, texts, 8)
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({**small_job_data(tmp_path / "in", tmp_path / "out", tiny_model, **job),
+                                "ray": {"num_cpus": 2}}))
+    env = {**os.environ, "RAY_ADDRESS": "", "EMBEDJOB_DEBUG_ENCODE_DELAY": "1.0"}
+    proc = subprocess.Popen([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    done = tmp_path / "out" / "_done"
+
+    def reused_commits():
+        return [p for p in done.glob("part-*.json") if "reuse" in json.loads(p.read_text())]
+
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(reused_commits()) < 2:
+            if proc.poll() is not None:
+                pytest.fail("job ended before it could be killed: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    finally:
+        proc.wait(timeout=60)
+    assert 2 <= len(reused_commits()) < 8
+    res = run_job(_job(tmp_path, tiny_model, **job))
+    assert res.ok
+    after = _vectors(tmp_path / "out")
+    assert sorted(after) == sorted(IDS)  # every id exactly once
+    assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in edited)
+    fresh = tmp_path / "fresh"
+    run_job(small_job(tmp_path / "in", fresh, tiny_model, **job))
+    ref = _vectors(fresh)
+    assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in edited)  # as a run without the kill
+    assert len(pq.read_table(tmp_path / "out" / "tokens").column("id")) == len(IDS)
