@@ -51,15 +51,17 @@ def _job(tmp_path, model, **sections):
     return small_job(tmp_path / "in", tmp_path / "out", model, **sections)
 
 
-def test_repartitioned_4_into_7_encodes_nothing(ray_local, tmp_path, tiny_model, monkeypatch):
+def test_repartition_edit_append_and_recipe_change(ray_local, tmp_path, tiny_model, monkeypatch):
+    chunked = {"encode": {"write_chunks": True, "max_length": 12}}
     _write(tmp_path / "in", IDS, TEXTS, 4)
-    first = run_job(_job(tmp_path, tiny_model, encode={"write_chunks": True, "max_length": 12}))
+    first = run_job(_job(tmp_path, tiny_model, **chunked))
     assert _docs(first)["encoded"] == len(IDS) and _docs(first)["reused"] == 0
     before = _vectors(tmp_path / "out")
     chunks_before = pq.read_table(tmp_path / "out" / "chunks").sort_by([("id", "ascending"), ("chunk", "ascending")])
+    # the same documents re-partitioned from 4 shards into 7: nothing encoded, the same vectors by id
     monkeypatch.setattr(reuse_lookup, "ROWS_PER_PARTITION", 20)  # 5 partitions: the join runs partition by partition
     _write(tmp_path / "in", IDS, TEXTS, 7)
-    res = run_job(_job(tmp_path, tiny_model, encode={"write_chunks": True, "max_length": 12}))
+    res = run_job(_job(tmp_path, tiny_model, **chunked))
     assert res.ok
     assert _docs(res) == {"encoded": 0, "reused": len(IDS), "removed": 0}
     assert res.manifest["stages"]["reuse"]["partitions"] == 5
@@ -67,49 +69,45 @@ def test_repartitioned_4_into_7_encodes_nothing(ray_local, tmp_path, tiny_model,
     assert sorted(after) == sorted(IDS)
     assert all(np.array_equal(before[i], after[i]) for i in IDS)  # copied, bit for bit
     chunks_after = pq.read_table(tmp_path / "out" / "chunks").sort_by([("id", "ascending"), ("chunk", "ascending")])
-    assert chunks_after.select(["id", "chunk", "start_char", "end_char"]).equals(
-        chunks_before.select(["id", "chunk", "start_char", "end_char"]))
+    cols = ["id", "chunk", "start_char", "end_char", "n_tokens", "vector"]
+    assert chunks_after.select(cols).equals(chunks_before.select(cols))
     tokens = pq.read_table(tmp_path / "out" / "tokens")
     assert sorted(tokens.column("id").to_pylist()) == sorted(IDS)
     assert not (tmp_path / "out" / "_tmp" / "_reuse").exists()
-    # the old shards part-00004..6 did not exist; part-00000..3 were rewritten in place: nothing left over
     assert sorted(p.name for p in (tmp_path / "out" / "vectors").iterdir()) == [f"part-{s:05d}.parquet" for s in range(7)]
-
-
-def test_edit_append_and_recipe_change(ray_local, tmp_path, tiny_model):
-    _write(tmp_path / "in", IDS, TEXTS, 4)
-    run_job(_job(tmp_path, tiny_model))
-    before = _vectors(tmp_path / "out")
-    # two rows of one shard edited: two documents encoded, the shard's others copied
+    # two rows of one shard edited: two documents encoded, the shard's others copied, the rest unchanged
     texts = list(TEXTS)
     texts[3], texts[7] = "An edited text about rivers.", "Another edited text, about mountains."
-    _write(tmp_path / "in", IDS, texts, 4)
-    res = run_job(_job(tmp_path, tiny_model))
-    assert _docs(res)["encoded"] == 2 and _docs(res)["reused"] == len(IDS) // 4 - 2
-    assert res.manifest["stages"]["reuse"]["changed"] == 2
+    n0 = len(pq.read_table(tmp_path / "in" / "part-00000.parquet"))  # the only file rewritten
+    pq.write_table(pa.table({"id": IDS[:n0], "text": texts[:n0]}), tmp_path / "in" / "part-00000.parquet")
+    res = run_job(_job(tmp_path, tiny_model, **chunked))
+    assert _docs(res)["encoded"] == 2 and _docs(res)["reused"] == n0 - 2
+    assert res.manifest["stages"]["reuse"]["changed"] == 2 and res.manifest["totals"]["skipped_unchanged"] == 6
     after = _vectors(tmp_path / "out")
     assert not np.allclose(before[IDS[3]], after[IDS[3]])
     assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in (IDS[3], IDS[7]))
-    # a shard appended: only its documents are encoded (the others are unchanged shards, skipped)
-    extra = tmp_path / "in" / "part-00004.parquet"
+    # a shard appended: only its documents are encoded
     new_ids = [f"new-{i}" for i in range(10)]
-    pq.write_table(pa.table({"id": new_ids, "text": [f"A new document {i} about boats." for i in range(10)]}), extra)
-    res = run_job(_job(tmp_path, tiny_model))
+    pq.write_table(pa.table({"id": new_ids, "text": [f"A new document {i} about boats." for i in range(10)]}),
+                   tmp_path / "in" / "part-00007.parquet")
+    res = run_job(_job(tmp_path, tiny_model, **chunked))
     assert _docs(res)["encoded"] == 10 and _docs(res)["reused"] == 0
-    assert res.manifest["totals"]["skipped_unchanged"] == 4
-    # removing a shard: its documents are counted as removed
-    os.remove(extra)
-    res = run_job(_job(tmp_path, tiny_model))
-    assert _docs(res) == {"encoded": 0, "reused": 0, "removed": 10}
+    assert sorted(_vectors(tmp_path / "out")) == sorted(IDS + new_ids)
     # a recipe change (pooling) encodes every document again
-    res = run_job(_job(tmp_path, tiny_model, encode={"pooling": "cls"}))
-    assert _docs(res)["encoded"] == len(IDS) and _docs(res)["reused"] == 0
-    # output.reuse off: every document of a re-partitioned corpus is encoded
-    _write(tmp_path / "in", IDS, texts, 3)
-    res = run_job(_job(tmp_path, tiny_model, encode={"pooling": "cls"}, output={"reuse": "off"}))
-    assert _docs(res)["encoded"] == len(IDS) and res.manifest["stages"]["reuse"]["reason"] == "output.reuse is off"
+    res = run_job(_job(tmp_path, tiny_model, encode={**chunked["encode"], "pooling": "cls"}))
+    assert _docs(res)["encoded"] == len(IDS) + 10 and _docs(res)["reused"] == 0
 
 
+def test_reuse_off_and_static_vectors_encode_everything():
+    from embedjob.stages.reuse.stage import off_reason
+    from embedjob.stages.write import OutputConfig
+
+    assert off_reason(OutputConfig(), static_enabled=False) is None
+    assert off_reason(OutputConfig(reuse="off"), static_enabled=False) == "output.reuse is off"
+    assert "static" in off_reason(OutputConfig(), static_enabled=True)
+
+
+@pytest.mark.slow
 def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model):
     _write(tmp_path / "in", IDS, TEXTS, 4)
     job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1}}

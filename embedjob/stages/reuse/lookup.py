@@ -148,6 +148,16 @@ def _counts(new: Optional[pa.Table], old: Optional[pa.Table], matched: int) -> d
             "removed": len(old_ids - new_ids)}
 
 
+def _tasks_return(fn):
+    """``fn`` returning its one partition as itself (a task of ``num_returns=1`` returns one object)."""
+    def task(*args: Any) -> Any:
+        parts = fn(*args)
+        return parts[0] if len(parts) == 1 else parts
+
+    task.__name__ = fn.__name__
+    return task
+
+
 def lookup(out: Storage, plan_rel: str, shards: list[NewShard], sources: list[Source], *,
            storage_options: dict[str, Any], id_column: str, text_column: str, rows: int,
            partitions: Optional[int] = None) -> LookupResult:
@@ -157,8 +167,8 @@ def lookup(out: Storage, plan_rel: str, shards: list[NewShard], sources: list[So
 
     p_count = partitions or partitions_for(rows)
     opts = dict(num_cpus=0.5, max_retries=3)
-    newf = ray.remote(**opts)(new_side).options(num_returns=p_count)
-    oldf = ray.remote(**opts)(old_side).options(num_returns=p_count)
+    newf = ray.remote(**opts)(_tasks_return(new_side)).options(num_returns=p_count)
+    oldf = ray.remote(**opts)(_tasks_return(old_side)).options(num_returns=p_count)
     joinf = ray.remote(**opts)(join_partition)
     as_list = (lambda r: [r]) if p_count == 1 else list
     new_refs = [as_list(newf.remote(s, storage_options, id_column, text_column, p_count)) for s in shards]
