@@ -95,6 +95,10 @@ class ShardCommits:
         self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed" + (
             f"; {busy}" if busy else "")
 
+    def to_encode(self) -> int:
+        """Rows the encoder must see (not reused)."""
+        return int(sum((~c).sum() for c in self.covered.values()))
+
     def encoded(self) -> tuple[int, int]:
         """Documents and tokens encoded so far, as the progress line counts them: the encoder actors'
         per-batch counts (while blocks are in flight) or the rows written, whichever is further."""

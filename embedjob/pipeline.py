@@ -59,7 +59,7 @@ from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
-from embedjob.stages.reuse.stage import ReusePlan, finish_reuse, plan_reuse, reuse_counts
+from embedjob.stages.reuse.stage import ReusePlan, close_reuse, plan_reuse
 from embedjob.stages.vocab import run_vocab
 from embedjob.storage import Storage
 
@@ -163,12 +163,11 @@ def _run_phases(run: _Run) -> JobResult:
     run.reuse = plan_reuse(cfg.output, cfg.input, out, todo, previous, run.status, run.stage_hash, lease.run_id,
                            static_enabled=cfg.static.enabled)
     _encode_shards(run, todo)
-    finish_reuse(out, run.reuse)
     # one recipe in the output: keep what this run vouches for, move the rest aside
     run.keep, reasons = outputs_to_keep(cfg.output.removed_shards, run.status, previous, run.stage_hash)
     lease.check()  # another run took the output over: move nothing, leave the manifest to it
     run.superseded = reconcile_outputs(out, keep=run.keep, markers=previous, reasons=reasons, run_id=lease.run_id)
-    run.stages["reuse"] = reuse_counts(run.reuse, run.status, run.stages["encode"], run.superseded)
+    run.stages["reuse"] = close_reuse(out, run.reuse, run.status, run.stages["encode"], run.superseded)
     if run.error is None:
         for name, stats in (("read", "encode"), ("preprocess", "encode"), ("encode", "encode"), ("reuse", "reuse")):
             out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages[stats]))
@@ -302,9 +301,10 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         out.delete(f"{TMP}/{s.key}", recursive=True)
     commits.start()  # the progress counter the encoder actors report to, and the progress line
     try:
-        ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter, reuse.reused if reuse else None)
-        for rep in preempt.stream(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)):
-            commits.add_report(rep)
+        if commits.to_encode():  # every row reused: no stream, no encoder to start (the commits copy them)
+            ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter, reuse.reused if reuse else None)
+            for rep in preempt.stream(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)):
+                commits.add_report(rep)
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
         err = commits.failed(e)
         raise err from (None if isinstance(err, InputError) else e)

@@ -150,3 +150,16 @@ def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_
     ref = _vectors(fresh)
     assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in edited)  # as a run without the kill
     assert len(pq.read_table(tmp_path / "out" / "tokens").column("id")) == len(IDS)
+
+
+def test_bench_reuse_smoke(ray_local, tmp_path, tiny_model, capsys):
+    from embedjob.cli import main
+
+    _write(tmp_path / "corpus", IDS[:24], TEXTS[:24], 2)
+    capsys.readouterr()
+    assert main(["bench", "reuse", "--corpus", str(tmp_path / "corpus"), "--shards", "2", "--into", "3",
+                 "--model", tiny_model, "--workdir", str(tmp_path / "work"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["documents"] == 24 and res["first"]["encoded"] == 24
+    assert res["rerun"]["encoded"] == 0 and res["rerun"]["reused"] == 24
+    assert res["rerun_share_of_first"] > 0

@@ -121,17 +121,14 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     return ReusePlan(plan_rel, found.reused, stats)
 
 
-def finish_reuse(out: Storage, plan: ReusePlan) -> None:
-    """Remove this run's plans (after every commit that reads them)."""
-    if plan.plan_rel:
-        out.delete(REUSE_TMP, recursive=True)
-
-
-def reuse_counts(plan: ReusePlan, status: dict[str, dict[str, Any]], encode: dict[str, Any],
-                 superseded: dict[str, Any]) -> dict[str, Any]:
-    """``stats/reuse.json`` and the manifest's ``documents``: encoded (by the model, this run),
+def close_reuse(out: Storage, plan: ReusePlan, status: dict[str, dict[str, Any]], encode: dict[str, Any],
+                superseded: dict[str, Any]) -> dict[str, Any]:
+    """Remove this run's plans and snapshots (every commit that reads them is over), and return
+    ``stats/reuse.json``, with the manifest's ``documents``: encoded (by the model, this run),
     reused (copied into shards committed this run) and removed (ids of old commits that no new
     shard holds; without a lookup, the rows of the commits moved aside as not in the input)."""
+    if plan.plan_rel:
+        out.delete(REUSE_TMP, recursive=True)
     done = [v["marker"] for v in status.values() if v["status"] == "done"]
     reused = sum(int((m.get("reuse") or {}).get("reused", 0)) for m in done)
     if "removed" in plan.stats:
