@@ -97,7 +97,7 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     sources = [] if reason else reuse_sources(previous, unchanged, stage_hash)
     if reason or not todo or not sources:
         why = reason or ("no shard to process" if not todo else "no earlier commit of this recipe with text hashes")
-        return ReusePlan(stats={"enabled": reason is None, "reason": why, "reused": 0})
+        return ReusePlan(stats={"status": "skipped", "enabled": reason is None, "reason": why, "reused": 0})
     t0 = time.time()
     plan_rel = f"{REUSE_TMP}/{run_id}/plan"
     snap = snapshot_rewritten(out, sources, {s.key for s in todo}, f"{REUSE_TMP}/{run_id}/src/")
@@ -115,6 +115,7 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
              "snapshot_files": snap,
              **{k: v for k, v in found.counts.items() if k != "matched"},
              "lookup_seconds": round(time.time() - t0, 3)}
+    stats["seconds"] = stats["lookup_seconds"]
     logger.info("reuse: %d of %d documents of %d shard(s) keep their vectors (%d old commit(s), %d partition(s), "
                 "%.1fs); %d changed, %d new", reused, rows, len(todo), len(sources), found.counts["partitions"],
                 stats["lookup_seconds"], found.counts["changed"], found.counts["new"])
