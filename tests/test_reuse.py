@@ -163,3 +163,34 @@ def test_bench_reuse_smoke(ray_local, tmp_path, tiny_model, capsys):
     assert res["documents"] == 24 and res["first"]["encoded"] == 24
     assert res["rerun"]["encoded"] == 0 and res["rerun"]["reused"] == 24
     assert res["rerun_share_of_first"] > 0
+
+
+def test_merge_puts_reused_rows_in_row_order_with_their_windows():
+    """copy.merge, without Ray: int8 vectors as stored, and each document's windows kept together."""
+    from embedjob.stages.reuse.copy import ReusedRows, _chunk_groups, merge
+    from embedjob.vector_codec import codec_of, encode, with_codec
+
+    def vec_table(ids, x):
+        arr, codec = encode(np.asarray(x, np.float32), "int8", int8_max=1.0)
+        t = pa.table({"id": ids, "vector": arr, "n_tokens": pa.array([5] * len(ids), pa.int32()),
+                      "text_hash": pa.array([bytes([i]) * 16 for i in range(len(ids))], pa.binary(16))})
+        return t.replace_schema_metadata(with_codec(t.schema, codec).metadata)
+
+    def chunk_table(ids, chunks):
+        return pa.table({"id": ids, "chunk": pa.array(chunks, pa.int32()),
+                         "vector": pa.array([[0.5, 0.5]] * len(ids), pa.list_(pa.float32()))})
+
+    new = vec_table(["b", "d"], [[0.1, 0.2], [0.3, -0.4]])
+    old = vec_table(["a", "c"], [[-0.1, 0.9], [0.5, 0.5]])
+    old_chunks = chunk_table(["a", "a", "c"], [0, 1, 0])
+    assert _chunk_groups(old_chunks, old).tolist() == [0, 0, 1]
+    reused = ReusedRows(np.array([0, 2]), old, pa.table({"id": ["a", "c"], "tokens": [["x"], ["y"]]}),
+                        old_chunks, np.array([0, 0, 2]))
+    v, t, c, rows = merge(reused, new, pa.table({"id": ["b", "d"], "tokens": [["p"], ["q"]]}),
+                          chunk_table(["b", "d", "d"], [0, 0, 1]), np.array([1, 3]), np.array([1, 3, 3]))
+    assert rows.tolist() == [0, 1, 2, 3] and v.column("id").to_pylist() == ["a", "b", "c", "d"]
+    assert t.column("id").to_pylist() == ["a", "b", "c", "d"]
+    assert list(zip(c.column("id").to_pylist(), c.column("chunk").to_pylist())) == [
+        ("a", 0), ("a", 1), ("b", 0), ("c", 0), ("d", 0), ("d", 1)]
+    assert codec_of(v.schema)["dtype"] == "int8" and v.column("vector").type.value_type == pa.int8()
+    assert v.column("vector")[0].as_py() == old.column("vector")[0].as_py()  # as stored, not re-quantised
