@@ -194,3 +194,38 @@ def test_merge_puts_reused_rows_in_row_order_with_their_windows():
         ("a", 0), ("a", 1), ("b", 0), ("c", 0), ("d", 0), ("d", 1)]
     assert codec_of(v.schema)["dtype"] == "int8" and v.column("vector").type.value_type == pa.int8()
     assert v.column("vector")[0].as_py() == old.column("vector")[0].as_py()  # as stored, not re-quantised
+
+
+def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
+    """output.lance with reuse: a rerun puts its 2 edited documents into the dataset by id and deletes
+    the 3 removed ones in one new version; the first version's fragments stay, not rewritten."""
+    import lance
+
+    ids, texts = IDS[:48], list(TEXTS[:48])
+    lance_out = {"output": {"lance": True, "carry_columns": ["text"]}}
+    _write(tmp_path / "in", ids, texts, 4)
+    assert run_job(_job(tmp_path, tiny_model, **lance_out)).ok
+    uri = str(tmp_path / "out" / "lance" / "docs.lance")
+    v1 = lance.dataset(uri)
+    files_v1 = {f.fragment_id: [d.path for d in f.metadata.files] for f in v1.get_fragments()}
+    texts[5], texts[30] = "An edited text about rivers.", "Another edited text, about mountains."
+    _write(tmp_path / "in", ids[:-3], texts[:-3], 5)  # 2 edited, 3 removed, cut into 5 shards
+    res = run_job(_job(tmp_path, tiny_model, **lance_out))
+    assert _docs(res) == {"encoded": 2, "reused": 43, "removed": 3}
+    stats = res.manifest["stages"]["lance"]
+    assert (stats["mode"], stats["upserted"], stats["deleted"], stats["committed"]) == ("merge", 2, 3, True)
+    ds = lance.dataset(uri)
+    assert ds.version == v1.version + 1 and [v["version"] for v in ds.versions()] == [v1.version, ds.version]
+    files_v2 = {f.fragment_id: [d.path for d in f.metadata.files] for f in ds.get_fragments()}
+    assert all(files_v2.get(i) == p for i, p in files_v1.items())  # every first-version fragment kept as it was
+    assert len(files_v2) == len(files_v1) + 1  # and one fragment of the merged rows
+    got = ds.to_table(columns=["id", "vector", "text"])
+    assert sorted(got.column("id").to_pylist()) == sorted(ids[:-3])  # every id once
+    want = _vectors(tmp_path / "out")
+    assert all(np.array_equal(np.asarray(v, np.float32), want[i])
+               for i, v in zip(got.column("id").to_pylist(), got.column("vector").to_pylist()))
+    assert dict(zip(got.column("id").to_pylist(), got.column("text").to_pylist()))[ids[5]] == texts[5]
+    # output.reuse off: the version is rewritten from the shards' fragments (as before issue 29)
+    res = run_job(_job(tmp_path, tiny_model, output={**lance_out["output"], "reuse": "off"}))
+    assert res.manifest["stages"]["lance"]["mode"] == "overwrite" and lance.dataset(uri).version == ds.version + 1
+    assert sorted(lance.dataset(uri).to_table(columns=["id"]).column("id").to_pylist()) == sorted(ids[:-3])
