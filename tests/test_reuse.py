@@ -198,11 +198,12 @@ def test_merge_puts_reused_rows_in_row_order_with_their_windows():
 
 def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     """output.lance with reuse: a rerun puts its 2 edited documents into the dataset by id and deletes
-    the 3 removed ones in one new version; the first version's fragments stay, not rewritten."""
+    the 3 removed ones in one new version (then the index's); the first version's fragments stay."""
     import lance
 
     ids, texts = IDS[:48], list(TEXTS[:48])
-    lance_out = {"output": {"lance": True, "carry_columns": ["text"]}}
+    lance_out = {"output": {"lance": True, "carry_columns": ["text"], "lance_index": "ivf_hnsw_sq",
+                            "lance_index_min_rows": 10}}
     _write(tmp_path / "in", ids, texts, 4)
     assert run_job(_job(tmp_path, tiny_model, **lance_out)).ok
     uri = str(tmp_path / "out" / "lance" / "docs.lance")
@@ -215,7 +216,11 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     stats = res.manifest["stages"]["lance"]
     assert (stats["mode"], stats["upserted"], stats["deleted"], stats["committed"]) == ("merge", 2, 3, True)
     ds = lance.dataset(uri)
-    assert ds.version == v1.version + 1 and [v["version"] for v in ds.versions()] == [v1.version, ds.version]
+    assert stats["index"]["built"]  # the index is built again over the merged version: the merge, then the index
+    assert ds.version == v1.version + 2 and [v["version"] for v in ds.versions()][-3:] == [v1.version, v1.version + 1,
+                                                                                          ds.version]
+    frag_ids = {f.fragment_id for f in ds.get_fragments()}
+    assert [set(i["fragment_ids"]) for i in ds.list_indices() if "vector" in i["fields"]] == [frag_ids]
     files_v2 = {f.fragment_id: [d.path for d in f.metadata.files] for f in ds.get_fragments()}
     assert all(files_v2.get(i) == p for i, p in files_v1.items())  # every first-version fragment kept as it was
     assert len(files_v2) == len(files_v1) + 1  # and one fragment of the merged rows
@@ -227,5 +232,5 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     assert dict(zip(got.column("id").to_pylist(), got.column("text").to_pylist()))[ids[5]] == texts[5]
     # output.reuse off: the version is rewritten from the shards' fragments (as before issue 29)
     res = run_job(_job(tmp_path, tiny_model, output={**lance_out["output"], "reuse": "off"}))
-    assert res.manifest["stages"]["lance"]["mode"] == "overwrite" and lance.dataset(uri).version == ds.version + 1
+    assert res.manifest["stages"]["lance"]["mode"] == "overwrite" and lance.dataset(uri).version == ds.version + 2
     assert sorted(lance.dataset(uri).to_table(columns=["id"]).column("id").to_pylist()) == sorted(ids[:-3])
