@@ -29,6 +29,7 @@ from embedjob.storage import Storage
 if TYPE_CHECKING:
     from embedjob.config import JobConfig
     from embedjob.stages.encode import EncoderSettings
+    from embedjob.stages.reuse.stage import ReusePlan
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,15 @@ class ShardCommits:
     """Tracks the rows written per shard and commits each shard once all its rows are written."""
 
     def __init__(self, cfg: "JobConfig", out: Storage, todo: list[ShardInfo], encoder: "EncoderSettings",
-                 plan: dict[str, Any], stage_hash: str):
+                 plan: dict[str, Any], stage_hash: str, reuse: Optional["ReusePlan"] = None):
         self.cfg, self.out, self.todo, self.encoder, self.stage_hash = cfg, out, todo, encoder, stage_hash
+        self.reuse = reuse
         self.by_key = {s.key: s for s in todo}
         self.plan = plan
         self.times = (0.0, 0.0)  # the encoder actors' (seconds waiting, seconds computing): busy.py
         self.covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
+        for key, rows in (reuse.reused if reuse is not None else {}).items():  # copied at commit, not encoded
+            self.covered[key][rows] = True
         self.pending: dict[str, Any] = {}  # shard -> commit task
         self.markers: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
@@ -68,13 +72,14 @@ class ShardCommits:
 
         self._commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
         every = self.cfg.encode.progress_seconds
-        self.progress = Progress("encode", total=sum(s.num_rows for s in self.todo), unit="docs", every=every)
+        self.progress = Progress("encode", total=sum(int((~c).sum()) for c in self.covered.values()), unit="docs",
+                                 every=every)
         self.progress.extra = f"0/{len(self.todo)} shards committed"
         self.counter = start_counter()
         self.nodes_at_start = alive_nodes()
         self._ticker = ProgressTicker(self.progress, self._poll, every=every).start()
         for s in self.todo:
-            if s.num_rows == 0:
+            if s.num_rows == 0 or self.covered[s.key].all():  # no row will report them (empty, or all reused)
                 self.submit(s.key)
 
     def _poll(self) -> None:
@@ -89,6 +94,10 @@ class ShardCommits:
         busy = busy_text(busy_fraction(*self.times))
         self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed" + (
             f"; {busy}" if busy else "")
+
+    def to_encode(self) -> int:
+        """Rows the encoder must see (not reused)."""
+        return int(sum((~c).sum() for c in self.covered.values()))
 
     def encoded(self) -> tuple[int, int]:
         """Documents and tokens encoded so far, as the progress line counts them: the encoder actors'
@@ -113,6 +122,8 @@ class ShardCommits:
             sink["int8_max"] = o.int8_max_for(self.encoder.normalize, self.encoder.dim)
         elif o.vector_dtype == "binary" and o.binary_rescore and (self.encoder.normalize or o.int8_max):
             sink.update(rescore=True, int8_max=o.int8_max_for(self.encoder.normalize, self.encoder.dim))
+        if self.reuse is not None and self.reuse.plan_rel:
+            sink["reuse_plan"] = self.reuse.plan_rel
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
                                                 self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 

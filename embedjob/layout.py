@@ -23,12 +23,14 @@ STAGE_MARKER_PREFIX = "stage-"
 SUPERSEDED = "_superseded"  # outputs a rerun moved aside: _superseded/<run id>/<same path>
 LEASE_FILE = "_lease.json"  # the output's lease: one writer at a time
 STATS_DIR = "stats"
+LANCE_STATS = f"{STATS_DIR}/lance.json"  # the lance stage's stats and merge_state (the version it recorded)
 TIMELINE = f"{STATS_DIR}/timeline.json"  # throughput and memory sampled by the driver during the run
 MANIFEST = "manifest.json"
 REPORT_HTML = "report.html"  # the run's HTML report, written at the end of every run
 CONFIG = "config.json"
 REPORT = "report.html"  # the run's HTML report, written after the manifest
 STATIC_PART_SUFFIX = ".static.parquet"
+REUSE_TMP = f"{TMP}/_reuse"  # output.reuse: _tmp/_reuse/<run id>/plan/<shard>/<partition>.parquet
 
 # corpus-wide stages
 VOCAB_DIR = "vocab"

@@ -38,6 +38,8 @@ def stage_stats(name: str, status: dict[str, Any], stats: dict[str, Any]) -> dic
     base = {"stage": name, "shards_processed": len(done),
             "shards_skipped_unchanged": sum(1 for v in status.values() if v["status"] == "skipped-unchanged"),
             "shards_failed": sum(1 for v in status.values() if v["status"] == "failed")}
+    if name == "reuse":
+        return {"stage": name, **stats}
     if name == "read":
         base["rows"] = sum(m["rows_in"] for m in done)
     elif name == "preprocess":
@@ -86,6 +88,8 @@ def build_manifest(run: Any) -> dict[str, Any]:
             "failed": failed,
             **({"interrupted": n} if (n := sum(1 for v in status.values() if v["status"] == "interrupted")) else {}),
             "committed_shards": len(keep),
+            # documents encoded by the model in this run, copied from earlier commits (output.reuse), gone
+            "documents": (run.stages.get("reuse") or {}).get("documents"),
             # rows in the output's per-shard files: exactly what a reader that globs vectors/ gets
             "rows_out": sum(int(m.get("rows_out") or 0) for m in keep.values()),
         },

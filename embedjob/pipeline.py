@@ -59,6 +59,7 @@ from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
 from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
+from embedjob.stages.reuse.stage import ReusePlan, close_reuse, plan_reuse
 from embedjob.stages.vocab import run_vocab
 from embedjob.storage import Storage
 
@@ -138,6 +139,7 @@ class _Run:
     keep: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> the marker whose files stay
     superseded: dict[str, Any] = field(default_factory=dict)
     error: Optional[Exception] = None
+    reuse: ReusePlan = field(default_factory=ReusePlan)  # output.reuse: rows copied instead of encoded
     timeline: Timeline = field(default_factory=Timeline)  # throughput and memory, stats/timeline.json
 
 
@@ -159,14 +161,17 @@ def _run_phases(run: _Run) -> JobResult:
     _start_ray(run)
     previous = read_shard_markers(out)
     todo = _plan_shards(run, previous)
+    run.reuse = plan_reuse(cfg.output, cfg.input, out, todo, previous, run.status, run.stage_hash, lease.run_id,
+                           static_enabled=cfg.static.enabled)
     _encode_shards(run, todo)
     # one recipe in the output: keep what this run vouches for, move the rest aside
     run.keep, reasons = outputs_to_keep(cfg.output.removed_shards, run.status, previous, run.stage_hash)
     lease.check()  # another run took the output over: move nothing, leave the manifest to it
     run.superseded = reconcile_outputs(out, keep=run.keep, markers=previous, reasons=reasons, run_id=lease.run_id)
+    run.stages["reuse"] = close_reuse(out, run.reuse, run.status, run.stages["encode"], run.superseded)
     if run.error is None:
-        for name in ("read", "preprocess", "encode"):
-            out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages["encode"]))
+        for name, stats in (("read", "encode"), ("preprocess", "encode"), ("encode", "encode"), ("reuse", "reuse")):
+            out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages[stats]))
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
@@ -232,7 +237,7 @@ def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:
     run.timeline.stage("encode")
     try:
         processed, failures, shard_stats = run_shard_stages(run.cfg, run.out, todo, run.encoder, run.plan,
-                                                            run.stage_hash, timeline=run.timeline)
+                                                            run.stage_hash, timeline=run.timeline, reuse=run.reuse)
     except (JobError, InputError) as e:  # what was committed before the failure is kept and recorded
         run.error, processed, failures = e, getattr(e, "committed", {}), {}
         shard_stats = {"error": str(e)}
@@ -288,11 +293,12 @@ BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pip
 
 # -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
 def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                     plan: dict[str, Any], stage_hash: str, *, timeline: Optional[Timeline] = None):
-    """read -> preprocess -> encode -> staged write, committing shards as they complete.
+                     plan: dict[str, Any], stage_hash: str, *, timeline: Optional[Timeline] = None,
+                     reuse: Optional[ReusePlan] = None):
+    """read -> preprocess -> encode -> staged write, committing shards as they complete (``reuse``: rows copied).
 
     Returns (markers of committed shards, {shard: failure reason}, encode stats)."""
-    commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash)
+    commits = ShardCommits(cfg, out, todo, encoder, plan, stage_hash, reuse)
     if timeline is not None:
         timeline.watch(docs=lambda: commits.encoded()[0], tokens=lambda: commits.encoded()[1],  # per model batch
                        encoder_rss_mb=lambda: commits.stats.get("encoder_peak_rss_mb"))
@@ -302,9 +308,10 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
         out.delete(f"{TMP}/{s.key}", recursive=True)
     commits.start()  # the progress counter the encoder actors report to, and the progress line
     try:
-        ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter)
-        for rep in preempt.stream(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)):
-            commits.add_report(rep)
+        if commits.to_encode():  # every row reused: no stream, no encoder to start (the commits copy them)
+            ds = _shard_dataset(cfg, out, todo, encoder, plan, commits.counter, reuse.reused if reuse else None)
+            for rep in preempt.stream(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)):
+                commits.add_report(rep)
     except Exception as e:  # noqa: BLE001 - surface the user's error, keep what was committed
         err = commits.failed(e)
         raise err from (None if isinstance(err, InputError) else e)
@@ -314,7 +321,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
 
 
 def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                   plan: dict[str, Any], counter: Any = None):
+                   plan: dict[str, Any], counter: Any = None, skip_rows: Optional[dict[str, Any]] = None):
     """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
     write; each output row reports one staged part (shard, row range, counts)."""
     import ray
@@ -346,7 +353,8 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
 
     ds = ray.data.read_datasource(
         ShardDatasource.create(todo, inp.storage_options, inp.id_column, inp.text_column, inp.rows_per_block,
-                               on_bad_shard=inp.on_bad_shard, out_url=out.url(), out_options=out.storage_options),
+                               on_bad_shard=inp.on_bad_shard, out_url=out.url(), out_options=out.storage_options,
+                               skip_rows=skip_rows),
         override_num_blocks=len(todo),
     )
     ds = ds.map_batches(

@@ -151,7 +151,7 @@ def test_every_command_answers_help(command, capsys):
     assert out.startswith("usage: embedjob " + command), out[:200]
 
 
-BENCHES = ["encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed", "faults"]
+BENCHES = ["encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed", "faults", "reuse"]
 
 
 @pytest.mark.parametrize("bench", BENCHES)

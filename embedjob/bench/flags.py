@@ -8,7 +8,7 @@ import argparse
 import os
 import tempfile
 
-BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed", "faults")
+BENCHES = ("encode", "static", "word2vec", "topics", "index", "vectors", "windows", "dedup", "feed", "faults", "reuse")
 
 # The benchmarks' flags. Defaults that live in the bench modules (the shared corpus's path) or in a
 # stage's config are None here and resolved by the bench's run(args): importing them would load gensim.
@@ -27,6 +27,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     _add_bench_dedup(sub)
     _add_bench_feed(sub)
     _add_bench_faults(sub)
+    _add_bench_reuse(sub)
 
 
 def _add_bench_encode(sub: argparse._SubParsersAction) -> None:
@@ -262,4 +263,19 @@ def _add_bench_faults(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the corpus, outputs and runs.log (default: a new "
                    "temporary folder, kept)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_bench_reuse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reuse", help="a re-partitioned corpus rerun with output.reuse: time against the first run",
+                       description="`embedjob bench reuse`: the job on N shards of a corpus, then the same documents "
+                       "cut into M shards and the job again on the same output: each run's time and CPU-seconds, "
+                       "documents encoded and reused, the rerun's share of the first run's time.")
+    p.add_argument("--corpus", default=None, help=f"Parquet shards with id and text {SHARED_CORPUS_HELP}")
+    p.add_argument("--shards", type=int, default=4, help="shards of the corpus for the first run (default 4)")
+    p.add_argument("--into", type=int, default=8, help="shards the same documents are cut into for the rerun (default 8)")
+    p.add_argument("--limit", type=int, default=None, help="documents taken from each shard (default: all)")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
+    p.add_argument("--cpus", type=int, default=2, help="Ray CPUs (default 2)")
+    p.add_argument("--workdir", default=None, help="folder for the shards and the output (default: a new temporary one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

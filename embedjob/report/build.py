@@ -112,6 +112,8 @@ def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
     right = [("shards encoded / unchanged / failed",
               f"{tot.get('done', 0)} / {tot.get('skipped_unchanged', 0)} / {tot.get('failed', 0)}"),
              ("rows read (this run)", rows_in), ("rows in the output", tot.get("rows_out")),
+             ("documents encoded / reused / removed (output.reuse)",
+              " / ".join(str((tot.get("documents") or {}).get(k, "-")) for k in ("encoded", "reused", "removed"))),
              ("empty texts (kept / skipped)", f"{sum(int(v.get('empty_text') or 0) for v in shards.values())} / "
                                               f"{sum(int(v.get('skipped_empty') or 0) for v in shards.values())}"),
              *_token_rows(e, enc, sample),

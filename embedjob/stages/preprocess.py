@@ -29,7 +29,8 @@ from pydantic import Field, field_validator
 from embedjob._config_base import Section
 from embedjob.debug import preprocess_delay
 from embedjob.errors import row_error
-from embedjob.schema import EMPTY, ROW, SHARD, TOKENS
+from embedjob.schema import EMPTY, ROW, SHARD, TEXT_HASH, TOKENS
+from embedjob.stages.reuse.hashes import text_hashes
 from embedjob.stages.static.align import align_words
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Preprocessor:
         tokens = preprocess_texts(texts, self.cfg, self.filters)
         out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
         out = out.append_column(EMPTY, pa.array(empty))
+        out = out.append_column(TEXT_HASH, text_hashes(texts))  # kept with the vectors: output.reuse
         if self.encoder_settings is not None:
             st = self.encoder_settings
             tok = _tokenizer(json.dumps(st.as_dict(), sort_keys=True))

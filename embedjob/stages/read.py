@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.errors import InputError
+from embedjob.schema import ROW
 from embedjob.stages.blocks import _check_utf8, read_shard_blocks  # noqa: F401 - where the job reads blocks
 from embedjob.storage import Storage, StorageError, list_shards, shard_key
 
@@ -243,7 +245,7 @@ class ShardDatasource:
     @staticmethod
     def create(shards: list[ShardInfo], storage_options: dict[str, Any], id_column: str, text_column: str,
                rows_per_block: int, *, on_bad_shard: str = "fail", out_url: Optional[str] = None,
-               out_options: Optional[dict[str, Any]] = None):
+               out_options: Optional[dict[str, Any]] = None, skip_rows: Optional[dict[str, Any]] = None):
         from ray.data.block import BlockMetadata
         from ray.data.datasource import Datasource, ReadTask
 
@@ -260,8 +262,10 @@ class ShardDatasource:
                     meta = BlockMetadata(num_rows=s.num_rows, size_bytes=(s.size or 0) * 3,
                                          input_files=[s.url], exec_stats=None)
 
-                    def read_fn(s=s):
+                    def read_fn(s=s, skip=(skip_rows or {}).get(s.key)):
                         blocks = read_shard_blocks(s, storage_options, id_column, text_column, rows_per_block)
+                        if skip is not None:  # output.reuse: rows whose vectors the commit copies
+                            blocks = drop_rows(blocks, skip)
                         if on_bad_shard == "skip" and out_url is not None:
                             return _record_failure(blocks, s, out_url, out_options or {})
                         return blocks
@@ -270,6 +274,16 @@ class ShardDatasource:
                 return tasks
 
         return _ShardDatasource()
+
+
+def drop_rows(blocks: Iterator[pa.Table], rows: Any) -> Iterator[pa.Table]:
+    """``blocks`` without the rows (``_row``) in ``rows``; blocks left empty are not yielded."""
+    for b in blocks:
+        keep = ~np.isin(b.column(ROW).to_numpy(), rows)
+        if keep.all():
+            yield b
+        elif keep.any():
+            yield b.filter(pa.array(keep))
 
 
 def _record_failure(blocks: Iterator[pa.Table], shard: ShardInfo, out_url: str,

@@ -38,13 +38,15 @@ from embedjob.schema import (
     ENCODER_RSS,
     ROW,
     SHARD,
+    TEXT_HASH,
     TOKENS,
     WINDOWS,
     contiguous_runs,
 )
+from embedjob.stages.reuse import copy as reuse_copy
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
-from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, unit_int8_max, with_codec
+from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, codec_of, unit_int8_max, with_codec
 from embedjob.vector_codec import encode as encode_vectors
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,15 @@ class OutputConfig(Section):
         "Hamming index to rescore the k * index.rescore_factor nearest by Hamming distance (recall@10 0.51 "
         "without, measured in `embedjob bench vectors`). Vectors that are not normalised need output.int8_max "
         "for it. Part of the recipe.",
+    )
+    reuse: Literal["auto", "off"] = Field(
+        "auto",
+        description="Before encoding, find for each document of a new or changed shard a vector of the same recipe, "
+        "id and text (blake2b of the text, column text_hash of vectors/) among the commits it replaces, and copy it "
+        "(with its tokens and chunks) instead of encoding: a re-partitioned or edited corpus encodes only new and "
+        "changed documents. 'off' encodes every document of every shard to process. Not with static word vectors "
+        "(their per-shard sums need every document encoded); outputs written before text_hash existed serve once "
+        "re-encoded.",
     )
     lance: bool = Field(
         False,
@@ -184,7 +195,7 @@ class BlockWriter:
                 "n_tokens": part.column("n_tokens"),
                 TOKENS: part.column(TOKENS),
                 EMPTY: part.column(EMPTY),
-                **{c: part.column(c) for c in CHUNK_COLUMNS if c in part.column_names},
+                **{c: part.column(c) for c in (*CHUNK_COLUMNS, TEXT_HASH) if c in part.column_names},
             }
             self.out.write_parquet(part_name(shard, r0, r1), pa.table(cols), compression="none")
             reports.append({
@@ -247,28 +258,39 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         table = _dedupe_rows(table)
     else:
         table = _empty_part(dim)
-    if table.num_rows != expected_rows:
+    sink = sink or {}
+    reused = reuse_copy.load_reused(out, sink.get("reuse_plan"), shard)  # output.reuse: rows not encoded
+    n_reused = reused.num_rows if reused is not None else 0
+    if table.num_rows + n_reused != expected_rows:
         raise IncompleteShardError(
-            f"shard {shard}: staged parts hold {table.num_rows} rows, the input has {expected_rows}"
+            f"shard {shard}: staged parts hold {table.num_rows} rows"
+            + (f" and {n_reused} are reused" if n_reused else "") + f", the input has {expected_rows}"
         )
     empty = table.column(EMPTY)
     n_empty = int(pc.sum(empty).as_py() or 0)
     if on_empty_text == "skip" and n_empty:
         table = table.filter(pc.invert(empty))
-    sink = sink or {}
     vectors, codec = _stored_vectors(table, sink.get("vector_dtype", "float32"), sink.get("int8_max"),
                                      rescore=bool(sink.get("rescore")))
+    vectors = reuse_copy.with_text_hash(vectors, table)
     tokens = table.select(["id", TOKENS])
-    out.write_parquet(f"{VECTORS}/{shard}.parquet", vectors)
+    chunks = chunks_table(table) if CHUNK_VECTORS in table.column_names else None
+    rows = table.column(ROW).to_numpy()
+    if reused is not None:
+        chunk_rows = reuse_copy.chunk_rows_of(table) if chunks is not None else None
+        vectors, tokens, chunks, rows = reuse_copy.merge(reused, vectors, tokens, chunks, rows, chunk_rows)
+        codec = codec if table.num_rows else codec_of(vectors.schema)
+    commit = reuse_copy.new_commit_id()  # stamped in every file: the lookup trusts files of the marker's commit
+    out.write_parquet(f"{VECTORS}/{shard}.parquet", reuse_copy.stamped(vectors, commit))
     lance_part = None
     if sink.get("lance"):
         from embedjob.stages.lance_sink.write import write_shard_fragments
 
-        lance_part = write_shard_fragments(out, shard, vectors, table.column(ROW), sink)
-    out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", tokens)
+        lance_part = write_shard_fragments(out, shard, reuse_copy.without_hash(vectors), pa.array(rows), sink)
+    out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", reuse_copy.stamped(tokens, commit))
     extra: dict[str, Any] = {}
-    if CHUNK_VECTORS in table.column_names:
-        out.write_parquet(f"{CHUNKS}/{shard}.parquet", chunks_table(table))
+    if chunks is not None:
+        out.write_parquet(f"{CHUNKS}/{shard}.parquet", reuse_copy.stamped(chunks, commit))
         extra["chunks"] = f"{CHUNKS}/{shard}.parquet"
     static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     if static_parts:
@@ -281,11 +303,13 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         "rows_out": vectors.num_rows,
         "empty_text": n_empty,
         "skipped_empty": n_empty if on_empty_text == "skip" else 0,
-        "bert_tokens": int(pc.sum(table.column("n_tokens")).as_py() or 0),
-        "words": int(pc.sum(pc.list_value_length(table.column(TOKENS))).as_py() or 0),
+        "bert_tokens": int(pc.sum(vectors.column("n_tokens")).as_py() or 0),
+        "words": int(pc.sum(pc.list_value_length(tokens.column(TOKENS))).as_py() or 0),
         "outputs": {"vectors": f"{VECTORS}/{shard}.parquet", "tokens": f"{TOKENS_DIR}/{shard}.parquet", **extra},
         **({"vector_codec": codec} if codec["dtype"] != "float32" else {}),
         **({"lance": lance_part} if lance_part is not None else {}),
+        "commit": commit,
+        **({"reuse": {"reused": n_reused, "encoded": table.num_rows}} if sink.get("reuse_plan") else {}),
         "committed_at": time.time(),
         "commit_seconds": round(time.time() - t0, 3),
     })

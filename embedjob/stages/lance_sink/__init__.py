@@ -9,7 +9,10 @@ What lives where:
   exactly the fragments the kept shards' markers list (``Overwrite``), so a retried commit, a
   rerun or a recipe change never leaves a row twice or two recipes in the latest version (older
   versions stay in Lance's history until ``cleanup_old_versions``); the optional ANN index and its
-  recall@10 against exact search.
+  recall@10 against exact search;
+* ``merge.py`` — with ``output.reuse``, a rerun of the same recipe: its changed rows merge-inserted
+  by id and the removed ids deleted, in one version over the last one (the other rows stay in
+  their fragments).
 
 Fragments a crashed or retried commit wrote but no marker lists belong to no version: Lance's
 ``cleanup_old_versions`` removes them with the old versions.

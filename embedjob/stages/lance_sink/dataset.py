@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.errors import JobError, StorageError, root_cause
-from embedjob.layout import LANCE_DOCS, SUPERSEDED
+from embedjob.layout import LANCE_DOCS, LANCE_STATS, SUPERSEDED
+from embedjob.stages.lance_sink.merge import merge_blocker, merge_docs, state_of
 from embedjob.stages.lance_sink.write import schema_of
 from embedjob.storage import Storage
 
@@ -56,7 +57,7 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
         return {"moved_aside": dest}
     try:
         stats = commit_docs(out, keep, index=output.lance_index, min_rows=output.lance_index_min_rows,
-                            normalized=normalized)
+                            normalized=normalized, merge=output.reuse == "auto" and not output.overwrite)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"lance stage failed: {root_cause(e)}") from e
     enc = (stages.get("encode") or {}).get("seconds")
@@ -64,14 +65,17 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
     if enc:  # the per-shard fragment writes ran inside the commit tasks, beside the encoding
         spent = stats.get("write_seconds", 0.0) + stats.get("commit_seconds", 0.0)
         stats["write_share_of_encode"] = round(spent / enc, 4)
-    out.write_json("stats/lance.json", stats)
+    out.write_json(LANCE_STATS, stats)
     return stats
 
 
 def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "none", min_rows: int = 5000,
-                normalized: bool = True, seed: int = 0, dataset: str = LANCE_DOCS) -> dict[str, Any]:
-    """Commit the version of ``dataset`` holding exactly the kept shards' fragments (unless the
-    latest already does), then build ``index`` when asked. Returns the stats of ``stats/lance.json``."""
+                normalized: bool = True, seed: int = 0, dataset: str = LANCE_DOCS,
+                merge: bool = False) -> dict[str, Any]:
+    """Commit the version of ``dataset`` holding exactly the kept shards' rows (unless the latest
+    already does): with ``merge`` (output.reuse on), by id into the version the last run recorded
+    when it can (merge.py), else their fragments as a new version. Then build ``index`` when asked.
+    Returns the stats of ``stats/lance.json``."""
     import lance
     from lance.fragment import FragmentMetadata
 
@@ -97,27 +101,35 @@ def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "
     same = current is not None and current.schema.equals(schemas[first], check_metadata=False) and (
         [sorted(d.path for d in f.metadata.files) for f in current.get_fragments()]
         == [sorted(d.path for d in f.files) for f in frags])
+    blocker = "output.reuse is off or output.overwrite is on" if not merge else (
+        None if same else merge_blocker(out, current, schemas[first], keep))
+    how: dict[str, Any] = {"mode": "as committed"}
     if same:
         ds = current
         logger.info("lance: %s version %d already holds the %d committed shard(s)", out.url(dataset),
                     ds.version, len(schemas))
+    elif blocker is None:  # a rerun of the same recipe: the changed rows by id, the rest stays (merge.py)
+        ds, how = merge_docs(out, current, keep, dataset=dataset)
     else:
         op = lance.LanceOperation.Overwrite(schemas[first], frags)
         ds = lance.LanceDataset.commit(uri, op, read_version=current.version if current is not None else None,
                                        storage_options=opts)
-        logger.info("lance: %s version %d: %d rows from %d shard(s)", out.url(dataset), ds.version,
-                    ds.count_rows(), len(schemas))
+        how = {"mode": "overwrite", **({"why_not_merge": blocker} if current is not None else {}), "committed": True}
+        logger.info("lance: %s version %d: %d rows from %d shard(s) (%s)", out.url(dataset), ds.version,
+                    ds.count_rows(), len(schemas), blocker)
+    committed = bool(how.get("committed"))
     rows = ds.count_rows()
     expected = sum(p["rows"] for p in parts.values())
     if rows != expected:
         raise StorageError(f"lance: version {ds.version} holds {rows} rows, the committed shards {expected}")
     stats: dict[str, Any] = {"dataset": dataset, "version": ds.version, "rows": rows, "shards": len(schemas),
-                             "fragments": len(frags), "committed": not same,
+                             "fragments": len(frags), "committed": committed, **how,
                              "write_seconds": round(sum(p.get("seconds", 0.0) for p in parts.values()), 3),
                              "commit_seconds": round(time.time() - t0, 3)}
     if index != "none":  # its own seconds: commit_seconds is the version's commit alone
         stats["index"] = build_index(ds, index, min_rows=min_rows, normalized=normalized, seed=seed,
-                                     rebuild=not same)
+                                     rebuild=committed)
+    stats["merge_state"] = state_of(keep, ds.version)  # what the next run merges into (merge.py)
     return stats
 
 
