@@ -185,9 +185,9 @@ def _run_phases(run: _Run) -> JobResult:
 
 def _start_ray(run: _Run) -> None:
     """Start or join Ray, size the encoder pool, and fix the recipe (the shard stage hash)."""
-    run.ray_info = init_ray(run.cfg)
+    run.ray_info = init_ray(run.cfg.ray)
     preempt.arm()  # SIGTERM from now on: stop taking blocks, commit what is done (after ray.init's own handler)
-    run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
+    run.plan = plan_encoder(run.cfg.encode, run.ray_info["resources"], static=run.cfg.static.enabled)
     if run.plan["device"] == "cuda":
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
         run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
@@ -335,7 +335,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     if cfg.static.enabled:
         from embedjob.stages.static.config import static_actor_settings
 
-        static = static_actor_settings(cfg, out)
+        static = static_actor_settings(cfg.static, cfg.encode.model, out)
 
     ds = ray.data.read_datasource(
         ShardDatasource.create(todo, inp.storage_options, inp.id_column, inp.text_column, inp.rows_per_block,
@@ -413,26 +413,29 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     if cfg.static.enabled:
         from embedjob.stages.static.stage import run_static
 
-        stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed), deps=("vocab",),
+        stage("static", cfg.static.model_dump(), lambda: run_static(cfg.static, out, committed), deps=("vocab",),
               reads="vectors")
     if cfg.word2vec.enabled:
         from embedjob.stages.word2vec.stage import run_word2vec
 
         # Settings that cannot change the vectors (restarts, Ray's folder, trusting a pickle) do not rerun the stage.
         stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),
-              lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
+              lambda: run_word2vec(cfg.word2vec, out, token_urls), deps=("vocab",))
     if cfg.topics.enabled:
         from embedjob.stages.topics.stage import run_topics
 
         stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
-              lambda: run_topics(cfg, out, token_urls, input_urls=input_urls), deps=("vocab", "word2vec", "static"))
+              lambda: run_topics(cfg.topics, out, token_urls, input_urls=input_urls, id_column=cfg.input.id_column,
+                                 input_storage_options=cfg.input.storage_options),
+              deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
         from embedjob.stages.index.stage import run_index
 
         # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
         # someone else put there) are not this run's to index.
         word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
-        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder.normalize, word_kinds),
+        stage("index", cfg.index.model_dump(), lambda: run_index(cfg.index, out, vector_urls, encoder.normalize, word_kinds,
+                                                                 chunks=cfg.encode.write_chunks),
               deps=("word2vec", "static"), reads="vectors")
     if cfg.dedup.enabled:
         from embedjob.stages.dedup.stage import run_dedup, text_source

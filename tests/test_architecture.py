@@ -1,6 +1,7 @@
 """The shape of the code, checked: no import circle among embedjob's modules (function-level
-imports count; ``if TYPE_CHECKING:`` blocks do not, they never run), no module over 500 lines, the
-ground floor imports nothing of embedjob, and every command answers ``--help``."""
+imports and ``if TYPE_CHECKING:`` imports count: a type hint is an arrow too), no stage importing
+the job's config, no module over 500 lines, the ground floor imports nothing of embedjob, and every
+command answers ``--help``."""
 
 from __future__ import annotations
 
@@ -25,14 +26,8 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
 def _imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """embedjob modules ``module`` imports anywhere (top level or in functions)."""
+    """embedjob modules ``module`` imports anywhere (top level, in functions, under ``if TYPE_CHECKING``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     is_pkg = path.name == "__init__.py"
     found: set[str] = set()
@@ -45,10 +40,6 @@ def _imports(path: Path, module: str, known: set[str]) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                for sub in child.orelse:
-                    visit(sub)
-                continue
             if isinstance(child, ast.Import):
                 for a in child.names:
                     if a.name.startswith("embedjob"):
@@ -123,6 +114,20 @@ def test_no_import_circle():
 
 def test_the_cycle_finder_finds_a_planted_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_stage_imports_the_job_config():
+    """A stage receives its own section (``run_index(icfg, ...)``), never ``JobConfig``: no module
+    under ``embedjob.stages`` imports ``embedjob.config``, not even for a type hint."""
+    graph = _graph()
+    up = sorted(m for m, deps in graph.items() if m.startswith("embedjob.stages") and "embedjob.config" in deps)
+    assert not up, f"stage modules importing embedjob.config: {up}"
+
+
+def test_import_graph_sees_type_checking_imports(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from embedjob.config import JobConfig\n")
+    assert _imports(mod, "embedjob.stages.m", {"embedjob.config", "embedjob.stages.m"}) == {"embedjob.config"}
 
 
 def test_ground_floor_imports_nothing_of_embedjob():

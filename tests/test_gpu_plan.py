@@ -28,7 +28,7 @@ def ray_two_gpus():
 
 
 def test_pool_plan_is_one_actor_per_gpu_each_asking_for_one(ray_two_gpus):
-    plan = plan_encoder(build_config({}), ray_two_gpus.cluster_resources())
+    plan = plan_encoder(build_config({}).encode, ray_two_gpus.cluster_resources(), static=True)
     assert (plan["device"], plan["actors"], plan["num_gpus"]) == ("cuda", 2, 1)
 
 

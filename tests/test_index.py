@@ -48,8 +48,8 @@ def _write_vector_shards(out: Storage, n_shards: int = 3, n: int = 400, dim: int
     return urls, truth
 
 
-def _cfg(**index) -> JobConfig:
-    return JobConfig(index=index)
+def _cfg(**index) -> IndexConfig:
+    return JobConfig(index=index).index
 
 
 def test_config_defaults_and_choices():

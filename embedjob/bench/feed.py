@@ -221,7 +221,7 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
     clock.s["hook"] = 0.0
     out = Storage(out_url)
     enc = resolve_encoder_settings(cfg.encode)
-    static = static_actor_settings(cfg, out) if cfg.static.enabled else None
+    static = static_actor_settings(cfg.static, cfg.encode.model, out) if cfg.static.enabled else None
     pre = Preprocessor(cfg.preprocess, inp.text_column, enc, static, inp.on_empty_text, inp.id_column)
     actor = EncodeActor(enc, cfg.encode.batch_tokens_for("cpu"), cfg.encode.max_batch_docs, 1, static)
     tok = actor.encoder.tokenizer
@@ -275,7 +275,7 @@ def pipeline_run(cfg, shards) -> dict[str, Any]:
     out = Storage(cfg.output.url, cfg.output.storage_options)
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
-    plan = plan_encoder(cfg, init_ray(cfg)["resources"])
+    plan = plan_encoder(cfg.encode, init_ray(cfg.ray)["resources"], static=cfg.static.enabled)
     t0 = time.time()
     with TreeCpu() as cpu:
         processed, failures, stats = run_shard_stages(cfg, out, shards, encoder, plan, shard_stage_hash(cfg, encoder))

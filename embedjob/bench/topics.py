@@ -195,12 +195,11 @@ def _one_run(args: argparse.Namespace, tc, out, urls: list[str], docs: list[list
     """embedjob's topic model and LdaMulticore for one K and seed, both scored on the same reference texts."""
     import numpy as np
 
-    from embedjob.config import JobConfig
     from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
     from embedjob.stages.topics.metrics import evaluate_topics, reference_texts, relevance, top_words
     from embedjob.stages.topics.stage import run_topics
 
-    etm = run_topics(JobConfig(topics=tc), out, urls)
+    etm = run_topics(tc, out, urls)
     dictionary = filter_dictionary(full_dict, tc)
     lda_topics, lda_tw, lda_seconds = run_lda(docs, dictionary, tc.num_topics, cpus=args.cpus,
                                               passes=args.lda_passes, seed=tc.seed)

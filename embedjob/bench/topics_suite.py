@@ -134,7 +134,6 @@ def _one(args: argparse.Namespace, corpus: dict[str, Any], base, k: int, seed: i
     import pyarrow.parquet as pq
 
     from embedjob.bench.topics import read_tokens
-    from embedjob.config import JobConfig
     from embedjob.stages.topics import TopicsConfig
     from embedjob.stages.topics.bow import filter_dictionary
     from embedjob.stages.topics.metrics import evaluate_topics, reference_texts
@@ -145,7 +144,7 @@ def _one(args: argparse.Namespace, corpus: dict[str, Any], base, k: int, seed: i
     out = Storage(folder)
     tc = TopicsConfig(**{**base.model_dump(), "num_topics": k, "seed": seed, "resume": False,
                          "embeddings": args.embeddings, "label_column": "label"})
-    etm = run_topics(JobConfig(topics=tc), out, corpus["tokens"], input_urls=corpus["inputs"])
+    etm = run_topics(tc, out, corpus["tokens"], input_urls=corpus["inputs"])
     m = out.read_json("topics/metrics.json")
     docs = read_tokens(corpus["tokens"])
     labels = [lab for u in corpus["inputs"].values() for lab in pq.read_table(u, columns=["label"]).column(0).to_pylist()]

@@ -7,11 +7,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+import embedjob.report.page as P
+import embedjob.report.plots as plots
 from embedjob.errors import ReportError
 from embedjob.layout import MANIFEST, TIMELINE
 from embedjob.redact import redact_url
-from embedjob.report import page as P
-from embedjob.report import plots
 from embedjob.report.dedup import attach_clusters, dedup_section
 from embedjob.report.sample import DocSample, attach_labels, pca_2d, sample_documents
 from embedjob.report.topics import topic_view

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import embedjob.report.page as P
 from embedjob.layout import DEDUP_CLUSTERS, DEDUP_EXAMPLES
-from embedjob.report import page as P
 from embedjob.report.sample import DocSample
 from embedjob.storage import Storage
 

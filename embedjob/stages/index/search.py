@@ -264,7 +264,7 @@ def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], na
     is spelled as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``)."""
     import faiss
 
-    from embedjob.similar import job_spelling
+    from embedjob.stages.spelling import job_spelling
 
     word = job_spelling(output_url, storage_options, word)
     out = Storage(output_url, storage_options or {})

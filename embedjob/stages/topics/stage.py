@@ -8,7 +8,7 @@ import io
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,9 +31,6 @@ from embedjob.stages.topics.train import train_topic_model
 from embedjob.stages.vocab import build_vocabulary, read_dictionary
 from embedjob.storage import Storage, StorageError
 
-if TYPE_CHECKING:
-    from embedjob.config import JobConfig
-
 logger = logging.getLogger(__name__)
 
 
@@ -50,20 +47,22 @@ def load_job_dictionary(out, token_urls: list[str]):
     return build_vocabulary(token_urls, out.storage_options)
 
 
-def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
-               input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
+def run_topics(tc: TopicsConfig, out: Storage, token_urls: list[str], *,
+               input_urls: Optional[dict[str, Optional[str]]] = None, id_column: str = "id",
+               input_storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train the topic model on the job's token shards and write ``<out>/topics/``; returns stats.
 
-    ``input_urls`` (token shard key -> input file) is where ``topics.label_column`` is read from.
+    ``input_urls`` (token shard key -> input file, read with ``input_storage_options``; ``id_column``
+    names the documents there) is where ``topics.label_column`` is read from.
     Results are written only after training, theta and metrics all succeeded; theta files are
     staged under ``topics/_staging/`` first.
     """
-    tc: TopicsConfig = cfg.topics
+    input_storage_options = input_storage_options or {}
     if not token_urls:
         raise TopicsError("topics: no token shard to train on")
     t0 = time.time()
     if tc.label_column:
-        check_label_column(tc.label_column, token_urls, input_urls, cfg.input.storage_options)
+        check_label_column(tc.label_column, token_urls, input_urls, input_storage_options)
     full = load_job_dictionary(out, token_urls)
     if full.num_pos == 0:
         raise NothingToDo(f"nothing to train on: the {len(token_urls)} token shard(s) hold no token "
@@ -88,8 +87,8 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
         t = time.time()
         theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
                                  threads=train_stats["threads_per_worker"], label_column=tc.label_column,
-                                 id_column=cfg.input.id_column, input_urls=input_urls,
-                                 input_storage_options=cfg.input.storage_options)
+                                 id_column=id_column, input_urls=input_urls,
+                                 input_storage_options=input_storage_options)
         argmax, labels = theta_stats.pop("_argmax"), theta_stats.pop("_labels")
         theta_stats["theta_seconds"] = round(time.time() - t, 3)
         texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
