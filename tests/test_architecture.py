@@ -1,6 +1,6 @@
 """The shape of the code, checked: no import circle among embedjob's modules (function-level
 imports and ``if TYPE_CHECKING:`` imports count: a type hint is an arrow too), no stage importing
-the job's config, no module over 500 lines, the ground floor imports nothing of embedjob, and every
+the job's config, no module over 450 lines nor function over 100, the ground floor imports nothing of embedjob, and every
 command answers ``--help``."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "embedjob"
-MAX_LINES = 500
+MAX_LINES = 450
+MAX_FUNCTION_LINES = 100
 GROUND_FLOOR = ("errors", "schema", "layout", "redact", "debug", "_config_base")
 
 
@@ -136,10 +137,28 @@ def test_ground_floor_imports_nothing_of_embedjob():
         assert not graph[f"embedjob.{name}"], f"embedjob.{name} imports {sorted(graph[f'embedjob.{name}'])}"
 
 
-def test_no_module_over_500_lines():
+def test_no_module_over_450_lines():
     long = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _long_functions(path: Path, root: Path = PKG.parent) -> dict[str, int]:
+    """``file:function`` -> lines (decorators excluded, docstring included) of each function over the cap."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {f"{path.relative_to(root)}:{node.name}": n for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES}
+
+
+def test_no_function_over_100_lines():
+    long = {k: n for p in PKG.rglob("*.py") for k, n in _long_functions(p).items()}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_function_length_check_finds_a_long_function(tmp_path):
+    (tmp_path / "m.py").write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert _long_functions(tmp_path / "m.py", tmp_path) == {"m.py:long": MAX_FUNCTION_LINES + 1}
 
 
 COMMANDS = ["run", "config", "similar", "search", "topics", "report", "bench"]
