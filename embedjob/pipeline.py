@@ -55,11 +55,19 @@ from embedjob.redact import redact, redact_url
 from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
 from embedjob.stages.dedup.config import check_dedup, dedup_settings
+from embedjob.stages.dedup.stage import run_dedup, text_source
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
+from embedjob.stages.encode.actor import encoder_pool
+from embedjob.stages.index.stage import run_index
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
-from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
+from embedjob.stages.preprocess import preprocess_batch
+from embedjob.stages.read import InputError, ShardDatasource, ShardInfo, check_ids, discover_shards
+from embedjob.stages.static.config import static_actor_settings
+from embedjob.stages.static.stage import run_static
 from embedjob.stages.vocab import run_vocab
+from embedjob.stages.word2vec.stage import run_word2vec
+from embedjob.stages.write import staged_writes
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -313,11 +321,6 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     import ray
     from ray.data import DataContext
 
-    from embedjob.stages.encode.actor import encoder_pool
-    from embedjob.stages.preprocess import preprocess_batch
-    from embedjob.stages.read import ShardDatasource
-    from embedjob.stages.write import staged_writes
-
     inp = cfg.input
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # embedjob's own line (or bar, on a terminal) counts documents: commits.py
@@ -333,8 +336,6 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     ctx.max_consecutive_actor_init_deaths = cfg.encode.max_actor_init_deaths  # a lost actor is replaced
     static = None
     if cfg.static.enabled:
-        from embedjob.stages.static.config import static_actor_settings
-
         static = static_actor_settings(cfg.static, cfg.encode.model, out)
 
     ds = ray.data.read_datasource(
@@ -411,13 +412,9 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
     stage = CorpusStages(cfg, out, inputs_hash, stages, timeline).run
     stage("vocab", cfg.preprocess.model_dump(), lambda: run_vocab(out, token_urls))
     if cfg.static.enabled:
-        from embedjob.stages.static.stage import run_static
-
         stage("static", cfg.static.model_dump(), lambda: run_static(cfg.static, out, committed), deps=("vocab",),
               reads="vectors")
     if cfg.word2vec.enabled:
-        from embedjob.stages.word2vec.stage import run_word2vec
-
         # Settings that cannot change the vectors (restarts, Ray's folder, trusting a pickle) do not rerun the stage.
         stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),
               lambda: run_word2vec(cfg.word2vec, out, token_urls), deps=("vocab",))
@@ -429,8 +426,6 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
                                  input_storage_options=cfg.input.storage_options),
               deps=("vocab", "word2vec", "static"))
     if cfg.index.enabled:
-        from embedjob.stages.index.stage import run_index
-
         # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
         # someone else put there) are not this run's to index.
         word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
@@ -438,8 +433,6 @@ def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vecto
                                                                  chunks=cfg.encode.write_chunks),
               deps=("word2vec", "static"), reads="vectors")
     if cfg.dedup.enabled:
-        from embedjob.stages.dedup.stage import run_dedup, text_source
-
         stage("dedup", dedup_settings(cfg.dedup), lambda: run_dedup(cfg.dedup, out, vector_urls,
               texts=text_source(cfg.input, input_urls)), reads="vectors")
     return stages

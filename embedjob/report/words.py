@@ -10,6 +10,8 @@ import numpy as np
 
 from embedjob.layout import INDEX_DIR, VECTORS
 from embedjob.stages.index.config import index_files
+from embedjob.stages.index.search import load_index
+from embedjob.stages.index.shards import to_float32_matrix
 from embedjob.storage import Storage
 from embedjob.wordvectors import job_vectors_file, load_job_vectors
 
@@ -74,9 +76,6 @@ def index_view(out: Storage, keys: list[str], queries: Optional[np.ndarray]) -> 
 def docs_recall(out: Storage, keys: list[str], q: np.ndarray, metric: str, k: int = 10) -> float:
     """recall@k of the document index for queries ``q`` against exact search over every vector."""
     import pyarrow.compute as pc
-
-    from embedjob.stages.index.search import load_index
-    from embedjob.stages.index.shards import to_float32_matrix
 
     loaded = load_index(out)
     _, labels = loaded.search_vectors(q, k)

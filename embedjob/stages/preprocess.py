@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,12 +26,11 @@ from gensim.parsing.preprocessing import STOPWORDS
 
 from embedjob.debug import preprocess_delay
 from embedjob.errors import row_error
-from embedjob.schema import EMPTY, ROW, SHARD, TOKENS
+from embedjob.schema import CHUNK_CHARS, DOC_TOKENS, EMPTY, INPUT_IDS, ROW, SHARD, TOKENS
+from embedjob.stages.encode import EncoderSettings, Tokenizer
+from embedjob.stages.encode.windows import chunk_char_spans, plan_for
 from embedjob.stages.preprocess_config import PreprocessConfig
 from embedjob.stages.static.align import align_words
-
-if TYPE_CHECKING:
-    from embedjob.stages.encode import EncoderSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ def is_empty(texts: list[Optional[str]]) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _tokenizer(settings_json: str):
-    from embedjob.stages.encode import EncoderSettings, Tokenizer
-
     return Tokenizer.from_settings(EncoderSettings.from_dict(json.loads(settings_json)))
 
 
@@ -112,8 +109,6 @@ class Preprocessor:
 def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray) -> pa.Table:
     """``_input_ids`` (capped at the tokenizer's ``max_tokens``), and ``_doc_tokens`` (each document's
     whole token count) when whole documents are tokenised (``encode.long_documents: windows``)."""
-    from embedjob.schema import DOC_TOKENS, INPUT_IDS
-
     todo = [t for t, e in zip(texts, empty) if not e]
     enc = tok.encode(todo) if todo else None
     ids: list[Any] = [[] for _ in texts]
@@ -129,9 +124,6 @@ def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: n
 def _append_chunk_chars(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray, st) -> pa.Table:
     """``_chunk_chars`` (encode.write_chunks): the character span of each window the encoder will cut,
     from the tokenizer's offset mapping (a second tokenisation, with offsets, paid only for chunks)."""
-    from embedjob.schema import CHUNK_CHARS
-    from embedjob.stages.encode.windows import chunk_char_spans, plan_for
-
     todo = [t for t, e in zip(texts, empty) if not e]
     spans: list[Any] = [[] for _ in texts]
     if todo:

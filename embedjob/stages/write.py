@@ -42,6 +42,7 @@ from embedjob.schema import (
     WINDOWS,
     contiguous_runs,
 )
+from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
 from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, unit_int8_max, with_codec
@@ -262,8 +263,6 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     out.write_parquet(f"{VECTORS}/{shard}.parquet", vectors)
     lance_part = None
     if sink.get("lance"):
-        from embedjob.stages.lance_sink.write import write_shard_fragments
-
         lance_part = write_shard_fragments(out, shard, vectors, table.column(ROW), sink)
     out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", tokens)
     extra: dict[str, Any] = {}
