@@ -38,6 +38,7 @@ from embedjob.layout import (
     TOKENS_DIR,
     VECTORS,
     stage_marker,
+    stats_file,
 )
 from embedjob.lease import OutputLease
 from embedjob.manifest import build_manifest, stage_stats
@@ -173,7 +174,7 @@ def _run_phases(run: _Run) -> JobResult:
     run.superseded = reconcile_outputs(out, keep=run.keep, markers=previous, reasons=reasons, run_id=lease.run_id)
     if run.error is None:
         for name in ("read", "preprocess", "encode"):
-            out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages["encode"]))
+            out.write_json(stats_file(name), stage_stats(name, run.status, run.stages["encode"]))
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
@@ -392,7 +393,7 @@ class CorpusStages:
             raise JobError(f"{name} stage failed: {root_cause(e)} (the outputs of its last successful run, "
                            "if any, are untouched)") from e
         result = {**result, "seconds": round(time.time() - t, 3)}
-        self.out.write_json(f"stats/{name}.json", result)
+        self.out.write_json(stats_file(name), result)
         self.out.write_json(stage_marker(name), {"hash": key, "stats": result})
         self.stages[name] = {**result, "status": "done", "hash": key}
         logger.info("%s: done in %.1fs", name, time.time() - t)

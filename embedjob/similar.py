@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from embedjob.layout import stats_file
 from embedjob.stages.spelling import job_spelling
 from embedjob.storage import Storage, StorageError
 from embedjob.wordvectors import load_job_vectors
 
-STATS = {"bert": "stats/static.json", "word2vec": "stats/word2vec.json"}
+STATS = {"bert": stats_file("static"), "word2vec": stats_file("word2vec")}
 
 
 def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from embedjob.layout import REPORT
+from embedjob.layout import REPORT_HTML
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ def write_report(out: Storage, dest: Optional[str] = None, *, label_column: Opti
 
     text = build_report(out, label_column=label_column, input_storage_options=input_storage_options)
     if dest is None:
-        out.write_text(REPORT, text)
-        return out.url(REPORT)
+        out.write_text(REPORT_HTML, text)
+        return out.url(REPORT_HTML)
     Storage(dest).write_text("", text)
     return dest
 

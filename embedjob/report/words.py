@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedjob.layout import INDEX_DIR, VECTORS
+from embedjob.layout import INDEX_DIR, VECTORS, shard_file
 from embedjob.stages.index.config import index_files
 from embedjob.stages.index.search import load_index
 from embedjob.stages.index.shards import to_float32_matrix
@@ -85,7 +85,7 @@ def docs_recall(out: Storage, keys: list[str], q: np.ndarray, metric: str, k: in
     best_id: np.ndarray = np.empty((len(q), 0), dtype=object)
     q64 = q.astype(np.float64)
     for key in keys:
-        t = out.read_parquet(f"{VECTORS}/{key}.parquet", columns=["id", "vector"])
+        t = out.read_parquet(shard_file(VECTORS, key), columns=["id", "vector"])
         t = t.filter(pc.is_valid(t.column("vector")))
         if not t.num_rows:
             continue

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.errors import JobError, StorageError, root_cause
-from embedjob.layout import LANCE_DOCS, SUPERSEDED
+from embedjob.layout import LANCE_DOCS, SUPERSEDED, stats_file
 from embedjob.stages.lance_sink.write import schema_of
 from embedjob.storage import Storage
 
@@ -64,7 +64,7 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
     if enc:  # the per-shard fragment writes ran inside the commit tasks, beside the encoding
         spent = stats.get("write_seconds", 0.0) + stats.get("commit_seconds", 0.0)
         stats["write_share_of_encode"] = round(spent / enc, 4)
-    out.write_json("stats/lance.json", stats)
+    out.write_json(stats_file("lance"), stats)
     return stats
 
 

@@ -14,7 +14,17 @@ import numpy as np
 import torch
 
 from embedjob.errors import NothingToDo, TopicsError
-from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR, shard_key_of
+from embedjob.layout import (
+    DICTIONARY_JSON,
+    THETA_DIR,
+    TOPIC_WORD,
+    TOPICS_JSON,
+    TOPICS_METRICS,
+    TOPICS_MODEL,
+    TOPICS_STAGING,
+    shard_file,
+    shard_key_of,
+)
 from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
 from embedjob.stages.topics.embeddings import choose_embeddings, resolve_embeddings
@@ -82,7 +92,7 @@ def run_topics(tc: TopicsConfig, out: Storage, token_urls: list[str], *,
                        max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
     blob = model_bytes(model, kwargs, vocab, tc)
 
-    staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
+    staging = f"{TOPICS_STAGING}/{uuid.uuid4().hex[:12]}"
     try:
         t = time.time()
         theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
@@ -120,10 +130,10 @@ def run_topics(tc: TopicsConfig, out: Storage, token_urls: list[str], *,
 def _commit_theta(out: Storage, staging: str, keys: list[str]) -> None:
     """Staged theta files to ``topics/theta/``; theta of shards no longer in the job is deleted."""
     for k in keys:
-        out.write_bytes(f"{TOPICS_DIR}/theta/{k}.parquet", out.read_bytes(f"{staging}/{k}.parquet"))
-    for name in out.list(f"{TOPICS_DIR}/theta", suffix=".parquet"):
+        out.write_bytes(shard_file(THETA_DIR, k), out.read_bytes(shard_file(staging, k)))
+    for name in out.list(THETA_DIR, suffix=".parquet"):
         if name[: -len(".parquet")] not in set(keys):
-            out.delete(f"{TOPICS_DIR}/theta/{name}")
+            out.delete(f"{THETA_DIR}/{name}")
 
 
 def _write_results(out: Storage, tc: TopicsConfig, vocab: list[str], tw: np.ndarray, topics: list[list[str]],
@@ -131,16 +141,16 @@ def _write_results(out: Storage, tc: TopicsConfig, vocab: list[str], tw: np.ndar
     """``topic_word.npy``, ``topics.json``, ``model.pt``, then ``metrics.json``, in that order."""
     buf = io.BytesIO()
     np.save(buf, tw.astype(np.float32))
-    out.write_bytes(f"{TOPICS_DIR}/topic_word.npy", buf.getvalue())
+    out.write_bytes(TOPIC_WORD, buf.getvalue())
     npmi = metrics["coherence"].get("c_npmi", {}).get("per_topic", [])
     cv = metrics["coherence"].get("c_v", {}).get("per_topic", [])
     word_index = {w: i for i, w in enumerate(vocab)}
-    out.write_json(f"{TOPICS_DIR}/topics.json", {
+    out.write_json(TOPICS_JSON, {
         "model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab),
         "topics": [{"topic": i, "words": words[: tc.topics_json_top_n],
                     "weights": [round(float(tw[i, word_index[w]]), 6) for w in words[: tc.topics_json_top_n]],
                     **({"npmi": npmi[i]} if i < len(npmi) else {}), **({"c_v": cv[i]} if i < len(cv) else {})}
                    for i, words in enumerate(topics)],
     })
-    out.write_bytes(f"{TOPICS_DIR}/model.pt", blob)
-    out.write_json(f"{TOPICS_DIR}/metrics.json", metrics)
+    out.write_bytes(TOPICS_MODEL, blob)
+    out.write_json(TOPICS_METRICS, metrics)
