@@ -16,10 +16,8 @@ from embedjob.errors import USER_ERRORS, Interrupted, TopicsError, one_line
 from embedjob.layout import REPORT_HTML
 from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
 from embedjob.ray_errors import ray_failure_line
-from embedjob.redact import redact
 from embedjob.report import write_report
-from embedjob.sample_corpus import build_sample_corpus
-from embedjob.storage import Storage, StorageError, list_shards
+from embedjob.storage import Storage
 
 logger = logging.getLogger("embedjob")
 
@@ -70,21 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedjob.pipeline import run_job
 
     cfg = load_job(args.job, args.set + (["output.force_unlock=true"] if args.force_unlock else []))
-    if cfg.input.create_sample_if_missing:
-        try:
-            list_shards(cfg.input.url, cfg.input.storage_options)
-        except StorageError:
-            if args.dry_run:
-                import yaml
-
-                print(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
-                print(f"# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first")
-                return 0
-            logger.info("input %s holds no shards: building the sample corpus there (input.create_sample_if_missing)",
-                        cfg.input.url)
-            build_sample_corpus(cfg.input.url, cfg.input.storage_options)
-    result = run_job(cfg, dry_run=args.dry_run)
-    if result is None:
+    result = run_job(cfg, dry_run=args.dry_run)  # the sample corpus too, where input.create_sample_if_missing
+    if isinstance(result, str):  # --dry-run: what would be read and written
+        print(result)
         return 0
     t = result.manifest["totals"]
     print(f"embedjob: {t['done']} shard(s) encoded, {t['skipped_unchanged']} unchanged, {t['failed']} failed; "

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from embedjob import preempt
 from embedjob.cluster import init_ray, plan_encoder
@@ -55,6 +55,7 @@ from embedjob.reconcile import (
 from embedjob.redact import redact, redact_url
 from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
+from embedjob.sample_corpus import sample_if_missing
 from embedjob.stages.dedup.config import check_dedup, dedup_settings
 from embedjob.stages.dedup.stage import run_dedup, text_source
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
@@ -98,11 +99,17 @@ def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
                   **cfg.output.recipe_part()})
 
 
-def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
+def run_job(cfg: JobConfig, *, dry_run: bool = False) -> Union[JobResult, str]:
     """Run every stage of ``cfg``; ``manifest.json`` is written whether the job succeeds or fails
-    (with ``status`` and ``error``), and always describes exactly the files in the output."""
+    (with ``status`` and ``error``), and always describes exactly the files in the output.
+
+    ``dry_run``: nothing is written; returns what ``embedjob run --dry-run`` prints (the resolved
+    config, secrets masked, and what would be read and written). With ``input.create_sample_if_missing``
+    an input that holds no shards gets the sample corpus first (a dry run only says so)."""
     t_start = time.time()
     inp = cfg.input
+    if inp.create_sample_if_missing and sample_if_missing(inp.url, inp.storage_options, dry_run=dry_run) and dry_run:
+        return _dry_run_text(cfg, None, {})
     # 1. checks before any Ray work
     shards = discover_shards(inp.url, inp.storage_options, inp.id_column, inp.text_column,
                              on_bad_shard=inp.on_bad_shard)
@@ -122,8 +129,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         cfg.output.int8_max_for(encoder.normalize, encoder.dim)  # int8 of vectors of unknown range: exit 2 before any work
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
-        _echo_dry_run(cfg, shards, id_stats, echo)
-        return None
+        return _dry_run_text(cfg, shards, id_stats)
     with OutputLease(out, timeout_s=cfg.output.lease_timeout_s, force=cfg.output.force_unlock) as lease:
         return _run_leased(cfg, out, shards, id_stats, encoder, lease, t_start)
 
@@ -273,16 +279,21 @@ def _corpus_stages(run: _Run) -> None:
         run.error = e
 
 
-def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, Any], echo: Callable[[str], None]) -> None:
-    """``--dry-run``: the resolved config (secrets masked) and what would be read and written."""
+def _dry_run_text(cfg: JobConfig, shards: Optional[list[ShardInfo]], id_stats: dict[str, Any]) -> str:
+    """``--dry-run``: the resolved config (secrets masked) and what would be read and written
+    (``shards`` None: the input holds none yet, a run builds the sample corpus there first)."""
     import yaml
 
-    echo("# resolved job config")
-    echo(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
-    echo(f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
-         + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else ""))
+    config = yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip()
+    if shards is None:
+        return f"{config}\n# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first"
+    lines = ["# resolved job config", config,
+             f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
+             + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else "")]
     for s in shards:
-        echo(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
+        lines.append(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet"
+                     + (f"\tBAD: {s.error}" if s.error else ""))
+    return "\n".join(lines)
 
 
 BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pipeline

@@ -44,7 +44,7 @@ def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_
     cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model,
                     encode={"dtype": "bfloat16", "max_restarts": 0, "max_task_retries": 0})
     with pytest.raises(JobError) as info:
-        run_job(cfg, echo=lambda s: None)
+        run_job(cfg)
     msg = str(info.value)
     assert "placed for a GPU" in msg and "sees no CUDA device" in msg and "encode.device=cpu" in msg
     assert "Ray GPU ids [0]" in msg or "Ray GPU ids [1]" in msg  # Ray gave the actor one GPU of its own
