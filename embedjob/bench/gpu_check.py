@@ -383,15 +383,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             m["seconds"] = round(time.perf_counter() - t, 1)
             report["models"].append(m)
             logger.info("gpu-check: %s done in %.0f s", name, m["seconds"])
-    report["failed"] = any(m.get("failures") for m in report["models"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    text = table(report)
-    with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
-        f.write(text + "\n")
-    sys.stdout.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return _write_report(args.out, "gpu-check", report, table)
 
 
 def _main_feed(args: argparse.Namespace, report: dict[str, Any], rng: np.random.Generator) -> int:
@@ -414,12 +406,17 @@ def _main_feed(args: argparse.Namespace, report: dict[str, Any], rng: np.random.
             except Exception as e:  # noqa: BLE001 - one model's crash is reported, the next still runs
                 m["failures"].append(f"crashed: {type(e).__name__}: {e}")
             report["models"].append(m)
+    return _write_report(args.out, "gpu-check-feed", report, feed_table)
+
+
+def _write_report(out: str, stem: str, report: dict[str, Any], to_text: Any) -> int:
+    """``<out>/<stem>.json`` and ``<stem>.md`` (``to_text(report)``, also printed); exit 1 on any failure."""
     report["failed"] = any(m.get("failures") for m in report["models"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-check-feed.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    text = feed_table(report)
-    with open(os.path.join(args.out, "gpu-check-feed.md"), "w") as f:
+    text = to_text(report)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(text + "\n")
     sys.stdout.write(text + "\n")
     return 1 if report["failed"] else 0
