@@ -12,6 +12,12 @@ import sys
 from typing import Optional
 
 from embedjob.bench.flags import BENCHES, add_bench_parsers  # the flags only: no bench module is loaded
+from embedjob.errors import USER_ERRORS, Interrupted, TopicsError, one_line
+from embedjob.layout import REPORT_HTML
+from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
+from embedjob.ray_errors import ray_failure_line
+from embedjob.report import write_report
+from embedjob.storage import Storage
 
 logger = logging.getLogger("embedjob")
 
@@ -60,27 +66,11 @@ def _storage_options(pairs: Optional[list[str]]) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from embedjob.config import load_job
     from embedjob.pipeline import run_job
-    from embedjob.sample_corpus import build_sample_corpus
-    from embedjob.storage import StorageError, list_shards
 
     cfg = load_job(args.job, args.set + (["output.force_unlock=true"] if args.force_unlock else []))
-    if cfg.input.create_sample_if_missing:
-        try:
-            list_shards(cfg.input.url, cfg.input.storage_options)
-        except StorageError:
-            if args.dry_run:
-                import yaml
-
-                from embedjob.redact import redact
-
-                print(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
-                print(f"# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first")
-                return 0
-            logger.info("input %s holds no shards: building the sample corpus there (input.create_sample_if_missing)",
-                        cfg.input.url)
-            build_sample_corpus(cfg.input.url, cfg.input.storage_options)
-    result = run_job(cfg, dry_run=args.dry_run)
-    if result is None:
+    result = run_job(cfg, dry_run=args.dry_run)  # the sample corpus too, where input.create_sample_if_missing
+    if isinstance(result, str):  # --dry-run: what would be read and written
+        print(result)
         return 0
     t = result.manifest["totals"]
     print(f"embedjob: {t['done']} shard(s) encoded, {t['skipped_unchanged']} unchanged, {t['failed']} failed; "
@@ -94,8 +84,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report_url(output_url: str) -> str:
-    from embedjob.layout import REPORT_HTML
-
     return f"{output_url.rstrip('/')}/{REPORT_HTML}"
 
 
@@ -107,7 +95,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from embedjob.errors import TopicsError
     from embedjob.stages.topics.read_back import topics_report
 
     try:
@@ -142,9 +129,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from embedjob.report import write_report
-    from embedjob.storage import Storage
-
     in_opts = None if args.input_storage_option is None else _storage_options(args.input_storage_option)
     where = write_report(Storage(args.output, _storage_options(args.storage_option)), args.o,
                          label_column=args.label_column, input_storage_options=in_opts)
@@ -245,13 +229,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from embedjob.errors import USER_ERRORS, Interrupted, one_line
-
     try:
         return args.func(args)
     except Interrupted as e:  # SIGTERM (a spot node reclaimed, `ray job stop`): preempt.py
-        from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
-
         print(f"embedjob: {one_line(str(e))}; {resume_hint(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as e:
@@ -270,8 +250,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _ray_failure_line(e: BaseException, verbose: bool):
     """One line for a failure of Ray's runtime (ray_errors.py), Ray's traceback first with -v."""
-    from embedjob.ray_errors import ray_failure_line
-
     line = ray_failure_line(e)
     if line is not None and verbose:
         import traceback

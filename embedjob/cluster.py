@@ -1,7 +1,7 @@
 """Where the job runs: starting or joining Ray, and sizing the encoder actor pool from the cluster.
 
-``init_ray(cfg)`` joins the cluster at ``ray.address`` / ``RAY_ADDRESS`` or starts a local Ray;
-``plan_encoder(cfg, resources)`` turns ``encode.*`` settings and ``ray.cluster_resources()`` into
+``init_ray(ray_cfg)`` joins the cluster at ``ray.address`` / ``RAY_ADDRESS`` or starts a local Ray;
+``plan_encoder(encode, resources)`` turns ``encode.*`` settings and ``ray.cluster_resources()`` into
 the actor pool's device, size, CPUs and threads.
 """
 
@@ -21,7 +21,7 @@ from embedjob.ray_errors import raise_injected
 from embedjob.stages.encode.busy import FEED_BOUND, feed_plan
 
 if TYPE_CHECKING:
-    from embedjob.config import JobConfig
+    from embedjob.stages.encode.config import EncodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,13 @@ LOCAL_HEALTH_CHECK_ENV = "RAY_health_check_failure_threshold"  # Ray's setting, 
 LOCAL_HEALTH_CHECK_FAILURES = "20"
 
 
-def init_ray(cfg: JobConfig) -> dict[str, Any]:
+def init_ray(ray_cfg: RayConfig) -> dict[str, Any]:
     """Join the cluster at ``ray.address`` / ``RAY_ADDRESS``, else start a local Ray in-process."""
     import ray
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     raise_injected("init")  # test-only: Ray failing to start (EMBEDJOB_DEBUG_RAY_FAILURE)
     if ray.is_initialized():
         mode = "existing"
@@ -62,7 +62,7 @@ def init_ray(cfg: JobConfig) -> dict[str, Any]:
         os.environ.setdefault(LOCAL_HEALTH_CHECK_ENV, LOCAL_HEALTH_CHECK_FAILURES)
         # the workers' own output (Ray Train's reports, library warnings) stays in Ray's log files
         # unless -v: embedjob's driver says what each stage does
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+        ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
                  log_to_driver=verbose,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
         mode = "local"
@@ -96,14 +96,13 @@ def _quiet_ray_console(verbose: bool) -> None:
                 h.addFilter(_RayNoise())
 
 
-def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
+def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) -> dict[str, Any]:
     """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster.
 
     ``resources`` is ``ray.cluster_resources()``: one GPU actor per GPU, else CPU actors (with a
     log line saying so). ``encode.resources`` (custom Ray resources per actor) caps the actor
     count at what the cluster holds, unless ``encode.actors`` is set (an autoscaler may add the
-    nodes that hold them)."""
-    e = cfg.encode
+    nodes that hold them). ``static``: the encoder also pools static word vectors (``static.enabled``)."""
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if e.device == "cuda" and gpus == 0:
@@ -151,19 +150,19 @@ def plan_encoder(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
         logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
     plan["preprocess_concurrency"] = e.preprocess_concurrency
     if device == "cuda":
-        _plan_feed(cfg, plan, max(gpus, actors), cpus)
+        _plan_feed(e.model, static, plan, max(gpus, actors), cpus)
     return plan
 
 
-def _plan_feed(cfg: JobConfig, plan: dict[str, Any], gpus: int, cpus: int) -> None:
+def _plan_feed(model: str, static: bool, plan: dict[str, Any], gpus: int, cpus: int) -> None:
     """CPU preprocessing per GPU from the measured rates (busy.feed_plan), logged; sets the
     preprocess tasks at once unless ``encode.preprocess_concurrency`` does."""
     try:
-        with open(os.path.join(resolve_model_path(cfg.encode.model), "config.json")) as f:
+        with open(os.path.join(resolve_model_path(model), "config.json")) as f:
             hidden = json.load(f).get("hidden_size")
     except (OSError, ValueError):
         hidden = None
-    feed = feed_plan(gpus, cpus, hidden, static=cfg.static.enabled)
+    feed = feed_plan(gpus, cpus, hidden, static=static)
     plan["feed"] = feed
     if plan["preprocess_concurrency"] is None:
         plan["preprocess_concurrency"] = feed["preprocess_concurrency"]

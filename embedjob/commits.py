@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from embedjob.errors import InputError, Interrupted, JobError, root_cause
 from embedjob.faults import alive_nodes, fault_stats
-from embedjob.layout import TMP
+from embedjob.layout import TMP, failed_marker
 from embedjob.progress import Progress, ProgressTicker, start_counter
 from embedjob.ray_errors import raise_injected
 from embedjob.stages.encode.busy import busy_fraction, busy_text, feed_bound_line
@@ -239,6 +239,6 @@ class ShardCommits:
 
 def _failure_reason(out: Storage, key: str) -> Optional[str]:
     try:
-        return out.read_json(f"{TMP}/{key}/_FAILED.json").get("reason")
+        return out.read_json(failed_marker(key)).get("reason")
     except (FileNotFoundError, OSError, ValueError):
         return None

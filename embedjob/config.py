@@ -21,7 +21,7 @@ from embedjob.errors import ConfigError
 from embedjob.stages.dedup import DedupConfig
 from embedjob.stages.encode import EncodeConfig
 from embedjob.stages.index import IndexConfig
-from embedjob.stages.preprocess import PreprocessConfig
+from embedjob.stages.preprocess_config import PreprocessConfig
 from embedjob.stages.read import InputConfig
 from embedjob.stages.static import StaticConfig
 from embedjob.stages.topics import TopicsConfig

@@ -28,7 +28,6 @@ TIMELINE = f"{STATS_DIR}/timeline.json"  # throughput and memory sampled by the 
 MANIFEST = "manifest.json"
 REPORT_HTML = "report.html"  # the run's HTML report, written at the end of every run
 CONFIG = "config.json"
-REPORT = "report.html"  # the run's HTML report, written after the manifest
 STATIC_PART_SUFFIX = ".static.parquet"
 REUSE_TMP = f"{TMP}/_reuse"  # output.reuse: _tmp/_reuse/<run id>/plan/<shard>/<partition>.parquet
 
@@ -39,7 +38,14 @@ DICTIONARY_GENSIM = f"{VOCAB_DIR}/dictionary.gensim"  # gensim native (a pickle)
 DICTIONARY_TXT = f"{VOCAB_DIR}/dictionary.txt"  # gensim save_as_text: for users
 WORD2VEC_DIR = "word2vec"
 TOPICS_DIR = "topics"
+TOPICS_JSON = f"{TOPICS_DIR}/topics.json"  # each topic's top words and coherence
+TOPICS_METRICS = f"{TOPICS_DIR}/metrics.json"  # coherence, diversity, redundancy, training
+TOPICS_MODEL = f"{TOPICS_DIR}/model.pt"  # a plain dict torch.load(weights_only=True) reads
+TOPIC_WORD = f"{TOPICS_DIR}/topic_word.npy"  # K x vocabulary, the model vocabulary's order
+THETA_DIR = f"{TOPICS_DIR}/theta"  # theta/<shard>.parquet: id, theta
+TOPICS_STAGING = f"{TOPICS_DIR}/_staging"  # theta files of a run, moved to theta/ when it succeeds
 CKPT_DIR = f"{TOPICS_DIR}/checkpoints"
+CKPT_LATEST = f"{CKPT_DIR}/latest.json"  # the newest checkpoint of the run that resumes
 INDEX_DIR = "index"
 LANCE_DIR = "lance"
 LANCE_DOCS = f"{LANCE_DIR}/docs.lance"  # Lance dataset of the document vectors (output.lance)
@@ -63,6 +69,21 @@ def shard_key_of(url: str) -> str:
     """The shard key of a per-shard output file: ``.../tokens/part-00003.parquet`` -> ``part-00003``."""
     name = posixpath.basename(url.rstrip("/"))
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def shard_file(folder: str, shard: str) -> str:
+    """``<folder>/<shard>.parquet``: a shard's file in a per-shard folder (vectors, tokens, chunks, theta...)."""
+    return f"{folder}/{shard}.parquet"
+
+
+def stats_file(stage: str) -> str:
+    """``stats/<stage>.json``: the stats of a stage's last run."""
+    return f"{STATS_DIR}/{stage}.json"
+
+
+def failed_marker(shard: str) -> str:
+    """``_tmp/<shard>/_FAILED.json``: why a shard's read or encode failed (read by the driver)."""
+    return f"{TMP}/{shard}/_FAILED.json"
 
 
 def shard_marker(shard: str) -> str:

@@ -17,18 +17,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Union
 
 from embedjob import preempt
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.commits import ShardCommits
 from embedjob.config import JobConfig
-from embedjob.errors import Interrupted, JobError, NothingToDo, root_cause
+from embedjob.corpus_stages import recipe_hash, run_corpus_stages
+from embedjob.errors import Interrupted, JobError
 from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
@@ -37,7 +36,7 @@ from embedjob.layout import (
     TMP,
     TOKENS_DIR,
     VECTORS,
-    stage_marker,
+    stats_file,
 )
 from embedjob.lease import OutputLease
 from embedjob.manifest import build_manifest, stage_stats
@@ -47,20 +46,23 @@ from embedjob.reconcile import (
     list_lance_files,
     list_shard_files,
     outputs_to_keep,
-    read_marker,
     read_shard_markers,
     reconcile_outputs,
 )
 from embedjob.redact import redact, redact_url
 from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
-from embedjob.stages.dedup.config import check_dedup, dedup_settings
+from embedjob.sample_corpus import sample_if_missing
+from embedjob.stages.dedup.config import check_dedup
 from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
+from embedjob.stages.encode.actor import encoder_pool
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
-from embedjob.stages.read import InputError, ShardInfo, check_ids, discover_shards
+from embedjob.stages.preprocess import preprocess_batch
+from embedjob.stages.read import InputError, ShardDatasource, ShardInfo, check_ids, discover_shards
 from embedjob.stages.reuse.stage import ReusePlan, close_reuse, plan_reuse
-from embedjob.stages.vocab import run_vocab
+from embedjob.stages.static.config import static_actor_settings
+from embedjob.stages.write import staged_writes
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -77,24 +79,26 @@ class JobResult:
         return not self.failed_shards
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
+def shard_stagerecipe_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     """What per-shard outputs depend on: preprocessing, encoder settings and model, static options."""
     enc = {**encoder.recipe_dict(), "dtype": encoder.dtype}  # window settings too, when documents are cut
     static = cfg.static.model_dump() if cfg.static.enabled else None
-    return _hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
+    return recipe_hash({"preprocess": cfg.preprocess.model_dump(), "encoder": enc, "static": static,
                   "id": cfg.input.id_column, "text": cfg.input.text_column, "empty": cfg.input.on_empty_text,
                   **cfg.output.recipe_part()})
 
 
-def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> Optional[JobResult]:
+def run_job(cfg: JobConfig, *, dry_run: bool = False) -> Union[JobResult, str]:
     """Run every stage of ``cfg``; ``manifest.json`` is written whether the job succeeds or fails
-    (with ``status`` and ``error``), and always describes exactly the files in the output."""
+    (with ``status`` and ``error``), and always describes exactly the files in the output.
+
+    ``dry_run``: nothing is written; returns what ``embedjob run --dry-run`` prints (the resolved
+    config, secrets masked, and what would be read and written). With ``input.create_sample_if_missing``
+    an input that holds no shards gets the sample corpus first (a dry run only says so)."""
     t_start = time.time()
     inp = cfg.input
+    if inp.create_sample_if_missing and sample_if_missing(inp.url, inp.storage_options, dry_run=dry_run) and dry_run:
+        return _dry_run_text(cfg, None, {})
     # 1. checks before any Ray work
     shards = discover_shards(inp.url, inp.storage_options, inp.id_column, inp.text_column,
                              on_bad_shard=inp.on_bad_shard)
@@ -114,8 +118,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, echo: Callable[[str], None
         cfg.output.int8_max_for(encoder.normalize, encoder.dim)  # int8 of vectors of unknown range: exit 2 before any work
     out = Storage(cfg.output.url, cfg.output.storage_options)
     if dry_run:
-        _echo_dry_run(cfg, shards, id_stats, echo)
-        return None
+        return _dry_run_text(cfg, shards, id_stats)
     with OutputLease(out, timeout_s=cfg.output.lease_timeout_s, force=cfg.output.force_unlock) as lease:
         return _run_leased(cfg, out, shards, id_stats, encoder, lease, t_start)
 
@@ -171,7 +174,7 @@ def _run_phases(run: _Run) -> JobResult:
     run.stages["reuse"] = close_reuse(out, run.reuse, run.status, run.stages["encode"], run.superseded)
     if run.error is None:
         for name, stats in (("read", "encode"), ("preprocess", "encode"), ("encode", "encode"), ("reuse", "reuse")):
-            out.write_json(f"stats/{name}.json", stage_stats(name, run.status, run.stages[stats]))
+            out.write_json(stats_file(name), stage_stats(name, run.status, run.stages[stats]))
         _corpus_stages(run)
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
@@ -192,19 +195,19 @@ def _run_phases(run: _Run) -> JobResult:
 def _start_ray(run: _Run) -> None:
     """Start or join Ray, size the encoder pool, and fix the recipe (the shard stage hash)."""
     try:
-        run.ray_info = init_ray(run.cfg)
+        run.ray_info = init_ray(run.cfg.ray)
     except SystemExit as e:  # SIGTERM while ray.init ran, under Ray's own handler: interrupted, nothing done
         interrupted = preempt.during_ray_start(e)
         if interrupted is None:
             raise
         raise interrupted from None
     preempt.arm()  # put the handler back: ray.init replaced it with its own
-    run.plan = plan_encoder(run.cfg, run.ray_info["resources"])
+    run.plan = plan_encoder(run.cfg.encode, run.ray_info["resources"], static=run.cfg.static.enabled)
     if run.plan["device"] == "cuda":
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
         run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
     run.encoder.device = run.plan["device"]
-    run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
+    run.stage_hash = shard_stagerecipe_hash(run.cfg, run.encoder)
 
 
 def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardInfo]:
@@ -262,9 +265,9 @@ def _corpus_stages(run: _Run) -> None:
     vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
     fingerprints = {k: run.keep[k].get("input") for k in committed}
     inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
-        "tokens": _hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
+        "tokens": recipe_hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
                          "columns": [inp.id_column, inp.text_column], "empty": inp.on_empty_text}),
-        "vectors": _hash({"shards": fingerprints, "stage": run.stage_hash}),
+        "vectors": recipe_hash({"shards": fingerprints, "stage": run.stage_hash}),
     }
     try:
         if cfg.output.lance or out.exists(LANCE_DOCS):  # a version of exactly the kept shards, or moved aside
@@ -276,16 +279,21 @@ def _corpus_stages(run: _Run) -> None:
         run.error = e
 
 
-def _echo_dry_run(cfg: JobConfig, shards: list[ShardInfo], id_stats: dict[str, Any], echo: Callable[[str], None]) -> None:
-    """``--dry-run``: the resolved config (secrets masked) and what would be read and written."""
+def _dry_run_text(cfg: JobConfig, shards: Optional[list[ShardInfo]], id_stats: dict[str, Any]) -> str:
+    """``--dry-run``: the resolved config (secrets masked) and what would be read and written
+    (``shards`` None: the input holds none yet, a run builds the sample corpus there first)."""
     import yaml
 
-    echo("# resolved job config")
-    echo(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip())
-    echo(f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
-         + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else ""))
+    config = yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False).rstrip()
+    if shards is None:
+        return f"{config}\n# input {cfg.input.url} holds no shards yet: a run builds the sample corpus there first"
+    lines = ["# resolved job config", config,
+             f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
+             + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else "")]
     for s in shards:
-        echo(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet" + (f"\tBAD: {s.error}" if s.error else ""))
+        lines.append(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet"
+                     + (f"\tBAD: {s.error}" if s.error else ""))
+    return "\n".join(lines)
 
 
 BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pipeline
@@ -327,11 +335,6 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     import ray
     from ray.data import DataContext
 
-    from embedjob.stages.encode.actor import encoder_pool
-    from embedjob.stages.preprocess import preprocess_batch
-    from embedjob.stages.read import ShardDatasource
-    from embedjob.stages.write import staged_writes
-
     inp = cfg.input
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # embedjob's own line (or bar, on a terminal) counts documents: commits.py
@@ -347,9 +350,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
     ctx.max_consecutive_actor_init_deaths = cfg.encode.max_actor_init_deaths  # a lost actor is replaced
     static = None
     if cfg.static.enabled:
-        from embedjob.stages.static.config import static_actor_settings
-
-        static = static_actor_settings(cfg, out)
+        static = static_actor_settings(cfg.static, cfg.encode.model, out)
 
     ds = ray.data.read_datasource(
         ShardDatasource.create(todo, inp.storage_options, inp.id_column, inp.text_column, inp.rows_per_block,
@@ -368,90 +369,3 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
                       unfit={"on_bad_shard": inp.on_bad_shard, "out_url": out.url(), "out_options": out.storage_options,
                              "id_column": inp.id_column})
     return staged_writes(ds, out, inp.id_column)
-
-
-# -- corpus-wide stages ------------------------------------------------------------------------
-class CorpusStages:
-    """Runs corpus-wide stages, each skipped when its inputs (token or vector files), its settings
-    and the stages it reads are unchanged since its last success (``_done/stage-<name>.json``).
-
-    Each stage's stats are added to ``stages`` as it ends, so a later stage's failure leaves the
-    earlier ones on record."""
-
-    def __init__(self, cfg: JobConfig, out: Storage, inputs_hash: dict[str, str], stages: dict[str, Any],
-                 timeline: Optional[Timeline] = None):
-        self.cfg, self.out, self.inputs_hash, self.stages = cfg, out, inputs_hash, stages
-        self.timeline = timeline or Timeline()  # not started: stages are only recorded
-
-    def run(self, name: str, settings: Any, fn: Callable[[], dict[str, Any]], deps: tuple[str, ...] = (),
-            reads: str = "tokens") -> None:
-        key = _hash({"inputs": self.inputs_hash[reads], "settings": settings,
-                     "deps": {d: self.stages[d].get("hash") for d in deps if d in self.stages}})
-        preempt.check(name)  # SIGTERM: no stage starts
-        prev = None if self.cfg.output.overwrite else read_marker(self.out, stage_marker(name))
-        if prev and prev.get("hash") == key:
-            logger.info("%s: unchanged since its last run, kept", name)
-            self.stages[name] = {**prev.get("stats", {}), "status": "skipped-unchanged", "hash": key}
-            return
-        t = time.time()
-        logger.info("%s: started", name)
-        self.timeline.stage(name)
-        try:
-            result = fn()
-        except NothingToDo as e:  # an empty corpus: the stage is skipped, not failed
-            logger.info("%s: skipped: %s", name, e)
-            self.stages[name] = {"status": "skipped", "reason": str(e), "seconds": round(time.time() - t, 3)}
-            return
-        except Exception as e:  # noqa: BLE001 - name the stage; earlier results stay as they were
-            raise JobError(f"{name} stage failed: {root_cause(e)} (the outputs of its last successful run, "
-                           "if any, are untouched)") from e
-        result = {**result, "seconds": round(time.time() - t, 3)}
-        self.out.write_json(f"stats/{name}.json", result)
-        self.out.write_json(stage_marker(name), {"hash": key, "stats": result})
-        self.stages[name] = {**result, "status": "done", "hash": key}
-        logger.info("%s: done in %.1fs", name, time.time() - t)
-
-
-def run_corpus_stages(cfg: JobConfig, out: Storage, token_urls: list[str], vector_urls: list[str],
-                      committed: list[str], encoder: EncoderSettings, inputs_hash: dict[str, str],
-                      stages: Optional[dict[str, Any]] = None, timeline: Optional[Timeline] = None,
-                      input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
-    """Vocabulary, static vectors, Word2Vec, topics, indices and dedup over the committed shards,
-    in that order (each reads what the ones before it wrote); ``input_urls`` (shard -> input file)
-    for the topics' ``label_column`` and the dedup report's texts."""
-    stages = {} if stages is None else stages
-    if not committed:
-        logger.warning("no committed shard: corpus-wide stages skipped")
-        return stages
-    stage = CorpusStages(cfg, out, inputs_hash, stages, timeline).run
-    stage("vocab", cfg.preprocess.model_dump(), lambda: run_vocab(out, token_urls))
-    if cfg.static.enabled:
-        from embedjob.stages.static.stage import run_static
-
-        stage("static", cfg.static.model_dump(), lambda: run_static(cfg, out, committed), deps=("vocab",),
-              reads="vectors")
-    if cfg.word2vec.enabled:
-        from embedjob.stages.word2vec.stage import run_word2vec
-
-        # Settings that cannot change the vectors (restarts, Ray's folder, trusting a pickle) do not rerun the stage.
-        stage("word2vec", cfg.word2vec.model_dump(exclude={"max_failures", "ray_storage_path", "init_trust_pickle"}),
-              lambda: run_word2vec(cfg, out, token_urls), deps=("vocab",))
-    if cfg.topics.enabled:
-        from embedjob.stages.topics.stage import run_topics
-
-        stage("topics", cfg.topics.model_dump(exclude={"embeddings_trust_pickle"}),
-              lambda: run_topics(cfg, out, token_urls, input_urls=input_urls), deps=("vocab", "word2vec", "static"))
-    if cfg.index.enabled:
-        from embedjob.stages.index.stage import run_index
-
-        # Only the word vectors of stages on in this run: files a disabled stage left behind (or that
-        # someone else put there) are not this run's to index.
-        word_kinds = [kind for kind, on in (("word2vec", cfg.word2vec.enabled), ("bert", cfg.static.enabled)) if on]
-        stage("index", cfg.index.model_dump(), lambda: run_index(cfg, out, vector_urls, encoder.normalize, word_kinds),
-              deps=("word2vec", "static"), reads="vectors")
-    if cfg.dedup.enabled:
-        from embedjob.stages.dedup.stage import run_dedup, text_source
-
-        stage("dedup", dedup_settings(cfg.dedup), lambda: run_dedup(cfg.dedup, out, vector_urls,
-              texts=text_source(cfg.input, input_urls)), reads="vectors")
-    return stages

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from embedjob.storage import Storage
+from embedjob.storage import Storage, StorageError, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +82,18 @@ def build_sample_corpus(url: str, storage_options: dict[str, Any] | None = None,
                 len(docs), sum(d["source"] == "lee" for d in docs), sum(d["source"] == "enwiki" for d in docs),
                 shards, store.url())
     return names
+
+
+def sample_if_missing(url: str, storage_options: dict[str, Any], *, dry_run: bool = False) -> bool:
+    """``input.create_sample_if_missing``: whether ``url`` held no Parquet shards; then the sample
+    corpus is built there (not on a dry run, which only says so)."""
+    try:
+        list_shards(url, storage_options)
+        return False
+    except StorageError:
+        pass
+    if not dry_run:
+        logger.info("input %s holds no shards: building the sample corpus there (input.create_sample_if_missing)",
+                    url)
+        build_sample_corpus(url, storage_options)
+    return True

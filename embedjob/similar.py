@@ -1,21 +1,18 @@
 """`embedjob similar`: nearest words from a finished job's word vectors (BERT static or Word2Vec),
 on local or object storage. The vectors are read from the job's safe files (``vectors.bin`` and
 its companions, see :mod:`embedjob.wordvectors`), never from the pickled ``vectors.kv``. Query words are spelled as the job's vocabulary spells them with
-:func:`normalize_query_word`."""
+:func:`embedjob.stages.spelling.normalize_query_word`."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from gensim.parsing import preprocess_string
-
-from embedjob.errors import StaticVectorsError
-from embedjob.layout import MANIFEST
-from embedjob.stages.preprocess import PreprocessConfig, build_filters
+from embedjob.layout import stats_file
+from embedjob.stages.spelling import job_spelling
 from embedjob.storage import Storage, StorageError
 from embedjob.wordvectors import load_job_vectors
 
-STATS = {"bert": "stats/static.json", "word2vec": "stats/word2vec.json"}
+STATS = {"bert": stats_file("static"), "word2vec": stats_file("word2vec")}
 
 
 def similar_words(output_url: str, word: str, *, kind: str = "bert", n: int = 10,
@@ -46,32 +43,3 @@ def _empty_reason(output_url: str, storage_options: dict[str, Any], kind: str) -
     except (StorageError, OSError, ValueError, AttributeError):
         return ""
     return f" ({reason})" if reason else ""
-
-
-def job_filters(output_url: str, storage_options: Optional[dict[str, Any]] = None):
-    """The gensim filter chain a finished job used (from ``<out>/manifest.json``)."""
-    out = Storage(output_url, storage_options or {})
-    try:
-        manifest = out.read_json(MANIFEST)
-    except FileNotFoundError:
-        raise StaticVectorsError(f"no manifest.json under {out.url()} (is it a finished embedjob output?)") from None
-    pre = (manifest.get("config") or {}).get("preprocess") or {}
-    return build_filters(PreprocessConfig.model_validate(pre))
-
-
-def normalize_query_word(output_url: str, storage_options: Optional[dict[str, Any]], word: str) -> str:
-    """A query word as the job's vocabulary spells it (its gensim preprocessing, e.g. ``Cats`` -> ``cat``).
-
-    Words the chain drops (stop words, numbers, too short) come back lower-cased, so a lookup fails
-    naming the word."""
-    toks = preprocess_string(word, job_filters(output_url, storage_options))
-    return toks[0] if toks else word.strip().lower()
-
-
-def job_spelling(output_url: str, storage_options: Optional[dict[str, Any]], word: str) -> str:
-    """:func:`normalize_query_word`, or ``word`` as given where the output has no manifest (word
-    vectors written without a job)."""
-    try:
-        return normalize_query_word(output_url, storage_options, word)
-    except StaticVectorsError:
-        return word

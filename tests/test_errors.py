@@ -78,3 +78,21 @@ def test_dry_run_prints_config_and_shards(tmp_path):
     assert rc == 0, err
     assert "max_length: 32" in out and "part-00000.parquet\t2 rows" in out and "part-00001.parquet\t1 rows" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_run_job_dry_run_returns_the_text_and_says_where_the_sample_corpus_would_go(tmp_path):
+    """input.create_sample_if_missing is run_job's (not only the CLI's): a dry run on an empty input
+    returns what `embedjob run --dry-run` prints and builds nothing; with shards it lists them."""
+    from embedjob.config import build_config
+    from embedjob.pipeline import run_job
+    from embedjob.sample_corpus import sample_if_missing
+
+    cfg = build_config({"input": {"url": str(tmp_path / "in"), "create_sample_if_missing": True},
+                        "output": {"url": str(tmp_path / "out")}})
+    text = run_job(cfg, dry_run=True)
+    assert isinstance(text, str) and text.endswith("holds no shards yet: a run builds the sample corpus there first")
+    assert not (tmp_path / "in").exists() and not (tmp_path / "out").exists()
+    write_shards(tmp_path / "in", ["a", "b", "c"], n_shards=2)
+    assert not sample_if_missing(str(tmp_path / "in"), {}, dry_run=True)
+    text = run_job(cfg, dry_run=True)
+    assert text.startswith("# resolved job config\n") and "part-00001.parquet\t1 rows" in text

@@ -208,14 +208,15 @@ def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, 
 
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda"})
     with caplog.at_level(logging.INFO, logger="embedjob.cluster"):
-        plan = plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})
+        plan = plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled)
     feed = plan["feed"]
     assert plan["actors"] == 2 and plan["preprocess_concurrency"] == feed["preprocess_concurrency"] >= 1
     assert feed["cpus_per_gpu"] == 7.0 and feed["cpus_per_gpu_needed"] > 0
     assert any("CPUs per GPU" in r.getMessage() and "preprocess tasks at once" in r.getMessage() for r in caplog.records)
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "preprocess_concurrency": 3})
-    assert plan_encoder(cfg, {"CPU": 16.0, "GPU": 2.0})["preprocess_concurrency"] == 3
-    assert plan_encoder(small_job(tmp_path, tmp_path / "o", tiny_model), {"CPU": 2.0})["preprocess_concurrency"] is None
+    assert plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled)["preprocess_concurrency"] == 3
+    cpu_only = small_job(tmp_path, tmp_path / "o", tiny_model)
+    assert plan_encoder(cpu_only.encode, {"CPU": 2.0}, static=cpu_only.static.enabled)["preprocess_concurrency"] is None
 
 
 class _TransformersCallTokenizer:

@@ -28,7 +28,7 @@ def ray_two_gpus():
 
 
 def test_pool_plan_is_one_actor_per_gpu_each_asking_for_one(ray_two_gpus):
-    plan = plan_encoder(build_config({}), ray_two_gpus.cluster_resources())
+    plan = plan_encoder(build_config({}).encode, ray_two_gpus.cluster_resources(), static=True)
     assert (plan["device"], plan["actors"], plan["num_gpus"]) == ("cuda", 2, 1)
 
 
@@ -44,7 +44,7 @@ def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_
     cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model,
                     encode={"dtype": "bfloat16", "max_restarts": 0, "max_task_retries": 0})
     with pytest.raises(JobError) as info:
-        run_job(cfg, echo=lambda s: None)
+        run_job(cfg)
     msg = str(info.value)
     assert "placed for a GPU" in msg and "sees no CUDA device" in msg and "encode.device=cpu" in msg
     assert "Ray GPU ids [0]" in msg or "Ray GPU ids [1]" in msg  # Ray gave the actor one GPU of its own

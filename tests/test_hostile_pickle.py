@@ -244,7 +244,7 @@ def test_index_stage_reads_word_vectors_from_safe_files(tmp_path):
     urls, _ = _write_vector_shards(out, n_shards=1, n=30)
     write_keyed_vectors(_legit_kv(8, [f"w{i}" for i in range(20)]), out.child("word2vec"))
     marker = plant(tmp_path / "out" / "word2vec" / "vectors.kv", tmp_path / "PWNED")
-    stats = run_index(JobConfig(), out, urls, True, ["word2vec"])
+    stats = run_index(JobConfig().index, out, urls, True, ["word2vec"])
     assert stats["words"]["word2vec"]["count"] == 20
     assert not os.path.exists(marker)
 

@@ -48,8 +48,8 @@ def _write_vector_shards(out: Storage, n_shards: int = 3, n: int = 400, dim: int
     return urls, truth
 
 
-def _cfg(**index) -> JobConfig:
-    return JobConfig(index=index)
+def _cfg(**index) -> IndexConfig:
+    return JobConfig(index=index).index
 
 
 def test_config_defaults_and_choices():
@@ -145,9 +145,9 @@ def test_word_vector_indices(tmp_path):
     assert stats["words"]["word2vec"]["count"] == 40, stats
     assert "bert" in stats["words_skipped"]  # no static/vectors.bin
     assert out.exists("index/words-word2vec.faiss") and out.exists("index/words-word2vec_ids.parquet")
-    from embedjob.stages.index.search import similar_words
+    from embedjob.stages.index.search import similar_words_in_index
 
-    top = similar_words(out.url(), {}, "word2vec", "w0", k=3)
+    top = similar_words_in_index(out.url(), {}, "word2vec", "w0", k=3)
     assert top[0]["word"] == "w1" and top[0]["score"] > 0.99
 
 

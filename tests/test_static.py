@@ -65,17 +65,13 @@ def _reference(model_path, texts, filters, pooling, layers, max_length):
 def _run_stages_without_ray(tmp_path, model_path, texts, static_kwargs, *, max_length=None, calls=1, **encode):
     """Preprocess -> EncodeActor (with the accumulator) -> commit_static_parts, in-process."""
     from embedjob.layout import STATIC_PART_SUFFIX, TMP
-    from embedjob.stages.encode import EncodeActor, EncodeConfig
+    from embedjob.stages.encode import EncodeActor
     from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
     from embedjob.stages.static.config import StaticConfig, static_actor_settings
 
     out = Storage(str(tmp_path / "out"))
 
-    class _Cfg:
-        static = StaticConfig(**static_kwargs)
-        encode = EncodeConfig(model=model_path)
-
-    static = static_actor_settings(_Cfg, out)
+    static = static_actor_settings(StaticConfig(**static_kwargs), model_path, out)
     settings = _encoder_settings(model_path, max_length, **encode)
     pre = Preprocessor(PreprocessConfig(), "text", settings, static)
     actor = EncodeActor(settings, batch_tokens=64, max_batch_docs=2, static=static)
@@ -242,7 +238,7 @@ def test_job_writes_gensim_loadable_vectors_and_backfill_adds_only_new_shards(ra
 
 
 def test_normalize_query_word_uses_the_jobs_preprocessing(tmp_path):
-    from embedjob.similar import normalize_query_word
+    from embedjob.stages.spelling import normalize_query_word
 
     out = Storage(str(tmp_path))
     out.write_json("manifest.json", {"config": {"preprocess": {"filters": ["lower", "stem_text"]}}})

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.cli import main as cli_main
-from embedjob.config import JobConfig
 from embedjob.errors import TopicsError
 from embedjob.stages.topics.bow import bow_from_token_lists, filter_dictionary
 from embedjob.stages.topics.config import TopicsConfig
@@ -73,12 +72,12 @@ def _write_vectors(out_dir: str, missing: tuple[str, ...] = ("wolf", "bond")) ->
     write_keyed_vectors(kv, Storage(os.path.join(out_dir, "word2vec")))
 
 
-def _cfg(**topics) -> JobConfig:
+def _cfg(**topics) -> TopicsConfig:
     base = dict(enabled=True, embeddings="word2vec", num_topics=2, no_below=2, no_above=0.9, epochs=12, batch_size=32, lr=1e-2,
                 hidden_size=32, workers=2, threads_per_worker=1, coherence_docs=None, seed=0, min_steps=0,
                 min_documents_seen=0)
     base.update(topics)
-    return JobConfig(topics=TopicsConfig(**base))
+    return TopicsConfig(**base)
 
 
 def _separates(topics: list[list[str]]) -> bool:
@@ -473,8 +472,8 @@ def test_planted_topics_with_default_training_length_at_two_sizes(ray_local, tmp
     documents' dominant planted topic (label_column)."""
     urls = _planted_corpus(str(tmp_path), n_docs=n_docs, labels=True)
     inputs = {f"part-{s:05d}": str(tmp_path / "input" / f"part-{s:05d}.parquet") for s in range(4)}
-    cfg = JobConfig(topics=TopicsConfig(enabled=True, num_topics=len(PLANTED), coherence=["c_npmi"],
-                                        label_column="label", no_above=1.0))
+    cfg = TopicsConfig(enabled=True, num_topics=len(PLANTED), coherence=["c_npmi"], label_column="label",
+                       no_above=1.0)
     stats = run_topics(cfg, Storage(str(tmp_path)), urls, input_urls=inputs)
     assert stats["steps"] >= 400 and stats["epochs"] * n_docs >= 200_000
     assert stats["embeddings"] == "learned"  # auto: the planted Word2Vec is of too few tokens

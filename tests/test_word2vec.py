@@ -183,7 +183,7 @@ def test_fasttext_two_workers_vectors_for_unseen_words(ray_local, tmp_path):
     # one machine: both workers train one FastText model (n-gram matrix included) in shared memory
     cfg = JobConfig(word2vec=small_cfg(model="fasttext", workers=2, enabled=True))
     out = Storage(str(tmp_path / "out"))
-    stats = run_word2vec(cfg, out, urls)
+    stats = run_word2vec(cfg.word2vec, out, urls)
     assert stats["model"] == "fasttext" and stats["workers"] == 2
     assert stats["shared_memory_groups"] == [2] and stats["synced_row_fraction"] == 0.0
     kv = load_job_vectors(out.url(), {}, "word2vec")
@@ -226,7 +226,7 @@ def test_frozen_init_on_s3_keeps_words_bit_identical(ray_local, tmp_path, s3_buc
     init = _write_init_text(tmp_path / "init.txt", frozen + ["notinvocab"], 24)
     store.upload(str(tmp_path / "init.txt"), "init/vectors.txt")
     wcfg = small_cfg(workers=2, init_from=store.url("init/vectors.txt"), init_lock="frozen", enabled=True)
-    stats = run_word2vec(JobConfig(word2vec=wcfg), store, urls)
+    stats = run_word2vec(wcfg, store, urls)
     assert stats["init_words"] == 4
     kv = load_job_vectors(store.url(), opts, "word2vec")
     for w in frozen:

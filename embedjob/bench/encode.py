@@ -30,13 +30,15 @@ import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
 from embedjob.bench.measure import device_peak, flops_per_token, row_cosines
+from embedjob.config import build_config
+from embedjob.pipeline import run_job
+from embedjob.stages.encode import EncodeConfig, TextEncoder, cpu_supports_bf16
+from embedjob.storage import Storage, list_shards
 
 logger = logging.getLogger(__name__)
 
 
 def load_texts(corpus: str, limit: int, text_column: str = "text", storage_options: Optional[dict] = None) -> list[str]:
-    from embedjob.storage import Storage, list_shards
-
     texts: list[str] = []
     for url in list_shards(corpus, storage_options or {}):
         col = Storage(url, storage_options or {}).read_parquet("", columns=[text_column]).column(text_column)
@@ -48,8 +50,6 @@ def load_texts(corpus: str, limit: int, text_column: str = "text", storage_optio
 
 def run_bench(corpus: str, limit: int, model: str, dtype: str, batch_tokens: int, skip_pipeline: bool = False,
               device: str = "cpu", long_documents: str = "windows", rounds: int = 2) -> dict[str, Any]:
-    from embedjob.stages.encode import EncodeConfig, TextEncoder
-
     texts = load_texts(corpus, limit)
     if not texts:
         raise SystemExit(f"no documents found at {corpus}")
@@ -74,8 +74,6 @@ def long_document_rates(enc, texts: list[str], rounds: int = 2) -> dict[str, Any
     ``rounds`` times (the best round of each): tokens fed to the model, windows, seconds, tokens/s,
     and the cost per token of windows against truncation."""
     import dataclasses
-
-    from embedjob.stages.encode import TextEncoder
 
     encs = {mode: enc if enc.settings.long_documents == mode else TextEncoder(
         dataclasses.replace(enc.settings, long_documents=mode), batch_tokens=enc.batch_tokens,
@@ -153,10 +151,6 @@ def _pipeline_rates(texts: list[str], n_tokens: int, encoder_tokens_per_s: float
     import pyarrow as pa
     import ray
 
-    from embedjob.config import build_config
-    from embedjob.pipeline import run_job
-    from embedjob.storage import Storage
-
     result: dict[str, Any] = {}
     tmp = tempfile.mkdtemp(prefix="embedjob-bench-")
     try:
@@ -195,8 +189,6 @@ def batching_rates(corpus: str, limit: int, model: str, dtype: str, batch_tokens
                    rounds: int) -> dict[str, Any]:
     """The encoder with packed and with padded batches on the same token ids, interleaved
     ``rounds`` times (the best round of each): tokens/s, their ratio, and the cosine between them."""
-    from embedjob.stages.encode import EncodeConfig, TextEncoder
-
     texts = load_texts(corpus, limit)
     cfg = EncodeConfig(model=model, dtype=dtype, batch_tokens=batch_tokens)
     encs = {b: TextEncoder.from_config(cfg, device=device, batching=b) for b in ("padded", "packed")}
@@ -230,8 +222,6 @@ def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds
 
     import torch
     from sentence_transformers import SentenceTransformer
-
-    from embedjob.stages.encode import EncodeConfig, TextEncoder, cpu_supports_bf16
 
     texts = load_texts(corpus, limit)
     half = torch.bfloat16 if cpu_supports_bf16() else torch.float32
@@ -278,8 +268,6 @@ def backend_rates(corpus: str, limit: int, model: str, batch_tokens: int, rounds
 def run(args: argparse.Namespace) -> int:
     """``embedjob bench encode`` (flags in :mod:`embedjob.cli`)."""
     import torch
-
-    from embedjob.stages.encode import EncodeConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bt = args.batch_tokens or EncodeConfig().batch_tokens_for(device)

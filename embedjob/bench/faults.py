@@ -25,6 +25,10 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.models import resolve_model_path
+from embedjob.sample_corpus import _lee_docs
+from embedjob.wordvectors import load_job_vectors
+
 logger = logging.getLogger(__name__)
 
 TARGETS = ("encoder-actor", "ray-worker", "driver-sigkill", "driver-sigterm")
@@ -68,8 +72,6 @@ def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:
 def _build_corpus(folder: str, docs: int, shards: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from embedjob.sample_corpus import _lee_docs
 
     rows = _lee_docs()[:docs]
     os.makedirs(folder, exist_ok=True)
@@ -141,8 +143,6 @@ def compare(clean: str, faulty: str) -> dict[str, Any]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from embedjob.wordvectors import load_job_vectors
-
     def vectors(out: str, folder: str, key: tuple[str, ...]):
         t = pq.read_table(os.path.join(out, folder))
         keys = list(zip(*(t.column(k).to_pylist() for k in key)))
@@ -171,8 +171,6 @@ def compare(clean: str, faulty: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedjob.models import resolve_model_path
-
     random.seed(args.seed)
     workdir = args.workdir or tempfile.mkdtemp(prefix="embedjob-soak-")
     corpus = os.path.join(workdir, "in")

@@ -39,6 +39,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
+from embedjob.cluster import init_ray, plan_encoder
+from embedjob.config import apply_override, build_config
+from embedjob.models import model_fingerprint, resolve_model_path
+from embedjob.pipeline import run_shard_stages, shard_stage_hash
+from embedjob.stages.encode import resolve_encoder_settings
+from embedjob.stages.encode.actor import EncodeActor
+from embedjob.stages.encode.windows import plan_for
+from embedjob.stages.preprocess import Preprocessor, preprocess_texts
+from embedjob.stages.read import discover_shards, read_shard_blocks
+from embedjob.stages.static.config import static_actor_settings
+from embedjob.stages.write import BlockWriter, commit_shard
+from embedjob.storage import Storage, list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +149,6 @@ def build_feed_model(root: str) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from embedjob.models import resolve_model_path
-
     minilm = resolve_model_path("all-MiniLM-L6-v2")
     path = os.path.join(root, "feed-model")
     torch.manual_seed(0)
@@ -164,8 +174,6 @@ def build_feed_model(root: str) -> str:
 def job_config(input_url: str, output_url: str, model: str, static: bool, overrides: list[str]):
     """The job config the bench runs: defaults, the feed model, static vectors on or off, the rest of
     the corpus-wide stages off (they run after the per-shard stages, not measured here)."""
-    from embedjob.config import apply_override, build_config
-
     d = {"input": {"url": input_url}, "output": {"url": output_url, "overwrite": True},
          "encode": {"model": model, "dtype": "float32", "threads_per_actor": 1},
          "static": {"enabled": static}, "word2vec": {"enabled": False}, "topics": {"enabled": False},
@@ -216,20 +224,11 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
     cuts them (the encoder takes ``encode.rows_per_call`` rows); and the encoded tokens."""
     import pyarrow as pa
 
-    from embedjob.stages.encode import resolve_encoder_settings
-    from embedjob.stages.encode.actor import EncodeActor
-    from embedjob.stages.encode.windows import plan_for
-    from embedjob.stages.preprocess import Preprocessor, preprocess_texts
-    from embedjob.stages.read import read_shard_blocks
-    from embedjob.stages.static.config import static_actor_settings
-    from embedjob.stages.write import BlockWriter, commit_shard
-    from embedjob.storage import Storage
-
     inp, clock = cfg.input, _Clock()
     clock.s["hook"] = 0.0
     out = Storage(out_url)
     enc = resolve_encoder_settings(cfg.encode)
-    static = static_actor_settings(cfg, out) if cfg.static.enabled else None
+    static = static_actor_settings(cfg.static, cfg.encode.model, out) if cfg.static.enabled else None
     pre = Preprocessor(cfg.preprocess, inp.text_column, enc, static, inp.on_empty_text, inp.id_column)
     actor = EncodeActor(enc, cfg.encode.batch_tokens_for("cpu"), cfg.encode.max_batch_docs, 1, static)
     tok = actor.encoder.tokenizer
@@ -274,16 +273,10 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
 # -- the pipeline, on Ray ----------------------------------------------------------------------------
 def pipeline_run(cfg, shards) -> dict[str, Any]:
     """The job's per-shard stages over ``shards`` on Ray: encoded tokens, wall and CPU seconds."""
-    from embedjob.cluster import init_ray, plan_encoder
-    from embedjob.models import model_fingerprint
-    from embedjob.pipeline import run_shard_stages, shard_stage_hash
-    from embedjob.stages.encode import resolve_encoder_settings
-    from embedjob.storage import Storage
-
     out = Storage(cfg.output.url, cfg.output.storage_options)
     encoder = resolve_encoder_settings(cfg.encode)
     encoder.model_fingerprint = model_fingerprint(encoder.model_path)
-    plan = plan_encoder(cfg, init_ray(cfg)["resources"])
+    plan = plan_encoder(cfg.encode, init_ray(cfg.ray)["resources"], static=cfg.static.enabled)
     t0 = time.time()
     with TreeCpu() as cpu:
         processed, failures, stats = run_shard_stages(cfg, out, shards, encoder, plan, shard_stage_hash(cfg, encoder))
@@ -295,9 +288,6 @@ def pipeline_run(cfg, shards) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedjob.stages.read import discover_shards
-    from embedjob.storage import list_shards
-
     corpus = args.corpus or DEFAULT_CORPUS
     urls = list_shards(corpus)[: args.shards]
     work = tempfile.mkdtemp(prefix="embedjob-bench-feed-")

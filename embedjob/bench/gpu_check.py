@@ -30,99 +30,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import itertools
 import json
 import logging
 import os
 import platform
-import string
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from embedjob.bench.gpu_models import SHAPES, build_model_dir, make_texts, sample_lengths
 from embedjob.bench.measure import device_peak, row_cosines, useful_flops
 
 logger = logging.getLogger("embedjob.gpu_check")
-
-HISTOGRAM = Path(__file__).parent / "data" / "token_lengths_mixed_en.json"
-SHAPES = {
-    "minilm-l6": ({"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                   "intermediate_size": 1536}, 256),
-    "bert-base": ({"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                   "intermediate_size": 3072}, 512),
-    "tiny": ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}, 128),
-}
-VOCAB_SIZE = 30522
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]  # "." ends sentences (windows snap to them)
-
-
-def synthetic_vocab(size: int = VOCAB_SIZE) -> list[str]:
-    """Special tokens, then lower-case letter strings: each one a whole word of the vocabulary, so a
-    text of k such words tokenises to exactly k + 2 tokens."""
-    words = itertools.chain.from_iterable(
-        ("".join(p) for p in itertools.product(string.ascii_lowercase, repeat=n)) for n in (2, 3, 4))
-    return SPECIAL + list(itertools.islice(words, size - len(SPECIAL)))
-
-
-def build_model_dir(root: str, name: str, seed: int = 0) -> str:
-    """A model folder with random weights of shape ``name``, a synthetic vocabulary, and the
-    sentence-transformers files (mean pooling, max_seq_length) both embedjob and ST read."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    shape, max_length = SHAPES[name]
-    path = os.path.join(root, name)
-    os.makedirs(path, exist_ok=True)
-    vocab = synthetic_vocab()
-    with open(os.path.join(path, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(path, "vocab.txt"), do_lower_case=True).save_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), max_position_embeddings=512, **shape)
-    BertModel(cfg).save_pretrained(path)
-    dim = shape["hidden_size"]
-    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
-    files = {
-        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                         {"idx": 1, "name": "1", "path": "1_Pooling",
-                          "type": "sentence_transformers.models.Pooling"}],
-        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
-        "1_Pooling/config.json": {"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True,
-                                  "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False},
-    }
-    for rel, content in files.items():
-        with open(os.path.join(path, rel), "w") as f:
-            json.dump(content, f)
-    return path
-
-
-def sample_lengths(n: int, max_length: int, rng: np.random.Generator) -> np.ndarray:
-    """Token lengths (special tokens included) drawn from the shipped histogram, truncated at
-    ``max_length`` as the encoder truncates."""
-    hist = json.loads(HISTOGRAM.read_text())
-    edges, counts = np.asarray(hist["edges"], dtype=np.int64), np.asarray(hist["counts"], dtype=np.float64)
-    bins = rng.choice(len(counts), size=n, p=counts / counts.sum())
-    hi = np.minimum(edges[bins + 1], edges[bins] + 4096)
-    lengths = rng.integers(edges[bins], np.maximum(hi, edges[bins] + 1))
-    return np.clip(lengths, 3, max_length)
-
-
-def make_texts(lengths: np.ndarray, rng: np.random.Generator, sentence: int = 0) -> list[str]:
-    """Texts of ``lengths`` tokens each ([CLS]/[SEP] included) of random words; ``sentence`` > 0:
-    about every that many tokens a "." ends a sentence."""
-    words = np.array(synthetic_vocab()[len(SPECIAL):])
-    out = []
-    for L in lengths:
-        w = words[rng.integers(0, len(words), size=int(L) - 2)]
-        if sentence:
-            w[rng.random(len(w)) < 1 / sentence] = "."
-        out.append(" ".join(w))
-    return out
-
 
 def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """Cosine per document (min, mean), raw and with the reference's mean vector removed from both."""
@@ -168,7 +90,6 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
     """Every measurement of one model shape; errors are recorded, not raised."""
     import torch
 
-    from embedjob.stages.encode.encoder import TextEncoder
     from embedjob.stages.encode.settings import EncoderSettings
 
     res: dict[str, Any] = {"model": name, "failures": []}
@@ -183,6 +104,34 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
     def settings(device: str, dtype: str) -> EncoderSettings:
         return EncoderSettings(model=name, model_path=path, pooling="mean", normalize=False, max_length=max_length,
                                dtype=dtype, device=device, model_fingerprint=f"random-{name}")
+
+    variants = _load_variants(settings, args, res)
+    if not variants:
+        return res
+    first = next(iter(variants.values()))
+    ids = first.tokenizer(texts)
+    got_lengths = np.array([len(x) for x in ids])
+    if not np.array_equal(got_lengths, lengths):
+        res["failures"].append(f"tokenised lengths differ from the sampled ones in "
+                               f"{int((got_lengths != lengths).sum())} documents")
+    res["attention"] = {k: getattr(v.packed, "attention", None) for k, v in variants.items()}
+    res["batching"] = {k: v.batching for k, v in variants.items()}
+    st_models = _load_st(path, max_length, args, res)
+    _check_agreement(variants, st_models, ids, texts, settings, args, rng, res)
+    _check_windows(settings, max_length, args, rng, res)
+    timed = _time_rounds(variants, st_models, ids, texts, args, res)
+    res["rows"] = _rows(variants, st_models, timed, useful_flops(first.model.config, got_lengths),
+                        float(got_lengths.sum()), device_peak(args.device), res)
+    del variants, st_models, first
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return res
+
+
+def _load_variants(settings: Any, args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    """embedjob's encoder in each batching to measure (packed at two budgets, padded, compiled)."""
+    from embedjob.stages.encode.encoder import TextEncoder
 
     variants: dict[str, Any] = {}
     plan = [("packed", args.batch_tokens, False), ("packed", args.batch_tokens * 4, False),
@@ -200,21 +149,13 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
             variants[key] = enc
         except Exception as e:  # noqa: BLE001 - reported in the table
             res["failures"].append(f"{key}: could not load: {type(e).__name__}: {e}")
-    if not variants:
-        return res
-    first = next(iter(variants.values()))
-    ids = first.tokenizer(texts)
-    got_lengths = np.array([len(x) for x in ids])
-    if not np.array_equal(got_lengths, lengths):
-        res["failures"].append(f"tokenised lengths differ from the sampled ones in "
-                               f"{int((got_lengths != lengths).sum())} documents")
-    cfg = first.model.config
-    flops = useful_flops(cfg, got_lengths)
-    peak = device_peak(args.device)
-    res["attention"] = {k: getattr(v.packed, "attention", None) for k, v in variants.items()}
-    res["batching"] = {k: v.batching for k, v in variants.items()}
+    return variants
 
-    # sentence-transformers, same folder, same dtype
+
+def _load_st(path: str, max_length: int, args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    """sentence-transformers on the same folder, in the same dtype, at batch sizes 32 and 256."""
+    import torch
+
     st_models: dict[str, Any] = {}
     try:
         from sentence_transformers import SentenceTransformer
@@ -226,8 +167,16 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
             st_models[f"sentence-transformers bs{bs}"] = (st, bs)
     except Exception as e:  # noqa: BLE001
         res["st_error"] = f"{type(e).__name__}: {e}"
+    return st_models
 
-    # correctness on a sample with the longest documents, against CPU float32 (the model's own forward)
+
+def _check_agreement(variants: dict[str, Any], st_models: dict[str, Any], ids: list, texts: list[str],
+                     settings: Any, args: argparse.Namespace, rng: np.random.Generator, res: dict[str, Any]) -> None:
+    """Correctness on a sample with the longest documents, against CPU float32 (the model's own
+    forward); a compiled variant that fails is noted and dropped from ``variants``."""
+    from embedjob.stages.encode.encoder import TextEncoder
+
+    got_lengths = np.array([len(x) for x in ids])
     order = np.argsort(-got_lengths)
     sample = np.unique(np.concatenate([order[:32], rng.choice(len(ids), size=min(len(ids), args.check_docs),
                                                                replace=False)]))
@@ -257,7 +206,12 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
         except Exception as e:  # noqa: BLE001
             res["st_error"] = f"{type(e).__name__}: {e}"
 
-    # long documents cut into windows (encode.long_documents=windows), packed on the device vs CPU float32
+
+def _check_windows(settings: Any, max_length: int, args: argparse.Namespace, rng: np.random.Generator,
+                   res: dict[str, Any]) -> None:
+    """Long documents cut into windows (encode.long_documents=windows), packed on the device vs CPU float32."""
+    from embedjob.stages.encode.encoder import TextEncoder
+
     try:
         long_texts = make_texts(np.full(24, 3 * max_length + 50), rng, sentence=15)
         windows = {"long_documents": "windows", "snap_to_sentences": True}  # as a job runs by default
@@ -273,7 +227,11 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
     except Exception as e:  # noqa: BLE001
         res["failures"].append(f"windows: {type(e).__name__}: {e}")
 
-    # speed: warm-up, then interleaved rounds; the best round of each
+
+def _time_rounds(variants: dict[str, Any], st_models: dict[str, Any], ids: list, texts: list[str],
+                 args: argparse.Namespace, res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Speed: warm-up, then interleaved rounds (seconds per round from ids and from texts, peak
+    memory, padding fraction of each variant)."""
     runs: dict[str, list[float]] = {}
     text_runs: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
@@ -306,7 +264,14 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
                 memory[key] = _peak_gib(args.device) or 0.0
             except Exception as e:  # noqa: BLE001
                 res["st_error"] = f"{type(e).__name__}: {e}"
-    tokens = float(got_lengths.sum())
+    return {"runs": runs, "text_runs": text_runs, "memory": memory, "padding": padding}
+
+
+def _rows(variants: dict[str, Any], st_models: dict[str, Any], timed: dict[str, dict[str, Any]], flops: float,
+          tokens: float, peak: Optional[float], res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One table row per variant: the best round's tokens/s, TFLOP/s, MFU, padding, memory,
+    agreement, and the ratio to sentence-transformers."""
+    runs, text_runs, memory, padding = timed["runs"], timed["text_runs"], timed["memory"], timed["padding"]
     rows = {}
     for key in list(variants) + list(st_models) + ["embedjob packed, windows"]:
         row: dict[str, Any] = {}
@@ -326,12 +291,7 @@ def check_model(name: str, root: str, args: argparse.Namespace, rng: np.random.G
         if "text_tokens_per_s" in rows[key] and st_default:
             rows[key]["vs_st_default"] = rows[key]["text_tokens_per_s"] / st_default
             rows[key]["vs_st_best"] = rows[key]["text_tokens_per_s"] / st_best
-    res["rows"] = rows
-    del variants, st_models
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return res
+    return rows
 
 
 def table(report: dict[str, Any]) -> str:
@@ -423,15 +383,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             m["seconds"] = round(time.perf_counter() - t, 1)
             report["models"].append(m)
             logger.info("gpu-check: %s done in %.0f s", name, m["seconds"])
-    report["failed"] = any(m.get("failures") for m in report["models"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    text = table(report)
-    with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
-        f.write(text + "\n")
-    sys.stdout.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return _write_report(args.out, "gpu-check", report, table)
 
 
 def _main_feed(args: argparse.Namespace, report: dict[str, Any], rng: np.random.Generator) -> int:
@@ -454,12 +406,17 @@ def _main_feed(args: argparse.Namespace, report: dict[str, Any], rng: np.random.
             except Exception as e:  # noqa: BLE001 - one model's crash is reported, the next still runs
                 m["failures"].append(f"crashed: {type(e).__name__}: {e}")
             report["models"].append(m)
+    return _write_report(args.out, "gpu-check-feed", report, feed_table)
+
+
+def _write_report(out: str, stem: str, report: dict[str, Any], to_text: Any) -> int:
+    """``<out>/<stem>.json`` and ``<stem>.md`` (``to_text(report)``, also printed); exit 1 on any failure."""
     report["failed"] = any(m.get("failures") for m in report["models"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu-check-feed.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    text = feed_table(report)
-    with open(os.path.join(args.out, "gpu-check-feed.md"), "w") as f:
+    text = to_text(report)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(text + "\n")
     sys.stdout.write(text + "\n")
     return 1 if report["failed"] else 0

@@ -26,13 +26,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from embedjob.models import model_fingerprint
+from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
+from embedjob.storage import Storage, StorageError, list_shards
+
 logger = logging.getLogger(__name__)
 
 
 def load_job_vectors(output_url: str, storage_options: dict[str, Any], limit: Optional[int]) -> np.ndarray:
     """The non-null document vectors of a job output, in shard then row order."""
     from embedjob.stages.index.shards import scan_vector_shard
-    from embedjob.storage import Storage, StorageError
 
     out = Storage(output_url, storage_options)
     names = out.list("vectors", suffix=".parquet")
@@ -53,10 +56,6 @@ def encode_corpus(corpus_url: str, limit: int, cache: Optional[str], model: str)
     """Encode the first ``limit`` non-empty texts of a corpus with the default encoder settings
     (cached as .npy under ``cache``, keyed by corpus, limit and model fingerprint)."""
     import pyarrow.parquet as pq
-
-    from embedjob.models import model_fingerprint
-    from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
-    from embedjob.storage import Storage, list_shards
 
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)

@@ -16,15 +16,14 @@ from typing import Any
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
 from embedjob.bench.encode import load_texts
+from embedjob.bench.measure import row_cosines
+from embedjob.stages.encode import EncodeConfig, TextEncoder
 
 PROMPTS = ("passage: ", "Represent this document for retrieval: ")
 
 
 def prompt_window_agreement(corpus: str, limit: int = 600, docs: int = 150, model: str = "all-MiniLM-L6-v2",
                             prompts: tuple[str, ...] = PROMPTS) -> list[dict[str, Any]]:
-    from embedjob.bench.measure import row_cosines
-    from embedjob.stages.encode import EncodeConfig, TextEncoder
-
     texts = [t for t in load_texts(corpus, limit) if 600 < len(t) < 1000][:docs]
 
     def enc(**kw: Any) -> TextEncoder:

@@ -24,6 +24,11 @@ import time
 from typing import Any, Optional
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
+from embedjob.config import apply_override, build_config
+from embedjob.pipeline import run_job
+from embedjob.stages.preprocess import build_filters
+from embedjob.storage import Storage, list_shards
+from embedjob.wordvectors import load_job_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ def subset_corpus(corpus: str, folder: str, limit: int) -> int:
     """Copy the first ``limit`` rows (0 = all) of the corpus's shards into ``folder``; returns rows."""
     import pyarrow.parquet as pq
 
-    from embedjob.storage import Storage, list_shards
-
     os.makedirs(folder, exist_ok=True)
     n = 0
     for url in list_shards(corpus):
@@ -110,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_output(args, work: str):
     """Score an existing job output (local path)."""
-    from embedjob.config import build_config
-
     out_dir = os.path.abspath(args.vectors)
     with open(os.path.join(out_dir, "manifest.json")) as f:
         manifest = json.load(f)
@@ -125,9 +126,6 @@ def _score_output(args, work: str):
 
 
 def _run_and_score(args, work: str):
-    from embedjob.config import apply_override, build_config
-    from embedjob.pipeline import run_job
-
     out_dir = os.path.abspath(args.output) if args.output else os.path.join(work, "output")
     inp = os.path.join(out_dir + ".input" if args.output else os.path.join(work, "input"))
     stamp = os.path.join(inp, "_subset.json")
@@ -150,7 +148,7 @@ def _run_and_score(args, work: str):
         apply_override(data, o)
     cfg = build_config(data, "<bench static>")
     t0 = time.time()
-    res = run_job(cfg, echo=lambda s: None)
+    res = run_job(cfg)
     job_seconds = time.time() - t0
     enc = res.manifest["stages"].get("encode", {})
     encoder = {k: res.manifest["encoder"].get(k) for k in ("model", "dtype", "max_length", "device")}
@@ -160,9 +158,6 @@ def _run_and_score(args, work: str):
 def _score(args, cfg, out_dir: str, docs: int, encoder: dict, job_seconds, docs_per_second):
     """WordSim-353 of the output's BERT static vectors and of gensim Word2Vec on its tokens."""
     from gensim.parsing import preprocess_string
-
-    from embedjob.stages.preprocess import build_filters
-    from embedjob.wordvectors import load_job_vectors
 
     kv = load_job_vectors(out_dir, {}, "bert")
 

@@ -35,15 +35,21 @@ import time
 from typing import Any, Optional
 
 from embedjob.bench.corpus import DEFAULT_CORPUS, tokenize_shard
+from embedjob.config import apply_override
+from embedjob.layout import DICTIONARY_JSON
+from embedjob.stages.topics import TopicsConfig
+from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
+from embedjob.stages.topics.metrics import evaluate_topics, reference_texts, relevance, top_words
+from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
 from embedjob.stages.word2vec import Word2VecConfig
+from embedjob.storage import Storage, list_shards, shard_key
+from embedjob.wordvectors import job_vectors_file, write_keyed_vectors
 
 
 def prepare_tokens(corpus: str, workdir: str, limit: Optional[int]) -> list[str]:
     """Token shards of the corpus in ``workdir/tokens`` (reused when made with the same corpus/limit)."""
     import pyarrow.parquet as pq
     import ray
-
-    from embedjob.storage import Storage, list_shards, shard_key
 
     marker = os.path.join(workdir, "tokens", "_bench.json")
     want = {"corpus": corpus, "limit": limit}
@@ -81,9 +87,6 @@ def train_word2vec(docs: list[list[str]], folder: str, *, cpus: int, dim: int, e
     stage does (``vectors.bin`` and companions); returns the training seconds."""
     from gensim.models import Word2Vec
 
-    from embedjob.storage import Storage
-    from embedjob.wordvectors import write_keyed_vectors
-
     t = time.time()
     w2v = Word2Vec(sentences=[d for d in docs if d], vector_size=dim, window=5, min_count=min_count, sg=0,
                    workers=cpus, epochs=epochs, seed=0)
@@ -109,9 +112,6 @@ def run_lda(docs: list[list[str]], dictionary, k: int, *, cpus: int, passes: int
 def run(args: argparse.Namespace) -> int:
     """``embedjob bench topics`` (flags in :mod:`embedjob.cli`)."""
     import ray
-
-    from embedjob.stages.topics import TopicsConfig
-    from embedjob.storage import Storage
 
     args.k, args.lda_passes = args.k or [20], args.lda_passes or 1
     args.embeddings = args.embeddings or "word2vec"
@@ -156,9 +156,6 @@ def run(args: argparse.Namespace) -> int:
 def _corpus_dictionary(out, urls: list[str]):
     """The corpus-wide Dictionary of the token shards, as the job's vocab/dictionary.json (rebuilt
     when the shards changed)."""
-    from embedjob.layout import DICTIONARY_JSON
-    from embedjob.stages.vocab import build_vocabulary, read_dictionary, write_dictionary
-
     if not out.exists(DICTIONARY_JSON) or not out.exists("vocab/_bench.json") or \
             out.read_json("vocab/_bench.json") != {"urls": urls}:
         write_dictionary(out, build_vocabulary(urls))
@@ -168,9 +165,6 @@ def _corpus_dictionary(out, urls: list[str]):
 
 def _topics_config(overrides: list[str]):
     """The enabled TopicsConfig with ``--set`` overrides (``topics.`` prefix optional)."""
-    from embedjob.config import apply_override
-    from embedjob.stages.topics import TopicsConfig
-
     data: dict[str, Any] = {}
     for o in overrides:
         apply_override(data, o if o.startswith("topics.") else f"topics.{o}")
@@ -179,8 +173,6 @@ def _topics_config(overrides: list[str]):
 
 def _word2vec_rho(args: argparse.Namespace, base, docs: list[list[str]], out, workdir: str) -> float:
     """Train the Word2Vec rho when ``--embeddings word2vec`` and the workdir has none; its seconds (0 if not)."""
-    from embedjob.wordvectors import job_vectors_file
-
     if args.embeddings != "word2vec" or out.exists(job_vectors_file("word2vec")):
         return 0.0
     w2v = Word2VecConfig()
@@ -195,12 +187,9 @@ def _one_run(args: argparse.Namespace, tc, out, urls: list[str], docs: list[list
     """embedjob's topic model and LdaMulticore for one K and seed, both scored on the same reference texts."""
     import numpy as np
 
-    from embedjob.config import JobConfig
-    from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
-    from embedjob.stages.topics.metrics import evaluate_topics, reference_texts, relevance, top_words
     from embedjob.stages.topics.stage import run_topics
 
-    etm = run_topics(JobConfig(topics=tc), out, urls)
+    etm = run_topics(tc, out, urls)
     dictionary = filter_dictionary(full_dict, tc)
     lda_topics, lda_tw, lda_seconds = run_lda(docs, dictionary, tc.num_topics, cpus=args.cpus,
                                               passes=args.lda_passes, seed=tc.seed)

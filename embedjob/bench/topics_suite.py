@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from embedjob.storage import Storage, list_shards
+
 logger = logging.getLogger(__name__)
 
 # name -> (source filter, largest labels kept, per-label cap, total cap)
@@ -107,8 +109,6 @@ def _read_mixed(corpus: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embedjob.storage import list_shards
-
     return pa.concat_tables(pq.read_table(u, columns=["id", "text", "source", "label"]) for u in list_shards(corpus))
 
 
@@ -134,18 +134,16 @@ def _one(args: argparse.Namespace, corpus: dict[str, Any], base, k: int, seed: i
     import pyarrow.parquet as pq
 
     from embedjob.bench.topics import read_tokens
-    from embedjob.config import JobConfig
     from embedjob.stages.topics import TopicsConfig
     from embedjob.stages.topics.bow import filter_dictionary
     from embedjob.stages.topics.metrics import evaluate_topics, reference_texts
     from embedjob.stages.topics.quality import redundancy_report
     from embedjob.stages.topics.stage import load_job_dictionary, run_topics
-    from embedjob.storage import Storage
 
     out = Storage(folder)
     tc = TopicsConfig(**{**base.model_dump(), "num_topics": k, "seed": seed, "resume": False,
                          "embeddings": args.embeddings, "label_column": "label"})
-    etm = run_topics(JobConfig(topics=tc), out, corpus["tokens"], input_urls=corpus["inputs"])
+    etm = run_topics(tc, out, corpus["tokens"], input_urls=corpus["inputs"])
     m = out.read_json("topics/metrics.json")
     docs = read_tokens(corpus["tokens"])
     labels = [lab for u in corpus["inputs"].values() for lab in pq.read_table(u, columns=["label"]).column(0).to_pylist()]

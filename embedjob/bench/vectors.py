@@ -32,6 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedjob.models import model_fingerprint
+from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
+from embedjob.stages.lance_sink.dataset import commit_docs
+from embedjob.stages.lance_sink.write import write_shard_fragments
+from embedjob.storage import Storage, list_shards
+from embedjob.vector_codec import add_rescore_column, bytes_per_vector, encode, with_codec
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "int8", "binary")
@@ -40,8 +47,6 @@ RESCORE_FACTORS = (1, 2, 4, 8, 16, 32)  # binary: k * factor Hamming candidates 
 
 def load_documents(corpus_url: str, limit: int) -> pa.Table:
     """``id``, ``text`` of the first ``limit`` non-empty documents, in shard order."""
-    from embedjob.storage import Storage, list_shards
-
     parts, n = [], 0
     for url in list_shards(corpus_url):
         t = Storage(url).read_parquet("", columns=["id", "text"])
@@ -57,9 +62,6 @@ def load_documents(corpus_url: str, limit: int) -> pa.Table:
 def encode_documents(docs: pa.Table, cache: str, model: str, chunk: int = 1000) -> tuple[np.ndarray, float]:
     """(vectors, encode seconds) of ``docs`` with the default encoder settings, cached chunk by
     chunk (``chunk`` documents per ``.npy``, with its seconds), so an interrupted run resumes."""
-    from embedjob.models import model_fingerprint
-    from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
-
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)
     ids = docs.column("id").to_pylist()
@@ -95,8 +97,6 @@ def encode_documents(docs: pa.Table, cache: str, model: str, chunk: int = 1000) 
 def encode_rate_now(docs: pa.Table, model: str, n: int) -> float:
     """Seconds per document of encoding ``n`` of ``docs`` now (beside the Lance writes, under the
     same load of a shared machine), after one warm-up batch."""
-    from embedjob.stages.encode import EncodeConfig, TextEncoder, resolve_encoder_settings
-
     cfg = EncodeConfig(model=model)
     settings = resolve_encoder_settings(cfg)
     enc = TextEncoder(settings, batch_tokens=cfg.batch_tokens_for(settings.device), max_batch_docs=cfg.max_batch_docs)
@@ -123,8 +123,6 @@ def _shards(n: int, rows: int) -> list[tuple[str, int, int]]:
 
 def write_vectors(folder: str, ids: list[str], x: np.ndarray, dtype: str, shards: list[tuple[str, int, int]]) -> int:
     """``vectors/<shard>.parquet`` as the job writes them; returns their bytes on disk."""
-    from embedjob.vector_codec import add_rescore_column, encode, with_codec
-
     os.makedirs(os.path.join(folder, "vectors"), exist_ok=True)
     total = 0
     for name, a, b in shards:
@@ -167,11 +165,6 @@ def lance_write(folder: str, docs: pa.Table, x: np.ndarray, dtype: str, shards: 
                 *, index: str = "none") -> dict[str, Any]:
     """Every shard's Lance fragments (text carried) as the commit tasks write them, then the
     version commit; seconds and bytes on disk per vector."""
-    from embedjob.stages.lance_sink.dataset import commit_docs
-    from embedjob.stages.lance_sink.write import write_shard_fragments
-    from embedjob.storage import Storage
-    from embedjob.vector_codec import encode, with_codec
-
     out = Storage(folder)
     src = os.path.join(folder, "docs.parquet")
     pq.write_table(docs, src)
@@ -205,7 +198,6 @@ def run_bench(docs: pa.Table, x: np.ndarray, encode_seconds: float, *, queries: 
     import faiss
 
     from embedjob.stages.index.config import IndexConfig
-    from embedjob.vector_codec import bytes_per_vector
 
     rng = np.random.default_rng(seed)
     qi = np.sort(rng.choice(len(x), size=min(queries, len(x) // 10), replace=False))

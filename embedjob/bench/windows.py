@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
+from embedjob.stages.encode import EncodeConfig, TextEncoder
+from embedjob.stages.encode.windows import plan_for, sentence_starts
+from embedjob.storage import list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,6 @@ def sample_source(corpus: str, source: str, limit: int, seed: int) -> tuple[list
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from embedjob.storage import list_shards
-
     t = pa.concat_tables(pq.read_table(u, columns=["text", "source", "label"]) for u in list_shards(corpus))
     t = t.filter(pc.equal(t.column("source"), source))
     t = t.filter(pc.is_valid(t.column("label")))
@@ -62,8 +63,6 @@ MODES = ("truncate", "windows", "snapped")
 def sentence_boundary_share(enc, texts: list[str]) -> float:
     """Share of the window boundaries inside documents (a window's start after the first, its end
     before the last) that fall on a sentence boundary, as the encoder cuts ``texts``."""
-    from embedjob.stages.encode.windows import plan_for, sentence_starts
-
     end_ids = enc.tokenizer.sentence_end_ids
     ids = [np.asarray(x) for x in enc.tokenizer.encode(texts).ids]
     plan = plan_for(enc.settings, ids, end_ids)
@@ -78,8 +77,6 @@ def sentence_boundary_share(enc, texts: list[str]) -> float:
 
 
 def compare(texts: list[str], labels: np.ndarray, model: str, backend: str, k: int) -> dict[str, Any]:
-    from embedjob.stages.encode import EncodeConfig, TextEncoder
-
     res: dict[str, Any] = {"documents": len(texts), "labels": len(set(labels.tolist()))}
     seconds: dict[str, float] = {}  # unrounded: a tiny sample encodes in under 0.05 s
     for mode in MODES:

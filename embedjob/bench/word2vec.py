@@ -25,6 +25,10 @@ import time
 from typing import Any, Optional
 
 from embedjob.bench.corpus import DEFAULT_CORPUS, tokenize_shard
+from embedjob.stages.word2vec import Word2VecConfig
+from embedjob.stages.word2vec.segments import write_line_sentences
+from embedjob.stages.word2vec.stage import train_word2vec
+from embedjob.storage import list_shards
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ def tokenize_corpus(corpus: str, opts: dict, cache: str, *, max_docs_per_shard: 
                     processes: int = 2) -> list[str]:
     """Token shards of ``corpus`` (one per input shard), cached under ``cache``."""
     from multiprocessing import get_context
-
-    from embedjob.storage import list_shards
 
     shards = list_shards(corpus, opts)
     key = hashlib.sha1(json.dumps([shards, BENCH_FILTERS, max_docs_per_shard]).encode()).hexdigest()[:12]
@@ -75,8 +77,6 @@ def run_gensim(token_files: list[str], cfg, threads: int, mode: str) -> tuple[An
     """Single-process gensim with ``threads`` worker threads on the same tokens."""
     import pyarrow.parquet as pq
     from gensim.models import FastText, Word2Vec
-
-    from embedjob.stages.word2vec.segments import write_line_sentences
 
     docs = []
     for f in token_files:
@@ -153,8 +153,6 @@ def _storage_options(pairs: list[str]) -> dict[str, Any]:
 
 def _bench_config(args: argparse.Namespace):
     """The Word2VecConfig both sides train with."""
-    from embedjob.stages.word2vec import Word2VecConfig
-
     return Word2VecConfig(model=args.model, epochs=args.epochs, vector_size=args.vector_size,
                           min_count=args.min_count, sg=args.sg, bucket=args.bucket, workers=args.workers,
                           threads_per_worker=args.threads_per_worker, sync_mode=args.sync_mode,
@@ -166,8 +164,6 @@ def _bench_config(args: argparse.Namespace):
 def _run_embedjob(files: list[str], cfg, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """embedjob's Ray Train trainer on a fresh local Ray: (its figures, evaluation included; its report)."""
     import ray
-
-    from embedjob.stages.word2vec.stage import train_word2vec
 
     if ray.is_initialized():
         ray.shutdown()

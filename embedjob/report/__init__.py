@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from embedjob.layout import REPORT_HTML
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -24,13 +25,12 @@ def write_report(out: Storage, dest: Optional[str] = None, *, label_column: Opti
 
         write_report(Storage("output/local"))  # -> 'output/local/report.html'
     """
-    from embedjob.layout import REPORT
     from embedjob.report.build import build_report  # matplotlib is imported only when a report is drawn
 
     text = build_report(out, label_column=label_column, input_storage_options=input_storage_options)
     if dest is None:
-        out.write_text(REPORT, text)
-        return out.url(REPORT)
+        out.write_text(REPORT_HTML, text)
+        return out.url(REPORT_HTML)
     Storage(dest).write_text("", text)
     return dest
 

@@ -7,15 +7,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+import embedjob.report.page as P
+import embedjob.report.plots as plots
 from embedjob.errors import ReportError
 from embedjob.layout import MANIFEST, TIMELINE
 from embedjob.redact import redact_url
-from embedjob.report import page as P
-from embedjob.report import plots
 from embedjob.report.dedup import attach_clusters, dedup_section
 from embedjob.report.sample import DocSample, attach_labels, pca_2d, sample_documents
 from embedjob.report.topics import topic_view
 from embedjob.report.words import index_view, neighbours
+from embedjob.stages.index.search import input_options
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -226,8 +227,6 @@ def build_report(out: Storage, *, label_column: Optional[str] = None,
     keys = [k for k in keys if out.exists(f"vectors/{k}.parquet")]
     sample = sample_documents(out, keys, sample_docs, shard_rows=m.get("shards"))
     if label_column:
-        from embedjob.stages.index.search import input_options
-
         attach_labels(sample, m, label_column, input_options(m.get("input") or {}, out, input_storage_options))
     clusters = not label_column and attach_clusters(out, sample)  # dedup.clusters colour the map
     lam = float(((m.get("config") or {}).get("topics") or {}).get("ranking_lambda", 0.5))

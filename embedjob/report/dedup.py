@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from embedjob.layout import DEDUP_CLUSTERS, DEDUP_EXAMPLES
-from embedjob.report import page as P
+import embedjob.report.page as P
+from embedjob.layout import DEDUP_CLUSTERS, DEDUP_EXAMPLES, shard_file
 from embedjob.report.sample import DocSample
 from embedjob.storage import Storage
 
@@ -42,11 +42,11 @@ def attach_clusters(out: Storage, sample: DocSample) -> bool:
     """``sample.labels``: each sampled document's cluster (``dedup/clusters/<shard>.parquet``, rows
     as in its vectors file), when every sampled shard has a cluster file; True when attached."""
     shards = sorted(set(sample.shards))
-    if not sample.ids or not all(out.exists(f"{DEDUP_CLUSTERS}/{k}.parquet") for k in shards):
+    if not sample.ids or not all(out.exists(shard_file(DEDUP_CLUSTERS, k)) for k in shards):
         return False
     labels: dict[str, str] = {}
     for k in shards:  # two narrow columns of each sampled shard
-        t = out.read_parquet(f"{DEDUP_CLUSTERS}/{k}.parquet", columns=["id", "cluster"])
+        t = out.read_parquet(shard_file(DEDUP_CLUSTERS, k), columns=["id", "cluster"])
         labels.update((str(i), f"cluster {c:03d}") for i, c in zip(t.column("id").to_pylist(),
                                                                    t.column("cluster").to_pylist()) if c is not None)
     sample.labels = [labels.get(i, "(none)") for i in sample.ids]

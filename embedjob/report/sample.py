@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedjob.errors import ReportError
-from embedjob.layout import TOPICS_DIR, VECTORS
+from embedjob.layout import THETA_DIR, VECTORS, shard_file
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _row_counts(out: Storage, keys: list[str], known: dict[str, Any]) -> dict[st
     for k in keys:
         n = (known.get(k) or {}).get("rows_out")
         if n is None:
-            with out.open(f"{VECTORS}/{k}.parquet", "rb") as f:
+            with out.open(shard_file(VECTORS, k), "rb") as f:
                 n = pq.ParquetFile(f).metadata.num_rows
         counts[k] = int(n)
     return counts
@@ -81,13 +81,13 @@ def sample_documents(out: Storage, keys: list[str], n: int, *, seed: int = 0,
         return sample
     picked = np.sort(rng.choice(total, size=min(n, total), replace=False))
     vecs, thetas, start = [], [], 0
-    has_theta = all(out.exists(f"{TOPICS_DIR}/theta/{k}.parquet") for k in keys)
+    has_theta = all(out.exists(shard_file(THETA_DIR, k)) for k in keys)
     for k in keys:
         rows = picked[(picked >= start) & (picked < start + counts[k])] - start
         start += counts[k]
         if not len(rows):
             continue
-        t = read_rows(out, f"{VECTORS}/{k}.parquet", ["id", "vector", "n_tokens"], rows)
+        t = read_rows(out, shard_file(VECTORS, k), ["id", "vector", "n_tokens"], rows)
         sample.n_tokens += [int(x or 0) for x in t.column("n_tokens").to_pylist()]
         keep = np.asarray(pc.is_valid(t.column("vector")))
         ids = [str(x) for x in t.column("id").to_pylist()]
@@ -107,7 +107,7 @@ def sample_documents(out: Storage, keys: list[str], n: int, *, seed: int = 0,
 
 def _theta_rows(out: Storage, key: str, rows: np.ndarray, ids: list[str]) -> np.ndarray:
     """Theta of the same rows of the shard (NaN where the theta file's row holds another id)."""
-    t = read_rows(out, f"{TOPICS_DIR}/theta/{key}.parquet", ["id", "theta"], rows)
+    t = read_rows(out, shard_file(THETA_DIR, key), ["id", "theta"], rows)
     theta = t.column("theta").to_pylist()
     k = next((len(x) for x in theta if x), 0)
     m = np.full((len(rows), max(k, 1)), np.nan, np.float32)

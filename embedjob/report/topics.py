@@ -10,30 +10,32 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR
+from embedjob.layout import DICTIONARY_JSON, TOPIC_WORD, TOPICS_MODEL
 from embedjob.stages.topics.metrics import relevance
+from embedjob.stages.topics.read_back import read_topics
 from embedjob.storage import Storage
 
 BAR_WORDS = 12  # words in each topic's relevance bars
 
 
 def _vocab(out: Storage) -> Optional[list[str]]:
-    """The topic model's vocabulary (column order of ``topic_word.npy``), from ``model.pt``."""
-    import torch
+    """The topic model's vocabulary (column order of ``topic_word.npy``), from ``model.pt`` as the
+    topics stage reads it."""
+    from embedjob.stages.topics.model import load_topic_model  # torch
 
-    rel = f"{TOPICS_DIR}/model.pt"
-    if not out.exists(rel):
+    if not out.exists(TOPICS_MODEL):
         return None
-    blob = torch.load(io.BytesIO(out.read_bytes(rel)), map_location="cpu", weights_only=True)
-    return list(blob.get("vocab") or []) or None
+    return load_topic_model(out.url(), out.storage_options).vocab or None
 
 
 def _corpus_counts(out: Storage, vocab: list[str]) -> Optional[np.ndarray]:
+    """Each word's count in the corpus, from the job's dictionary (the vocab stage's reader)."""
+    from embedjob.stages.vocab import read_dictionary  # gensim
+
     if not out.exists(DICTIONARY_JSON):
         return None
-    d = out.read_json(DICTIONARY_JSON)
-    cfs, t2i = d.get("cfs") or {}, d.get("token2id") or {}
-    return np.array([float(cfs.get(str(t2i.get(w, -1)), 0)) for w in vocab])
+    d = read_dictionary(out)
+    return np.array([float(d.cfs.get(d.token2id.get(w, -1), 0)) for w in vocab])
 
 
 def jsd_matrix(p: np.ndarray) -> np.ndarray:
@@ -65,10 +67,10 @@ def pcoa(d: np.ndarray) -> np.ndarray:
 
 def topic_view(out: Storage, theta: Optional[np.ndarray], lam: float = 0.5) -> Optional[dict[str, Any]]:
     """Everything the topics section draws, or None when the output has no topics."""
-    if not out.exists(f"{TOPICS_DIR}/topics.json"):
+    found = read_topics(out)
+    if found is None:
         return None
-    doc = out.read_json(f"{TOPICS_DIR}/topics.json")
-    metrics = out.read_json(f"{TOPICS_DIR}/metrics.json") if out.exists(f"{TOPICS_DIR}/metrics.json") else {}
+    doc, metrics = found[0], found[1] or {}
     topics = doc.get("topics") or []
     k = len(topics)
     view: dict[str, Any] = {"model": doc.get("model"), "num_topics": k, "vocabulary": doc.get("vocabulary"),
@@ -81,11 +83,10 @@ def topic_view(out: Storage, theta: Optional[np.ndarray], lam: float = 0.5) -> O
         view["sample_docs"] = int(ok.sum())
     else:
         view["prevalence"] = [1.0 / max(k, 1)] * k
-    tw_rel = f"{TOPICS_DIR}/topic_word.npy"
-    vocab = _vocab(out) if out.exists(tw_rel) else None
+    vocab = _vocab(out) if out.exists(TOPIC_WORD) else None
     if vocab is None or not k:
         return view
-    tw = np.load(io.BytesIO(out.read_bytes(tw_rel)), allow_pickle=False).astype(np.float64)
+    tw = np.load(io.BytesIO(out.read_bytes(TOPIC_WORD)), allow_pickle=False).astype(np.float64)
     if tw.shape != (k, len(vocab)):
         return view
     view["xy"] = pcoa(np.sqrt(jsd_matrix(tw))).tolist() if k > 1 else [[0.0, 0.0]]

@@ -8,8 +8,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedjob.layout import INDEX_DIR, VECTORS
+from embedjob.layout import INDEX_DIR, VECTORS, shard_file
 from embedjob.stages.index.config import index_files
+from embedjob.stages.index.search import load_index
+from embedjob.stages.index.shards import to_float32_matrix
 from embedjob.storage import Storage
 from embedjob.wordvectors import job_vectors_file, load_job_vectors
 
@@ -75,9 +77,6 @@ def docs_recall(out: Storage, keys: list[str], q: np.ndarray, metric: str, k: in
     """recall@k of the document index for queries ``q`` against exact search over every vector."""
     import pyarrow.compute as pc
 
-    from embedjob.stages.index.search import load_index
-    from embedjob.stages.index.shards import to_float32_matrix
-
     loaded = load_index(out)
     _, labels = loaded.search_vectors(q, k)
     ids = loaded.ids.column("id").to_pylist()
@@ -86,7 +85,7 @@ def docs_recall(out: Storage, keys: list[str], q: np.ndarray, metric: str, k: in
     best_id: np.ndarray = np.empty((len(q), 0), dtype=object)
     q64 = q.astype(np.float64)
     for key in keys:
-        t = out.read_parquet(f"{VECTORS}/{key}.parquet", columns=["id", "vector"])
+        t = out.read_parquet(shard_file(VECTORS, key), columns=["id", "vector"])
         t = t.filter(pc.is_valid(t.column("vector")))
         if not t.num_rows:
             continue

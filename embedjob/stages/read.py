@@ -25,6 +25,7 @@ from pydantic import Field
 
 from embedjob._config_base import Section
 from embedjob.errors import InputError
+from embedjob.layout import failed_marker
 from embedjob.schema import ROW
 from embedjob.stages.blocks import _check_utf8, read_shard_blocks  # noqa: F401 - where the job reads blocks
 from embedjob.storage import Storage, StorageError, list_shards, shard_key
@@ -294,4 +295,4 @@ def _record_failure(blocks: Iterator[pa.Table], shard: ShardInfo, out_url: str,
         yield from blocks
     except InputError as e:
         logger.warning("shard %s failed and is skipped (input.on_bad_shard=skip): %s", shard.url, e)
-        Storage(out_url, out_options).write_json(f"_tmp/{shard.key}/_FAILED.json", {"reason": str(e)})
+        Storage(out_url, out_options).write_json(failed_marker(shard.key), {"reason": str(e)})

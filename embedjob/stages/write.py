@@ -43,6 +43,7 @@ from embedjob.schema import (
     WINDOWS,
     contiguous_runs,
 )
+from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.reuse import copy as reuse_copy
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
@@ -284,8 +285,6 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     out.write_parquet(f"{VECTORS}/{shard}.parquet", reuse_copy.stamped(vectors, commit))
     lance_part = None
     if sink.get("lance"):
-        from embedjob.stages.lance_sink.write import write_shard_fragments
-
         lance_part = write_shard_fragments(out, shard, reuse_copy.without_hash(vectors), pa.array(rows), sink)
     out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", reuse_copy.stamped(tokens, commit))
     extra: dict[str, Any] = {}

@@ -42,6 +42,7 @@ from embedjob.layout import (
     DEDUP_GROUPS,
     DEDUP_PAIRS,
     DEDUP_STATE,
+    shard_file,
     shard_key_of,
 )
 from embedjob.stages.dedup import outputs as O
@@ -180,7 +181,7 @@ def _partitioned(cfg: DedupConfig, out: Storage, docs: _Docs, clusters: Optional
     opts = out.storage_options
     args = []
     for url, off, new in zip(docs.urls, docs.offsets, docs.new):
-        cl = None if clusters is None else {**clusters, "rel": staged_rel(f"{DEDUP_CLUSTERS}/{shard_key_of(url)}.parquet")}
+        cl = None if clusters is None else {**clusters, "rel": staged_rel(shard_file(DEDUP_CLUSTERS, shard_key_of(url)))}
         args.append((url, opts, int(off), bool(new), centroids, cfg.probes, bucket_of, n_buckets, cl))
     routed = run_tasks(route_shard, args, num_returns=n_buckets + 1)
     incremental = docs.n_old > 0
@@ -202,7 +203,7 @@ def _partitioned(cfg: DedupConfig, out: Storage, docs: _Docs, clusters: Optional
 def _write_clusters_exact(cfg: DedupConfig, out: Storage, docs: _Docs, centroids: np.ndarray, staged_rel) -> None:
     for url, scan, off in zip(docs.urls, docs.scans, docs.offsets):
         if len(scan["ids"]):
-            write_clusters(url, out.storage_options, out, staged_rel(f"{DEDUP_CLUSTERS}/{shard_key_of(url)}.parquet"),
+            write_clusters(url, out.storage_options, out, staged_rel(shard_file(DEDUP_CLUSTERS, shard_key_of(url))),
                            docs.x[off:off + len(scan["ids"])], scan["rows"], centroids)
 
 

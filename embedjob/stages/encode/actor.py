@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from embedjob.debug import encode_batch_delay, encode_call_started, encode_delay, encode_init_death, encoder_ready
 from embedjob.errors import row_error
-from embedjob.layout import TMP
+from embedjob.layout import failed_marker
 from embedjob.progress import BatchReporter
 from embedjob.schema import (
     CAPPED,
@@ -196,7 +196,7 @@ def unfit_document(batch: pa.Table, row: int, e: DocumentTooLarge, *, on_bad_sha
     if on_bad_shard != "skip" or out_url is None:
         raise err
     logger.warning("%s; shard %s fails (input.on_bad_shard=skip)", err, shard)
-    Storage(out_url, out_options or {}).write_json(f"{TMP}/{shard}/_FAILED.json", {"reason": str(err)})
+    Storage(out_url, out_options or {}).write_json(failed_marker(shard), {"reason": str(err)})
 
 
 def _append_chunks(out: pa.Table, enc, keep: np.ndarray) -> pa.Table:

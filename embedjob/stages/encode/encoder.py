@@ -29,6 +29,8 @@ from embedjob.debug import encode_oom_check
 from embedjob.models import model_fingerprint
 from embedjob.stages.encode.modules import POOLING_MODES, Heads, pool
 from embedjob.stages.encode.oom import OomBudget, by_document, split_on_oom
+from embedjob.stages.encode.openvino import DEFAULT_CACHE, OpenVinoEncoder
+from embedjob.stages.encode.packed import PackedBatch, PackedBert, packed_batches, supports
 from embedjob.stages.encode.settings import EncoderSettings, resolve_encoder_settings
 from embedjob.stages.encode.tokenizer import Tokenizer
 from embedjob.stages.encode.windows import (
@@ -150,8 +152,6 @@ class TextEncoder:
         self.ov = None
         self.backend = self.settings.backend = backend
         if backend == "openvino":
-            from embedjob.stages.encode.openvino import DEFAULT_CACHE
-
             self._ov_cache = cache_dir or DEFAULT_CACHE
             self.ov = self._openvino(self._layers)
             batching = "padded"
@@ -188,14 +188,10 @@ class TextEncoder:
 
     def _openvino(self, layers: Optional[tuple]):
         """The model compiled by OpenVINO, returning the last hidden state and ``layers``."""
-        from embedjob.stages.encode.openvino import OpenVinoEncoder
-
         return OpenVinoEncoder(self.model, self._ov_cache, self.settings.model_fingerprint, dtype=self.settings.dtype,
                                layers=layers or (), threads=self.torch.get_num_threads())
 
     def _packed_forward(self, batching: str, compile: bool):
-        from embedjob.stages.encode.packed import PackedBert, supports
-
         why = supports(self.model)
         if why is None:
             return PackedBert(self.model, compile=compile)
@@ -294,8 +290,6 @@ class TextEncoder:
         return vecs
 
     def _run_packed(self, ids, lengths, token_hook):
-        from embedjob.stages.encode.packed import packed_batches
-
         def cost(idx):
             return int(lengths[idx].sum())
 
@@ -304,8 +298,6 @@ class TextEncoder:
 
     def _packed_batch(self, ids, lengths, idx, token_hook):
         """One packed model batch of windows ``idx``: (idx, pooled vectors)."""
-        from embedjob.stages.encode.packed import PackedBatch
-
         on_cuda = self.device.type == "cuda"
         layers_wanted = self.output_hidden_layers if token_hook is not None else None
         encode_oom_check(int(lengths[idx].sum()))  # test-only: an injected allocator failure

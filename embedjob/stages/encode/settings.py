@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from embedjob.errors import ModelError
 from embedjob.models import resolve_model_path
 from embedjob.stages.encode.modules import output_dim, read_pipeline
+from embedjob.stages.encode.tokenizer import Tokenizer
+from embedjob.stages.encode.windows import max_document_tokens
 
 if TYPE_CHECKING:
     from embedjob.stages.encode.config import EncodeConfig
@@ -106,8 +108,6 @@ class EncoderSettings:
         ``max_windows`` windows' worth with windows."""
         if self.long_documents != "windows":
             return self.max_length
-        from embedjob.stages.encode.windows import max_document_tokens
-
         return max_document_tokens(self.max_length, self.window_overlap, self.max_windows, self.head_tokens,
                                    self.tail_tokens)
 
@@ -187,8 +187,6 @@ def _resolve_prompt(cfg: "EncodeConfig", pipe) -> tuple[str, Optional[str]]:
 
 
 def _tokenizer(model_dir: str, pipe, prompt: str, trust: bool):
-    from embedjob.stages.encode.tokenizer import Tokenizer
-
     try:
         return Tokenizer(model_dir, 512, prompt=prompt, do_lower_case=pipe.do_lower_case,
                          tokenizer_kwargs=pipe.tokenizer_kwargs, trust_remote_code=trust)

@@ -10,7 +10,7 @@ What lives where:
 * ``build.py`` — building in memory: the document index, word indices, any matrix (``BuiltIndex``);
 * ``stage.py`` — ``run_index``: builds every index, then writes them to ``<output>/index/``;
 * ``search.py`` — reading a finished index back and answering queries (``search``, ``Searcher``,
-  ``similar_words``, ``search_report`` for ``embedjob search``).
+  ``similar_words_in_index``, ``search_report`` for ``embedjob search``).
 
 Only the config class is imported here, so that loading a job's config stays cheap.
 """

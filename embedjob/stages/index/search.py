@@ -6,7 +6,7 @@ Example::
 
     hits = search("s3://bucket/out", {}, "interest rates rise", k=5)
     hits[0]  # {"id": "doc-00042", "score": 0.61, "shard": "part-00003", "text_start": "The bank..."}
-    similar_words("s3://bucket/out", {}, "word2vec", "bank", k=5)  # [{"word": ..., "score": ...}, ...]
+    similar_words_in_index("s3://bucket/out", {}, "word2vec", "bank", k=5)  # [{"word": ..., "score": ...}, ...]
 """
 
 from __future__ import annotations
@@ -258,13 +258,13 @@ def search(output_url: str, storage_options: Optional[dict[str, Any]], query: st
                     level=level).search(query, k)
 
 
-def similar_words(output_url: str, storage_options: Optional[dict[str, Any]], name: str, word: str,
+def similar_words_in_index(output_url: str, storage_options: Optional[dict[str, Any]], name: str, word: str,
                   k: int = 10) -> list[dict[str, Any]]:
     """Nearest words (cosine) to ``word`` in the ``words-<name>`` index of a finished job; ``word``
     is spelled as the job's preprocessing spelled its vocabulary first (``People`` -> ``people``)."""
     import faiss
 
-    from embedjob.similar import job_spelling
+    from embedjob.stages.spelling import job_spelling
 
     word = job_spelling(output_url, storage_options, word)
     out = Storage(output_url, storage_options or {})
@@ -293,7 +293,7 @@ def search_report(output_url: str, query: str, *, k: int = 10, storage_options: 
     with ``words`` the words near the word ``query`` in the ``words-<words>`` index), or one JSON
     object with ``as_json``."""
     if words:
-        hits = similar_words(output_url, storage_options, words, query, k)
+        hits = similar_words_in_index(output_url, storage_options, words, query, k)
         if as_json:
             return json.dumps({"query": query, "index": f"words-{words}", "hits": hits})
         return "\n".join(f"{i:>3}  {h['score']:.4f}  {h['word']}" for i, h in enumerate(hits, 1))

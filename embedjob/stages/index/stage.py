@@ -15,14 +15,14 @@ commit them to ``<output>/index/``, only after everything succeeded:
 
 Example::
 
-    stats = run_index(cfg, Storage("s3://bucket/out"), vector_urls, manifest["encoder"]["normalize"], ["bert"])
+    stats = run_index(cfg.index, Storage("s3://bucket/out"), vector_urls, manifest["encoder"]["normalize"], ["bert"])
 """
 
 from __future__ import annotations
 
 import io
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,9 +31,6 @@ from embedjob.stages.index.build import BuiltIndex, build_chunks_index, build_do
 from embedjob.stages.index.config import IndexConfig, index_files
 from embedjob.storage import Storage
 from embedjob.wordvectors import job_vectors_file, load_job_vectors
-
-if TYPE_CHECKING:
-    from embedjob.config import JobConfig
 
 
 def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
@@ -56,18 +53,18 @@ def write_index(out: Storage, built: BuiltIndex) -> dict[str, str]:
     return files
 
 
-def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], normalized: bool,
-              word_vector_kinds: Sequence[str] = ()) -> dict[str, Any]:
+def run_index(icfg: IndexConfig, out: Storage, vector_urls: list[str], normalized: bool,
+              word_vector_kinds: Sequence[str] = (), *, chunks: bool = False) -> dict[str, Any]:
     """Build the document index (``normalized``: the document vectors are unit length, as the
     encoder settings say) and one ``words-<kind>`` index per job word-vector set named in
     ``word_vector_kinds`` (``'bert'``, ``'word2vec'``: the stages enabled in this run), read with
     :func:`~embedjob.wordvectors.load_job_vectors` (never a pickle), and commit them to
-    ``<out>/index/`` once all are built. Returns the stage stats (with each index's description)."""
-    icfg: IndexConfig = cfg.index
+    ``<out>/index/`` once all are built; ``chunks`` (``encode.write_chunks``): one more index over the
+    passages. Returns the stage stats (with each index's description)."""
     opts = out.storage_options
     t0 = time.time()
     built = [build_docs_index(icfg, vector_urls, opts, bool(normalized))]
-    if cfg.encode.write_chunks:  # passages: chunks/<shard>.parquet beside each vectors/<shard>.parquet
+    if chunks:  # passages: chunks/<shard>.parquet beside each vectors/<shard>.parquet
         chunk_urls = [f"/{CHUNKS}/".join(u.rsplit(f"/{VECTORS}/", 1)) for u in vector_urls]
         built.append(build_chunks_index(icfg, chunk_urls, opts, bool(normalized)))
     skipped: dict[str, str] = {}
@@ -88,7 +85,7 @@ def run_index(cfg: "JobConfig", out: Storage, vector_urls: list[str], normalized
     stats = {
         "docs": {k: v for k, v in built[0].meta.items()},
         "words": {b.meta["name"][len("words-"):]: b.meta for b in built[1:] if b.meta["name"].startswith("words-")},
-        **({"chunks": built[1].meta} if cfg.encode.write_chunks else {}),
+        **({"chunks": built[1].meta} if chunks else {}),
         "files": files,
         "seconds_total": round(time.time() - t0, 3),
     }

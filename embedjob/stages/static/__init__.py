@@ -20,7 +20,7 @@ encoder call, one part per committed shard, the corpus-wide merge of committed s
 * ``stage.py`` — ``run_static``: merges the committed shards' parts and writes
   ``static/vectors.bin``, ``vectors.vocab.txt`` and ``vectors.kv`` (via :mod:`embedjob.wordvectors`).
 
-Query words as the job spells them: :func:`embedjob.similar.normalize_query_word`.
+Query words as the job spells them: :func:`embedjob.stages.spelling.normalize_query_word`.
 
 Only the config class is imported here, so that loading a job's config stays cheap.
 

@@ -13,7 +13,6 @@ from embedjob._config_base import Section
 from embedjob.models import resolve_model_path
 
 if TYPE_CHECKING:
-    from embedjob.config import JobConfig
     from embedjob.storage import Storage
 
 WORD_POOLING_MODES = ("mean", "first", "last", "max")
@@ -58,18 +57,18 @@ class StaticConfig(Section):
         return v
 
 
-def static_actor_settings(cfg: "JobConfig", out: "Storage") -> dict[str, Any]:
+def static_actor_settings(static: StaticConfig, model: str, out: "Storage") -> dict[str, Any]:
     """The plain, JSON-able settings the preprocess tasks and encoder actors need (static options plus
-    where staged parts go). Checks ``static.layers`` against the model's depth on the driver, before
-    any Ray work."""
+    where staged parts go). Checks ``static.layers`` against the depth of ``model`` (``encode.model``)
+    on the driver, before any Ray work."""
     try:
-        with open(os.path.join(resolve_model_path(cfg.encode.model), "config.json")) as f:
+        with open(os.path.join(resolve_model_path(model), "config.json")) as f:
             depth = json.load(f).get("num_hidden_layers")
     except (OSError, ValueError):
         depth = None
     if depth:
-        resolve_layers(cfg.static.layers, depth)
-    s = cfg.static.model_dump(mode="json")
+        resolve_layers(static.layers, depth)
+    s = static.model_dump(mode="json")
     s.update({"out_url": out.url(), "storage_options": dict(out.storage_options)})
     return s
 

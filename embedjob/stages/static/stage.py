@@ -26,7 +26,6 @@ from embedjob.wordvectors import (
 )
 
 if TYPE_CHECKING:
-    from embedjob.config import JobConfig
     from embedjob.stages.static.config import StaticConfig
     from embedjob.storage import Storage
 
@@ -35,12 +34,11 @@ logger = logging.getLogger(__name__)
 STATIC_RECIPE = "bert_static_v1"
 
 
-def run_static(cfg: "JobConfig", out: "Storage", committed_shards: list[str]) -> dict[str, Any]:
+def run_static(scfg: StaticConfig, out: "Storage", committed_shards: list[str]) -> dict[str, Any]:
     """Pipeline stage: merge ``static/parts/<shard>.parquet`` of the committed shards, keep words
     seen at least ``static.min_count`` times, and write ``static/vectors.bin``, ``vectors.vocab.txt``
     and ``vectors.kv`` (only after everything succeeded; see :func:`embedjob.wordvectors.write_keyed_vectors`).
     Returns stats."""
-    scfg: StaticConfig = cfg.static
     present = _present_parts(out, committed_shards)
     # pass 1: counts only, to apply min_count before touching the sums
     totals, dim = _word_totals(out, present)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from embedjob.errors import TopicsError
-from embedjob.layout import TOPICS_DIR
+from embedjob.layout import TOPICS_MODEL
 from embedjob.stages.topics.bow import bow_from_token_lists
 from embedjob.stages.topics.config import TopicsConfig
 from embedjob.storage import Storage
@@ -242,7 +242,7 @@ def model_from_bytes(data: bytes) -> tuple[TopicModel, dict[str, Any]]:
 def load_topic_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> TrainedTopicModel:
     """Load ``topics/model.pt`` from a job output folder (or the file's own URL)."""
     store = Storage(url, storage_options or {})
-    rel = "" if url.endswith(".pt") else f"{TOPICS_DIR}/model.pt"
+    rel = "" if url.endswith(".pt") else TOPICS_MODEL
     if not store.exists(rel):
         raise TopicsError(f"no topic model at {store.url(rel)!r}: run the job with topics.enabled=true")
     model, blob = model_from_bytes(store.read_bytes(rel))

@@ -6,8 +6,18 @@ import json
 from typing import Any, Optional
 
 from embedjob.errors import TopicsError
-from embedjob.layout import TOPICS_DIR
+from embedjob.layout import TOPICS_JSON, TOPICS_METRICS
 from embedjob.storage import Storage, StorageError
+
+
+def read_topics(store: Storage) -> Optional[tuple[dict[str, Any], Optional[dict[str, Any]]]]:
+    """``topics/topics.json`` and ``topics/metrics.json`` (None where the job wrote none) of an
+    output, or None when it has no topics: what ``embedjob topics`` and the report read."""
+    if not store.exists(TOPICS_JSON):
+        return None
+    doc = store.read_json(TOPICS_JSON)
+    metrics = store.read_json(TOPICS_METRICS) if store.exists(TOPICS_METRICS) else None
+    return doc, metrics
 
 
 def format_topics(topics_doc: dict[str, Any], metrics: Optional[dict[str, Any]] = None, n: int = 10) -> str:
@@ -44,11 +54,10 @@ def topics_report(output_url: str, *, storage_options: Optional[dict[str, Any]] 
     """
     try:
         store = Storage(output_url, storage_options or {})
-        if not store.exists(f"{TOPICS_DIR}/topics.json"):
-            raise TopicsError(f"no topics at {store.url(TOPICS_DIR + '/topics.json')!r}: "
-                              "run the job with topics.enabled=true")
-        doc = store.read_json(f"{TOPICS_DIR}/topics.json")
-        metrics = store.read_json(f"{TOPICS_DIR}/metrics.json") if store.exists(f"{TOPICS_DIR}/metrics.json") else None
+        found = read_topics(store)
+        if found is None:
+            raise TopicsError(f"no topics at {store.url(TOPICS_JSON)!r}: run the job with topics.enabled=true")
+        doc, metrics = found
     except (StorageError, OSError) as e:
         raise TopicsError(f"cannot read {output_url!r}: {e}") from None
     if as_json:

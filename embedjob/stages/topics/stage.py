@@ -8,13 +8,23 @@ import io
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from embedjob.errors import NothingToDo, TopicsError
-from embedjob.layout import DICTIONARY_JSON, TOPICS_DIR, shard_key_of
+from embedjob.layout import (
+    DICTIONARY_JSON,
+    THETA_DIR,
+    TOPIC_WORD,
+    TOPICS_JSON,
+    TOPICS_METRICS,
+    TOPICS_MODEL,
+    TOPICS_STAGING,
+    shard_file,
+    shard_key_of,
+)
 from embedjob.stages.topics.bow import corpus_word_counts, filter_dictionary, vocab_list
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
 from embedjob.stages.topics.embeddings import choose_embeddings, resolve_embeddings
@@ -30,9 +40,6 @@ from embedjob.stages.topics.theta import check_label_column, theta_pass
 from embedjob.stages.topics.train import train_topic_model
 from embedjob.stages.vocab import build_vocabulary, read_dictionary
 from embedjob.storage import Storage, StorageError
-
-if TYPE_CHECKING:
-    from embedjob.config import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +57,22 @@ def load_job_dictionary(out, token_urls: list[str]):
     return build_vocabulary(token_urls, out.storage_options)
 
 
-def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
-               input_urls: Optional[dict[str, Optional[str]]] = None) -> dict[str, Any]:
+def run_topics(tc: TopicsConfig, out: Storage, token_urls: list[str], *,
+               input_urls: Optional[dict[str, Optional[str]]] = None, id_column: str = "id",
+               input_storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train the topic model on the job's token shards and write ``<out>/topics/``; returns stats.
 
-    ``input_urls`` (token shard key -> input file) is where ``topics.label_column`` is read from.
+    ``input_urls`` (token shard key -> input file, read with ``input_storage_options``; ``id_column``
+    names the documents there) is where ``topics.label_column`` is read from.
     Results are written only after training, theta and metrics all succeeded; theta files are
     staged under ``topics/_staging/`` first.
     """
-    tc: TopicsConfig = cfg.topics
+    input_storage_options = input_storage_options or {}
     if not token_urls:
         raise TopicsError("topics: no token shard to train on")
     t0 = time.time()
     if tc.label_column:
-        check_label_column(tc.label_column, token_urls, input_urls, cfg.input.storage_options)
+        check_label_column(tc.label_column, token_urls, input_urls, input_storage_options)
     full = load_job_dictionary(out, token_urls)
     if full.num_pos == 0:
         raise NothingToDo(f"nothing to train on: the {len(token_urls)} token shard(s) hold no token "
@@ -83,13 +92,13 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
                        max(tc.topics_json_top_n, tc.diversity_top_n, tc.top_n))
     blob = model_bytes(model, kwargs, vocab, tc)
 
-    staging = f"{TOPICS_DIR}/_staging/{uuid.uuid4().hex[:12]}"
+    staging = f"{TOPICS_STAGING}/{uuid.uuid4().hex[:12]}"
     try:
         t = time.time()
         theta_stats = theta_pass(blob, vocab, out, token_urls, staging, actors=train_stats["workers"],
                                  threads=train_stats["threads_per_worker"], label_column=tc.label_column,
-                                 id_column=cfg.input.id_column, input_urls=input_urls,
-                                 input_storage_options=cfg.input.storage_options)
+                                 id_column=id_column, input_urls=input_urls,
+                                 input_storage_options=input_storage_options)
         argmax, labels = theta_stats.pop("_argmax"), theta_stats.pop("_labels")
         theta_stats["theta_seconds"] = round(time.time() - t, 3)
         texts = reference_texts(token_urls, out.storage_options, tc.coherence_docs, tc.seed)
@@ -121,10 +130,10 @@ def run_topics(cfg: "JobConfig", out: Storage, token_urls: list[str], *,
 def _commit_theta(out: Storage, staging: str, keys: list[str]) -> None:
     """Staged theta files to ``topics/theta/``; theta of shards no longer in the job is deleted."""
     for k in keys:
-        out.write_bytes(f"{TOPICS_DIR}/theta/{k}.parquet", out.read_bytes(f"{staging}/{k}.parquet"))
-    for name in out.list(f"{TOPICS_DIR}/theta", suffix=".parquet"):
+        out.write_bytes(shard_file(THETA_DIR, k), out.read_bytes(shard_file(staging, k)))
+    for name in out.list(THETA_DIR, suffix=".parquet"):
         if name[: -len(".parquet")] not in set(keys):
-            out.delete(f"{TOPICS_DIR}/theta/{name}")
+            out.delete(f"{THETA_DIR}/{name}")
 
 
 def _write_results(out: Storage, tc: TopicsConfig, vocab: list[str], tw: np.ndarray, topics: list[list[str]],
@@ -132,16 +141,16 @@ def _write_results(out: Storage, tc: TopicsConfig, vocab: list[str], tw: np.ndar
     """``topic_word.npy``, ``topics.json``, ``model.pt``, then ``metrics.json``, in that order."""
     buf = io.BytesIO()
     np.save(buf, tw.astype(np.float32))
-    out.write_bytes(f"{TOPICS_DIR}/topic_word.npy", buf.getvalue())
+    out.write_bytes(TOPIC_WORD, buf.getvalue())
     npmi = metrics["coherence"].get("c_npmi", {}).get("per_topic", [])
     cv = metrics["coherence"].get("c_v", {}).get("per_topic", [])
     word_index = {w: i for i, w in enumerate(vocab)}
-    out.write_json(f"{TOPICS_DIR}/topics.json", {
+    out.write_json(TOPICS_JSON, {
         "model": tc.model, "num_topics": tc.num_topics, "vocabulary": len(vocab),
         "topics": [{"topic": i, "words": words[: tc.topics_json_top_n],
                     "weights": [round(float(tw[i, word_index[w]]), 6) for w in words[: tc.topics_json_top_n]],
                     **({"npmi": npmi[i]} if i < len(npmi) else {}), **({"c_v": cv[i]} if i < len(cv) else {})}
                    for i, words in enumerate(topics)],
     })
-    out.write_bytes(f"{TOPICS_DIR}/model.pt", blob)
-    out.write_json(f"{TOPICS_DIR}/metrics.json", metrics)
+    out.write_bytes(TOPICS_MODEL, blob)
+    out.write_json(TOPICS_METRICS, metrics)

@@ -22,7 +22,7 @@ import torch
 
 from embedjob import raytrain
 from embedjob.errors import TopicsError
-from embedjob.layout import CKPT_DIR
+from embedjob.layout import CKPT_DIR, CKPT_LATEST
 from embedjob.stages.topics.bow import bow_dataset, submit_bow
 from embedjob.stages.topics.config import TopicsConfig, model_kwargs
 from embedjob.stages.topics.model import (
@@ -55,10 +55,10 @@ def _fingerprint(cfg: TopicsConfig, vocab: list[str], rho: Optional[np.ndarray])
 
 def latest_checkpoint(store, fingerprint: str) -> Optional[dict[str, Any]]:
     """``{"path", "epoch"}`` of the newest checkpoint with this fingerprint, else None."""
-    if not store.exists(f"{CKPT_DIR}/latest.json"):
+    if not store.exists(CKPT_LATEST):
         return None
     try:
-        info = store.read_json(f"{CKPT_DIR}/latest.json")
+        info = store.read_json(CKPT_LATEST)
     except (OSError, ValueError):
         return None
     if info.get("fingerprint") != fingerprint or not store.exists(info.get("path", "")):
@@ -181,7 +181,7 @@ def _save_checkpoint(store, model, opt, epoch: int, config: dict[str, Any], hist
     fp = config["fingerprint"]
     path = f"{CKPT_DIR}/epoch-{epoch:05d}-{fp}.pt"
     store.write_bytes(path, buf.getvalue())
-    store.write_json(f"{CKPT_DIR}/latest.json", {"path": path, "epoch": epoch, "fingerprint": fp})
+    store.write_json(CKPT_LATEST, {"path": path, "epoch": epoch, "fingerprint": fp})
     # keep this run's newest checkpoints; those of other settings are replaced once this run has one
     # (and those of a longer earlier run with these settings: resume=false, fewer epochs)
     names = [n for n in store.list(CKPT_DIR, suffix=".pt") if n.startswith("epoch-")]

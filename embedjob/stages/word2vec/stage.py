@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from embedjob import raytrain
 from embedjob.debug import word2vec_switches
@@ -51,9 +51,6 @@ from embedjob.stages.word2vec.report import REPORT_NAME
 from embedjob.storage import Storage
 from embedjob.token_shards import plan_slices
 from embedjob.wordvectors import KV_NAME, read_vector_folder
-
-if TYPE_CHECKING:
-    from embedjob.config import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +183,8 @@ def _fit(cfg: Word2VecConfig, loop_config: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(tmp_storage, ignore_errors=True)
 
 
-def run_word2vec(cfg: "JobConfig", out: Storage, token_urls: list[str]) -> dict[str, Any]:
+def run_word2vec(wcfg: Word2VecConfig, out: Storage, token_urls: list[str]) -> dict[str, Any]:
     """Pipeline stage: train on the job's token shards and write ``<out>/word2vec/``; returns stats."""
-    wcfg: Word2VecConfig = cfg.word2vec
     _, report = train_word2vec(
         token_urls, wcfg, out.storage_options,
         output_url=out.url("word2vec"), output_options=out.storage_options,
