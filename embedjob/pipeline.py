@@ -79,7 +79,7 @@ class JobResult:
         return not self.failed_shards
 
 
-def shard_stagerecipe_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
+def shard_stage_hash(cfg: JobConfig, encoder: EncoderSettings) -> str:
     """What per-shard outputs depend on: preprocessing, encoder settings and model, static options."""
     enc = {**encoder.recipe_dict(), "dtype": encoder.dtype}  # window settings too, when documents are cut
     static = cfg.static.model_dump() if cfg.static.enabled else None
@@ -207,7 +207,7 @@ def _start_ray(run: _Run) -> None:
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
         run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
     run.encoder.device = run.plan["device"]
-    run.stage_hash = shard_stagerecipe_hash(run.cfg, run.encoder)
+    run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
 
 
 def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardInfo]:

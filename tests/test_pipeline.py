@@ -91,7 +91,9 @@ def test_rerun_skips_committed_shards_and_adds_new(ray_local, tmp_path, tiny_mod
     first = run_job(cfg)
     assert first.manifest["totals"]["done"] == 2
     again = run_job(cfg)
-    assert again.manifest["totals"] == {**first.manifest["totals"], "done": 0, "skipped_unchanged": 2}
+    assert first.manifest["totals"]["documents"] == {"encoded": len(SAMPLE_TEXTS), "reused": 0, "removed": 0}
+    assert again.manifest["totals"] == {**first.manifest["totals"], "done": 0, "skipped_unchanged": 2,
+                                        "documents": {"encoded": 0, "reused": 0, "removed": 0}}  # shards skipped whole
     assert again.manifest["stages"]["vocab"]["status"] == "skipped-unchanged"
     pq.write_table(pa.table({"id": ["new-1"], "text": ["a brand new shard"]}), tmp_path / "in" / "part-00009.parquet")
     third = run_job(cfg)

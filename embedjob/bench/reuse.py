@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
 from embedjob.bench.feed import TreeCpu
+from embedjob.config import build_config
+from embedjob.pipeline import run_job
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +54,6 @@ def _corpus(path: str, shards: int, limit: int | None) -> pa.Table:
 
 
 def _run(data: dict[str, Any]) -> dict[str, Any]:
-    from embedjob.config import build_config
-    from embedjob.pipeline import run_job
-
     t0 = time.time()
     with TreeCpu() as cpu:
         res = run_job(build_config(data))
