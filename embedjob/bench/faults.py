@@ -194,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         runs.append(r)
         kills += r["kill"] is not None
         complete = r["exit"] == 0  # a finished output: the next run recomputes it all, to be killed again
+        if complete and r["kill"] is None:  # a whole run undisturbed: kill the next ones within its length
+            typical = r["seconds"]  # (the clean run's length misleads once the machine's load changes)
         logger.info("soak run %d: %s at %.0fs -> exit %s (%d/%d kills)", len(runs), target, at, r["exit"], kills,
                     args.kills)
         with open(os.path.join(workdir, "soak-runs.json"), "w") as f:  # so far, should the soak be stopped
