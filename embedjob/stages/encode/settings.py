@@ -134,7 +134,7 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
     (pooling, heads, normalisation, max length, prompt, dimensions). Raises :class:`ModelError`
     naming the setting or the module for what cannot be encoded exactly."""
     path = resolve_model_path(cfg.model)
-    trust = bool(getattr(cfg, "trust_remote_code", False))
+    trust = bool(cfg.trust_remote_code)
     pipe = read_pipeline(path, trust_remote_code=trust)
     model_dir = os.path.join(path, pipe.transformer_path)
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -147,23 +147,23 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
     tok = _tokenizer(model_dir, pipe, prompt, trust)
     max_length = int(cfg.max_length or pipe.max_seq_length or _model_max_length(tok, hf_text) or 512)
     dim = output_dim(hidden, pooling, pipe.heads)
-    dimensions = getattr(cfg, "dimensions", None) or pipe.truncate_dim
+    dimensions = cfg.dimensions or pipe.truncate_dim
     if dimensions is not None and not 0 < int(dimensions) <= dim:
         raise ModelError(f"encode.dimensions={dimensions}: between 1 and the model's {dim} dimensions")
     head, tail = tok.head, tok.tail
-    long_documents = getattr(cfg, "long_documents", "truncate")
+    long_documents = cfg.long_documents
     if long_documents == "windows" and max_length - head - tail < 8:
         raise ModelError(f"encode.max_length={max_length} leaves {max_length - head - tail} tokens per window "
                          f"after {head + tail} special and prompt tokens; raise it or shorten the prompt")
     return EncoderSettings(recipe=ENCODER_RECIPE, dim=int(dimensions or dim), model=cfg.model, model_path=model_dir,
                            pooling="+".join(pooling), normalize=bool(normalize), max_length=max_length,
                            dtype=resolve_dtype(cfg.dtype, device), device=device,
-                           backend=getattr(cfg, "backend", "torch"), long_documents=long_documents,
-                           window_overlap=min(int(getattr(cfg, "window_overlap", 32)), (max_length - head - tail) // 2),
-                           max_windows=int(getattr(cfg, "max_windows", 64)),
-                           window_pooling=getattr(cfg, "window_pooling", "mean"),
-                           write_chunks=bool(getattr(cfg, "write_chunks", False)),
-                           snap_to_sentences=bool(getattr(cfg, "snap_to_sentences", False)),
+                           backend=cfg.backend, long_documents=long_documents,
+                           window_overlap=min(int(cfg.window_overlap), (max_length - head - tail) // 2),
+                           max_windows=int(cfg.max_windows),
+                           window_pooling=cfg.window_pooling,
+                           write_chunks=bool(cfg.write_chunks),
+                           snap_to_sentences=bool(cfg.snap_to_sentences),
                            include_prompt=pipe.include_prompt, heads=pipe.heads, prompt=prompt, prompt_name=prompt_name,
                            dimensions=int(dimensions) if dimensions else None, do_lower_case=pipe.do_lower_case,
                            tokenizer_kwargs=pipe.tokenizer_kwargs, model_kwargs=pipe.model_kwargs,
@@ -174,10 +174,10 @@ def resolve_encoder_settings(cfg: "EncodeConfig", device: str = "cpu") -> Encode
 
 def _resolve_prompt(cfg: "EncodeConfig", pipe) -> tuple[str, Optional[str]]:
     """``encode.prompt`` (a literal) over ``encode.prompt_name`` over the model's default prompt."""
-    literal = getattr(cfg, "prompt", None)
+    literal = cfg.prompt
     if literal is not None:
         return literal, None
-    name = getattr(cfg, "prompt_name", None) or pipe.default_prompt_name
+    name = cfg.prompt_name or pipe.default_prompt_name
     if name is None:
         return "", None
     if name not in pipe.prompts:
@@ -205,7 +205,7 @@ def _model_max_length(tok, hf: dict) -> Optional[int]:
 def _batching_guess(cfg, hf: dict, device: str) -> str:
     """Which batches the encoder will run: packed for absolute-position BERT encoders where asked
     (``encode.batching``: packed, or auto on CUDA), padded otherwise."""
-    batching = getattr(cfg, "batching", "auto")
+    batching = cfg.batching
     want = batching == "packed" or (batching == "auto" and device.startswith("cuda"))
     bert = hf.get("model_type") == "bert" and hf.get("position_embedding_type", "absolute") == "absolute"
-    return "packed" if want and bert and getattr(cfg, "backend", "torch") == "torch" else "padded"
+    return "packed" if want and bert and cfg.backend == "torch" else "padded"
