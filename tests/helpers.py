@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import pytest
 
 from embedjob.config import JobConfig, build_config
 from tests.conftest import ONLY_SHARD_STAGES
@@ -40,3 +45,17 @@ def ray_with_batch_delay(seconds: float):
         yield ray
     finally:
         ray.shutdown()
+
+
+def kill_driver_when(proc, ready: Callable[[], bool], timeout: float = 240) -> None:
+    """SIGKILL the job ``proc`` (started with ``start_new_session=True``: the driver and the local Ray it
+    started) once ``ready()``; fails the test if the job ends first."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and not ready():
+            if proc.poll() is not None:
+                pytest.fail("job ended before it could be killed: " + proc.stderr.read().decode()[-2000:])
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)

@@ -19,7 +19,7 @@ from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.read import InputError
 from embedjob.storage import Storage
 from tests.conftest import ONLY_SHARD_STAGES, SAMPLE_TEXTS, write_shards
-from tests.helpers import small_job
+from tests.helpers import kill_driver_when, small_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANCE = {"lance": True, "carry_columns": ["text"]}  # the killed-driver test checks the Lance sink too
@@ -82,17 +82,7 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "embedjob", "run", str(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     done_dir = tmp_path / "out" / "_done"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if done_dir.exists() and len([p for p in done_dir.glob("part-*.json")]) >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail("job ended before it could be killed: " + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    finally:
-        proc.wait(timeout=60)
+    kill_driver_when(proc, lambda: done_dir.exists() and len(list(done_dir.glob("part-*.json"))) >= 2)
     committed = sorted(p.stem for p in done_dir.glob("part-*.json"))
     assert 2 <= len(committed) < 8, committed
     # Lance fragments were written with the commits; a retried commit task would leave a second

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +17,7 @@ import pytest
 from embedjob.pipeline import run_job
 from embedjob.stages.reuse import lookup as reuse_lookup
 from tests.conftest import SAMPLE_TEXTS
-from tests.helpers import small_job, small_job_data
+from tests.helpers import kill_driver_when, small_job, small_job_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = [f"{t} number {i}" for i in range(8) for t in SAMPLE_TEXTS]  # 96 documents
@@ -130,15 +128,7 @@ def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_
     def reused_commits():
         return [p for p in done.glob("part-*.json") if "reuse" in json.loads(p.read_text())]
 
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and len(reused_commits()) < 2:
-            if proc.poll() is not None:
-                pytest.fail("job ended before it could be killed: " + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    finally:
-        proc.wait(timeout=60)
+    kill_driver_when(proc, lambda: len(reused_commits()) >= 2)
     assert 2 <= len(reused_commits()) < 8
     res = run_job(_job(tmp_path, tiny_model, **job))
     assert res.ok
