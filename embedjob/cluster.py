@@ -18,7 +18,7 @@ from embedjob._config_base import Section
 from embedjob.errors import JobError
 from embedjob.models import resolve_model_path
 from embedjob.ray_errors import raise_injected
-from embedjob.stages.encode.busy import FEED_BOUND, feed_plan
+from embedjob.stages.encode.busy import FEED_BOUND, PoolPlan, feed_plan
 
 if TYPE_CHECKING:
     from embedjob.stages.encode.config import EncodeConfig
@@ -96,7 +96,7 @@ def _quiet_ray_console(verbose: bool) -> None:
                 h.addFilter(_RayNoise())
 
 
-def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) -> dict[str, Any]:
+def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) -> PoolPlan:
     """Device, actor count, CPUs and threads of the encoder actor pool, from config and cluster.
 
     ``resources`` is ``ray.cluster_resources()``: one GPU actor per GPU, else CPU actors (with a
@@ -130,8 +130,8 @@ def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) 
         elif fit < actors:
             actors = fit
     if device == "cuda":
-        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": e.cpus_per_actor,
-                "threads": e.threads_per_actor or 2}
+        plan = PoolPlan(device="cuda", actors=actors, num_gpus=1, num_cpus=e.cpus_per_actor,
+                        threads=e.threads_per_actor or 2)
         logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
     else:
         threads = e.threads_per_actor or max(1, cpus // actors)
@@ -140,21 +140,21 @@ def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) 
             num_cpus = max(0.1, (cpus - 1) / actors) if cpus > 1 else 0.5
             logger.info("encode: %d CPU(s) in the cluster: each encoder actor reserves %.2f CPU so the read "
                         "and write tasks can run beside it", cpus, num_cpus)
-        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": num_cpus, "threads": threads}
+        plan = PoolPlan(device="cpu", actors=actors, num_gpus=0, num_cpus=num_cpus, threads=threads)
         if e.device == "auto":
             logger.info("encode: no GPUs in the cluster, encoding with %d CPU actor(s) x %d threads", actors, threads)
         else:
             logger.info("encode: %d CPU actor(s) x %d threads (encode.device=cpu)", actors, threads)
     if e.resources:
-        plan["resources"] = dict(e.resources)
+        plan.resources = dict(e.resources)
         logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
-    plan["preprocess_concurrency"] = e.preprocess_concurrency
+    plan.preprocess_concurrency = e.preprocess_concurrency
     if device == "cuda":
         _plan_feed(e.model, static, plan, max(gpus, actors), cpus)
     return plan
 
 
-def _plan_feed(model: str, static: bool, plan: dict[str, Any], gpus: int, cpus: int) -> None:
+def _plan_feed(model: str, static: bool, plan: PoolPlan, gpus: int, cpus: int) -> None:
     """CPU preprocessing per GPU from the measured rates (busy.feed_plan), logged; sets the
     preprocess tasks at once unless ``encode.preprocess_concurrency`` does."""
     try:
@@ -163,13 +163,13 @@ def _plan_feed(model: str, static: bool, plan: dict[str, Any], gpus: int, cpus: 
     except (OSError, ValueError):
         hidden = None
     feed = feed_plan(gpus, cpus, hidden, static=static)
-    plan["feed"] = feed
-    if plan["preprocess_concurrency"] is None:
-        plan["preprocess_concurrency"] = feed["preprocess_concurrency"]
+    plan.feed = feed
+    if plan.preprocess_concurrency is None:
+        plan.preprocess_concurrency = feed["preprocess_concurrency"]
     logger.info("encode: feeding %d GPU(s) at ~%.1fM tokens/s each takes ~%.1f CPUs per GPU (%.1f CPU-s per million "
                 "tokens); the cluster has %.1f per GPU (expected encoder busy ~%d%%); %d preprocess tasks at once",
                 gpus, feed["gpu_tokens_per_s"] / 1e6, feed["cpus_per_gpu_needed"], feed["cpu_s_per_mtok"],
-                feed["cpus_per_gpu"], 100 * feed["expected_busy"], plan["preprocess_concurrency"])
+                feed["cpus_per_gpu"], 100 * feed["expected_busy"], plan.preprocess_concurrency)
     if feed["expected_busy"] < FEED_BOUND:
         logger.warning("encode: %.1f CPUs per GPU is below the ~%.1f that keep a GPU busy: add CPUs to the GPU nodes "
                        "(or CPU-only nodes for preprocessing)", feed["cpus_per_gpu"], feed["cpus_per_gpu_needed"])

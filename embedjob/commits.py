@@ -21,7 +21,7 @@ from embedjob.faults import alive_nodes, fault_stats
 from embedjob.layout import TMP, failed_marker
 from embedjob.progress import Progress, ProgressTicker, start_counter
 from embedjob.ray_errors import raise_injected
-from embedjob.stages.encode.busy import busy_fraction, busy_text, feed_bound_line
+from embedjob.stages.encode.busy import PoolPlan, busy_fraction, busy_text, feed_bound_line
 from embedjob.stages.read import ShardInfo
 from embedjob.stages.write import commit_shard
 from embedjob.storage import Storage
@@ -42,7 +42,7 @@ class ShardCommits:
     """Tracks the rows written per shard and commits each shard once all its rows are written."""
 
     def __init__(self, cfg: "JobConfig", out: Storage, todo: list[ShardInfo], encoder: "EncoderSettings",
-                 plan: dict[str, Any], stage_hash: str, reuse: Optional["ReusePlan"] = None):
+                 plan: PoolPlan, stage_hash: str, reuse: Optional["ReusePlan"] = None):
         self.cfg, self.out, self.todo, self.encoder, self.stage_hash = cfg, out, todo, encoder, stage_hash
         self.reuse = reuse
         self.by_key = {s.key: s for s in todo}
@@ -55,8 +55,8 @@ class ShardCommits:
         self.markers: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
         self.stats: dict[str, Any] = {"documents": 0, "bert_tokens": 0, "windows": 0, "encoded_tokens": 0,
-                                      "capped_documents": 0, "capped_ids": [], "actors": plan["actors"],
-                                      "device": plan["device"], "dtype": encoder.dtype, "actor_nodes": {}}
+                                      "capped_documents": 0, "capped_ids": [], "actors": plan.actors,
+                                      "device": plan.device, "dtype": encoder.dtype, "actor_nodes": {}}
         self.first_output: Optional[float] = None  # steady-state rate: from the first written block to the last
         self.last_output = 0.0
         self.tokens_after_first = 0

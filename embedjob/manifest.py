@@ -71,7 +71,7 @@ def build_manifest(run: Any) -> dict[str, Any]:
         "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
         "ray": run.ray_info,
-        "encoder": {**run.encoder.as_dict(), "actors": run.plan},
+        "encoder": {**run.encoder.as_dict(), "actors": run.plan.as_dict() if run.plan else {}},
         "recipe": run.stage_hash,
         "input": {
             "url": redact_url(inp.url), "id_column": inp.id_column, "text_column": inp.text_column,

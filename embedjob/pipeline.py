@@ -54,7 +54,7 @@ from embedjob.report import write_run_report
 from embedjob.report.timeline import Timeline
 from embedjob.sample_corpus import sample_if_missing
 from embedjob.stages.dedup.config import check_dedup
-from embedjob.stages.encode import EncoderSettings, resolve_encoder_settings
+from embedjob.stages.encode import EncoderSettings, PoolPlan, resolve_encoder_settings
 from embedjob.stages.encode.actor import encoder_pool
 from embedjob.stages.lance_sink.dataset import run_lance
 from embedjob.stages.lance_sink.write import check_sink
@@ -135,7 +135,7 @@ class _Run:
     lease: OutputLease
     t_start: float
     ray_info: dict[str, Any] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: Optional[PoolPlan] = None  # the encoder pool, once Ray is up
     stage_hash: str = ""
     status: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> status, rows, marker
     stages: dict[str, Any] = field(default_factory=dict)
@@ -203,10 +203,10 @@ def _start_ray(run: _Run) -> None:
         raise interrupted from None
     preempt.arm()  # put the handler back: ray.init replaced it with its own
     run.plan = plan_encoder(run.cfg.encode, run.ray_info["resources"], static=run.cfg.static.enabled)
-    if run.plan["device"] == "cuda":
+    if run.plan.device == "cuda":
         cuda = resolve_encoder_settings(run.cfg.encode, "cuda")
         run.encoder.dtype, run.encoder.batching = cuda.dtype, cuda.batching  # batching: packed or padded, as run
-    run.encoder.device = run.plan["device"]
+    run.encoder.device = run.plan.device
     run.stage_hash = shard_stage_hash(run.cfg, run.encoder)
 
 
@@ -301,7 +301,7 @@ BLOCK_BYTES = 4 * 1024 * 1024  # Ray Data target block size of the per-shard pip
 
 # -- per-shard stages: one streaming Ray Data pipeline ------------------------------------------
 def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                     plan: dict[str, Any], stage_hash: str, *, timeline: Optional[Timeline] = None,
+                     plan: PoolPlan, stage_hash: str, *, timeline: Optional[Timeline] = None,
                      reuse: Optional[ReusePlan] = None):
     """read -> preprocess -> encode -> staged write, committing shards as they complete (``reuse``: rows copied).
 
@@ -329,7 +329,7 @@ def run_shard_stages(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encode
 
 
 def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder: EncoderSettings,
-                   plan: dict[str, Any], counter: Any = None, skip_rows: Optional[dict[str, Any]] = None):
+                   plan: PoolPlan, counter: Any = None, skip_rows: Optional[dict[str, Any]] = None):
     """The Ray Data pipeline over ``todo``: read -> preprocess -> encode (actor pool) -> staged
     write; each output row reports one staged part (shard, row range, counts)."""
     import ray
@@ -363,7 +363,7 @@ def _shard_dataset(cfg: JobConfig, out: Storage, todo: list[ShardInfo], encoder:
             "cfg": cfg.preprocess, "text_column": inp.text_column, "encoder_settings": encoder,
             "static_settings": static, "on_empty_text": inp.on_empty_text, "id_column": inp.id_column},
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        compute=ray.data.TaskPoolStrategy(size=plan.get("preprocess_concurrency")),
+        compute=ray.data.TaskPoolStrategy(size=plan.preprocess_concurrency),
     )
     ds = encoder_pool(ds, cfg.encode, encoder, plan, static, counter,
                       unfit={"on_bad_shard": inp.on_bad_shard, "out_url": out.url(), "out_options": out.storage_options,

@@ -117,20 +117,20 @@ def test_plan_encoder_sizes_the_pool_from_the_cluster(caplog):
     from embedjob.errors import JobError
 
     gpus = plan_encoder(build_config({}).encode, {"CPU": 32.0, "GPU": 4.0}, static=True)
-    assert (gpus["device"], gpus["actors"], gpus["num_gpus"]) == ("cuda", 4, 1)
+    assert (gpus.device, gpus.actors, gpus.num_gpus) == ("cuda", 4, 1)
     with caplog.at_level("INFO", logger="embedjob.cluster"):
         cpu = plan_encoder(build_config({}).encode, {"CPU": 8.0}, static=True)
-    assert (cpu["device"], cpu["actors"], cpu["num_gpus"]) == ("cpu", 4, 0)
+    assert (cpu.device, cpu.actors, cpu.num_gpus) == ("cpu", 4, 0)
     assert "no GPUs in the cluster, encoding with 4 CPU actor(s)" in caplog.text
     pinned = plan_encoder(build_config({"encode": {"resources": {"encoder_node": 1}}}).encode,
                           {"CPU": 8.0, "encoder_node": 1.0}, static=True)
-    assert pinned["actors"] == 1 and pinned["resources"] == {"encoder_node": 1.0}
+    assert pinned.actors == 1 and pinned.resources == {"encoder_node": 1.0}
     with pytest.raises(JobError, match="encode.resources"):
         plan_encoder(build_config({"encode": {"resources": {"encoder_node": 1}}}).encode, {"CPU": 8.0}, static=True)
     with pytest.raises(JobError, match="encode.device=cuda"):
         plan_encoder(build_config({"encode": {"device": "cuda"}}).encode, {"CPU": 8.0}, static=True)
     waiting = plan_encoder(build_config({"encode": {"device": "cuda", "actors": 8}}).encode, {"CPU": 8.0}, static=True)
-    assert (waiting["device"], waiting["actors"]) == ("cuda", 8)  # for an autoscaler to add GPU nodes
+    assert (waiting.device, waiting.actors) == ("cuda", 8)  # for an autoscaler to add GPU nodes
 
 
 # -- a real two-node Ray cluster on 127.0.0.1 -------------------------------------------------

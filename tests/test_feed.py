@@ -14,7 +14,7 @@ import pytest
 
 from embedjob.debug import ENCODE_DELAY_ENV, ENCODER_READY_FILE_ENV, PREPROCESS_DELAY_ENV
 from embedjob.pipeline import run_job
-from embedjob.stages.encode.busy import BusyClock, busy_fraction, feed_bound_line, feed_plan
+from embedjob.stages.encode.busy import BusyClock, PoolPlan, busy_fraction, feed_bound_line, feed_plan
 from embedjob.stages.preprocess import PreprocessConfig, build_filters, preprocess_texts
 from embedjob.stages.static.align import _align_doc, align_doc_reference
 from tests.conftest import SAMPLE_TEXTS
@@ -59,9 +59,9 @@ def test_busy_clock_and_the_feed_bound_line():
     assert wait >= 0 and busy >= 0 and clock.wait_s == wait and clock.busy_s == busy
     assert busy_fraction(3.0, 7.0) == pytest.approx(0.7)
     assert busy_fraction(0.0, 0.0) is None
-    line = feed_bound_line(0.42, {"device": "cuda", "preprocess_concurrency": 6})
+    line = feed_bound_line(0.42, PoolPlan("cuda", 1, 1, 1.0, 2, preprocess_concurrency=6))
     assert "encoder busy 42%" in line and "more CPUs per GPU" in line and "encode.preprocess_concurrency" in line
-    assert feed_bound_line(0.9, {}) is None
+    assert feed_bound_line(0.9, PoolPlan("cpu", 1, 0, 1.0, 1)) is None
     plan = feed_plan(gpus=1, cpus=16, hidden_size=768, static=False, cpu_s_per_mtok=4.0)
     assert plan["cpus_per_gpu_needed"] == pytest.approx(8.8) and plan["preprocess_concurrency"] == 9
     assert plan["expected_busy"] == 1.0
@@ -209,14 +209,14 @@ def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, 
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda"})
     with caplog.at_level(logging.INFO, logger="embedjob.cluster"):
         plan = plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled)
-    feed = plan["feed"]
-    assert plan["actors"] == 2 and plan["preprocess_concurrency"] == feed["preprocess_concurrency"] >= 1
+    feed = plan.feed
+    assert plan.actors == 2 and plan.preprocess_concurrency == feed["preprocess_concurrency"] >= 1
     assert feed["cpus_per_gpu"] == 7.0 and feed["cpus_per_gpu_needed"] > 0
     assert any("CPUs per GPU" in r.getMessage() and "preprocess tasks at once" in r.getMessage() for r in caplog.records)
     cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "preprocess_concurrency": 3})
-    assert plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled)["preprocess_concurrency"] == 3
+    assert plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled).preprocess_concurrency == 3
     cpu_only = small_job(tmp_path, tmp_path / "o", tiny_model)
-    assert plan_encoder(cpu_only.encode, {"CPU": 2.0}, static=cpu_only.static.enabled)["preprocess_concurrency"] is None
+    assert plan_encoder(cpu_only.encode, {"CPU": 2.0}, static=cpu_only.static.enabled).preprocess_concurrency is None
 
 
 class _TransformersCallTokenizer:

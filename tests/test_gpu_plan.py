@@ -29,7 +29,7 @@ def ray_two_gpus():
 
 def test_pool_plan_is_one_actor_per_gpu_each_asking_for_one(ray_two_gpus):
     plan = plan_encoder(build_config({}).encode, ray_two_gpus.cluster_resources(), static=True)
-    assert (plan["device"], plan["actors"], plan["num_gpus"]) == ("cuda", 2, 1)
+    assert (plan.device, plan.actors, plan.num_gpus) == ("cuda", 2, 1)
 
 
 def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_path, tiny_model):

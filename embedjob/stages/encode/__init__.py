@@ -34,7 +34,7 @@ from typing import Any
 
 _WHERE = {
     "EncodeConfig": "config",
-    "EncoderSettings": "settings", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
+    "EncoderSettings": "settings", "PoolPlan": "busy", "resolve_encoder_settings": "settings", "resolve_dtype": "settings",
     "cpu_supports_bf16": "settings", "ENCODER_RECIPE": "settings", "POOLING_MODES": "modules",
     "ModulePipeline": "modules", "read_pipeline": "modules",
     "TextEncoder": "encoder", "EncodedBatch": "encoder", "token_budget_batches": "encoder", "TokenHook": "encoder",

@@ -26,7 +26,7 @@ from embedjob.schema import (
     SHARD,
     WINDOWS,
 )
-from embedjob.stages.encode.busy import BusyClock
+from embedjob.stages.encode.busy import BusyClock, PoolPlan
 from embedjob.stages.encode.encoder import TextEncoder
 from embedjob.stages.encode.oom import DocumentTooLarge
 from embedjob.stages.encode.settings import EncoderSettings
@@ -57,7 +57,7 @@ def id_arrays(col: Any) -> list[np.ndarray]:
     return np.split(flat[base:int(off[-1])], (off[1:-1] - base).tolist())
 
 
-def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static: Optional[dict[str, Any]],
+def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: PoolPlan, static: Optional[dict[str, Any]],
                  counter: Any = None, unfit: Optional[dict[str, Any]] = None):
     """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
     :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor; ``counter``:
@@ -74,15 +74,15 @@ def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: dict[str, Any], static
         return ds.map_batches(
             EncodeActor,
             fn_constructor_kwargs={"settings": encoder, "batch_tokens": cfg.batch_tokens_for(encoder.device),
-                                   "max_batch_docs": cfg.max_batch_docs, "num_threads": plan["threads"],
+                                   "max_batch_docs": cfg.max_batch_docs, "num_threads": plan.threads,
                                    "static": static, "batching": cfg.batching, "compile": cfg.compile,
                                    "cache_dir": cfg.cache_dir, "progress": counter, "unfit": unfit},
             batch_format="pyarrow", batch_size=cfg.rows_per_call, zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-            num_gpus=plan["num_gpus"] or None, num_cpus=plan["num_cpus"], resources=plan.get("resources"),
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            num_gpus=plan.num_gpus or None, num_cpus=plan.num_cpus, resources=plan.resources,
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
             # actors on as many nodes as hold room for them: a lost (spot) node costs the fewest
-            **({"scheduling_strategy": "SPREAD"} if plan["actors"] > 1 else {}),
+            **({"scheduling_strategy": "SPREAD"} if plan.actors > 1 else {}),
         )
 
 

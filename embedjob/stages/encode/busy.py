@@ -13,6 +13,7 @@ tokenize): the job is feed-bound, and one line says so with the remedy. On a clu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Optional
@@ -63,14 +64,36 @@ def busy_text(fraction: Optional[float]) -> str:
     return "" if fraction is None else f"encoder busy {100 * fraction:.0f}%"
 
 
-def feed_bound_line(fraction: Optional[float], plan: dict[str, Any]) -> Optional[str]:
+@dataclasses.dataclass
+class PoolPlan:
+    """The encoder actor pool as planned for the cluster (:func:`embedjob.cluster.plan_encoder`):
+    device, actor count, Ray resources and torch threads per actor, the preprocess tasks at once
+    (``None``: Ray's default) and, on GPUs, the feed plan (``busy.feed_plan``'s figures). Recorded in
+    the manifest as ``encoder.actors``."""
+
+    device: str
+    actors: int
+    num_gpus: int
+    num_cpus: float
+    threads: int
+    resources: Optional[dict] = None  # custom Ray resources per actor (encode.resources)
+    preprocess_concurrency: Optional[int] = None
+    feed: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        """The manifest's form: unset resources and feed left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k == "preprocess_concurrency"}
+
+
+def feed_bound_line(fraction: Optional[float], plan: PoolPlan) -> Optional[str]:
     """The one line that says the encoder waits on its input, with the remedy; None when busy."""
     if fraction is None or fraction >= FEED_BOUND:
         return None
-    where = "GPU" if plan.get("device") == "cuda" else "encoder actor"
+    where = "GPU" if plan.device == "cuda" else "encoder actor"
     return (f"encode: the encoder is feed-bound ({busy_text(fraction)}, below {100 * FEED_BOUND:.0f}%): it waits on "
             f"read/preprocess/tokenize; give each {where} more CPUs (more CPUs per GPU on the nodes), or raise "
-            f"encode.preprocess_concurrency (now {plan.get('preprocess_concurrency') or 'Ray default'})")
+            f"encode.preprocess_concurrency (now {plan.preprocess_concurrency or 'Ray default'})")
 
 
 def feed_plan(gpus: int, cpus: int, hidden_size: Optional[int], *, static: bool,
