@@ -120,11 +120,13 @@ def test_align_words_input_ids_equal_plain_tokenizer(minilm_path):
     from embedjob.schema import INPUT_IDS
     from embedjob.stages.encode import Tokenizer
     from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.static.config import StaticSettings
 
     settings = _encoder_settings(minilm_path, 16, long_documents="truncate")
     texts = SAMPLE_TEXTS[:4] + [None, "  "]
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
-    with_static = Preprocessor(PreprocessConfig(), "text", settings, {"out_url": "memory://x"})(table)
+    static = StaticSettings(word_pooling="mean", layers="last", out_url="memory://x", storage_options={})
+    with_static = Preprocessor(PreprocessConfig(), "text", settings, static)(table)
     plain = Preprocessor(PreprocessConfig(), "text", settings)(table)
     assert with_static.column(INPUT_IDS).to_pylist() == plain.column(INPUT_IDS).to_pylist()
     ref = Tokenizer(minilm_path, 16)([t for t in texts if t and t.strip()])

@@ -32,6 +32,7 @@ from embedjob.stages.encode.windows import chunk_char_spans, plan_for
 from embedjob.stages.preprocess_config import PreprocessConfig
 from embedjob.stages.reuse.hashes import text_hashes
 from embedjob.stages.static.align import align_words
+from embedjob.stages.static.config import StaticSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Preprocessor:
     """Batch transform: adds ``tokens`` (gensim), ``_empty`` and, for the encoder, ``_input_ids``."""
 
     def __init__(self, cfg, text_column: str, encoder_settings: Optional["EncoderSettings"] = None,
-                 static_settings: Optional[dict[str, Any]] = None, on_empty_text: str = "keep",
+                 static_settings: Optional[StaticSettings] = None, on_empty_text: str = "keep",
                  id_column: str = "id"):
         self.cfg = cfg
         self.text_column = text_column
@@ -100,7 +101,7 @@ class Preprocessor:
             tok = _tokenizer(json.dumps(st.as_dict(), sort_keys=True))
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
-                out = align_words(out, texts, empty, tok, self.filters, self.static_settings)
+                out = align_words(out, texts, empty, tok, self.filters)
             else:
                 out = _append_input_ids(out, tok, texts, empty)
             if st.write_chunks:

@@ -32,6 +32,7 @@ from embedjob.stages.encode.oom import DocumentTooLarge
 from embedjob.stages.encode.settings import EncoderSettings
 from embedjob.stages.encode.tokenizer import release_free_memory
 from embedjob.stages.static.accumulate import StaticAccumulator
+from embedjob.stages.static.config import StaticSettings
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def id_arrays(col: Any) -> list[np.ndarray]:
     return np.split(flat[base:int(off[-1])], (off[1:-1] - base).tolist())
 
 
-def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: PoolPlan, static: Optional[dict[str, Any]],
+def encoder_pool(ds, cfg, encoder: EncoderSettings, plan: PoolPlan, static: Optional[StaticSettings],
                  counter: Any = None, unfit: Optional[dict[str, Any]] = None):
     """``ds`` followed by the encoder actor pool (``cfg``: the job's ``encode`` section; ``plan``:
     :func:`embedjob.cluster.plan_encoder`'s actors, GPUs, CPUs and threads per actor; ``counter``:
@@ -95,7 +96,7 @@ class EncodeActor:
     the write stage's counters ``_windows``, ``_encoded_tokens``, ``_capped``; ``_input_ids`` dropped."""
 
     def __init__(self, settings: EncoderSettings, batch_tokens: int, max_batch_docs: int,
-                 num_threads: Optional[int] = None, static: Optional[dict[str, Any]] = None,
+                 num_threads: Optional[int] = None, static: Optional[StaticSettings] = None,
                  batching: str = "auto", compile: bool = False, cache_dir: Optional[str] = None,
                  progress: Any = None, unfit: Optional[dict[str, Any]] = None):
         import torch
@@ -112,7 +113,7 @@ class EncodeActor:
                                    compile=compile, cache_dir=cache_dir)
         self.static = None
         if static:
-            self.static = StaticAccumulator(self.encoder, **static)
+            self.static = StaticAccumulator(self.encoder, **static.accumulator_kwargs())
         self.node_id = _ray_node_id()
         self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
         self.clock = BusyClock()  # waiting for blocks vs computing: "encoder busy" (busy.py)

@@ -38,8 +38,7 @@ def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
     return got
 
 
-def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, tok, filters,
-                settings: dict[str, Any]) -> pa.Table:
+def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, tok, filters) -> pa.Table:
     """Add the columns that map every BERT token to a vocabulary word occurrence.
 
     ``_word_ids`` (list<int32>, one per token of ``_input_ids``): index into the row's ``_words``,

@@ -3,6 +3,7 @@ preprocess tasks and encoder actors (checked against the model's depth on the dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
@@ -57,10 +58,26 @@ class StaticConfig(Section):
         return v
 
 
-def static_actor_settings(static: StaticConfig, model: str, out: "Storage") -> dict[str, Any]:
-    """The plain, JSON-able settings the preprocess tasks and encoder actors need (static options plus
-    where staged parts go). Checks ``static.layers`` against the depth of ``model`` (``encode.model``)
-    on the driver, before any Ray work."""
+@dataclasses.dataclass(frozen=True)
+class StaticSettings:
+    """What the preprocess tasks and encoder actors need of the static stage (plain values, sent to
+    Ray workers): how word pieces pool into words, from which layers, and where the staged parts go."""
+
+    word_pooling: str
+    layers: Union[str, tuple[int, ...]]
+    out_url: str
+    storage_options: dict
+
+    def accumulator_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~embedjob.stages.static.accumulate.StaticAccumulator`."""
+        return {"word_pooling": self.word_pooling, "layers": self.layers, "out_url": self.out_url,
+                "storage_options": dict(self.storage_options)}
+
+
+def static_actor_settings(static: StaticConfig, model: str, out: "Storage") -> StaticSettings:
+    """The settings the preprocess tasks and encoder actors need (static options plus where staged
+    parts go). Checks ``static.layers`` against the depth of ``model`` (``encode.model``) on the
+    driver, before any Ray work."""
     try:
         with open(os.path.join(resolve_model_path(model), "config.json")) as f:
             depth = json.load(f).get("num_hidden_layers")
@@ -68,9 +85,9 @@ def static_actor_settings(static: StaticConfig, model: str, out: "Storage") -> d
         depth = None
     if depth:
         resolve_layers(static.layers, depth)
-    s = static.model_dump(mode="json")
-    s.update({"out_url": out.url(), "storage_options": dict(out.storage_options)})
-    return s
+    layers = static.layers if isinstance(static.layers, str) else tuple(int(i) for i in static.layers)
+    return StaticSettings(word_pooling=static.word_pooling, layers=layers, out_url=out.url(),
+                          storage_options=dict(out.storage_options))
 
 
 def resolve_layers(layers: Union[str, Sequence[int]], num_hidden_layers: int) -> Optional[tuple[int, ...]]:
