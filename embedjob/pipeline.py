@@ -36,6 +36,7 @@ from embedjob.layout import (
     TMP,
     TOKENS_DIR,
     VECTORS,
+    shard_file,
     stats_file,
 )
 from embedjob.lease import OutputLease
@@ -261,8 +262,8 @@ def _corpus_stages(run: _Run) -> None:
     """The corpus-wide stages over every kept shard; a failure is recorded in ``run.error``."""
     cfg, out, inp = run.cfg, run.out, run.cfg.input
     committed = sorted(run.keep)
-    token_urls = [out.url(f"{TOKENS_DIR}/{k}.parquet") for k in committed]
-    vector_urls = [out.url(f"{VECTORS}/{k}.parquet") for k in committed]
+    token_urls = [out.url(shard_file(TOKENS_DIR, k)) for k in committed]
+    vector_urls = [out.url(shard_file(VECTORS, k)) for k in committed]
     fingerprints = {k: run.keep[k].get("input") for k in committed}
     inputs_hash = {  # what corpus-wide stages read: token files (preprocessing) or vector files (+ encoder)
         "tokens": recipe_hash({"shards": fingerprints, "preprocess": cfg.preprocess.model_dump(),
@@ -291,7 +292,7 @@ def _dry_run_text(cfg: JobConfig, shards: Optional[list[ShardInfo]], id_stats: d
              f"# {len(shards)} shard(s), {sum(s.num_rows for s in shards)} rows"
              + (f", {id_stats['duplicate_rows']} duplicate id row(s)" if id_stats.get("duplicate_rows") else "")]
     for s in shards:
-        lines.append(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {VECTORS}/{s.key}.parquet"
+        lines.append(f"{redact_url(s.url)}\t{s.num_rows} rows\t-> {shard_file(VECTORS, s.key)}"
                      + (f"\tBAD: {s.error}" if s.error else ""))
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ import numpy as np
 import embedjob.report.page as P
 import embedjob.report.plots as plots
 from embedjob.errors import ReportError
-from embedjob.layout import MANIFEST, TIMELINE
+from embedjob.layout import MANIFEST, TIMELINE, VECTORS, shard_file
 from embedjob.redact import redact_url
 from embedjob.report.dedup import attach_clusters, dedup_section
 from embedjob.report.sample import DocSample, attach_labels, pca_2d, sample_documents
@@ -224,7 +224,7 @@ def build_report(out: Storage, *, label_column: Optional[str] = None,
         raise ReportError(f"no {MANIFEST} at {out.url()}: not a job output, or its first run has not finished")
     m = out.read_json(MANIFEST)
     keys = sorted(k for k, v in (m.get("shards") or {}).items() if v.get("status") != "failed")
-    keys = [k for k in keys if out.exists(f"vectors/{k}.parquet")]
+    keys = [k for k in keys if out.exists(shard_file(VECTORS, k))]
     sample = sample_documents(out, keys, sample_docs, shard_rows=m.get("shards"))
     if label_column:
         attach_labels(sample, m, label_column, input_options(m.get("input") or {}, out, input_storage_options))

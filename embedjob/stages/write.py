@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 from embedjob.errors import ConfigError, IncompleteShardError
-from embedjob.layout import CHUNKS, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_marker
+from embedjob.layout import CHUNKS, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_file, shard_marker
 from embedjob.schema import (
     CAPPED,
     CHUNK_CHARS,
@@ -282,15 +282,15 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         vectors, tokens, chunks, rows = reuse_copy.merge(reused, vectors, tokens, chunks, rows, chunk_rows)
         codec = codec if table.num_rows else codec_of(vectors.schema)
     commit = reuse_copy.new_commit_id()  # stamped in every file: the lookup trusts files of the marker's commit
-    out.write_parquet(f"{VECTORS}/{shard}.parquet", reuse_copy.stamped(vectors, commit))
+    out.write_parquet(shard_file(VECTORS, shard), reuse_copy.stamped(vectors, commit))
     lance_part = None
     if sink.get("lance"):
         lance_part = write_shard_fragments(out, shard, reuse_copy.without_hash(vectors), pa.array(rows), sink)
-    out.write_parquet(f"{TOKENS_DIR}/{shard}.parquet", reuse_copy.stamped(tokens, commit))
+    out.write_parquet(shard_file(TOKENS_DIR, shard), reuse_copy.stamped(tokens, commit))
     extra: dict[str, Any] = {}
     if chunks is not None:
-        out.write_parquet(f"{CHUNKS}/{shard}.parquet", reuse_copy.stamped(chunks, commit))
-        extra["chunks"] = f"{CHUNKS}/{shard}.parquet"
+        out.write_parquet(shard_file(CHUNKS, shard), reuse_copy.stamped(chunks, commit))
+        extra["chunks"] = shard_file(CHUNKS, shard)
     static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
     if static_parts:
         extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts],
@@ -304,7 +304,7 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         "skipped_empty": n_empty if on_empty_text == "skip" else 0,
         "bert_tokens": int(pc.sum(vectors.column("n_tokens")).as_py() or 0),
         "words": int(pc.sum(pc.list_value_length(tokens.column(TOKENS))).as_py() or 0),
-        "outputs": {"vectors": f"{VECTORS}/{shard}.parquet", "tokens": f"{TOKENS_DIR}/{shard}.parquet", **extra},
+        "outputs": {"vectors": shard_file(VECTORS, shard), "tokens": shard_file(TOKENS_DIR, shard), **extra},
         **({"vector_codec": codec} if codec["dtype"] != "float32" else {}),
         **({"lance": lance_part} if lance_part is not None else {}),
         "commit": commit,

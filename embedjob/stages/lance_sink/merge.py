@@ -24,7 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.layout import LANCE_DATA, LANCE_DOCS, LANCE_STATS, VECTORS
+from embedjob.layout import LANCE_DATA, LANCE_DOCS, LANCE_STATS, VECTORS, shard_file
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def merge_docs(out: Storage, current, keep: dict[str, dict[str, Any]], *,
     source = pa.concat_tables(upserts).cast(current.schema) if upserts else current.schema.empty_table()
     kept: set[Any] = set()
     for k in keep:
-        kept.update(out.read_parquet(f"{VECTORS}/{k}.parquet", columns=["id"]).column("id").to_pylist())
+        kept.update(out.read_parquet(shard_file(VECTORS, k), columns=["id"]).column("id").to_pylist())
     removed = sorted(set(current.to_table(columns=["id"]).column("id").to_pylist()) - kept)
     counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(removed)}
     if not source.num_rows and not removed:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedjob.errors import IncompleteShardError as ReuseError
-from embedjob.layout import CHUNKS, TOKENS_DIR, VECTORS
+from embedjob.layout import CHUNKS, TOKENS_DIR, VECTORS, shard_file
 from embedjob.schema import CHUNK_VECTORS, ROW, TEXT_HASH
 from embedjob.stages.reuse.lookup import COMMIT_META
 from embedjob.storage import Storage
@@ -61,12 +61,12 @@ def load_reused(out: Storage, plan_rel: Optional[str], shard: str) -> Optional[R
         mine = plan.filter(pc.equal(plan.column("src"), src))
         take = mine.column("src_row").to_numpy()
         commit, at = mine.column("src_commit")[0].as_py(), mine.column("src_prefix")[0].as_py()
-        v = _read_stamped(out, f"{at}{VECTORS}/{src}.parquet", commit, shard)
+        v = _read_stamped(out, at + shard_file(VECTORS, src), commit, shard)
         rows.append(mine.column("row").to_numpy())
         vecs.append(v.take(pa.array(take)))
-        toks.append(_read_stamped(out, f"{at}{TOKENS_DIR}/{src}.parquet", commit, shard).take(pa.array(take)))
-        if out.exists(f"{at}{CHUNKS}/{src}.parquet"):
-            c = _read_stamped(out, f"{at}{CHUNKS}/{src}.parquet", commit, shard)
+        toks.append(_read_stamped(out, at + shard_file(TOKENS_DIR, src), commit, shard).take(pa.array(take)))
+        if out.exists(at + shard_file(CHUNKS, src)):
+            c = _read_stamped(out, at + shard_file(CHUNKS, src), commit, shard)
             where = np.full(v.num_rows, -1, np.int64)
             where[take] = rows[-1]
             dest = where[_chunk_groups(c, v)]

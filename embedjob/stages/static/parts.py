@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob.errors import StaticVectorsError
-from embedjob.layout import PARTS_DIR
+from embedjob.layout import PARTS_DIR, shard_file
 
 if TYPE_CHECKING:
     from embedjob.storage import Storage
@@ -118,7 +118,7 @@ def commit_static_parts(out: "Storage", shard: str, part_paths: list[str],
     words, counts, sums = merge_part_tables(tables)
     if not words:
         sums = np.zeros((0, dim or 0), np.float64)
-    rel = f"{PARTS_DIR}/{shard}.parquet"
+    rel = shard_file(PARTS_DIR, shard)
     out.write_parquet(rel, part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0)))
     return {"part": rel, "words": len(words), "occurrences": int(counts.sum()),
             "staged_parts": len(pick), "stale_parts_ignored": len(part_paths) - len(pick)}

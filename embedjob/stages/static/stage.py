@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from embedjob.errors import StaticVectorsError
-from embedjob.layout import PARTS_DIR, STATIC_DIR, shard_marker
+from embedjob.layout import PARTS_DIR, STATIC_DIR, shard_file, shard_marker
 from embedjob.reconcile import read_marker
 from embedjob.stages.static.parts import part_sums
 from embedjob.wordvectors import (
@@ -80,7 +80,7 @@ def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
     but no part is an error (a shard without rows may have none)."""
     present = []
     for key in committed_shards:
-        rel = f"{PARTS_DIR}/{key}.parquet"
+        rel = shard_file(PARTS_DIR, key)
         if out.exists(rel):
             present.append(rel)
             continue

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import torch
 
 from embedjob.errors import TopicsError
-from embedjob.layout import shard_key_of
+from embedjob.layout import shard_file, shard_key_of
 from embedjob.stages.topics.bow import bow_arrays
 from embedjob.stages.topics.model import infer_theta, model_from_bytes
 from embedjob.storage import Storage
@@ -43,7 +43,7 @@ class ThetaWriter:
             k = theta.shape[1]
             col = pa.FixedSizeListArray.from_arrays(pa.array(theta.reshape(-1), pa.float32()), k)
             out = pa.table({"id": table.column("id"), "theta": col.cast(pa.list_(pa.float32()))})
-            store.write_parquet(f"{self.staging}/{key}.parquet", out)
+            store.write_parquet(shard_file(self.staging, key), out)
             labels = self._labels(str(input_url), table.column("id")) if self.label_column else None
             rows.append({"key": str(key), "docs": table.num_rows,
                          "empty": int((pc.list_value_length(ids).to_numpy() == 0).sum()),
