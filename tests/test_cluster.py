@@ -395,7 +395,8 @@ def test_job_submitted_to_a_multinode_cluster(ray_cluster, s3_server, tmp_path, 
     assert store.exists("out/vocab/dictionary.gensim")
     manifest = store.read_json("out/manifest.json")
     assert manifest["totals"] == {"shards": 3, "done": 3, "skipped_unchanged": 0, "kept_not_in_input": 0,
-                                  "failed": 0, "committed_shards": 3, "rows_out": len(ids)}
+                                  "failed": 0, "committed_shards": 3, "rows_out": len(ids),
+                                  "documents": {"encoded": len(ids), "reused": 0, "removed": 0}}
     assert manifest["status"] == "ok" and not store.exists("out/_lease.json")
     assert manifest["ray"]["mode"].startswith("cluster")
     assert "testing" not in store.read_text("out/manifest.json")
