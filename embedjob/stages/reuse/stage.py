@@ -63,14 +63,23 @@ def snapshot_rewritten(out: Storage, sources: list[Source], todo_keys: set[str],
     for src in sources:
         if src.key in todo_keys:
             src.prefix = prefix
-            pairs += [(rel, prefix + rel) for rel in src.files]
+            pairs += [(src.key, rel, prefix + rel) for rel in src.files]
 
-    def copy(pair: tuple[str, str]) -> None:
-        out.makedirs(posixpath.dirname(pair[1]))
-        out.fs.copy(out.path(pair[0]), out.path(pair[1]))
+    def copy(pair: tuple[str, str, str]) -> Optional[str]:
+        """The source's key when one of its files is gone (that commit cannot serve), else None."""
+        key, rel, to = pair
+        try:
+            out.makedirs(posixpath.dirname(to))
+            out.fs.copy(out.path(rel), out.path(to))
+        except FileNotFoundError:
+            return key
+        return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(copy, pairs))
+        gone = {k for k in pool.map(copy, pairs) if k is not None}
+    if gone:
+        logger.info("reuse: %d earlier commit(s) lost files and cannot serve: %s", len(gone), ", ".join(sorted(gone)))
+        sources[:] = [s for s in sources if s.key not in gone]
     return len(pairs)
 
 
@@ -101,6 +110,9 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     t0 = time.time()
     plan_rel = f"{REUSE_TMP}/{run_id}/plan"
     snap = snapshot_rewritten(out, sources, {s.key for s in todo}, f"{REUSE_TMP}/{run_id}/src/")
+    if not sources:  # every earlier commit lost files
+        return ReusePlan(stats={"status": "skipped", "enabled": True, "reason": "no earlier commit with all its files",
+                                "reused": 0})
     rows = sum(s.num_rows for s in todo)
     try:
         found = lookup(out, plan_rel, [NewShard(s.key, s.url) for s in todo], sources,
