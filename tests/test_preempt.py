@@ -69,6 +69,7 @@ def test_sigterm_commits_what_is_done_exits_75_and_a_rerun_continues(ray_local, 
     assert len(got) == len(ids) and sorted(got) == sorted(ids)  # every row exactly once
 
 
+@pytest.mark.slow  # two job starts (~45 s on the loaded 2-core machine); the soak (bench faults) meets this case too
 def test_sigterm_while_ray_starts_exits_75_with_one_line(tmp_path, tiny_model):
     """SIGTERM while ``ray.init`` runs (Ray's own handler turns it into ``sys.exit(15)``) is an interrupted
     run too: exit 75, the one line, nothing written; the rerun does the whole job."""

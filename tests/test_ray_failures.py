@@ -94,7 +94,7 @@ def test_a_local_ray_waits_longer_before_marking_its_own_node_dead(tmp_path):
             "from embedjob.cluster import init_ray\n"
             "from embedjob.bench.faults import descendant_processes\n"
             f"init_ray(JobConfig.model_validate({{'input': {{'url': {str(tmp_path)!r}}}, "
-            f"'output': {{'url': {str(tmp_path / 'out')!r}}}, 'ray': {{'num_cpus': 1}}}}))\n"
+            f"'output': {{'url': {str(tmp_path / 'out')!r}}}, 'ray': {{'num_cpus': 1}}}}).ray)\n"
             "gcs = [p for p, c in descendant_processes(os.getpid()) if 'gcs_server' in c]\n"
             "env = open(f'/proc/{gcs[0]}/environ', 'rb').read().decode().split(chr(0))\n"
             "print([e for e in env if e.startswith('RAY_health_check_failure_threshold=')])\n"
