@@ -318,3 +318,95 @@ def test_id_arrays_equal_the_python_lists():
         got = id_arrays(c)
         assert [x.tolist() for x in got] == [x or [] for x in c.to_pylist()]
         assert all(x.dtype == np.int32 for x in got)
+
+
+TRICKY_TEXTS = [
+    "a,,b;;c  d\t\te\n\nf 12ab34 x1y2 <p>tag  text</p> <a href='x'>link</a> 3.14 -- ok!!",
+    "Ends with punctuation... and (nested [brackets]) {braces} ~tilde~ `code` \"quoted\" 'single'",
+    "non\u00a0breaking\u2003em\u2009thin spaces\u200band zero-width; CR\r\nLF \x0bVT \x0cFF",
+    "UPPER lower MiXeD 2024-01-01 v2.0.1 #hash @user $100 50% a&b c|d e^f g_h i=j k+l",
+    "running runners ran easily fairly happiness generously relational conditional",
+    "", "   ", "!!!", "12345", "<<>>", "a", "ab",
+]
+
+
+def test_filter_chain_equals_gensim_preprocess_string():
+    """The fused filter chain (regexes called directly, token filters on one split, whitespace collapse
+    skipped where it cannot change the tokens, translate for punctuation and digits, cached stems)
+    gives gensim's preprocess_string tokens exactly: the default chains and 40 random ones, over
+    texts with runs of punctuation, digits, tags and unusual whitespace."""
+    import gc
+    import random
+
+    from gensim.parsing import preprocess_string
+
+    from embedjob.stages.preprocess import FilterChain, gc_paused
+    from embedjob.stages.preprocess_config import DEFAULT_FILTERS, GENSIM_DEFAULT_FILTERS, GENSIM_FILTERS
+    from embedjob.stages.static.align import normalize_word
+
+    texts = HARD_TEXTS + TRICKY_TEXTS + [t.upper() + " " + t for t in SAMPLE_TEXTS]
+    words = sorted({w for t in texts for w in t.split()})
+    rng = random.Random(0)
+    chains = [DEFAULT_FILTERS, GENSIM_DEFAULT_FILTERS, ["strip_punctuation", "strip_multiple_whitespaces"],
+              ["strip_multiple_whitespaces", "strip_tags"], ["remove_stopwords", "lower", "strip_short"]]
+    chains += [rng.sample(GENSIM_FILTERS, rng.randint(1, len(GENSIM_FILTERS))) for _ in range(40)]
+    for filters in chains:
+        cfg = PreprocessConfig(filters=filters, min_token_length=rng.randint(1, 4), extra_stopwords=["Cats"])
+        chain, ref = FilterChain(cfg), build_filters(cfg)
+        assert [chain(t) for t in texts] == [preprocess_string(t, ref) for t in texts], filters
+        assert preprocess_texts(texts + [None], cfg, chain) == preprocess_texts(texts + [None], cfg, ref)
+        assert [normalize_word(w, chain) for w in words] == [normalize_word(w, ref) for w in words], filters
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize("kind", ["minilm", "roberta", "xlmr"])
+def test_batch_alignment_equals_the_per_token_original(kind, minilm_path, tmp_path):
+    """align_words aligns a whole batch at once (numpy over tokens and words, Arrow for the surface
+    strings and the membership in each row's gensim tokens): the same _word_ids and _words as the
+    per-token original row by row, with empty rows, truncated and windowed, with and without the
+    tokens column; WordPiece, byte-level BPE and Unigram (NFKC) offsets, non-ASCII text."""
+    import numpy as np
+
+    from embedjob.schema import TOKENS, WORD_IDS, WORDS
+    from embedjob.stages.encode import Tokenizer
+    from embedjob.stages.preprocess import FilterChain, is_empty
+    from embedjob.stages.static.align import align_batch, align_words
+    from tests.models_zoo import _bpe_tokenizer
+
+    path = minilm_path
+    if kind != "minilm":
+        path = str(tmp_path / kind)
+        _bpe_tokenizer(kind).save_pretrained(path)
+    texts = HARD_TEXTS + TRICKY_TEXTS + [" ".join(HARD_TEXTS) * 3, "naïve café 🙂 Übermäßig " * 30]
+    cfg = PreprocessConfig()
+    chain, ref = FilterChain(cfg), build_filters(cfg)
+    empty = is_empty(texts)
+    tokens = preprocess_texts(texts, cfg, chain)
+    table = pa.table({"text": texts, TOKENS: pa.array(tokens, pa.list_(pa.string()))})
+    for tok in (Tokenizer(path, 32), Tokenizer(path, 32, 64), Tokenizer(path, 512)):
+        todo = [i for i in range(len(texts)) if not empty[i]]
+        enc = tok.encode([texts[i] for i in todo], words=True)
+        for t in (table, table.drop_columns([TOKENS]), table.slice(5, 9)):
+            rows = range(5, 14) if t.num_rows == 9 else range(len(texts))
+            out = align_words(t, [texts[i] for i in rows], empty[list(rows)], tok, chain)
+            want_wid, want_words = [], []
+            for i in rows:
+                if empty[i]:
+                    want_wid.append([]), want_words.append([])
+                    continue
+                k = todo.index(i)
+                cut = enc.capped(k) if tok.whole_documents else len(enc.ids[k]) >= tok.max_length
+                allowed = set(tokens[i]) if TOKENS in t.column_names else None
+                w, words = align_doc_reference(texts[i], enc.word_ids[k], enc.offsets[k], cut, allowed, ref)
+                want_wid.append(w), want_words.append(words)
+            assert out.column(WORD_IDS).to_pylist() == want_wid, (kind, tok.max_tokens)
+            assert out.column(WORDS).to_pylist() == want_words, (kind, tok.max_tokens)
+            assert out.schema.field(WORD_IDS).type == pa.list_(pa.int32())
+            assert out.schema.field(WORDS).type == pa.list_(pa.string())
+    # word ids out of order (no BERT tokenizer's): the per-document path, the same answer
+    wid, offs = [None, 1, 0, 1, None], [(0, 0), (4, 7), (0, 3), (8, 9), (0, 0)]
+    got = align_batch(["the cat sat"], [wid], [offs], np.array([False]), None, ref)
+    assert (got[0].to_pylist()[0], got[1].to_pylist()[0]) == align_doc_reference("the cat sat", wid, offs, False,
+                                                                                  None, ref)

@@ -9,10 +9,12 @@ and the Word2Vec vocabulary.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from gensim.parsing import preprocess_string
 
 from embedjob.schema import DOC_TOKENS, INPUT_IDS, TOKENS, WORD_IDS, WORDS
@@ -22,15 +24,15 @@ _NORM_CACHE_MAX = 500_000
 
 
 def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
-    """The vocabulary word for one surface word: the gensim filter chain applied to the word alone;
-    "" when the chain drops it (stop word, too short, number) or splits it into several tokens."""
+    """The vocabulary word for one surface word: the gensim filter chain (a list of gensim filters, or
+    the preprocess stage's equal ``FilterChain``) applied to the word alone; "" when the chain drops it (stop word, too short, number) or splits it into several tokens."""
     entry = _NORM_CACHE.get(id(filters))
     if entry is None or entry[0] is not filters:
         entry = _NORM_CACHE[id(filters)] = (filters, {})  # keeps `filters` alive, so the id stays its own
     cache = entry[1]
     got = cache.get(word)
     if got is None:
-        toks = preprocess_string(word, filters)
+        toks = filters(word) if callable(filters) else preprocess_string(word, filters)
         got = toks[0] if len(toks) == 1 else ""
         if len(cache) >= _NORM_CACHE_MAX:
             cache.clear()
@@ -48,25 +50,151 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     document's token count) when whole documents are tokenised (``encode.long_documents: windows``).
     A word cut by truncation or the cap is not counted (its pieces are incomplete)."""
     n = len(texts)
-    todo = [i for i in range(n) if not empty[i]]
+    todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
     ids_col: list[Any] = [[] for _ in range(n)]
-    wid_col: list[Any] = [[] for _ in range(n)]
-    words_col: list[list[str]] = [[] for _ in range(n)]
     n_tok = np.zeros(n, dtype=np.int32)
     whole = tok.whole_documents
-    if todo:
-        enc = tok.encode([texts[i] for i in todo], words=True)
-        doc_tokens = table.column(TOKENS).to_pylist() if TOKENS in table.column_names else None
-        for k, i in enumerate(todo):
-            ids = enc.ids[k]
-            allowed = set(doc_tokens[i]) if doc_tokens is not None else None
-            truncated = enc.capped(k) if whole else len(ids) >= tok.max_length
-            ids_col[i] = ids
-            n_tok[i] = enc.doc_tokens[k]
-            wid_col[i], words_col[i] = _align_doc(texts[i], enc.word_ids[k], enc.offsets[k],
-                                                  truncated, allowed, filters)
-    table = _with_alignment(table, ids_col, wid_col, words_col)
+    aligned = None
+    if len(todo):
+        todo_l = todo.tolist()
+        enc = tok.encode([texts[i] for i in todo_l], words=True)
+        lens = np.fromiter(map(len, enc.ids), dtype=np.int64, count=len(todo_l))
+        truncated = enc.doc_tokens > lens if whole else lens >= tok.max_length
+        for k, i in enumerate(todo_l):
+            ids_col[i] = enc.ids[k]
+        n_tok[todo] = enc.doc_tokens
+        doc_words = None
+        if TOKENS in table.column_names:
+            doc_words = table.column(TOKENS).combine_chunks().take(pa.array(todo))
+        aligned = align_batch([texts[i] for i in todo_l], enc.word_ids, enc.offsets, truncated, doc_words, filters)
+    wid_arr, words_arr = _scatter(aligned, todo, n)
+    table = _with_alignment(table, ids_col, wid_arr, words_arr)
     return table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32())) if whole else table
+
+
+def align_batch(texts: list[str], word_ids: list[list[Optional[int]]], offsets: list[list[tuple[int, int]]],
+                truncated: np.ndarray, doc_words: Optional[pa.ListArray], filters) -> tuple[pa.Array, pa.Array]:
+    """:func:`_align_doc` over a batch of documents at once: ``(_word_ids, _words)`` as list arrays,
+    one row per text. Numpy over the tokens and words, Arrow for the words' surface strings, their
+    distinct values and the membership in each document's gensim tokens (``doc_words``; None: no
+    check); Python only once per distinct surface string (the filter chain, cached). Documents whose
+    word ids do not ascend (no BERT tokenizer's) take the per-document path."""
+    d = len(texts)
+    counts = np.fromiter(map(len, word_ids), dtype=np.int64, count=d)
+    t_off = np.zeros(d + 1, dtype=np.int64)
+    np.cumsum(counts, out=t_off[1:])
+    w = np.array(list(chain.from_iterable(word_ids)), dtype=np.float64).reshape(-1)  # None -> nan
+    offs = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64,
+                       count=2 * int(t_off[-1])).reshape(-1, 2)
+    real = np.flatnonzero(~np.isnan(w))
+    wr = w[real].astype(np.int64)
+    dr = np.repeat(np.arange(d), counts)[real]
+    same_doc = dr[1:] == dr[:-1]
+    if bool((same_doc & (wr[1:] < wr[:-1])).any()):
+        return _align_each(texts, word_ids, offsets, truncated, doc_words, filters)
+    new = np.ones(len(wr), dtype=bool)
+    new[1:] = ~same_doc | (wr[1:] != wr[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, len(wr) - 1).astype(np.int64)
+    word_doc = dr[first]
+    n_words = len(first)
+    is_last = np.ones(n_words, dtype=bool)
+    is_last[:-1] = word_doc[1:] != word_doc[:-1]
+    skip = is_last & np.asarray(truncated, dtype=bool)[word_doc]  # a word cut at the cap is not counted
+    surfaces = _surfaces(texts, word_doc, offs[real[first], 0], offs[real[last], 1])
+    enc = pc.dictionary_encode(surfaces)
+    idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    norm = pa.array([normalize_word(s, filters) for s in enc.dictionary.to_pylist()], type=pa.string())
+    counted = (pc.not_equal(norm, "").to_numpy(zero_copy_only=False)[idx] if n_words else np.zeros(0, bool)) & ~skip
+    values = norm.take(pa.array(idx))
+    if doc_words is not None and n_words:
+        counted &= _in_doc_words(values, word_doc, doc_words)
+    return _alignment_arrays(counted, values, word_doc, real, new, d, t_off)
+
+
+def _surfaces(texts: list[str], word_doc: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+    """Each word's surface string ``texts[doc][start:end]``, cut from the batch's joined UTF-8 bytes
+    (character offsets turned into byte offsets) without a Python string per word."""
+    joined = "".join(texts)
+    data = joined.encode("utf-8")
+    base = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=base[1:])
+    gs, ge = base[word_doc] + starts, base[word_doc] + ends
+    if len(data) != len(joined):  # not ASCII: character -> byte offsets
+        cp = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        pos = np.zeros(len(cp) + 1, dtype=np.int64)
+        np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000), out=pos[1:])
+        gs, ge = pos[gs], pos[ge]
+    bounds = np.empty(2 * len(gs), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = gs, ge
+    if not len(bounds):
+        return pa.array([], type=pa.string())
+    if not bool((np.diff(bounds) >= 0).all()):  # words out of text order (no BERT tokenizer's): Python slices
+        return pa.array([texts[k][a:b] for k, a, b in zip(word_doc.tolist(), starts.tolist(), ends.tolist())],
+                        type=pa.string())
+    spans = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(data))
+    return spans.take(pa.array(np.arange(0, len(bounds), 2))).cast(pa.string())
+
+
+def _in_doc_words(values: pa.Array, word_doc: np.ndarray, doc_words: pa.ListArray) -> np.ndarray:
+    """Whether each word's vocabulary string is among its document's gensim tokens."""
+    flat = doc_words.flatten()
+    lens = pc.list_value_length(doc_words).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    tok_doc = np.repeat(np.arange(len(lens)), lens)
+    codes = pc.dictionary_encode(pa.concat_arrays([values, flat.cast(pa.string())]))
+    c = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    k = max(len(codes.dictionary), 1)
+    return np.isin(word_doc * k + c[:len(values)], tok_doc * k + c[len(values):])
+
+
+def _alignment_arrays(counted: np.ndarray, values: pa.Array, word_doc: np.ndarray, real: np.ndarray,
+                      new: np.ndarray, d: int, t_off: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """The list arrays of :func:`align_batch` from its per-word decisions."""
+    per_doc = np.bincount(word_doc[counted], minlength=d)
+    w_off = np.zeros(d + 1, dtype=np.int64)
+    np.cumsum(per_doc, out=w_off[1:])
+    local = np.cumsum(counted) - 1 - w_off[word_doc]
+    local[~counted] = -1
+    wid = np.full(int(t_off[-1]), -1, dtype=np.int32)
+    wid[real] = local[np.cumsum(new) - 1]
+    words = values.filter(pa.array(counted))
+    return (pa.ListArray.from_arrays(pa.array(t_off.astype(np.int32)), pa.array(wid, type=pa.int32())),
+            pa.ListArray.from_arrays(pa.array(w_off.astype(np.int32)), words))
+
+
+def _align_each(texts, word_ids, offsets, truncated, doc_words, filters) -> tuple[pa.Array, pa.Array]:
+    """:func:`align_batch` document by document (:func:`_align_doc`)."""
+    allowed = doc_words.to_pylist() if doc_words is not None else None
+    wid_col, words_col = [], []
+    for k, text in enumerate(texts):
+        wid, words = _align_doc(text, word_ids[k], offsets[k], bool(truncated[k]),
+                                set(allowed[k] or []) if allowed is not None else None, filters)
+        wid_col.append(wid)
+        words_col.append(words)
+    lengths = np.fromiter(map(len, wid_col), dtype=np.int64, count=len(wid_col))
+    off = np.zeros(len(wid_col) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=off[1:])
+    flat = np.concatenate(wid_col) if wid_col else np.zeros(0, np.int32)
+    return (pa.ListArray.from_arrays(pa.array(off), pa.array(flat, type=pa.int32())),
+            pa.array(words_col, type=pa.list_(pa.string())))
+
+
+def _scatter(aligned: Optional[tuple[pa.Array, pa.Array]], todo: np.ndarray, n: int) -> tuple[pa.Array, pa.Array]:
+    """The batch's rows from the aligned ones (``todo``): empty rows get empty lists."""
+    empty_wid = pa.array([[]] * n, type=pa.list_(pa.int32()))
+    empty_words = pa.array([[]] * n, type=pa.list_(pa.string()))
+    if aligned is None:
+        return empty_wid, empty_words
+    if len(todo) == n:
+        return aligned
+    out = []
+    for arr, typ in zip(aligned, (pa.int32(), pa.string())):
+        lens = np.zeros(n, dtype=np.int64)
+        lens[todo] = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        off = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(lens, out=off[1:])
+        out.append(pa.ListArray.from_arrays(pa.array(off), arr.flatten().cast(typ)))
+    return out[0], out[1]
 
 
 def _align_doc(text: str, word_ids: list[Optional[int]], offsets, truncated: bool,
@@ -149,18 +277,12 @@ def align_doc_reference(text: str, word_ids: list[Optional[int]], offsets, trunc
     return [-1 if w is None else local.get(w, -1) for w in word_ids], words
 
 
-def _with_alignment(table: pa.Table, ids_col: list[Any], wid_col: list[Any],
-                    words_col: list[list[str]]) -> pa.Table:
+def _with_alignment(table: pa.Table, ids_col: list[Any], wid_arr: pa.Array, words_arr: pa.Array) -> pa.Table:
     """``table`` with ``_input_ids`` set (replaced when present) and ``_word_ids``, ``_words`` appended."""
     ids_arr = pa.array(ids_col, type=pa.list_(pa.int32()))
-    lengths = np.fromiter((len(x) for x in wid_col), dtype=np.int64, count=len(wid_col))
-    offsets = np.zeros(len(wid_col) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in wid_col]) if len(wid_col) else np.zeros(0, np.int32)
-    wid_arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
     if INPUT_IDS in table.column_names:
         table = table.set_column(table.column_names.index(INPUT_IDS), INPUT_IDS, ids_arr)
     else:
         table = table.append_column(INPUT_IDS, ids_arr)
     table = table.append_column(WORD_IDS, wid_arr)
-    return table.append_column(WORDS, pa.array(words_col, type=pa.list_(pa.string())))
+    return table.append_column(WORDS, words_arr)
