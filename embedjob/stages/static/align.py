@@ -114,11 +114,15 @@ def align_batch(texts: list[str], word_ids: list[list[Optional[int]]], offsets: 
 
 def _surfaces(texts: list[str], word_doc: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
     """Each word's surface string ``texts[doc][start:end]``, cut from the batch's joined UTF-8 bytes
-    (character offsets turned into byte offsets) without a Python string per word."""
-    joined = "".join(texts)
+    (character offsets turned into byte offsets) without a Python string per word. Each text is
+    joined only up to its last word's end, so a huge document cut at the cap costs its head only."""
+    keep = np.zeros(len(texts), dtype=np.int64)
+    if len(ends):
+        np.maximum.at(keep, word_doc, ends)
+    joined = "".join([t[:k] for t, k in zip(texts, keep.tolist())])
     data = joined.encode("utf-8")
     base = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=base[1:])
+    np.cumsum(keep, out=base[1:])
     gs, ge = base[word_doc] + starts, base[word_doc] + ends
     if len(data) != len(joined):  # not ASCII: character -> byte offsets
         cp = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
