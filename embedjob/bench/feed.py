@@ -246,7 +246,7 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
         done = []
         for b in blocks:
             texts = b.column(inp.text_column).to_pylist()
-            clock.run("preprocess", preprocess_texts, texts, cfg.preprocess, pre.filters)
+            clock.run("preprocess", preprocess_texts, texts, cfg.preprocess, pre.chain)
             clock.run("tokenize", tok.encode, [t for t in texts if t and t.strip()], words=static is not None)
             c = time.thread_time()
             done.append(pre(b))  # preprocess, tokenize, align: the remainder is the alignment (or columns)

@@ -198,7 +198,8 @@ class Preprocessor:
         self.text_column = text_column
         self.id_column = id_column
         self.on_empty_text = on_empty_text
-        self.filters = FilterChain(cfg)
+        self.chain = FilterChain(cfg)  # equal to gensim with self.filters, cheaper
+        self.filters = self.chain.filters  # gensim's own list (callers and tests read it)
         self.encoder_settings = encoder_settings
         self.static_settings = static_settings
 
@@ -216,7 +217,7 @@ class Preprocessor:
             raise row_error(shard, row, batch.column(self.id_column)[i].as_py(),
                             f"empty text in column {self.text_column!r} (input.on_empty_text=fail; "
                             "keep or skip accept such rows)")
-        tokens = preprocess_texts(texts, self.cfg, self.filters)
+        tokens = preprocess_texts(texts, self.cfg, self.chain)
         out = batch.append_column(TOKENS, pa.array(tokens, type=pa.list_(pa.string())))
         out = out.append_column(EMPTY, pa.array(empty))
         out = out.append_column(TEXT_HASH, text_hashes(texts))  # kept with the vectors: output.reuse
@@ -225,7 +226,7 @@ class Preprocessor:
             tok = _tokenizer(json.dumps(st.as_dict(), sort_keys=True))
             if self.static_settings is not None:
                 # tokenises once, with word ids: adds _input_ids and the word-alignment columns
-                out = align_words(out, texts, empty, tok, self.filters)
+                out = align_words(out, texts, empty, tok, self.chain)
             else:
                 out = _append_input_ids(out, tok, texts, empty)
             if st.write_chunks:
