@@ -18,6 +18,7 @@ from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
 from embedjob.ray_errors import ray_failure_line
 from embedjob.report import write_report
 from embedjob.storage import Storage
+from embedjob.supervise import console
 
 logger = logging.getLogger("embedjob")
 
@@ -223,7 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parsers(b.add_subparsers(dest="bench", metavar="NAME", required=True))
     return p
 
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The ``embedjob`` command. Called with no arguments (the console command, ``python -m embedjob``),
+    ``embedjob run`` runs its driver in a child process under a supervising parent (supervise.py);
+    ``main([...])`` runs in this process."""
+    if argv is None:
+        return console(_main, sys.argv[1:])
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
