@@ -102,3 +102,35 @@ def test_group_sigterm_reaches_the_driver_once_a_dead_driver_is_named_and_a_reru
     assert res.manifest["status"] == "ok"
     got = pq.read_table(tmp_path / "out" / "vectors", columns=["id"]).column("id").to_pylist()
     assert sorted(got) == sorted(ids)  # every row exactly once
+
+
+def test_a_killed_parent_takes_its_driver_with_it(tmp_path):
+    """The driver follows its supervising parent (PR_SET_PDEATHSIG): SIGKILL to the parent alone ends both."""
+    pidfile = tmp_path / "driver.pid"
+    driver = ("import os, sys, time\n"
+              "from embedjob.supervise import _follow_parent\n"
+              "_follow_parent(int(sys.argv[1]))\n"
+              f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+              "time.sleep(120)\n")
+    parent = ("import os, subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {driver!r}, str(os.getpid())], start_new_session=True)\n"
+              "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
