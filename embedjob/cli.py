@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS",
                        epilog="exit codes: 0 success; 2 an error, as one line (config, input, model, lease, a failed "
-                       "stage, or Ray's own runtime failing; -v adds Ray's traceback); 3 some shards failed "
+                       "stage, or Ray's own runtime failing, also when Ray ends the driver process from C++; -v adds Ray's "
+                       "traceback or log); 3 some shards failed "
                        "(input.on_bad_shard: skip); 75 stopped by SIGTERM (preemption, `ray job stop`): committed "
                        "shards are kept, rerun the same command to continue; 130 interrupted (Ctrl-C)")
     r.add_argument("job", nargs="?", default=None, help="job spec YAML (default: all defaults)")

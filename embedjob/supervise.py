@@ -74,6 +74,10 @@ def _as_driver(run: Callable[[list[str]], int], argv: list[str], marker: str) ->
     an error raised). Saying nothing means Python never got to end: the parent reports it."""
     fd_text, _, ppid = marker.partition(":")
     fd = int(fd_text)
+    try:
+        os.set_inheritable(fd, False)  # the driver's own subprocesses (Ray's) do not hold the parent's pipe
+    except OSError:  # no pipe: a marker inherited by mistake; run as a plain command
+        return run(argv)
     _follow_parent(int(ppid or 0))
     code: object = 1
     try:
@@ -159,7 +163,10 @@ def _told_status(r: int) -> Optional[int]:
 
 def _killed(sig: int, forwarded: set[int], argv: list[str], pid: int, verbose: bool) -> int:
     """Exit status for a driver ended by signal ``sig``."""
-    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
     if sig == signal.SIGTERM and sig in forwarded:  # before the driver's own handling was in place
         _say(f"embedjob: interrupted by SIGTERM before the job started: 0 shard(s) committed in this run; "
              f"{resume_hint(argv)}")
