@@ -3,9 +3,10 @@
 A multi-shard job with chunks (``encode.write_chunks``, short windows) and static word vectors on
 runs once undisturbed (the reference), then again on another output while the soak kills, at
 random moments, one of the job's own processes per run: the encoder actor, another Ray worker
-(read, preprocess, write or commit task, the progress actor), the driver with SIGKILL (the command's
-process group: ``embedjob run``'s supervising parent, and with it the driver and its local Ray, as a
-lost node does), or the command with SIGTERM (preemption, forwarded to the driver). After each run it
+(read, preprocess, write or commit task, the progress actor), the local raylet (Ray's core worker
+then ends the driver from C++, which ``embedjob run``'s supervising parent reports), the command
+with SIGKILL (its process group: the supervising parent, and with it the driver and its local Ray,
+as a lost node does), or the command with SIGTERM (preemption, forwarded to the driver). After each run it
 reruns; once ``--kills`` kills are spent it reruns undisturbed until a run ends 0. Every run's exit
 code is recorded (0, 2, 3, 75 interrupted, or ``killed``), and the output is compared with the
 reference: every id exactly once, vectors equal, every chunk exactly once and equal, static word
@@ -32,7 +33,7 @@ from embedjob.wordvectors import load_job_vectors
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder-actor", "ray-worker", "driver-sigkill", "driver-sigterm")
+TARGETS = ("encoder-actor", "ray-worker", "raylet", "driver-sigkill", "driver-sigterm")
 ALLOWED_EXITS = {0, 2, 3, 75}
 
 
@@ -65,6 +66,8 @@ def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:
     procs = descendant_processes(driver)
     if target == "encoder-actor":
         found = [(p, c) for p, c in procs if "EncodeActor" in c]
+    elif target == "raylet":  # Ray's core worker then ends the driver from C++ (exit 1): supervise.py's case
+        found = [(p, c) for p, c in procs if "raylet/raylet" in c.split(" ", 1)[0]]
     else:  # any other Ray worker process of this job
         found = [(p, c) for p, c in procs if c.startswith("ray::") and "EncodeActor" not in c and "IDLE" not in c]
     return random.choice(found) if found else None
