@@ -18,6 +18,7 @@ from embedjob.preempt import EXIT_INTERRUPTED, resume_hint
 from embedjob.ray_errors import ray_failure_line
 from embedjob.report import write_report
 from embedjob.storage import Storage
+from embedjob.supervise import console
 
 logger = logging.getLogger("embedjob")
 
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a job spec on local Ray or the cluster at RAY_ADDRESS",
                        epilog="exit codes: 0 success; 2 an error, as one line (config, input, model, lease, a failed "
-                       "stage, or Ray's own runtime failing; -v adds Ray's traceback); 3 some shards failed "
+                       "stage, or Ray's own runtime failing, also when Ray ends the driver process from C++; -v adds Ray's "
+                       "traceback or log); 3 some shards failed "
                        "(input.on_bad_shard: skip); 75 stopped by SIGTERM (preemption, `ray job stop`): committed "
                        "shards are kept, rerun the same command to continue; 130 interrupted (Ctrl-C)")
     r.add_argument("job", nargs="?", default=None, help="job spec YAML (default: all defaults)")
@@ -223,7 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parsers(b.add_subparsers(dest="bench", metavar="NAME", required=True))
     return p
 
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The ``embedjob`` command. Called with no arguments (the console command, ``python -m embedjob``),
+    ``embedjob run`` runs its driver in a child process under a supervising parent (supervise.py);
+    ``main([...])`` runs in this process."""
+    if argv is None:
+        return console(_main, sys.argv[1:])
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -18,7 +18,9 @@ them in the environment to widen a race window or to make a worker fail on purpo
   while they initialise (the process exits, as on a lost node), counted by files in ``folder``;
 * ``EMBEDJOB_DEBUG_RAY_FAILURE`` (kind): the driver raises Ray's own exception of that kind where
   Ray would (``ray_errors.py``): ``node-died`` when the encode stream starts, ``startup-timeout``
-  and ``register-worker`` from ``ray.init``;
+  and ``register-worker`` from ``ray.init``; ``driver-exit`` (when the encode stream starts) and
+  ``driver-exit-init`` (where ``ray.init`` is called) end the driver with ``os._exit(1)``, as Ray's
+  C++ core worker does when its raylet is gone (no Python error: ``supervise.py`` reports it);
 * ``EMBEDJOB_DEBUG_WORD2VEC_FAIL_RANK`` (rank): that Word2Vec worker raises before training;
 * ``EMBEDJOB_DEBUG_WORD2VEC_RANKS_PER_MACHINE`` (n): Word2Vec treats every n consecutive ranks as
   one machine (a multi-node layout on one machine).
@@ -111,7 +113,8 @@ def encode_init_death() -> None:
 def ray_failure(where: str) -> Optional[str]:
     """The kind of Ray failure to raise at ``where`` (``EMBEDJOB_DEBUG_RAY_FAILURE``), if any."""
     kind = os.environ.get(RAY_FAILURE_ENV)
-    starts = {"node-died": "stream", "startup-timeout": "init", "register-worker": "init"}
+    starts = {"node-died": "stream", "startup-timeout": "init", "register-worker": "init", "driver-exit": "stream",
+              "driver-exit-init": "init"}
     return kind if kind and starts.get(kind) == where else None
 
 

@@ -28,7 +28,8 @@ RAY_FAILURES = (
     ("a Ray node was marked dead", ("NodeDiedError",), ("has been marked dead", "node is either dead or unreachable")),
     ("a Ray worker could not register with its raylet", (), ("Failed to register worker",)),
     ("the raylet is gone", ("LocalRayletDiedError",), ("raylet died", "Raylet is terminated", "raylet has died",
-                                                       "lost its connection to the raylet")),
+                                                       "lost its connection to the raylet",
+                                                       "connection to the plasma store is failed")),
     ("the Ray cluster cannot be reached", (), ("Could not find any running Ray instance", "Failed to connect to GCS",
                                                "Failed to get cluster ID from GCS", "GCS has been unreachable")),
     ("Ray lost an object or its owner", ("ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError"), ()),
@@ -48,6 +49,11 @@ def _chain(e: BaseException):
         yield cur
         todo += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
         todo = [x for x in todo if isinstance(x, BaseException)]
+
+
+def ray_failure_in_text(text: str) -> Optional[str]:
+    """What failed, for a line of Ray's own log that names one of :data:`RAY_FAILURES` (None: none)."""
+    return next((what for what, _, fragments in RAY_FAILURES if any(f in text for f in fragments)), None)
 
 
 def _from_ray_init(e: BaseException) -> bool:
@@ -114,6 +120,8 @@ def raise_injected(where: str) -> None:
     kind = injected_ray_failure(where)
     if kind is None:
         return
+    if kind.startswith("driver-exit"):  # Ray's core worker ending the driver: no exception, no cleanup
+        os._exit(1)
     import ray.exceptions
 
     node = "9f3c0e5b7a1d2c4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f809"

@@ -1,9 +1,10 @@
 """When Ray's own runtime fails under a job: exit 2 and one line naming what failed and where Ray's
 logs are, never Ray's traceback (unless -v). A startup timeout, a worker that cannot register and a
 node marked dead (which one machine cannot provoke on demand) are Ray's own exceptions raised where
-Ray raises them (EMBEDJOB_DEBUG_RAY_FAILURE). A raylet killed under the driver of a local Ray ends the
-driver from Ray's C++ core worker (exit 1, no Python exception to catch): its LocalRayletDiedError, when
-it reaches Python, is named (first test)."""
+Ray raises them (EMBEDJOB_DEBUG_RAY_FAILURE). A raylet killed under the driver of a local Ray often ends the
+driver from Ray's C++ core worker (exit 1, no Python exception to catch: `embedjob run`'s supervising
+parent names it, tests/test_supervise.py); its LocalRayletDiedError, when it reaches Python, is named
+(first test)."""
 
 import json
 import os

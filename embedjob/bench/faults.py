@@ -3,8 +3,10 @@
 A multi-shard job with chunks (``encode.write_chunks``, short windows) and static word vectors on
 runs once undisturbed (the reference), then again on another output while the soak kills, at
 random moments, one of the job's own processes per run: the encoder actor, another Ray worker
-(read, preprocess, write or commit task, the progress actor), the driver with SIGKILL (the driver and
-its local Ray, as a lost node does), or the driver with SIGTERM (preemption). After each run it
+(read, preprocess, write or commit task, the progress actor), the local raylet (Ray's core worker
+then ends the driver from C++, which ``embedjob run``'s supervising parent reports), the command
+with SIGKILL (its process group: the supervising parent, and with it the driver and its local Ray,
+as a lost node does), or the command with SIGTERM (preemption, forwarded to the driver). After each run it
 reruns; once ``--kills`` kills are spent it reruns undisturbed until a run ends 0. Every run's exit
 code is recorded (0, 2, 3, 75 interrupted, or ``killed``), and the output is compared with the
 reference: every id exactly once, vectors equal, every chunk exactly once and equal, static word
@@ -31,7 +33,7 @@ from embedjob.wordvectors import load_job_vectors
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("encoder-actor", "ray-worker", "driver-sigkill", "driver-sigterm")
+TARGETS = ("encoder-actor", "ray-worker", "raylet", "driver-sigkill", "driver-sigterm")
 ALLOWED_EXITS = {0, 2, 3, 75}
 
 
@@ -64,9 +66,22 @@ def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:
     procs = descendant_processes(driver)
     if target == "encoder-actor":
         found = [(p, c) for p, c in procs if "EncodeActor" in c]
+    elif target == "raylet":  # Ray's core worker then ends the driver from C++ (exit 1): supervise.py's case
+        found = [(p, c) for p, c in procs if "raylet/raylet" in c.split(" ", 1)[0]]
     else:  # any other Ray worker process of this job
         found = [(p, c) for p, c in procs if c.startswith("ray::") and "EncodeActor" not in c and "IDLE" not in c]
     return random.choice(found) if found else None
+
+
+def _child_groups(pid: int) -> set[int]:
+    """Process groups of ``pid``'s children (the supervised driver leads its own)."""
+    groups = set()
+    for child, _ in descendant_processes(pid)[:1]:
+        try:
+            groups.add(os.getpgid(child))
+        except ProcessLookupError:
+            pass
+    return groups
 
 
 def _build_corpus(folder: str, docs: int, shards: int) -> int:
@@ -104,7 +119,10 @@ def _run(spec: str, output: str, *, overwrite: bool, kill: Optional[tuple[str, f
     t0 = time.time()
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
     done: dict[str, Any] = {"kill": None}
+    groups = {proc.pid}  # `embedjob run`'s process group, and its driver's own (supervise.py)
     while proc.poll() is None and time.time() - t0 < timeout:
+        if len(groups) == 1 and time.time() - t0 > 1:
+            groups |= _child_groups(proc.pid)
         if kill is not None and done["kill"] is None and time.time() - t0 >= kill[1]:
             target = kill[0]
             if target == "driver-sigkill":
@@ -123,17 +141,14 @@ def _run(spec: str, output: str, *, overwrite: bool, kill: Optional[tuple[str, f
                     except ProcessLookupError:
                         pass
         time.sleep(0.05)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        done["exit"] = "timeout"
-    else:
-        with_group = proc.returncode
+    timed_out = proc.poll() is None
+    for g in sorted(groups):  # what the driver left behind (a killed driver's Ray), or all of a run timed out
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # what the driver left behind (a killed driver's Ray)
-        except ProcessLookupError:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
-        done["exit"] = "killed" if with_group < 0 else with_group
+    proc.wait()
+    done["exit"] = "timeout" if timed_out else "killed" if proc.returncode < 0 else proc.returncode
     done["seconds"] = round(time.time() - t0, 1)
     return done
 

@@ -251,7 +251,7 @@ def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
 def _add_bench_faults(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("faults", help="soak: kill the job's Ray workers, actors and driver N times, rerun, compare",
                        description="`embedjob bench faults`: a multi-shard job (chunks and static vectors on) runs "
-                       "once clean, then again while random Ray workers, encoder actors and the driver (SIGKILL or "
+                       "once clean, then again while random Ray workers, encoder actors, the raylet and the driver (SIGKILL or "
                        "SIGTERM) are killed, one per run, rerunning until done; reports kills, runs, exit codes "
                        "and the exactly-once checks against the clean run.")
     p.add_argument("--kills", type=int, default=20, help="kills to make (default 20)")
