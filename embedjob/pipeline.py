@@ -167,6 +167,7 @@ def _run_phases(run: _Run) -> JobResult:
     todo = _plan_shards(run, previous)
     run.reuse = plan_reuse(cfg.output, cfg.input, out, todo, previous, run.status, run.stage_hash, lease.run_id,
                            static_enabled=cfg.static.enabled)
+    _pull_in(run, todo)
     _encode_shards(run, todo)
     # one recipe in the output: keep what this run vouches for, move the rest aside
     run.keep, reasons = outputs_to_keep(cfg.output.removed_shards, run.status, previous, run.stage_hash)
@@ -232,6 +233,19 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
                 sum(1 for v in run.status.values() if v["status"] == "skipped-unchanged"),
                 sum(1 for s in run.shards if s.error))
     return todo
+
+
+def _pull_in(run: _Run, todo: list[ShardInfo]) -> None:
+    """Unchanged shards the reuse plan processes again (static word vectors: they hold rows of a
+    static part that cannot be carried, stages/reuse/static.py) join ``todo``."""
+    pulled = run.reuse.static.pulled if run.reuse.static is not None else []
+    by_key = {s.key: s for s in run.shards}
+    for key in pulled:
+        run.status.pop(key, None)
+        todo.append(by_key[key])
+    if pulled:
+        logger.info("reuse: %d unchanged shard(s) processed again for the static word vectors: %s", len(pulled),
+                    ", ".join(pulled))
 
 
 def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:

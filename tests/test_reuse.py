@@ -96,13 +96,67 @@ def test_repartition_edit_append_and_recipe_change(ray_local, tmp_path, tiny_mod
     assert _docs(res)["encoded"] == len(IDS) + 10 and _docs(res)["reused"] == 0
 
 
-def test_reuse_off_and_static_vectors_encode_everything():
+def test_reuse_off_and_overwrite_encode_everything():
     from embedjob.stages.reuse.stage import off_reason
     from embedjob.stages.write import OutputConfig
 
-    assert off_reason(OutputConfig(), static_enabled=False) is None
-    assert off_reason(OutputConfig(reuse="off"), static_enabled=False) == "output.reuse is off"
-    assert "static" in off_reason(OutputConfig(), static_enabled=True)
+    assert off_reason(OutputConfig()) is None
+    assert off_reason(OutputConfig(reuse="off")) == "output.reuse is off"
+    assert "overwrite" in off_reason(OutputConfig(overwrite=True))
+
+
+STATIC = {"static": {"enabled": True, "min_count": 1, "postprocess": "none"}}
+
+
+def _static(out):
+    """The static word vectors by word (float64) and their counts."""
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors.load_word2vec_format(str(out / "static" / "vectors.bin"), binary=True)
+    return ({w: kv[w].astype(np.float64) for w in kv.index_to_key},
+            {w: kv.get_vecattr(w, "count") for w in kv.index_to_key})
+
+
+def _same_static(a, b):
+    (va, ca), (vb, cb) = _static(a), _static(b)
+    assert ca == cb  # counts are exact: each occurrence counted once
+    assert all(np.allclose(va[w], vb[w], atol=1e-5) for w in va)
+
+
+def test_static_vectors_with_reuse_equal_a_clean_run(ray_local, tmp_path, tiny_model):
+    """Static word vectors on: re-partitioning 4 shards into 7 encodes nothing (the old shards' parts
+    are carried whole); editing 2 rows encodes again the other documents of their old part (an old
+    contribution cannot be taken out of a sum), unchanged shards holding some included; an appended
+    shard encodes its own. The static vectors equal a clean run's on the same corpus."""
+    _write(tmp_path / "in", IDS, TEXTS, 4)
+    first = run_job(_job(tmp_path, tiny_model, **STATIC))
+    assert first.ok and _docs(first)["encoded"] == len(IDS)
+    shutil.copytree(tmp_path / "out" / "static", tmp_path / "first_static" / "static")
+    _write(tmp_path / "in", IDS, TEXTS, 7)  # 4 -> 7: every old part's documents survive, unchanged
+    res = run_job(_job(tmp_path, tiny_model, **STATIC))
+    assert _docs(res) == {"encoded": 0, "reused": len(IDS), "removed": 0}
+    assert res.manifest["stages"]["reuse"]["static"]["homes_carried"] == 4
+    assert len(list((tmp_path / "out" / "static" / "carried").iterdir())) == 4
+    _same_static(tmp_path / "out", tmp_path / "first_static")
+    # 2 rows of part-00000 (rows 0-12) edited: their old part (old shard 0, 24 documents) is encoded again; the
+    # unchanged part-00001 holds some of them and is processed again, its others copied
+    texts = list(TEXTS)
+    texts[3], texts[7] = "An edited text about rivers.", "Another edited text, about mountains."
+    n0 = len(pq.read_table(tmp_path / "in" / "part-00000.parquet"))
+    pq.write_table(pa.table({"id": IDS[:n0], "text": texts[:n0]}), tmp_path / "in" / "part-00000.parquet")
+    new_ids = [f"new-{i}" for i in range(10)]  # and a shard appended: its 10 documents encoded
+    pq.write_table(pa.table({"id": new_ids, "text": [f"A new document {i} about boats." for i in range(10)]}),
+                   tmp_path / "in" / "part-00007.parquet")
+    res = run_job(_job(tmp_path, tiny_model, **STATIC))
+    st = res.manifest["stages"]["reuse"]["static"]
+    assert res.ok and _docs(res)["encoded"] == 24 + 10 and st["homes_encoded_again"] == 1
+    assert st["unchanged_shards_processed_again"] == ["part-00001"] and st["documents_encoded_again"] == 22
+    assert _docs(res)["reused"] == 3  # part-00001's rows of old shard 1 (rows 13-26 of 0-95: 11 of shard 0)
+    fresh = run_job(small_job(tmp_path / "in", tmp_path / "fresh", tiny_model, **STATIC))
+    assert fresh.ok
+    _same_static(tmp_path / "out", tmp_path / "fresh")
+    got, want = _vectors(tmp_path / "out"), _vectors(tmp_path / "fresh")
+    assert sorted(got) == sorted(want) and all(np.allclose(got[i], want[i], atol=1e-5) for i in want)
 
 
 @pytest.mark.slow
