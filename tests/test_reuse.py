@@ -160,15 +160,21 @@ def test_static_vectors_with_reuse_equal_a_clean_run(ray_local, tmp_path, tiny_m
 
 
 @pytest.mark.slow
-def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model):
+@pytest.mark.parametrize("static", [False, True])
+def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model, static):
+    """Killed mid-commits, rerun: each id once, reused rows bit for bit, the rest as a run without the
+    kill; with static word vectors on, the static vectors too (no home counted twice or dropped)."""
     _write(tmp_path / "in", IDS, TEXTS, 4)
-    job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1}}
+    job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1},
+           **(STATIC if static else {})}
     run_job(_job(tmp_path, tiny_model, **job))
     before = _vectors(tmp_path / "out")
-    # re-partitioned into 8, with one edited document in each new shard: every shard encodes one
+    # re-partitioned into 8 with edited documents: without static one in each new shard (every shard
+    # encodes one); with static two of old shard 1 (its part is encoded again, the 3 others carried)
     texts = list(TEXTS)
-    edited = [IDS[i] for i in range(6, len(IDS), 12)]
-    for i in range(6, len(IDS), 12):
+    where = [30, 40] if static else range(6, len(IDS), 12)
+    edited = [IDS[i] for i in where]
+    for i in where:
         texts[i] = f"Edited document {i} about a long journey across the sea."
     _write(tmp_path / "in", IDS, texts, 8)
     spec = tmp_path / "job.json"
@@ -188,12 +194,15 @@ def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_
     assert res.ok
     after = _vectors(tmp_path / "out")
     assert sorted(after) == sorted(IDS)  # every id exactly once
-    assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in edited)
+    if not static:
+        assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in edited)
     fresh = tmp_path / "fresh"
     run_job(small_job(tmp_path / "in", fresh, tiny_model, **job))
     ref = _vectors(fresh)
-    assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in edited)  # as a run without the kill
+    assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in IDS)  # as a run without the kill
     assert len(pq.read_table(tmp_path / "out" / "tokens").column("id")) == len(IDS)
+    if static:
+        _same_static(tmp_path / "out", fresh)
 
 
 def test_bench_reuse_smoke(ray_local, tmp_path, tiny_model, capsys):

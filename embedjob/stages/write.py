@@ -26,7 +26,17 @@ from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 from embedjob.errors import ConfigError, IncompleteShardError
-from embedjob.layout import CHUNKS, PARTS_DIR, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_file, shard_marker
+from embedjob.layout import (
+    CHUNKS,
+    PARTS_DIR,
+    STATIC_PART_SUFFIX,
+    TMP,
+    TOKENS_DIR,
+    VECTORS,
+    part_name,
+    shard_file,
+    shard_marker,
+)
 from embedjob.schema import (
     CAPPED,
     CHUNK_CHARS,

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from embedjob.errors import IncompleteShardError
 from embedjob.layout import PARTS_DIR, carried_part, shard_file
 from embedjob.schema import STATIC_HOME, TEXT_HASH
-from embedjob.stages.reuse.lookup import COMMIT_META, LookupResult, Source
+from embedjob.stages.reuse.lookup import COMMIT_META, LookupResult
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
