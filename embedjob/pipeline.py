@@ -32,6 +32,7 @@ from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
     MANIFEST,
+    REUSE_TMP,
     TIMELINE,
     TMP,
     TOKENS_DIR,
@@ -178,6 +179,7 @@ def _run_phases(run: _Run) -> JobResult:
         for name, stats in (("read", "encode"), ("preprocess", "encode"), ("encode", "encode"), ("reuse", "reuse")):
             out.write_json(stats_file(name), stage_stats(name, run.status, run.stages[stats]))
         _corpus_stages(run)
+    out.delete(REUSE_TMP, recursive=True)  # the lookup's removed ids, read by the Lance merge
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
     manifest = build_manifest(run)
@@ -287,11 +289,20 @@ def _corpus_stages(run: _Run) -> None:
     try:
         if cfg.output.lance or out.exists(LANCE_DOCS):  # a version of exactly the kept shards, or moved aside
             run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages,
-                                            run.lease.run_id)
+                                            run.lease.run_id, removed=_removed_ids(run))
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
                           timeline=run.timeline, input_urls={k: (fingerprints[k] or {}).get("url") for k in committed})
     except JobError as e:
         run.error = e
+
+
+def _removed_ids(run: _Run) -> Optional[dict[str, Any]]:
+    """The reuse lookup's removed ids for the Lance merge, when every shard of this run committed
+    (else the merge finds them by reading the dataset's ids)."""
+    if run.reuse.removed is None or any(v["status"] != "done" for v in run.status.values()
+                                        if v["status"] != "skipped-unchanged"):
+        return None
+    return run.reuse.removed
 
 
 def _dry_run_text(cfg: JobConfig, shards: Optional[list[ShardInfo]], id_stats: dict[str, Any]) -> str:

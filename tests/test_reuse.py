@@ -268,6 +268,7 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     assert _docs(res) == {"encoded": 2, "reused": 43, "removed": 3}
     stats = res.manifest["stages"]["lance"]
     assert (stats["mode"], stats["upserted"], stats["deleted"], stats["committed"]) == ("merge", 2, 3, True)
+    assert stats["deleted_ids_from"] == "lookup"  # the join's removed ids, not the dataset's id column
     ds = lance.dataset(uri)
     assert stats["index"]["built"]  # the index is built again over the merged version: the merge, then the index
     assert ds.version == v1.version + 2 and [v["version"] for v in ds.versions()][-3:] == [v1.version, v1.version + 1,

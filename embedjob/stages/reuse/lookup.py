@@ -63,6 +63,7 @@ class LookupResult:
     reused: dict[str, np.ndarray] = field(default_factory=dict)  # new shard -> its reused rows
     by_home: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # new shard -> home -> reused rows
     homes: dict[str, list[int]] = field(default_factory=dict)  # home -> [old rows matched, old rows read]
+    read: set[str] = field(default_factory=set)  # the old commits (shard keys) whose rows the join read
     counts: dict[str, int] = field(default_factory=dict)  # new / changed / removed / matched documents
     stale_sources: list[str] = field(default_factory=list)
 
@@ -78,13 +79,14 @@ def _split(table: pa.Table, partitions: int) -> list[pa.Table]:
 
 def new_side(shard: NewShard, storage_options: dict[str, Any], id_column: str, text_column: str,
              partitions: int) -> list[pa.Table]:
-    """(id, text_hash, shard, row) of one input shard's documents with text, split by partition."""
+    """(id, text_hash, shard, row) of one input shard's documents, split by partition (a document
+    without text has a null hash: never matched, but not removed either)."""
     t = Storage(shard.url, storage_options).read_parquet("", columns=[id_column, text_column])
     h = text_hashes(t.column(text_column).to_pylist())
     table = pa.table({"id": t.column(id_column).cast(pa.string()), TEXT_HASH: h,
                       "shard": pa.array([shard.key] * t.num_rows, pa.string()),
                       "row": pa.array(np.arange(t.num_rows, dtype=np.int64))})
-    return _split(table.filter(pc.is_valid(table.column(TEXT_HASH))), partitions)
+    return _split(table, partitions)
 
 
 def stamp_of(out: Storage, rel: str) -> Optional[str]:
@@ -117,7 +119,7 @@ def old_side(out_url: str, storage_options: dict[str, Any], source: Source, part
                       "src_commit": pa.array([source.commit] * t.num_rows, pa.string()),
                       "src_prefix": pa.array([source.prefix] * t.num_rows, pa.string()),
                       STATIC_HOME: _homes(t, source.commit)})
-    return _split(table.filter(pc.is_valid(table.column(TEXT_HASH))), partitions)
+    return _split(table, partitions)
 
 
 def _homes(t: pa.Table, commit: str) -> pa.Array:
@@ -135,15 +137,38 @@ def _home_counts(table: Optional[pa.Table]) -> dict[str, int]:
     return {str(k): int(n) for k, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
 
 
+def _with_text(table: Optional[pa.Table]) -> Optional[pa.Table]:
+    return None if table is None else table.filter(pc.is_valid(table.column(TEXT_HASH)))
+
+
+def _removed(plan_url: str, storage_options: dict[str, Any], p: int, new: Optional[pa.Table],
+             old: Optional[pa.Table]) -> tuple[int, list[str]]:
+    """Write partition ``p``'s removed ids (old ids no new shard holds, with or without text) to
+    ``<plan>/../removed/<p>.parquet`` (the Lance merge deletes them); their number and the old
+    commits read."""
+    if old is None or not old.num_rows:
+        return 0, []
+    ids = old.column("id").combine_chunks()
+    gone = ids.filter(pc.invert(pc.is_in(ids, new.column("id").combine_chunks()))) if new is not None else ids
+    gone = pc.unique(gone)
+    if len(gone):
+        Storage(plan_url.rsplit("/", 1)[0], storage_options).write_parquet(f"removed/{p:05d}.parquet",
+                                                                           pa.table({"id": gone}))
+    return len(gone), sorted(set(old.column("src").to_pylist()))
+
+
 def join_partition(plan_url: str, storage_options: dict[str, Any], p: int, n_new: int,
                    *pieces: pa.Table) -> dict[str, Any]:
     """Reduce task ``p``: join its new and old pieces on (id, text_hash), write each new shard's plan
     file, and return ``{"reused": {shard: {home: rows}}, "homes": {home: [matched, read]}, "counts": {...}}``."""
-    new = pa.concat_tables(pieces[:n_new]) if n_new else None
-    old = pa.concat_tables(pieces[n_new:]) if len(pieces) > n_new else None
+    new_all = pa.concat_tables(pieces[:n_new]) if n_new else None
+    old_all = pa.concat_tables(pieces[n_new:]) if len(pieces) > n_new else None
+    removed, read = _removed(plan_url, storage_options, p, new_all, old_all)
+    new, old = _with_text(new_all), _with_text(old_all)
     held = _home_counts(old)
     if new is None or old is None or not new.num_rows or not old.num_rows:
-        return {"reused": {}, "homes": {h: [0, n] for h, n in held.items()}, "counts": _counts(new, old, 0)}
+        return {"reused": {}, "homes": {h: [0, n] for h, n in held.items()}, "read": read,
+                "counts": _counts(new, old, 0, removed)}
     matched = new.join(old, keys=["id", TEXT_HASH], join_type="inner", use_threads=False)
     # one source per new row (an id kept twice in old commits of the same recipe: either serves)
     matched = matched.sort_by([("shard", "ascending"), ("row", "ascending"), ("src", "ascending")])
@@ -161,18 +186,18 @@ def join_partition(plan_url: str, storage_options: dict[str, Any], p: int, n_new
         rows = part.column("row").to_numpy()
         reused[key] = {str(h): rows[homes == h] for h in np.unique(homes)}
     got = _home_counts(matched)
-    return {"reused": reused, "homes": {h: [got.get(h, 0), n] for h, n in held.items()},
-            "counts": _counts(new, old, matched.num_rows)}
+    return {"reused": reused, "homes": {h: [got.get(h, 0), n] for h, n in held.items()}, "read": read,
+            "counts": _counts(new, old, matched.num_rows, removed)}
 
 
-def _counts(new: Optional[pa.Table], old: Optional[pa.Table], matched: int) -> dict[str, int]:
-    """Documents (with text) by what became of them: matched (reused), changed (an old id, another
-    text), new (an id no old commit has) and removed (an old id no new shard has)."""
+def _counts(new: Optional[pa.Table], old: Optional[pa.Table], matched: int, removed: int) -> dict[str, int]:
+    """Documents by what became of them: (with text) matched (reused), changed (an old id, another
+    text), new (an id no old commit has); and removed (an old id no new shard has)."""
     new_ids = set(new.column("id").to_pylist()) if new is not None else set()
     old_ids = set(old.column("id").to_pylist()) if old is not None else set()
     both = len(new_ids & old_ids)
     return {"matched": matched, "changed": max(0, both - matched), "new": len(new_ids - old_ids),
-            "removed": len(old_ids - new_ids)}
+            "removed": removed}
 
 
 def _tasks_return(fn):
@@ -208,6 +233,7 @@ def lookup(out: Storage, plan_rel: str, shards: list[NewShard], sources: list[So
         got = ray.get(ref)
         for k, v in got["counts"].items():
             result.counts[k] += v
+        result.read.update(got["read"])
         for h, (m, n) in got["homes"].items():
             have = result.homes.setdefault(h, [0, 0])
             have[0], have[1] = have[0] + m, have[1] + n

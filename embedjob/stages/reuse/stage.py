@@ -39,6 +39,7 @@ class ReusePlan:
     reused: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     static: Optional[StaticCarry] = None  # static word vectors on: the homes carried and those encoded again
+    removed: Optional[dict[str, Any]] = None  # the lookup's removed ids: {"folder", "read": old commits read}
 
     def rows(self, key: str) -> Optional[np.ndarray]:
         return self.reused.get(key)
@@ -134,7 +135,10 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     logger.info("reuse: %d of %d documents of %d shard(s) keep their vectors (%d old commit(s), %d partition(s), "
                 "%.1fs); %d changed, %d new", reused, rows, len(todo), len(sources), found.counts["partitions"],
                 stats["lookup_seconds"], found.counts["changed"], found.counts["new"])
-    return ReusePlan(plan_rel, found.reused, stats, carry)
+    read = found.read | set(carry.pulled if carry else ())  # a shard processed again keeps its ids (same input)
+    removed = {"folder": f"{REUSE_TMP}/{run_id}/removed",
+               "read": {k: m.get("commit") for k, m in previous.items() if k in read}} if sources else None
+    return ReusePlan(plan_rel, found.reused, stats, carry, removed)
 
 
 def _no_counts() -> dict[str, int]:
@@ -177,8 +181,10 @@ def close_reuse(out: Storage, plan: ReusePlan, status: dict[str, dict[str, Any]]
     ``stats/reuse.json``, with the manifest's ``documents``: encoded (by the model, this run),
     reused (copied into shards committed this run) and removed (ids of old commits that no new
     shard holds; without a lookup, the rows of the commits moved aside as not in the input)."""
-    if plan.plan_rel:
-        out.delete(REUSE_TMP, recursive=True)
+    if plan.plan_rel:  # the removed ids stay for the Lance merge (the run deletes them at its end)
+        run = posixpath.dirname(plan.plan_rel)
+        out.delete(f"{run}/plan", recursive=True)
+        out.delete(f"{run}/src", recursive=True)
     done = [v["marker"] for v in status.values() if v["status"] == "done"]
     reused = sum(int((m.get("reuse") or {}).get("reused", 0)) for m in done)
     if "removed" in plan.stats:
