@@ -127,8 +127,9 @@ def merge_docs(out: Storage, current, keep: dict[str, dict[str, Any]], *,
             upserts.append(new.select(cols).filter(changed_rows(new.select(cols), cur)))
     source = pa.concat_tables(upserts).cast(current.schema) if upserts else current.schema.empty_table()
     gone, found_by = removed_ids(out, current, keep, prev, removed)
-    if gone and not isinstance(current.schema.field("id").type, (pa.StringType, pa.LargeStringType)):
-        gone = [current.schema.field("id").type.to_pandas_dtype()(v) for v in gone]  # the lookup's ids are strings
+    id_type = current.schema.field("id").type
+    if gone and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        gone = pa.array(gone, pa.string()).cast(id_type).to_pylist()  # the lookup's ids are strings
     removed = gone
     counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(removed),
               "deleted_ids_from": found_by}

@@ -106,6 +106,9 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     out.delete(REUSE_TMP, recursive=True)  # a killed run's plans: never mixed with this run's
     reason = off_reason(output)
     sources = [] if reason else reuse_sources(previous, unchanged, stage_hash)
+    if static_enabled and output.removed_shards == "keep":  # those commits stay: their homes are not carried
+        in_input = set(status) | {s.key for s in todo}
+        sources = [s for s in sources if s.key in in_input]
     if reason or not todo or not (sources or static_enabled):
         why = reason or ("no shard to process" if not todo else "no earlier commit of this recipe with text hashes")
         return ReusePlan(stats={"status": "skipped", "enabled": reason is None, "reason": why, "reused": 0})
