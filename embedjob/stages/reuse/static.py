@@ -168,8 +168,9 @@ def drop_broken(plan: pa.Table, broken: set[str]) -> pa.Table:
 
 def with_own_home(vectors: pa.Table, commit: str) -> pa.Table:
     """The rows encoded in this commit (with text) are of its own static home."""
-    if TEXT_HASH not in vectors.column_names:
-        return vectors
+    if TEXT_HASH not in vectors.column_names:  # no hashes (never reused): every row is of this commit
+        home = pa.array([commit] * vectors.num_rows, pa.string())
+        return vectors.append_column(STATIC_HOME, home).replace_schema_metadata(vectors.schema.metadata)
     home = pc.if_else(pc.is_valid(vectors.column(TEXT_HASH)), pa.scalar(commit, pa.string()),
                       pa.scalar(None, pa.string()))
     return vectors.append_column(STATIC_HOME, home).replace_schema_metadata(vectors.schema.metadata)
