@@ -288,3 +288,41 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     res = run_job(_job(tmp_path, tiny_model, output={**lance_out["output"], "reuse": "off"}))
     assert res.manifest["stages"]["lance"]["mode"] == "overwrite" and lance.dataset(uri).version == ds.version + 2
     assert sorted(lance.dataset(uri).to_table(columns=["id"]).column("id").to_pylist()) == sorted(ids[:-3])
+
+
+def test_static_homes_plan_without_ray(tmp_path):
+    """plan_static, without Ray: a home that lost a document is encoded again, its unchanged holder
+    is processed again with its other rows copied (self plan), and a home whose part cannot be found
+    is not carried either."""
+    from embedjob.stages.reuse.lookup import LookupResult
+    from embedjob.stages.reuse.static import plan_static
+    from embedjob.storage import Storage
+
+    out = Storage(str(tmp_path))
+    previous = {"a": {"commit": "ca", "static_homes": {"h0": [5, 10], "h1": [3, 3]}},  # unchanged
+                "b": {"commit": "cb", "static_homes": {"h0": [5, 10]}}}  # rewritten: 1 of its 5 rows edited
+    asked = []
+
+    def make_self(key, broken):
+        asked.append((key, sorted(broken)))
+        return {h: rows for h, rows in {"h1": np.array([7, 8, 9])}.items() if h not in broken}
+
+    def found():
+        return LookupResult(homes={"h0": [4, 5]}, by_home={"new": {"h0": np.array([0, 1, 2, 3])}})
+
+    out.write_parquet("static/carried/h1.parquet", pa.table({"word": ["x"]}))
+    f = found()
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert carry.broken == {"h0"} and carry.pulled == ["a"] and carry.dropped == 4 and carry.docs == {"h1": 3}
+    assert f.reused["new"].tolist() == [] and f.reused["a"].tolist() == [7, 8, 9]
+    out.delete("static/carried/h1.parquet")  # h1's part is gone: a's rows of h1 are encoded again too
+    asked.clear()
+    f = found()
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert carry.broken == {"h0", "h1"} and f.reused["a"].tolist() == [] and asked[-1] == ("a", ["h0", "h1"])
+    # nothing lost: every home complete, nothing pulled, the matched rows copied
+    out.write_parquet("static/carried/h0.parquet", pa.table({"word": ["y"]}))
+    f = LookupResult(homes={"h0": [5, 5]}, by_home={"new": {"h0": np.arange(5)}})
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert (carry.broken, carry.pulled, carry.docs) == (set(), [], {"h0": 10, "h1": 3})
+    assert f.reused["new"].tolist() == [0, 1, 2, 3, 4]

@@ -109,7 +109,10 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
     if static_enabled and output.removed_shards == "keep":  # those commits stay: their homes are not carried
         in_input = set(status) | {s.key for s in todo}
         sources = [s for s in sources if s.key in in_input]
-    if reason or not todo or not (sources or static_enabled):
+    # static word vectors: even with reuse off, the static parts that lose documents are found and their
+    # other documents encoded again (else the static sum would drop or double count them)
+    static_check = static_enabled and not output.overwrite
+    if not todo or not (sources or static_check):
         why = reason or ("no shard to process" if not todo else "no earlier commit of this recipe with text hashes")
         return ReusePlan(stats={"status": "skipped", "enabled": reason is None, "reason": why, "reused": 0})
     t0 = time.time()
@@ -128,7 +131,7 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
         out.delete(REUSE_TMP, recursive=True)
         return ReusePlan(stats={"enabled": True, "error": str(e), "reused": 0})
     reused = sum(len(r) for r in found.reused.values())
-    stats = {"enabled": True, "sources": len(sources), "shards": len(todo), "rows": rows, "reused": reused,
+    stats = {"enabled": reason is None, **({"reason": reason} if reason else {}), "sources": len(sources), "shards": len(todo), "rows": rows, "reused": reused,
              "snapshot_files": snap,
              **{k: v for k, v in found.counts.items() if k != "matched"},
              "lookup_seconds": round(time.time() - t0, 3)}
