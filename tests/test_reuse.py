@@ -326,3 +326,20 @@ def test_static_homes_plan_without_ray(tmp_path):
     carry = plan_static(out, f, previous, {"a"}, make_self)
     assert (carry.broken, carry.pulled, carry.docs) == (set(), [], {"h0": 10, "h1": 3})
     assert f.reused["new"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_copy_reads_only_the_row_groups_of_its_rows(tmp_path):
+    """copy._read_stamped with rows: the rows asked for, in order, from the groups that hold them; a
+    file of another commit is refused."""
+    from embedjob.errors import IncompleteShardError
+    from embedjob.stages.reuse.copy import _read_stamped, stamped
+    from embedjob.storage import Storage
+
+    out = Storage(str(tmp_path))
+    table = pa.table({"id": [f"d{i}" for i in range(50)], "n": list(range(50))})
+    out.write_parquet("vectors/a.parquet", stamped(table, "c1"), row_group_size=10)
+    take = np.array([3, 15, 16, 42])
+    got = _read_stamped(out, "vectors/a.parquet", "c1", "s", take)
+    assert got.column("n").to_pylist() == [3, 15, 16, 42]
+    with pytest.raises(IncompleteShardError, match="replaced"):
+        _read_stamped(out, "vectors/a.parquet", "c2", "s", take)
