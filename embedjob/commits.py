@@ -124,6 +124,9 @@ class ShardCommits:
             sink.update(rescore=True, int8_max=o.int8_max_for(self.encoder.normalize, self.encoder.dim))
         if self.reuse is not None and self.reuse.plan_rel:
             sink["reuse_plan"] = self.reuse.plan_rel
+        if self.cfg.static.enabled:  # static homes (stages/reuse/static.py)
+            carry = self.reuse.static if self.reuse is not None else None
+            sink["static"] = {"docs": carry.docs if carry else {}, "drop": sorted(carry.broken) if carry else []}
         self.pending[key] = self._commit.remote(self.out.url(), self.out.storage_options, key, s.num_rows,
                                                 self.cfg.input.on_empty_text, marker, self.encoder.dim, sink)
 

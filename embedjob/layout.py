@@ -15,6 +15,7 @@ STATIC_DIR = "static"
 PARTS_DIR = f"{STATIC_DIR}/parts"  # per-shard static word-vector partial sums
 CHUNKS = "chunks"  # encode.write_chunks: one row per window (id, chunk, character span, n_tokens, vector)
 PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR, CHUNKS)
+CARRIED_DIR = f"{STATIC_DIR}/carried"  # output.reuse: a superseded commit's static part, kept for its reused rows
 
 # bookkeeping
 TMP = "_tmp"  # staged parts of shards being written: _tmp/<shard>/<first>-<last>.parquet
@@ -94,3 +95,8 @@ def shard_marker(shard: str) -> str:
 def stage_marker(name: str) -> str:
     """``_done/stage-<name>.json``: the last success of a corpus-wide stage."""
     return f"{DONE}/{STAGE_MARKER_PREFIX}{name}.json"
+
+
+def carried_part(commit: str) -> str:
+    """``static/carried/<commit>.parquet``: the static part of ``commit``, once its rows live on in other shards."""
+    return f"{CARRIED_DIR}/{commit}.parquet"

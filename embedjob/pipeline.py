@@ -32,6 +32,7 @@ from embedjob.layout import (
     CONFIG,
     LANCE_DOCS,
     MANIFEST,
+    REUSE_TMP,
     TIMELINE,
     TMP,
     TOKENS_DIR,
@@ -167,6 +168,7 @@ def _run_phases(run: _Run) -> JobResult:
     todo = _plan_shards(run, previous)
     run.reuse = plan_reuse(cfg.output, cfg.input, out, todo, previous, run.status, run.stage_hash, lease.run_id,
                            static_enabled=cfg.static.enabled)
+    _pull_in(run, todo)
     _encode_shards(run, todo)
     # one recipe in the output: keep what this run vouches for, move the rest aside
     run.keep, reasons = outputs_to_keep(cfg.output.removed_shards, run.status, previous, run.stage_hash)
@@ -177,6 +179,7 @@ def _run_phases(run: _Run) -> JobResult:
         for name, stats in (("read", "encode"), ("preprocess", "encode"), ("encode", "encode"), ("reuse", "reuse")):
             out.write_json(stats_file(name), stage_stats(name, run.status, run.stages[stats]))
         _corpus_stages(run)
+    out.delete(REUSE_TMP, recursive=True)  # the lookup's removed ids, read by the Lance merge
     lease.check()  # another run took the output over: leave the manifest to it
     out.write_json(TIMELINE, run.timeline.stop())
     manifest = build_manifest(run)
@@ -234,6 +237,19 @@ def _plan_shards(run: _Run, previous: dict[str, dict[str, Any]]) -> list[ShardIn
     return todo
 
 
+def _pull_in(run: _Run, todo: list[ShardInfo]) -> None:
+    """Unchanged shards the reuse plan processes again (static word vectors: they hold rows of a
+    static part that cannot be carried, stages/reuse/static.py) join ``todo``."""
+    pulled = run.reuse.static.pulled if run.reuse.static is not None else []
+    by_key = {s.key: s for s in run.shards}
+    for key in pulled:
+        run.status.pop(key, None)
+        todo.append(by_key[key])
+    if pulled:
+        logger.info("reuse: %d unchanged shard(s) processed again for the static word vectors: %s", len(pulled),
+                    ", ".join(pulled))
+
+
 def _encode_shards(run: _Run, todo: list[ShardInfo]) -> None:
     """The per-shard stages over ``todo``; a failure is recorded in ``run.error`` with the shards
     committed before it."""
@@ -273,11 +289,20 @@ def _corpus_stages(run: _Run) -> None:
     try:
         if cfg.output.lance or out.exists(LANCE_DOCS):  # a version of exactly the kept shards, or moved aside
             run.stages["lance"] = run_lance(cfg.output, out, run.keep, run.encoder.normalize, run.stages,
-                                            run.lease.run_id)
+                                            run.lease.run_id, removed=_removed_ids(run))
         run_corpus_stages(cfg, out, token_urls, vector_urls, committed, run.encoder, inputs_hash, stages=run.stages,
                           timeline=run.timeline, input_urls={k: (fingerprints[k] or {}).get("url") for k in committed})
     except JobError as e:
         run.error = e
+
+
+def _removed_ids(run: _Run) -> Optional[dict[str, Any]]:
+    """The reuse lookup's removed ids for the Lance merge, when every shard of this run committed
+    (else the merge finds them by reading the dataset's ids)."""
+    if run.reuse.removed is None or any(v["status"] != "done" for v in run.status.values()
+                                        if v["status"] != "skipped-unchanged"):
+        return None
+    return run.reuse.removed
 
 
 def _dry_run_text(cfg: JobConfig, shards: Optional[list[ShardInfo]], id_stats: dict[str, Any]) -> str:

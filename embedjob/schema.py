@@ -25,6 +25,7 @@ WORD_IDS = "_word_ids"  # per BERT token: index of its word occurrence in WORDS,
 WORDS = "_words"  # per word occurrence: the vocabulary word ("" = not counted)
 ENCODER_NODE = "_encoder_node"  # Ray node of the encoder actor that encoded the row
 TEXT_HASH = "text_hash"  # blake2b-128 of the input text, kept in vectors/<shard>.parquet (output.reuse)
+STATIC_HOME = "static_home"  # static on: the commit whose static part holds the row's word sums (vectors/)
 ENCODER_RSS = "_encoder_peak_rss_mb"  # the encoder actor process's peak resident memory so far (MiB)
 
 

@@ -96,25 +96,85 @@ def test_repartition_edit_append_and_recipe_change(ray_local, tmp_path, tiny_mod
     assert _docs(res)["encoded"] == len(IDS) + 10 and _docs(res)["reused"] == 0
 
 
-def test_reuse_off_and_static_vectors_encode_everything():
+def test_reuse_off_and_overwrite_encode_everything():
     from embedjob.stages.reuse.stage import off_reason
     from embedjob.stages.write import OutputConfig
 
-    assert off_reason(OutputConfig(), static_enabled=False) is None
-    assert off_reason(OutputConfig(reuse="off"), static_enabled=False) == "output.reuse is off"
-    assert "static" in off_reason(OutputConfig(), static_enabled=True)
+    assert off_reason(OutputConfig()) is None
+    assert off_reason(OutputConfig(reuse="off")) == "output.reuse is off"
+    assert "overwrite" in off_reason(OutputConfig(overwrite=True))
+
+
+STATIC = {"static": {"enabled": True, "min_count": 1, "postprocess": "none"}}
+
+
+def _static(out):
+    """The static word vectors by word (float64) and their counts."""
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors.load_word2vec_format(str(out / "static" / "vectors.bin"), binary=True)
+    return ({w: kv[w].astype(np.float64) for w in kv.index_to_key},
+            {w: kv.get_vecattr(w, "count") for w in kv.index_to_key})
+
+
+def _same_static(a, b):
+    (va, ca), (vb, cb) = _static(a), _static(b)
+    assert ca == cb  # counts are exact: each occurrence counted once
+    assert all(np.allclose(va[w], vb[w], atol=1e-5) for w in va)
+
+
+def test_static_vectors_with_reuse_equal_a_clean_run(ray_local, tmp_path, tiny_model):
+    """Static word vectors on: re-partitioning 4 shards into 7 encodes nothing (the old shards' parts
+    are carried whole); editing 2 rows encodes again the other documents of their old part (an old
+    contribution cannot be taken out of a sum), unchanged shards holding some included; an appended
+    shard encodes its own. The static vectors equal a clean run's on the same corpus."""
+    _write(tmp_path / "in", IDS, TEXTS, 4)
+    first = run_job(_job(tmp_path, tiny_model, **STATIC))
+    assert first.ok and _docs(first)["encoded"] == len(IDS)
+    shutil.copytree(tmp_path / "out" / "static", tmp_path / "first_static" / "static")
+    _write(tmp_path / "in", IDS, TEXTS, 7)  # 4 -> 7: every old part's documents survive, unchanged
+    res = run_job(_job(tmp_path, tiny_model, **STATIC))
+    assert _docs(res) == {"encoded": 0, "reused": len(IDS), "removed": 0}
+    assert res.manifest["stages"]["reuse"]["static"]["homes_carried"] == 4
+    assert len(list((tmp_path / "out" / "static" / "carried").iterdir())) == 4
+    _same_static(tmp_path / "out", tmp_path / "first_static")
+    # 2 rows of part-00000 (rows 0-12) edited: their old part (old shard 0, 24 documents) is encoded again; the
+    # unchanged part-00001 holds some of them and is processed again, its others copied
+    texts = list(TEXTS)
+    texts[3], texts[7] = "An edited text about rivers.", "Another edited text, about mountains."
+    n0 = len(pq.read_table(tmp_path / "in" / "part-00000.parquet"))
+    pq.write_table(pa.table({"id": IDS[:n0], "text": texts[:n0]}), tmp_path / "in" / "part-00000.parquet")
+    new_ids = [f"new-{i}" for i in range(10)]  # and a shard appended: its 10 documents encoded
+    pq.write_table(pa.table({"id": new_ids, "text": [f"A new document {i} about boats." for i in range(10)]}),
+                   tmp_path / "in" / "part-00007.parquet")
+    res = run_job(_job(tmp_path, tiny_model, **STATIC))
+    st = res.manifest["stages"]["reuse"]["static"]
+    assert res.ok and _docs(res)["encoded"] == 24 + 10 and st["homes_encoded_again"] == 1
+    assert st["unchanged_shards_processed_again"] == ["part-00001"] and st["documents_encoded_again"] == 22
+    assert _docs(res)["reused"] == 3  # part-00001's rows of old shard 1 (rows 13-26 of 0-95: 11 of shard 0)
+    fresh = run_job(small_job(tmp_path / "in", tmp_path / "fresh", tiny_model, **STATIC))
+    assert fresh.ok
+    _same_static(tmp_path / "out", tmp_path / "fresh")
+    got, want = _vectors(tmp_path / "out"), _vectors(tmp_path / "fresh")
+    assert sorted(got) == sorted(want) and all(np.allclose(got[i], want[i], atol=1e-5) for i in want)
 
 
 @pytest.mark.slow
-def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model):
+@pytest.mark.parametrize("static", [False, True])
+def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model, static):
+    """Killed mid-commits, rerun: each id once, reused rows bit for bit, the rest as a run without the
+    kill; with static word vectors on, the static vectors too (no home counted twice or dropped)."""
     _write(tmp_path / "in", IDS, TEXTS, 4)
-    job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1}}
+    job = {"input": {"rows_per_block": 4}, "encode": {"rows_per_call": 4, "actors": 1},
+           **(STATIC if static else {})}
     run_job(_job(tmp_path, tiny_model, **job))
     before = _vectors(tmp_path / "out")
-    # re-partitioned into 8, with one edited document in each new shard: every shard encodes one
+    # re-partitioned into 8 with edited documents: without static one in each new shard (every shard
+    # encodes one); with static two of old shard 1 (its part is encoded again, the 3 others carried)
     texts = list(TEXTS)
-    edited = [IDS[i] for i in range(6, len(IDS), 12)]
-    for i in range(6, len(IDS), 12):
+    where = [30, 40] if static else range(6, len(IDS), 12)
+    edited = [IDS[i] for i in where]
+    for i in where:
         texts[i] = f"Edited document {i} about a long journey across the sea."
     _write(tmp_path / "in", IDS, texts, 8)
     spec = tmp_path / "job.json"
@@ -134,12 +194,15 @@ def test_kill_during_reuse_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_
     assert res.ok
     after = _vectors(tmp_path / "out")
     assert sorted(after) == sorted(IDS)  # every id exactly once
-    assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in edited)
+    if not static:
+        assert all(np.array_equal(before[i], after[i]) for i in IDS if i not in edited)
     fresh = tmp_path / "fresh"
     run_job(small_job(tmp_path / "in", fresh, tiny_model, **job))
     ref = _vectors(fresh)
-    assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in edited)  # as a run without the kill
+    assert all(np.allclose(ref[i], after[i], atol=1e-5) for i in IDS)  # as a run without the kill
     assert len(pq.read_table(tmp_path / "out" / "tokens").column("id")) == len(IDS)
+    if static:
+        _same_static(tmp_path / "out", fresh)
 
 
 def test_bench_reuse_smoke(ray_local, tmp_path, tiny_model, capsys):
@@ -205,6 +268,7 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     assert _docs(res) == {"encoded": 2, "reused": 43, "removed": 3}
     stats = res.manifest["stages"]["lance"]
     assert (stats["mode"], stats["upserted"], stats["deleted"], stats["committed"]) == ("merge", 2, 3, True)
+    assert stats["deleted_ids_from"] == "lookup"  # the join's removed ids, not the dataset's id column
     ds = lance.dataset(uri)
     assert stats["index"]["built"]  # the index is built again over the merged version: the merge, then the index
     assert ds.version == v1.version + 2 and [v["version"] for v in ds.versions()][-3:] == [v1.version, v1.version + 1,
@@ -224,3 +288,58 @@ def test_lance_rerun_merges_changed_rows_by_id(ray_local, tmp_path, tiny_model):
     res = run_job(_job(tmp_path, tiny_model, output={**lance_out["output"], "reuse": "off"}))
     assert res.manifest["stages"]["lance"]["mode"] == "overwrite" and lance.dataset(uri).version == ds.version + 2
     assert sorted(lance.dataset(uri).to_table(columns=["id"]).column("id").to_pylist()) == sorted(ids[:-3])
+
+
+def test_static_homes_plan_without_ray(tmp_path):
+    """plan_static, without Ray: a home that lost a document is encoded again, its unchanged holder
+    is processed again with its other rows copied (self plan), and a home whose part cannot be found
+    is not carried either."""
+    from embedjob.stages.reuse.lookup import LookupResult
+    from embedjob.stages.reuse.static import plan_static
+    from embedjob.storage import Storage
+
+    out = Storage(str(tmp_path))
+    previous = {"a": {"commit": "ca", "static_homes": {"h0": [5, 10], "h1": [3, 3]}},  # unchanged
+                "b": {"commit": "cb", "static_homes": {"h0": [5, 10]}}}  # rewritten: 1 of its 5 rows edited
+    asked = []
+
+    def make_self(key, broken):
+        asked.append((key, sorted(broken)))
+        return {h: rows for h, rows in {"h1": np.array([7, 8, 9])}.items() if h not in broken}
+
+    def found():
+        return LookupResult(homes={"h0": [4, 5]}, by_home={"new": {"h0": np.array([0, 1, 2, 3])}})
+
+    out.write_parquet("static/carried/h1.parquet", pa.table({"word": ["x"]}))
+    f = found()
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert carry.broken == {"h0"} and carry.pulled == ["a"] and carry.dropped == 4 and carry.docs == {"h1": 3}
+    assert f.reused["new"].tolist() == [] and f.reused["a"].tolist() == [7, 8, 9]
+    out.delete("static/carried/h1.parquet")  # h1's part is gone: a's rows of h1 are encoded again too
+    asked.clear()
+    f = found()
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert carry.broken == {"h0", "h1"} and f.reused["a"].tolist() == [] and asked[-1] == ("a", ["h0", "h1"])
+    # nothing lost: every home complete, nothing pulled, the matched rows copied
+    out.write_parquet("static/carried/h0.parquet", pa.table({"word": ["y"]}))
+    f = LookupResult(homes={"h0": [5, 5]}, by_home={"new": {"h0": np.arange(5)}})
+    carry = plan_static(out, f, previous, {"a"}, make_self)
+    assert (carry.broken, carry.pulled, carry.docs) == (set(), [], {"h0": 10, "h1": 3})
+    assert f.reused["new"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_copy_reads_only_the_row_groups_of_its_rows(tmp_path):
+    """copy._read_stamped with rows: the rows asked for, in order, from the groups that hold them; a
+    file of another commit is refused."""
+    from embedjob.errors import IncompleteShardError
+    from embedjob.stages.reuse.copy import _read_stamped, stamped
+    from embedjob.storage import Storage
+
+    out = Storage(str(tmp_path))
+    table = pa.table({"id": [f"d{i}" for i in range(50)], "n": list(range(50))})
+    out.write_parquet("vectors/a.parquet", stamped(table, "c1"), row_group_size=10)
+    take = np.array([3, 15, 16, 42])
+    got = _read_stamped(out, "vectors/a.parquet", "c1", "s", take)
+    assert got.column("n").to_pylist() == [3, 15, 16, 42]
+    with pytest.raises(IncompleteShardError, match="replaced"):
+        _read_stamped(out, "vectors/a.parquet", "c2", "s", take)

@@ -278,4 +278,6 @@ def _add_bench_reuse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="model (as encode.model)")
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs (default 2)")
     p.add_argument("--workdir", default=None, help="folder for the shards and the output (default: a new temporary one)")
+    p.add_argument("--no-static", action="store_true",
+                   help="static word vectors off (default on, as in the job: the rerun carries the old shards' parts)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

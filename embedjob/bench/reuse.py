@@ -5,7 +5,8 @@ then the same documents are cut into ``--into`` shards (contiguous cuts, as a la
 or split writes them) and the job runs again on the same output. Ray is started once, before both
 runs, so neither pays for it. Printed: each run's wall time and CPU-seconds (this process and every
 process under it: Ray's workers), documents encoded and reused, the lookup's time, and the
-rerun's share of the first run's time. Per-shard stages only (static, Word2Vec, topics, index off).
+rerun's share of the first run's time. Per-shard stages and static word vectors (on, as in the job's
+defaults; ``--no-static`` turns them off); Word2Vec, topics and index off.
 
 Example::
 
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     inp, out = os.path.join(work, "in"), os.path.join(work, "out")
     shutil.rmtree(out, ignore_errors=True)
     data: dict[str, Any] = {"input": {"url": inp}, "output": {"url": out},
-                            **{k: {"enabled": False} for k in ("static", "word2vec", "topics", "index")},
+                            **{k: {"enabled": False} for k in ("word2vec", "topics", "index")},
+                            "static": {"enabled": not args.no_static},
                             "encode": {"model": args.model, "dtype": "float32"}, "ray": {"num_cpus": args.cpus}}
     if not ray.is_initialized():
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     write_cuts(table, inp, args.into)
     second = _run(data)
     result = {"documents": table.num_rows, "shards": args.shards, "into": args.into, "model": args.model,
+              "static": not args.no_static,
               "first": first, "rerun": second, "rerun_share_of_first": round(second["seconds"] / first["seconds"], 4),
               "rerun_cpu_share_of_first": round(second["cpu_seconds"] / max(first["cpu_seconds"], 1e-9), 4),
               "workdir": work}

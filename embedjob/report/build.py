@@ -115,6 +115,8 @@ def run_section(m: dict[str, Any], sample: Optional[DocSample] = None) -> str:
              ("rows read (this run)", rows_in), ("rows in the output", tot.get("rows_out")),
              ("documents encoded / reused / removed (output.reuse)",
               " / ".join(str((tot.get("documents") or {}).get(k, "-")) for k in ("encoded", "reused", "removed"))),
+             ("of those encoded: again, for the static word vectors (an edited or removed document's shard part "
+              "cannot be carried)", ((stages.get("reuse") or {}).get("static") or {}).get("documents_encoded_again")),
              ("empty texts (kept / skipped)", f"{sum(int(v.get('empty_text') or 0) for v in shards.values())} / "
                                               f"{sum(int(v.get('skipped_empty') or 0) for v in shards.values())}"),
              *_token_rows(e, enc, sample),

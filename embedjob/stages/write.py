@@ -26,7 +26,17 @@ from pydantic import Field, model_validator
 
 from embedjob._config_base import Section
 from embedjob.errors import ConfigError, IncompleteShardError
-from embedjob.layout import CHUNKS, STATIC_PART_SUFFIX, TMP, TOKENS_DIR, VECTORS, part_name, shard_file, shard_marker
+from embedjob.layout import (
+    CHUNKS,
+    PARTS_DIR,
+    STATIC_PART_SUFFIX,
+    TMP,
+    TOKENS_DIR,
+    VECTORS,
+    part_name,
+    shard_file,
+    shard_marker,
+)
 from embedjob.schema import (
     CAPPED,
     CHUNK_CHARS,
@@ -45,6 +55,7 @@ from embedjob.schema import (
 )
 from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.reuse import copy as reuse_copy
+from embedjob.stages.reuse import static as reuse_static
 from embedjob.stages.static.parts import commit_static_parts
 from embedjob.storage import Storage
 from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, codec_of, unit_int8_max, with_codec
@@ -241,6 +252,9 @@ REPORT_SCHEMA = pa.schema([
 ])
 
 
+ROW_GROUP_ROWS = 16_384  # rows per Parquet row group of vectors/ and tokens/: a reuse copy reads only its rows' groups
+
+
 def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expected_rows: int,
                  on_empty_text: str, marker: dict[str, Any], dim: Optional[int] = None,
                  sink: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -260,7 +274,8 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     else:
         table = _empty_part(dim)
     sink = sink or {}
-    reused = reuse_copy.load_reused(out, sink.get("reuse_plan"), shard)  # output.reuse: rows not encoded
+    static = sink.get("static")  # static word vectors on: {"docs": carried homes' counts, "drop": homes not carried}
+    reused = reuse_copy.load_reused(out, sink.get("reuse_plan"), shard, static)  # output.reuse: rows not encoded
     n_reused = reused.num_rows if reused is not None else 0
     if table.num_rows + n_reused != expected_rows:
         raise IncompleteShardError(
@@ -273,7 +288,10 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         table = table.filter(pc.invert(empty))
     vectors, codec = _stored_vectors(table, sink.get("vector_dtype", "float32"), sink.get("int8_max"),
                                      rescore=bool(sink.get("rescore")))
+    commit = reuse_copy.new_commit_id()  # stamped in every file: the lookup trusts files of the marker's commit
     vectors = reuse_copy.with_text_hash(vectors, table)
+    if static is not None:
+        vectors = reuse_static.with_own_home(vectors, commit)
     tokens = table.select(["id", TOKENS])
     chunks = chunks_table(table) if CHUNK_VECTORS in table.column_names else None
     rows = table.column(ROW).to_numpy()
@@ -281,20 +299,22 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         chunk_rows = reuse_copy.chunk_rows_of(table) if chunks is not None else None
         vectors, tokens, chunks, rows = reuse_copy.merge(reused, vectors, tokens, chunks, rows, chunk_rows)
         codec = codec if table.num_rows else codec_of(vectors.schema)
-    commit = reuse_copy.new_commit_id()  # stamped in every file: the lookup trusts files of the marker's commit
-    out.write_parquet(shard_file(VECTORS, shard), reuse_copy.stamped(vectors, commit))
+    out.write_parquet(shard_file(VECTORS, shard), reuse_copy.stamped(vectors, commit), row_group_size=ROW_GROUP_ROWS)
     lance_part = None
     if sink.get("lance"):
         lance_part = write_shard_fragments(out, shard, reuse_copy.without_hash(vectors), pa.array(rows), sink)
-    out.write_parquet(shard_file(TOKENS_DIR, shard), reuse_copy.stamped(tokens, commit))
+    out.write_parquet(shard_file(TOKENS_DIR, shard), reuse_copy.stamped(tokens, commit), row_group_size=ROW_GROUP_ROWS)
     extra: dict[str, Any] = {}
     if chunks is not None:
         out.write_parquet(shard_file(CHUNKS, shard), reuse_copy.stamped(chunks, commit))
         extra["chunks"] = shard_file(CHUNKS, shard)
     static_parts = [n for n in names if n.endswith(STATIC_PART_SUFFIX)]
-    if static_parts:
+    if static_parts:  # the word sums of the rows encoded here (the reused keep their homes' parts)
         extra["static"] = commit_static_parts(out, shard, [f"{TMP}/{shard}/{n}" for n in static_parts],
-                                               expected_rows=expected_rows)
+                                               expected_rows=expected_rows, commit=commit,
+                                               skip=reused.rows if reused is not None else None)
+    elif static is not None:  # nothing encoded here: an older part of this name is no home of these rows
+        out.delete(shard_file(PARTS_DIR, shard))
     marker = dict(marker)
     marker.update({
         "shard": shard,
@@ -309,6 +329,7 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
         **({"lance": lance_part} if lance_part is not None else {}),
         "commit": commit,
         **({"reuse": {"reused": n_reused, "encoded": table.num_rows}} if sink.get("reuse_plan") else {}),
+        **({"static_homes": reuse_static.homes_of(vectors, commit, static["docs"])} if static is not None else {}),
         "committed_at": time.time(),
         "commit_seconds": round(time.time() - t0, 3),
     })

@@ -46,7 +46,7 @@ def _open(uri: str, opts: dict[str, str]):
 
 
 def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized: bool,
-              stages: dict[str, Any], run_id: str) -> dict[str, Any]:
+              stages: dict[str, Any], run_id: str, removed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The lance stage of a run (``output`` is its ``OutputConfig``): commit, index, ``stats/lance.json``;
     any failure is a :class:`JobError` naming the stage (the Parquet outputs stay committed). With
     ``output.lance`` off, a dataset an earlier run left is moved aside (no run vouches for it)."""
@@ -57,7 +57,8 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
         return {"moved_aside": dest}
     try:
         stats = commit_docs(out, keep, index=output.lance_index, min_rows=output.lance_index_min_rows,
-                            normalized=normalized, merge=output.reuse == "auto" and not output.overwrite)
+                            normalized=normalized, merge=output.reuse == "auto" and not output.overwrite,
+                            removed=removed)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"lance stage failed: {root_cause(e)}") from e
     enc = (stages.get("encode") or {}).get("seconds")
@@ -71,10 +72,11 @@ def run_lance(output, out: Storage, keep: dict[str, dict[str, Any]], normalized:
 
 def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "none", min_rows: int = 5000,
                 normalized: bool = True, seed: int = 0, dataset: str = LANCE_DOCS,
-                merge: bool = False) -> dict[str, Any]:
+                merge: bool = False, removed: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Commit the version of ``dataset`` holding exactly the kept shards' rows (unless the latest
     already does): with ``merge`` (output.reuse on), by id into the version the last run recorded
-    when it can (merge.py), else their fragments as a new version. Then build ``index`` when asked.
+    when it can (merge.py; ``removed``: the reuse lookup's removed ids), else their fragments as a new
+    version. Then build ``index`` when asked.
     Returns the stats of ``stats/lance.json``."""
     import lance
     from lance.fragment import FragmentMetadata
@@ -109,7 +111,7 @@ def commit_docs(out: Storage, keep: dict[str, dict[str, Any]], *, index: str = "
         logger.info("lance: %s version %d already holds the %d committed shard(s)", out.url(dataset),
                     ds.version, len(schemas))
     elif blocker is None:  # a rerun of the same recipe: the changed rows by id, the rest stays (merge.py)
-        ds, how = merge_docs(out, current, keep, dataset=dataset)
+        ds, how = merge_docs(out, current, keep, dataset=dataset, removed=removed)
     else:
         op = lance.LanceOperation.Overwrite(schemas[first], frags)
         ds = lance.LanceDataset.commit(uri, op, read_version=current.version if current is not None else None,

@@ -13,7 +13,9 @@ version), compared by id with the dataset's rows; a row goes in when its id is n
 but ``shard`` differs. So a re-partitioned corpus commits nothing, and a reused row keeps the
 ``shard`` of the run that wrote it. Exactly-once: each id is in at most one kept shard, a matched
 id is updated in place of its old row, and the deleted ids are those of the dataset that no kept
-shard's ``vectors/`` file holds.
+shard's ``vectors/`` file holds: the reuse lookup's removed ids (found partition by partition in its
+join), or, when it did not read every commit the version was made of, the dataset's ids against
+the kept shards'.
 """
 
 from __future__ import annotations
@@ -85,10 +87,31 @@ def _id_filter(ids: list[Any]) -> str:
     return f"id IN ({', '.join(quote(v) for v in ids)})"
 
 
+def removed_ids(out: Storage, current, keep: dict[str, dict[str, Any]], prev: dict[str, Any],
+                removed: Optional[dict[str, Any]]) -> tuple[list[Any], str]:
+    """The dataset's ids no kept shard holds, and where they came from: the reuse lookup's removed
+    ids (``removed``: its folder, one file per partition, and the old commits it read) when the
+    version's rows are all of shards kept as they were or of commits the lookup read, so that no
+    process holds more than the removed ids; else the dataset's ``id`` column against the kept
+    shards' ids (all of them, in the driver)."""
+    if removed is not None:
+        read = removed.get("read") or {}
+        if all(read.get(k) == c or (keep.get(k) or {}).get("commit") == c for k, c in prev.items()):
+            folder = removed["folder"]
+            ids: list[Any] = []
+            for name in out.list(folder, suffix=".parquet"):
+                ids += out.read_parquet(f"{folder}/{name}").column("id").to_pylist()
+            return sorted(ids), "lookup"
+    kept: set[Any] = set()
+    for k in keep:
+        kept.update(out.read_parquet(shard_file(VECTORS, k), columns=["id"]).column("id").to_pylist())
+    return sorted(set(current.to_table(columns=["id"]).column("id").to_pylist()) - kept), "dataset scan"
+
+
 def merge_docs(out: Storage, current, keep: dict[str, dict[str, Any]], *,
-               dataset: str = LANCE_DOCS) -> tuple[Any, dict[str, Any]]:
+               dataset: str = LANCE_DOCS, removed: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
     """Merge-insert the changed rows of the shards committed since the recorded version and delete the
-    ids no kept shard holds, in one commit; returns the latest dataset and the counts."""
+    ids no kept shard holds (:func:`removed_ids`), in one commit; returns the latest dataset and the counts."""
     import lance
 
     uri, opts = out.object_store(dataset)
@@ -103,11 +126,13 @@ def merge_docs(out: Storage, current, keep: dict[str, dict[str, Any]], *,
             cur = current.to_table(columns=cols, filter=pc.field("id").isin(new.column("id")))
             upserts.append(new.select(cols).filter(changed_rows(new.select(cols), cur)))
     source = pa.concat_tables(upserts).cast(current.schema) if upserts else current.schema.empty_table()
-    kept: set[Any] = set()
-    for k in keep:
-        kept.update(out.read_parquet(shard_file(VECTORS, k), columns=["id"]).column("id").to_pylist())
-    removed = sorted(set(current.to_table(columns=["id"]).column("id").to_pylist()) - kept)
-    counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(removed)}
+    gone, found_by = removed_ids(out, current, keep, prev, removed)
+    id_type = current.schema.field("id").type
+    if gone and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        gone = pa.array(gone, pa.string()).cast(id_type).to_pylist()  # the lookup's ids are strings
+    removed = gone
+    counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(removed),
+              "deleted_ids_from": found_by}
     if not source.num_rows and not removed:
         return current, {**counts, "committed": False}
     if source.num_rows:

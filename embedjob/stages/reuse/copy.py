@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from embedjob.errors import IncompleteShardError as ReuseError
 from embedjob.layout import CHUNKS, TOKENS_DIR, VECTORS, shard_file
-from embedjob.schema import CHUNK_VECTORS, ROW, TEXT_HASH
+from embedjob.schema import CHUNK_VECTORS, ROW, STATIC_HOME, TEXT_HASH
 from embedjob.stages.reuse.lookup import COMMIT_META
+from embedjob.stages.reuse.static import drop_broken
 from embedjob.storage import Storage
 
 
@@ -47,25 +49,34 @@ def _chunk_groups(chunks: pa.Table, vectors: pa.Table) -> np.ndarray:
     return with_text[group] if len(group) else np.zeros(0, np.int64)
 
 
-def load_reused(out: Storage, plan_rel: Optional[str], shard: str) -> Optional[ReusedRows]:
-    """The shard's planned rows read from their sources (None without a plan)."""
+def load_reused(out: Storage, plan_rel: Optional[str], shard: str,
+                static: Optional[dict[str, Any]] = None) -> Optional[ReusedRows]:
+    """The shard's planned rows read from their sources (None without a plan). ``static`` (static
+    word vectors on): the plan rows of homes not carried (``drop``) are left to the encoder, and
+    each copied row keeps its static home (``static_home``, stages/reuse/static.py)."""
     if not plan_rel:
         return None
     names = out.list(f"{plan_rel}/{shard}", suffix=".parquet")
     if not names:
         return None
     plan = pa.concat_tables([out.read_parquet(f"{plan_rel}/{shard}/{n}") for n in names])
+    if static is not None:
+        plan = drop_broken(plan, set(static.get("drop") or ()))
+    if not plan.num_rows:
+        return None
     plan = plan.sort_by([("src", "ascending"), ("src_row", "ascending")])
     rows, vecs, toks, chunks, chunk_rows = [], [], [], [], []
     for src in sorted(set(plan.column("src").to_pylist())):
         mine = plan.filter(pc.equal(plan.column("src"), src))
         take = mine.column("src_row").to_numpy()
         commit, at = mine.column("src_commit")[0].as_py(), mine.column("src_prefix")[0].as_py()
-        v = _read_stamped(out, at + shard_file(VECTORS, src), commit, shard)
         rows.append(mine.column("row").to_numpy())
-        vecs.append(v.take(pa.array(take)))
-        toks.append(_read_stamped(out, at + shard_file(TOKENS_DIR, src), commit, shard).take(pa.array(take)))
-        if out.exists(at + shard_file(CHUNKS, src)):
+        has_chunks = out.exists(at + shard_file(CHUNKS, src))
+        # without chunks, only the row groups holding the planned rows are read (a reshuffle: N x M small reads)
+        v = _read_stamped(out, at + shard_file(VECTORS, src), commit, shard, None if has_chunks else take)
+        vecs.append(_with_home(v if not has_chunks else v.take(pa.array(take)), mine, static))
+        toks.append(_read_stamped(out, at + shard_file(TOKENS_DIR, src), commit, shard, take))
+        if has_chunks:
             c = _read_stamped(out, at + shard_file(CHUNKS, src), commit, shard)
             where = np.full(v.num_rows, -1, np.int64)
             where[take] = rows[-1]
@@ -80,15 +91,35 @@ def load_reused(out: Storage, plan_rel: Optional[str], shard: str) -> Optional[R
                       np.concatenate(chunk_rows) if chunk_rows else None)
 
 
-def _read_stamped(out: Storage, rel: str, commit: str, shard: str) -> pa.Table:
-    """``rel`` when it is still the file of the commit the plan was made from; else an error that
-    fails this shard's commit (its rerun encodes what it cannot copy)."""
-    table = out.read_parquet(rel)
-    got = (table.schema.metadata or {}).get(COMMIT_META)
-    if got is None or got.decode() != commit:
-        raise ReuseError(f"shard {shard}: {rel} was replaced after the reuse plan was made; the shard is not "
-                         "committed and its rerun encodes these documents")
-    return table
+def _with_home(v: pa.Table, plan: pa.Table, static: Optional[dict[str, Any]]) -> pa.Table:
+    """The copied rows with the plan's ``static_home`` (static on; an old file may have none)."""
+    if STATIC_HOME in v.column_names:
+        v = v.drop_columns([STATIC_HOME])
+    if static is None:
+        return v
+    return v.append_column(STATIC_HOME, plan.column(STATIC_HOME).cast(pa.string())).replace_schema_metadata(
+        v.schema.metadata)
+
+
+def _read_stamped(out: Storage, rel: str, commit: str, shard: str, take: Optional[np.ndarray] = None) -> pa.Table:
+    """``rel`` (its rows ``take``, sorted, when given: only the row groups that hold them are read)
+    when it is still the file of the commit the plan was made from; else an error that fails this
+    shard's commit (its rerun encodes what it cannot copy)."""
+    with out.open(rel, "rb") as f:
+        pf = pq.ParquetFile(f)
+        got = (pf.schema_arrow.metadata or {}).get(COMMIT_META)
+        if got is None or got.decode() != commit:
+            raise ReuseError(f"shard {shard}: {rel} was replaced after the reuse plan was made; the shard is not "
+                             "committed and its rerun encodes these documents")
+        if take is None:
+            return pf.read()
+        sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)], np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = np.unique(np.searchsorted(starts, take, side="right") - 1)
+        table = pf.read_row_groups(groups.tolist())
+    base = np.concatenate([[0], np.cumsum(sizes[groups])])  # where each read group starts in ``table``
+    g = np.searchsorted(groups, np.searchsorted(starts, take, side="right") - 1)
+    return table.take(pa.array(base[g] + take - starts[groups[g]]))
 
 
 def with_text_hash(vectors: pa.Table, table: pa.Table) -> pa.Table:
@@ -99,8 +130,8 @@ def with_text_hash(vectors: pa.Table, table: pa.Table) -> pa.Table:
 
 
 def without_hash(vectors: pa.Table) -> pa.Table:
-    """``vectors`` without ``text_hash`` (the Lance dataset keeps its own columns)."""
-    return vectors.drop_columns([TEXT_HASH]) if TEXT_HASH in vectors.column_names else vectors
+    """``vectors`` without ``text_hash`` and ``static_home`` (the Lance dataset keeps its own columns)."""
+    return vectors.drop_columns([c for c in (TEXT_HASH, STATIC_HOME) if c in vectors.column_names])
 
 
 def chunk_rows_of(table: pa.Table) -> np.ndarray:

@@ -96,16 +96,17 @@ def merge_part_tables(tables: list[pa.Table]) -> tuple[list[str], np.ndarray, np
     return uniq.tolist(), out_counts, out_sums
 
 
-def commit_static_parts(out: "Storage", shard: str, part_paths: list[str],
-                        expected_rows: Optional[int] = None) -> dict[str, Any]:
+def commit_static_parts(out: "Storage", shard: str, part_paths: list[str], expected_rows: Optional[int] = None,
+                        *, commit: Optional[str] = None, skip: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Merge the staged static parts of one shard into ``static/parts/<shard>.parquet``.
 
     Only parts whose row ranges tile the shard exactly are used (a retried call cut differently may
     leave a stale part beside the complete set; it is ignored), so each row counts once. Raises
     :class:`StaticVectorsError` when no tiling exists (the shard is then not committed and redone).
-    Returns a small summary for the shard's marker."""
+    Returns a small summary for the shard's marker. ``skip``: rows not encoded (output.reuse copied
+    them), which no part covers; ``commit``: stamped in the part's metadata (``embedjob.commit``)."""
     ranges = [_row_range(shard, p) for p in part_paths]
-    pick = choose_tiling(ranges, expected_rows)
+    pick = choose_tiling(*_encoded_ranks(ranges, expected_rows, skip))
     if pick is None:
         have = ", ".join(f"{a}-{b}" for a, b in sorted(ranges)) or "none"
         rows = f"rows 0-{expected_rows - 1}" if expected_rows else "its rows"
@@ -119,9 +120,28 @@ def commit_static_parts(out: "Storage", shard: str, part_paths: list[str],
     if not words:
         sums = np.zeros((0, dim or 0), np.float64)
     rel = shard_file(PARTS_DIR, shard)
-    out.write_parquet(rel, part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0)))
+    table = part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0))
+    if commit:
+        table = table.replace_schema_metadata({b"embedjob.commit": commit.encode()})
+    out.write_parquet(rel, table)
     return {"part": rel, "words": len(words), "occurrences": int(counts.sum()),
             "staged_parts": len(pick), "stale_parts_ignored": len(part_paths) - len(pick)}
+
+
+def _encoded_ranks(ranges: list[tuple[int, int]], expected_rows: Optional[int],
+                   skip: Optional[np.ndarray]) -> tuple[list[tuple[int, int]], Optional[int]]:
+    """The ranges and row count over the encoded rows only (rows numbered without the ``skip``ped
+    ones); a range across a skipped row is made impossible to pick."""
+    if skip is None or not len(skip) or expected_rows is None:
+        return ranges, expected_rows
+    encoded = np.setdiff1d(np.arange(expected_rows), skip)
+    rank = np.full(expected_rows + 1, -1, np.int64)
+    rank[encoded] = np.arange(len(encoded))
+    out = []
+    for a, b in ranges:
+        ra, rb = (rank[a], rank[b]) if 0 <= a <= b < expected_rows else (-1, -1)
+        out.append((int(ra), int(rb)) if ra >= 0 and rb - ra == b - a else (-1, -2))
+    return out, len(encoded)
 
 
 def _row_range(shard: str, path: str) -> tuple[int, int]:

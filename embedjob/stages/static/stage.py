@@ -17,6 +17,7 @@ import numpy as np
 from embedjob.errors import StaticVectorsError
 from embedjob.layout import PARTS_DIR, STATIC_DIR, shard_file, shard_marker
 from embedjob.reconcile import read_marker
+from embedjob.stages.reuse.static import home_part, marker_homes
 from embedjob.stages.static.parts import part_sums
 from embedjob.wordvectors import (
     BIN_NAME,
@@ -76,15 +77,25 @@ def run_static(scfg: StaticConfig, out: "Storage", committed_shards: list[str]) 
 
 
 def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
-    """The ``static/parts/<shard>.parquet`` of the committed shards; a committed shard with rows
-    but no part is an error (a shard without rows may have none)."""
-    present = []
+    """The static parts that make up the sum, each once: per committed shard its own part
+    (``static/parts/<shard>.parquet``) and, with output.reuse, the carried parts of the commits its
+    copied rows were encoded in (``static_homes`` in its marker, stages/reuse/static.py). A home
+    whose rows in the committed shards do not add up to its document count (a run stopped halfway)
+    is an error: summing it would count some documents twice or drop some. A committed shard with
+    rows but no part is an error (a shard without rows may have none)."""
+    present: dict[str, None] = {}
+    homes: dict[str, list[int]] = {}
     for key in committed_shards:
+        marker = read_marker(out, shard_marker(key)) or {}
+        if "static_homes" in marker:
+            for h, (n, d) in marker_homes(marker).items():
+                homes.setdefault(h, [0, d])[0] += n
+                present.setdefault(home_part(key, marker, h))
+            continue
         rel = shard_file(PARTS_DIR, key)
         if out.exists(rel):
-            present.append(rel)
+            present.setdefault(rel)
             continue
-        marker = read_marker(out, shard_marker(key)) or {}
         if marker.get("rows_in", 0) and "static" not in marker.get("outputs", {}):
             raise StaticVectorsError(
                 f"shard {key} was committed without static word vector parts ({out.url(rel)} is missing); "
@@ -92,7 +103,16 @@ def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
             )
         if marker.get("rows_in", 0):
             raise StaticVectorsError(f"static word vector part {out.url(rel)} of shard {key} is missing")
-    return present
+    off = {h: v for h, v in homes.items() if v[0] != v[1]}
+    if off:
+        raise StaticVectorsError(
+            f"{len(off)} static part(s) cover documents the committed shards do not hold as counted (e.g. "
+            f"{next(iter(off))}: {list(off.values())[0][0]} of {list(off.values())[0][1]} documents): a run stopped "
+            "between commits; run the job again (it encodes those documents again)")
+    missing = [rel for rel in present if not out.exists(rel)]
+    if missing:
+        raise StaticVectorsError(f"static word vector part(s) {', '.join(out.url(m) for m in missing[:3])} missing")
+    return list(present)
 
 
 def _word_totals(out: "Storage", present: list[str]) -> tuple[dict[str, int], int]:
