@@ -56,7 +56,9 @@ def tokenize_corpus(corpus: str, opts: dict, cache: str, *, max_docs_per_shard: 
     todo = [(s, opts, d, max_docs_per_shard) for s, d in zip(shards, dests) if not os.path.exists(d)]
     if todo:
         t = time.time()
-        with get_context("fork").Pool(processes) as pool:
+        # spawn, not fork: a fork of a process with Ray's threads and embedjob's SIGTERM handler can
+        # leave a worker blocked on the pool's queue lock that terminate() then waits on forever
+        with get_context("spawn").Pool(processes) as pool:
             for _ in pool.imap_unordered(_tokenize_shard, todo):
                 pass
         logger.info("tokenised %d shards in %.1fs into %s", len(todo), time.time() - t, folder)
