@@ -69,6 +69,11 @@ def no_ray_work(monkeypatch):
     monkeypatch.setattr("embedjob.pipeline.init_ray", refuse)
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def test_second_run_exits_2_at_once_while_a_real_run_writes(tmp_path, tiny_model, capsys, no_ray_work):
     """While `embedjob run` writes an output (a real run in a subprocess), a second run on it exits 2
     at once naming the holder's host, pid and run id, writes nothing and leaves the lease alone; the
@@ -96,7 +101,9 @@ def test_second_run_exits_2_at_once_while_a_real_run_writes(tmp_path, tiny_model
         assert code == 2 and time.time() - t0 < 30
         line = next(ln for ln in err.splitlines() if ln.startswith("embedjob: error:"))
         assert "being written by another run" in line and "--force-unlock" in line
-        assert holder["run_id"] in line and f"pid {first.pid}" in line and holder["host"] in line
+        assert holder["run_id"] in line and f"pid {holder['pid']}" in line and holder["host"] in line
+        # the holder is the driver: `embedjob run` itself supervises it as its child (supervise.py)
+        assert holder["pid"] in (first.pid, *_children(first.pid))
         assert json.loads((out / LEASE_FILE).read_text())["run_id"] == holder["run_id"]
         first.wait(timeout=300)
     finally:

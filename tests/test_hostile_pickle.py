@@ -203,6 +203,8 @@ def test_npy_vectors_read_without_pickle(tmp_path):
 
 
 # -- the job's own stages ---------------------------------------------------------------------------
+# slow: the default suite keeps under 30 min on CI's 2 cores; the dictionary reader is unit-tested in test_dictionary_json_round_trip
+@pytest.mark.slow
 def test_topics_stage_never_loads_dictionary_gensim(finished, tmp_path):
     """A rerun with the topics stage on (rho from the job's FastText vectors) reads
     vocab/dictionary.json and word2vec/vectors.bin: planted dictionary.gensim and vectors.kv stay inert."""

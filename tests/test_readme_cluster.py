@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import SAMPLE_TEXTS
 from tests.test_cluster import REPO, VENV_BIN, LocalRayCluster, _free_ports
@@ -75,6 +76,8 @@ def _fresh_clone(dest: Path) -> None:
     (dest / ".venv").symlink_to(VENV_BIN.parent)
 
 
+# slow: the default suite keeps under 30 min on CI's 2 cores; test_cluster checks the job specs and a multi-node job
+@pytest.mark.slow
 def test_readme_cluster_commands_run_as_written(tmp_path):
     lines = readme_cluster_commands()
     assert lines[-1] == "ray stop" and sum(line.startswith("ray job submit") for line in lines) == 1

@@ -428,6 +428,8 @@ def test_planted_topics_are_recovered(ray_local, tmp_path, embeddings):
     assert overlap[rows, cols].min() >= 0.8, (overlap[rows, cols], learned)
 
 
+# slow: the default suite keeps under 30 min on CI's 2 cores; test_cli checks the bench parses, test_prodlda_path_runs the model
+@pytest.mark.slow
 def test_bench_topics_runs_both_models_on_a_small_corpus(ray_local, tmp_path, capsys):
     """`embedjob bench topics` end to end on a small text corpus: both models scored, a summary over seeds."""
     from embedjob.cli import main as cli_main
@@ -465,7 +467,7 @@ def _recovery(out_dir) -> float:
     return float(overlap[rows, cols].min())
 
 
-@pytest.mark.parametrize("n_docs", [200, 2000])
+@pytest.mark.parametrize("n_docs", [200, pytest.param(2000, marks=pytest.mark.slow)])  # 2000: slow (suite time)
 def test_planted_topics_with_default_training_length_at_two_sizes(ray_local, tmp_path, n_docs):
     """With the default settings (epochs, batch size, min_steps) both a 200- and a 2000-document
     corpus recover the five planted topics, no topic repeats another, and argmax theta recovers the

@@ -384,6 +384,8 @@ def test_touched_rows_are_all_that_training_changes():
         assert len(changed) > 0 and set(changed.tolist()) <= set(r.tolist())
 
 
+# slow: the default suite keeps under 30 min on CI's 2 cores; the sparse sync itself is also unit-tested above
+@pytest.mark.slow
 def test_sparse_sync_gives_the_same_vectors_as_a_full_sync(ray_local, tmp_path):
     """Two FastText workers whose segments each hold one group of words: exchanging only the touched
     rows gives the same vectors as exchanging whole matrices, with less data moved."""

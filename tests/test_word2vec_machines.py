@@ -33,6 +33,8 @@ def ray_four():
     ray.shutdown()
 
 
+# slow: the default suite keeps under 30 min on CI's 2 cores; test_word2vec covers two workers and FastText on one machine
+@pytest.mark.slow
 def test_two_machines_of_two_workers_fasttext(ray_four, tmp_path, monkeypatch):
     monkeypatch.setenv(MACHINE_SIZE_ENV, "2")
     urls = write_token_shards(tmp_path, synthetic_docs())
