@@ -143,6 +143,8 @@ def test_bench_windows(capsys, corpus, tiny_model):
         assert 0 <= r["snapped_sentence_boundaries"] <= 1 and r["windows_seconds_per_token_vs_truncate"] > 0
 
 
+# slow (suite time): test_bench_encode_batching runs the same encoder path, test_cli the bench's flags
+@pytest.mark.slow
 def test_bench_encode(capsys, corpus, tiny_model, ray_local):
     res = bench_json(capsys, "encode", "--corpus", corpus, "--model", tiny_model, "--limit", "40", "--rounds", "1",
                      "--dtype", "float32")

@@ -413,6 +413,8 @@ def _planted_corpus(out_dir: str, n_docs: int = 1000, seed: int = 0, labels: boo
     return urls
 
 
+# slow (suite time): planted topics are also recovered by ..._at_two_sizes[200], with the default settings
+@pytest.mark.slow
 @pytest.mark.parametrize("embeddings", ["learned"])  # word2vec: the test below, with the default settings
 def test_planted_topics_are_recovered(ray_local, tmp_path, embeddings):
     """Each planted topic is matched by its own learned topic whose top 10 words hold >= 8 of its words."""
