@@ -101,6 +101,9 @@ def removed_ids(out: Storage, current, keep: dict[str, dict[str, Any]], prev: di
             ids: list[Any] = []
             for name in out.list(folder, suffix=".parquet"):
                 ids += out.read_parquet(f"{folder}/{name}").column("id").to_pylist()
+            id_type = current.schema.field("id").type
+            if ids and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+                ids = pa.array(ids, pa.string()).cast(id_type).to_pylist()  # the lookup's ids are strings
             return sorted(ids), "lookup"
     kept: set[Any] = set()
     for k in keep:
@@ -127,22 +130,18 @@ def merge_docs(out: Storage, current, keep: dict[str, dict[str, Any]], *,
             upserts.append(new.select(cols).filter(changed_rows(new.select(cols), cur)))
     source = pa.concat_tables(upserts).cast(current.schema) if upserts else current.schema.empty_table()
     gone, found_by = removed_ids(out, current, keep, prev, removed)
-    id_type = current.schema.field("id").type
-    if gone and not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        gone = pa.array(gone, pa.string()).cast(id_type).to_pylist()  # the lookup's ids are strings
-    removed = gone
-    counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(removed),
+    counts = {"mode": "merge", "shards_compared": len(fresh), "upserted": source.num_rows, "deleted": len(gone),
               "deleted_ids_from": found_by}
-    if not source.num_rows and not removed:
+    if not source.num_rows and not gone:
         return current, {**counts, "committed": False}
     if source.num_rows:
         builder = current.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-        if removed:
-            builder = builder.when_not_matched_by_source_delete(_id_filter(removed))
+        if gone:
+            builder = builder.when_not_matched_by_source_delete(_id_filter(gone))
         builder.execute(source)
     else:
-        current.delete(_id_filter(removed))
+        current.delete(_id_filter(gone))
     ds = lance.dataset(uri, storage_options=opts)
     logger.info("lance: %s version %d merged by id: %d row(s) inserted or updated, %d deleted, the rest kept in "
-                "their fragments", out.url(dataset), ds.version, source.num_rows, len(removed))
+                "their fragments", out.url(dataset), ds.version, source.num_rows, len(gone))
     return ds, {**counts, "committed": True}

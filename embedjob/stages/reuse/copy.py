@@ -115,11 +115,12 @@ def _read_stamped(out: Storage, rel: str, commit: str, shard: str, take: Optiona
             return pf.read()
         sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)], np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        groups = np.unique(np.searchsorted(starts, take, side="right") - 1)
+        group_of = np.searchsorted(starts, take, side="right") - 1  # each planned row's row group
+        groups = np.unique(group_of)
         table = pf.read_row_groups(groups.tolist())
     base = np.concatenate([[0], np.cumsum(sizes[groups])])  # where each read group starts in ``table``
-    g = np.searchsorted(groups, np.searchsorted(starts, take, side="right") - 1)
-    return table.take(pa.array(base[g] + take - starts[groups[g]]))
+    g = np.searchsorted(groups, group_of)
+    return table.take(pa.array(base[g] + take - starts[group_of]))
 
 
 def with_text_hash(vectors: pa.Table, table: pa.Table) -> pa.Table:

@@ -131,8 +131,8 @@ def plan_reuse(output, inp, out: Storage, todo: list[Any], previous: dict[str, d
         out.delete(REUSE_TMP, recursive=True)
         return ReusePlan(stats={"enabled": True, "error": str(e), "reused": 0})
     reused = sum(len(r) for r in found.reused.values())
-    stats = {"enabled": reason is None, **({"reason": reason} if reason else {}), "sources": len(sources), "shards": len(todo), "rows": rows, "reused": reused,
-             "snapshot_files": snap,
+    stats = {"enabled": reason is None, **({"reason": reason} if reason else {}), "sources": len(sources),
+             "shards": len(todo), "rows": rows, "reused": reused, "snapshot_files": snap,
              **{k: v for k, v in found.counts.items() if k != "matched"},
              "lookup_seconds": round(time.time() - t0, 3)}
     if carry is not None:

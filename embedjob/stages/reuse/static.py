@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedjob.errors import IncompleteShardError
-from embedjob.layout import PARTS_DIR, carried_part, shard_file
+from embedjob.layout import CARRIED_DIR, PARTS_DIR, carried_part, shard_file
 from embedjob.schema import STATIC_HOME, TEXT_HASH
-from embedjob.stages.reuse.lookup import COMMIT_META, LookupResult
+from embedjob.stages.reuse.lookup import COMMIT_META, LookupResult, stamp_of
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def _secure_part(out: Storage, home: str, previous: dict[str, dict[str, Any]]) -
     src = shard_file(PARTS_DIR, key) if key else None
     if src is None or not out.exists(src):
         return False
-    stamp = (out.read_parquet_schema(src).metadata or {}).get(COMMIT_META)
-    if stamp is not None and stamp.decode() != home:
+    stamp = stamp_of(out, src)
+    if stamp is not None and stamp != home:
         return False
-    out.makedirs(carried_part(home).rsplit("/", 1)[0])
+    out.makedirs(CARRIED_DIR)
     out.fs.copy(out.path(src), out.path(dest))
     return True
 

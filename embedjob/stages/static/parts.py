@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from embedjob.errors import StaticVectorsError
 from embedjob.layout import PARTS_DIR, shard_file
+from embedjob.stages.reuse.copy import stamped
 
 if TYPE_CHECKING:
     from embedjob.storage import Storage
@@ -122,7 +123,7 @@ def commit_static_parts(out: "Storage", shard: str, part_paths: list[str], expec
     rel = shard_file(PARTS_DIR, shard)
     table = part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0))
     if commit:
-        table = table.replace_schema_metadata({b"embedjob.commit": commit.encode()})
+        table = stamped(table, commit)
     out.write_parquet(rel, table)
     return {"part": rel, "words": len(words), "occurrences": int(counts.sum()),
             "staged_parts": len(pick), "stale_parts_ignored": len(part_paths) - len(pick)}
