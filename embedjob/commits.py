@@ -47,7 +47,7 @@ class ShardCommits:
         self.reuse = reuse
         self.by_key = {s.key: s for s in todo}
         self.plan = plan
-        self.times = (0.0, 0.0)  # the encoder actors' (seconds waiting, seconds computing): busy.py
+        self.times = (0.0, 0.0, 0.0)  # the encoder actors' (seconds waiting, computing, CPU in the model): busy.py
         self.covered = {s.key: np.zeros(s.num_rows, dtype=bool) for s in todo}
         for key, rows in (reuse.reused if reuse is not None else {}).items():  # copied at commit, not encoded
             self.covered[key][rows] = True
@@ -91,7 +91,7 @@ class ShardCommits:
         self.times = ray.get(self.counter.times.remote(), timeout=timeout)
         pending = list(self.pending.values())
         ready = len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else 0
-        busy = busy_text(busy_fraction(*self.times))
+        busy = busy_text(busy_fraction(*self.times[:2]))
         self.progress.extra = f"{len(self.markers) + ready}/{len(self.todo)} shards committed" + (
             f"; {busy}" if busy else "")
 
@@ -230,10 +230,10 @@ class ShardCommits:
                 self.tokens_after_first / (self.last_output - self.first_output), 1)
         stats["docs_per_second"] = round(stats["documents"] / max(self.progress.elapsed, 1e-9), 1)
         stats["tokens_per_second"] = round(stats["bert_tokens"] / max(self.progress.elapsed, 1e-9), 1)
-        busy = busy_fraction(*self.times)
+        busy = busy_fraction(*self.times[:2])
         if busy is not None:
             stats.update(encoder_busy=round(busy, 3), encoder_wait_s=round(self.times[0], 2),
-                         encoder_compute_s=round(self.times[1], 2))
+                         encoder_compute_s=round(self.times[1], 2), encoder_model_cpu_s=round(self.times[2], 3))
             line = feed_bound_line(busy, self.plan)
             if line:
                 logger.warning("%s", line)

@@ -112,6 +112,7 @@ class ProgressCounter:
         self.tokens = 0
         self.wait_s = 0.0  # the encoder actors' seconds waiting for input, and computing (busy.py)
         self.busy_s = 0.0
+        self.model_cpu_s = 0.0  # their CPU seconds inside the model's forward passes (encoder.py)
         self.calls: dict[str, int] = {}  # encoder call (shard:first row) -> times started
         self.oom: dict[str, dict] = {}  # encoder actor -> its OomBudget figures
 
@@ -129,13 +130,14 @@ class ProgressCounter:
         self.done += done
         self.tokens += tokens
 
-    def add_time(self, wait_s: float, busy_s: float) -> None:
+    def add_time(self, wait_s: float, busy_s: float, model_cpu_s: float = 0.0) -> None:
         self.wait_s += wait_s
         self.busy_s += busy_s
+        self.model_cpu_s += model_cpu_s
 
-    def times(self) -> tuple[float, float]:
-        """(seconds waiting, seconds computing) of all encoder actors so far."""
-        return self.wait_s, self.busy_s
+    def times(self) -> tuple[float, float, float]:
+        """(seconds waiting, seconds computing, CPU seconds in the model) of all encoder actors so far."""
+        return self.wait_s, self.busy_s, self.model_cpu_s
 
     def read(self) -> tuple[int, int]:
         return self.done, self.tokens
@@ -161,13 +163,15 @@ class BatchReporter:
     def __init__(self, counter: Any):
         self.counter = counter
         self.done = self.tokens = 0
-        self.wait_s = self.busy_s = 0.0
+        self.wait_s = self.busy_s = self.model_cpu_s = 0.0
         self._sent = time.time()
 
-    def add_time(self, wait_s: float, busy_s: float) -> None:
-        """One call's seconds waiting for its block and computing it (sent with the next flush)."""
+    def add_time(self, wait_s: float, busy_s: float, model_cpu_s: float = 0.0) -> None:
+        """One call's seconds waiting for its block and computing it, and its CPU seconds in the
+        model (sent with the next flush)."""
         self.wait_s += wait_s
         self.busy_s += busy_s
+        self.model_cpu_s += model_cpu_s
 
     def add(self, done: int, tokens: int) -> None:
         self.done += done
@@ -197,11 +201,11 @@ class BatchReporter:
             if self.done or self.tokens:
                 self.counter.add.remote(self.done, self.tokens)
             if self.wait_s or self.busy_s:
-                self.counter.add_time.remote(self.wait_s, self.busy_s)
+                self.counter.add_time.remote(self.wait_s, self.busy_s, self.model_cpu_s)
         except Exception:  # noqa: BLE001 - progress is bookkeeping: never fail a batch for it
             pass
         self.done = self.tokens = 0
-        self.wait_s = self.busy_s = 0.0
+        self.wait_s = self.busy_s = self.model_cpu_s = 0.0
         self._sent = time.time()
 
 

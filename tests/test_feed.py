@@ -88,7 +88,8 @@ def _run_with(env: dict[str, str], tmp_path, tiny_model, name: str, caplog) -> d
             res = run_job(cfg)
         assert res.ok
         stats = json.loads((tmp_path / f"out-{name}" / "stats" / "encode.json").read_text())
-        return {"busy": stats["encoder_busy"], "log": [r.getMessage() for r in caplog.records],
+        return {"busy": stats["encoder_busy"], "model_cpu_s": stats["encoder_model_cpu_s"],
+                "compute_s": stats["encoder_compute_s"], "log": [r.getMessage() for r in caplog.records],
                 "report": (tmp_path / f"out-{name}" / "report.html").read_text()}
     finally:
         ray.shutdown()
@@ -101,6 +102,9 @@ def test_encoder_busy_drops_when_the_preprocess_is_slow(tmp_path, tiny_model, ca
     starved = _run_with({PREPROCESS_DELAY_ENV: "1.0", ENCODER_READY_FILE_ENV: str(tmp_path / "encoder-ready")},
                         tmp_path, tiny_model, "feed-bound", caplog)
     assert starved["busy"] < 0.5 and fed["busy"] > starved["busy"] + 0.25, (fed["busy"], starved["busy"])
+    # the actors' CPU inside the model's forward passes reaches the stats (bench feed leaves it out of
+    # the feed efficiency); the encode-bound run's 0.5 s sleeps are computing time, not model CPU
+    assert 0 < fed["model_cpu_s"] < fed["compute_s"] - 2.5, fed
     assert any("the encoder is feed-bound" in m and "encode.preprocess_concurrency" in m for m in starved["log"])
     assert any(m.startswith("encode: ") and "encoder busy " in m for m in starved["log"])  # the progress line
     assert f"encoder busy {100 * starved['busy']:.0f}%" in starved["report"]  # report.html, the stage table
@@ -242,9 +246,10 @@ class _TransformersCallTokenizer:
 
 @pytest.mark.parametrize("kind", ["minilm", "roberta", "xlmr", "qwen"])
 def test_tokenizer_on_the_rust_encodings_equals_the_transformers_call(kind, minilm_path, tmp_path):
-    """The Tokenizer reads the Rust encodings directly (no BatchEncoding): the same ids, whole
-    counts, word ids and offsets as transformers' call, truncated or whole, with a prompt, and for a
-    text tokenised in pieces; WordPiece, byte-level BPE (both layouts) and Unigram."""
+    """The Tokenizer reads the Rust encodings directly (no BatchEncoding; ids alone through
+    ``encode_batch_fast``, which skips the offsets): the same ids, whole counts, word ids and offsets
+    as transformers' call, truncated or whole, with a prompt, and for a text tokenised in pieces;
+    WordPiece, byte-level BPE (both layouts) and Unigram."""
     from embedjob.stages.encode.tokenizer import Tokenizer
     from tests.models_zoo import _bpe_tokenizer
 
@@ -290,7 +295,7 @@ def test_vectorised_word_slots_equal_the_per_occurrence_original():
     from embedjob.stages.static.accumulate import _list_parts, slots_by_run, word_slots
 
     rng = np.random.default_rng(0)
-    vocab = ["cat", "cats", "Zebra", "über", "dog", "a", "b", "éa", "ea", "z"]
+    vocab = ["cat", "cats", "Zebra", "über", "dog", "a", "b", "éa", "ea", "z", "𝔘x", "日本", "ｚ", ""]
     rows = [[vocab[i] for i in rng.integers(0, len(vocab), rng.integers(0, 9))] for _ in range(40)] + [[]]
     col = pa.chunked_array([pa.array(rows[:7], pa.list_(pa.string())), pa.array(rows[7:], pa.list_(pa.string()))])
     for sl in (col, col.slice(3)):
@@ -298,11 +303,12 @@ def test_vectorised_word_slots_equal_the_per_occurrence_original():
         n = len(off) - 1
         run_of = np.repeat(np.arange(4), [n // 4, n // 4, n // 4, n - 3 * (n // 4)])
         for keep in (np.ones(n, bool), rng.random(n) > 0.3, np.zeros(n, bool)):
-            occ, slot_run, slot_word = word_slots(flat, off, run_of, keep)
+            occ, slot_run, slot_arr = word_slots(flat, off, run_of, keep)
+            slot_word = slot_arr.to_pylist()
             want, slot_of, want_order = _word_slots_reference(flat.to_pylist(), off, run_of, keep)
             assert occ.tolist() == want
             assert {(int(r), w): s for s, (r, w) in enumerate(zip(slot_run, slot_word))} == slot_of
-            assert [x.tolist() for x in slots_by_run(slot_run, slot_word, 4)] == want_order
+            assert [x.tolist() for x in slots_by_run(slot_run, slot_arr, 4)] == want_order
             assert np.bincount(occ, minlength=len(slot_word)).tolist() == np.bincount(want, minlength=len(slot_of)).tolist()
 
 
@@ -410,3 +416,28 @@ def test_batch_alignment_equals_the_per_token_original(kind, minilm_path, tmp_pa
     got = align_batch(["the cat sat"], [wid], [offs], np.array([False]), None, ref)
     assert (got[0].to_pylist()[0], got[1].to_pylist()[0]) == align_doc_reference("the cat sat", wid, offs, False,
                                                                                   None, ref)
+
+
+def test_static_part_merge_equals_the_per_row_original():
+    """The commit's merge of staged static parts (Arrow's dictionary encoding, no Python string per
+    row) gives the same words in the same order, counts and float64 sums to the bit as the
+    original (np.unique over Python strings), on words that sort differently by case, accents,
+    CJK, astral characters and the empty string."""
+    import numpy as np
+
+    from embedjob.stages.static.parts import merge_part_tables, merge_part_tables_reference, part_table
+
+    rng = np.random.default_rng(3)
+    vocab = np.array([f"w{i}" for i in range(3000)] + ["é", "e", "E", "ü", "a\u00e9", "zz", "Z", "日本", "𝔘x", "",
+                                                        "a b", "Ω"], dtype=object)
+    tables = []
+    for k in range(9):
+        n = int(rng.integers(0, 700))
+        words = rng.choice(vocab, n, replace=bool(k % 2))
+        sums = (rng.standard_normal((n, 5)) * 10.0 ** rng.integers(-3, 4, (n, 1))).astype(np.float32)
+        tables.append(part_table(list(words), rng.integers(1, 1 << 40, n), sums, 5))
+    for pick in (tables, tables[:1], [tables[0].slice(0, 0)], []):
+        got, want = merge_part_tables(pick), merge_part_tables_reference(pick)
+        assert got[0] == want[0]
+        assert got[1].dtype == np.int64 and np.array_equal(got[1], want[1])
+        assert got[2].dtype == want[2].dtype and np.array_equal(got[2], want[2])

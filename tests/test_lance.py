@@ -160,3 +160,34 @@ def test_missing_carry_column_or_memory_output_stops_before_work(tmp_path, tiny_
     cfg = small_job(tmp_path / "in", "memory://out", tiny_model, output={"lance": True})
     with pytest.raises(ConfigError, match="Lance cannot write to memory://"):
         run_job(cfg)
+
+
+@pytest.mark.parametrize("id_type", [pa.int64(), pa.string()])
+def test_removed_ids_from_the_lookup_and_from_a_dataset_scan(tmp_path, id_type):
+    """The Lance merge's deletes, both ways, for integer and string ids: from the reuse lookup's
+    removed-id files (strings, cast to the dataset's id type) when the lookup read every commit of
+    the version, else from the dataset's own id column against the kept shards' ids (already of the
+    dataset's type: the cast that raised ArrowTypeError there once is not applied)."""
+    import lance
+
+    from embedjob.layout import VECTORS, shard_file
+    from embedjob.stages.lance_sink.merge import removed_ids
+
+    out = Storage(str(tmp_path / "out"))
+    ids = pa.array([1, 2, 3, 4, 5], pa.int64()).cast(id_type)
+    current = lance.write_dataset(pa.table({"id": ids, "x": pa.array([0.5] * 5, pa.float32())}),
+                                  str(tmp_path / "docs.lance"))
+    out.write_parquet(shard_file(VECTORS, "part-a"), pa.table({"id": ids.slice(0, 2)}))
+    out.write_parquet(shard_file(VECTORS, "part-b"), pa.table({"id": ids.slice(4, 1)}))
+    keep = {"part-a": {"commit": "c2"}, "part-b": {"commit": "c1"}}
+    prev = {"part-a": "c1", "part-b": "c1"}
+    want = [current.to_table().column("id")[i].as_py() for i in (2, 3)]
+
+    assert removed_ids(out, current, keep, prev, None) == (want, "dataset scan")
+    out.write_parquet("_tmp/removed/00000.parquet", pa.table({"id": pa.array(["4"], pa.string())}))
+    out.write_parquet("_tmp/removed/00001.parquet", pa.table({"id": pa.array(["3"], pa.string())}))
+    lookup = {"folder": "_tmp/removed", "read": {"part-a": "c1"}}
+    assert removed_ids(out, current, keep, prev, lookup) == (want, "lookup")
+    # the lookup did not read part-b's commit and part-b is not kept as it was: the dataset is scanned
+    assert removed_ids(out, current, {"part-a": {"commit": "c2"}, "part-b": {"commit": "c3"}}, prev,
+                       lookup) == (want, "dataset scan")

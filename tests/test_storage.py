@@ -18,6 +18,39 @@ def test_roundtrip(tmp_path, root):
     assert not s.exists("a/b.json")
 
 
+def test_parquet_floats_are_written_plain_and_the_rest_keeps_its_dictionary(tmp_path):
+    """Floating-point leaves (vectors, word sums; nested in lists, structs and maps too) are written
+    without a dictionary or statistics, every other leaf as pyarrow would; the data reads back equal,
+    and a caller's own options win."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    n = 300
+    t = pa.table({
+        "id": pa.array([f"d{i % 7}" for i in range(n)]),
+        "tokens": pa.array([["a", "b", "a"]] * n, pa.list_(pa.string())),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.random.default_rng(0).random(4 * n), pa.float32()), 4),
+        "s": pa.array([{"k": i, "x": [0.5 * i]} for i in range(n)]),
+        "m": pa.array([[("w", 1.5)]] * n, pa.map_(pa.string(), pa.float64())),
+        "f": pa.array(np.arange(n, dtype=np.float64)),
+    })
+    s = Storage(str(tmp_path))
+    s.write_parquet("t.parquet", t)
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    floats = {"vector.list.element", "s.x.list.element", "m.key_value.value", "f"}
+    assert set(cols) == floats | {"id", "tokens.list.element", "s.k", "m.key_value.key"}
+    for path, col in cols.items():
+        dictionary = any("DICTIONARY" in e for e in col.encodings)
+        assert dictionary == (path not in floats) and col.is_stats_set == (path not in floats), path
+    assert s.read_parquet("t.parquet").equals(t)
+    s.write_parquet("u.parquet", t, use_dictionary=True)
+    meta = pq.ParquetFile(tmp_path / "u.parquet").metadata.row_group(0)
+    assert all(any("DICTIONARY" in e for e in meta.column(i).encodings) for i in range(meta.num_columns))
+    s.write_parquet("e.parquet", pa.table({"f": pa.array([1.0])}))  # no leaf keeps a dictionary
+    assert s.read_parquet("e.parquet").column("f").to_pylist() == [1.0]
+
+
 def test_local_write_is_atomic_and_leaves_no_temp(tmp_path):
     s = Storage(str(tmp_path))
     s.write_bytes("x.bin", b"1" * 100)

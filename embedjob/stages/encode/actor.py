@@ -117,6 +117,7 @@ class EncodeActor:
         self.node_id = _ray_node_id()
         self.progress = BatchReporter(progress)  # the driver's ProgressCounter (None: not counted)
         self.clock = BusyClock()  # waiting for blocks vs computing: "encoder busy" (busy.py)
+        self._model_cpu = 0.0  # the encoder's model_cpu_s already reported
         self.unfit = unfit or {}  # where a document too large for memory is reported (oom.py)
         logger.info("encoder actor ready: %s on %s (%s, %s batches), %d threads", settings.model,
                     settings.device, settings.dtype, self.encoder.batching, torch.get_num_threads())
@@ -127,7 +128,9 @@ class EncodeActor:
         try:
             return self._call(batch)
         finally:
-            self.progress.add_time(*self.clock.leave())
+            model_cpu = self.encoder.counters["model_cpu_s"]
+            self.progress.add_time(*self.clock.leave(), model_cpu - self._model_cpu)
+            self._model_cpu = model_cpu
             self.progress.flush()
 
     def _call(self, batch: pa.Table) -> pa.Table:

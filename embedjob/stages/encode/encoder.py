@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -161,9 +162,11 @@ class TextEncoder:
         self.batching = self.settings.batching = "packed" if self.packed is not None else "padded"
         on_cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
-        # tokens = fed to the model (real, overlaps of windows twice); doc_tokens = the documents' own
+        # tokens = fed to the model (real, overlaps of windows twice); doc_tokens = the documents' own;
+        # model_cpu_s = CPU seconds of the calling thread inside the model's forward passes (on CUDA the
+        # kernel launches; on CPU with one torch thread the whole forward: bench feed leaves it out)
         self.counters = {"docs": 0, "tokens": 0, "computed_tokens": 0, "batches": 0, "doc_tokens": 0,
-                         "windows": 0, "capped_docs": 0}
+                         "windows": 0, "capped_docs": 0, "model_cpu_s": 0.0}
 
     @property
     def batch_tokens(self) -> int:
@@ -302,7 +305,9 @@ class TextEncoder:
         layers_wanted = self.output_hidden_layers if token_hook is not None else None
         encode_oom_check(int(lengths[idx].sum()))  # test-only: an injected allocator failure
         batch = PackedBatch.build([ids[j] for j in idx], self.device, pin=on_cuda, copy_stream=self.copy_stream)
+        c0 = time.thread_time()
         hidden, layers = self.packed(batch, hidden_layers=layers_wanted)
+        self.counters["model_cpu_s"] += time.thread_time() - c0
         self.counters["computed_tokens"] += int(lengths[idx].sum())
         self.counters["batches"] += 1
         if token_hook is not None:
@@ -339,6 +344,7 @@ class TextEncoder:
         if on_cuda:
             t_ids, t_mask = (t.pin_memory().to(self.device, non_blocking=True) for t in (t_ids, t_mask))
         want_hidden = token_hook is not None and self.output_hidden_layers is not None
+        c0 = time.thread_time()
         if self.ov is not None:
             last, extra = self.ov(input_ids, mask)
             hidden, chosen = torch.from_numpy(last), [torch.from_numpy(x) for x in extra]
@@ -346,6 +352,7 @@ class TextEncoder:
             res = self.model(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=want_hidden)
             hidden = res.last_hidden_state
             chosen = [res.hidden_states[i] for i in self.output_hidden_layers] if want_hidden else []
+        self.counters["model_cpu_s"] += time.thread_time() - c0
         self.counters["computed_tokens"] += len(idx) * width
         self.counters["batches"] += 1
         if token_hook is not None:

@@ -40,7 +40,7 @@ class _CallState:
 
     runs: list[tuple[str, int, int]]  # (shard, first row, last row) per run
     slot_run: np.ndarray  # run of each slot
-    slot_word: list[str]  # word of each slot
+    slot_word: pa.Array  # word of each slot (string)
     counts: np.ndarray  # occurrences per slot
     tok_inst: np.ndarray  # per token of the kept docs (one after another): its instance, -1 = none
     tok_base: np.ndarray  # (kept docs + 1,): where each kept doc's tokens start in tok_inst
@@ -60,16 +60,16 @@ def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, Any]:
 
 
 def word_slots(words: pa.Array, offsets: np.ndarray, run_of: np.ndarray,
-               keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+               keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, pa.Array]:
     """One slot per (row run, word) among the kept rows' word occurrences (row ``r`` holds
     ``words[offsets[r]:offsets[r + 1]]``), numbered in order of first occurrence: the slot of each
     kept occurrence (kept rows in order), and the run and word of each slot. Arrow's dictionary
-    encoding and numpy, no Python per occurrence."""
+    encoding and numpy, no Python per occurrence (nor per slot: the slots' words are an Arrow array)."""
     n_rows = len(offsets) - 1
     occ_row = np.repeat(np.arange(n_rows), np.diff(offsets))
     kept = np.flatnonzero(keep[occ_row]) if len(occ_row) else np.zeros(0, np.int64)
     if not len(kept):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), pa.array([], type=pa.string())
     enc = pc.dictionary_encode(words.take(pa.array(kept)))
     codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     key = run_of[occ_row[kept]].astype(np.int64) * len(enc.dictionary) + codes
@@ -78,7 +78,7 @@ def word_slots(words: pa.Array, offsets: np.ndarray, run_of: np.ndarray,
     by_first = np.argsort(first, kind="stable")
     slot_of_uniq[by_first] = np.arange(len(uniq))
     ordered = uniq[by_first]
-    slot_words = enc.dictionary.take(pa.array(ordered % len(enc.dictionary))).to_pylist()
+    slot_words = enc.dictionary.take(pa.array(ordered % len(enc.dictionary)))
     return slot_of_uniq[inv.reshape(-1)], ordered // len(enc.dictionary), slot_words
 
 
@@ -130,10 +130,11 @@ def window_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: 
     return rr * width + p - col0[rr], inst.reshape(-1), st.inst_slot[uniq % n_inst], len(uniq)
 
 
-def slots_by_run(slot_run: np.ndarray, slot_word: list[str], n_runs: int) -> list[np.ndarray]:
-    """The slots of each run, ordered by word (Python's string order, as the parts are sorted)."""
+def slots_by_run(slot_run: np.ndarray, slot_word: pa.Array, n_runs: int) -> list[np.ndarray]:
+    """The slots of each run, ordered by word (Arrow's UTF-8 byte order, which is Python's string
+    order, as the parts are sorted)."""
     rank = np.empty(len(slot_word), dtype=np.int64)
-    rank[sorted(range(len(slot_word)), key=slot_word.__getitem__)] = np.arange(len(slot_word))
+    rank[pc.sort_indices(slot_word).to_numpy()] = np.arange(len(slot_word))
     order = np.lexsort((rank, slot_run))
     bounds = np.searchsorted(slot_run[order], np.arange(n_runs + 1))
     return [order[bounds[k]:bounds[k + 1]] for k in range(n_runs)]
@@ -219,6 +220,6 @@ class StaticAccumulator:
             raise RuntimeError("StaticAccumulator.attach called without hook_for (one call per encoder batch)")
         sums = st.sums.cpu().numpy()
         for (shard, r0, r1), sl in zip(st.runs, slots_by_run(st.slot_run, st.slot_word, len(st.runs))):
-            table = part_table([st.slot_word[s] for s in sl.tolist()], st.counts[sl], sums[sl], self.dim)
+            table = part_table(st.slot_word.take(pa.array(sl)), st.counts[sl], sums[sl], self.dim)
             self.out.write_parquet(part_name(shard, r0, r1, STATIC_PART_SUFFIX), table, compression="none")
         return out.drop_columns([c for c in (WORD_IDS, WORDS) if c in out.column_names])

@@ -148,7 +148,9 @@ def _in_doc_words(values: pa.Array, word_doc: np.ndarray, doc_words: pa.ListArra
     codes = pc.dictionary_encode(pa.concat_arrays([values, flat.cast(pa.string())]))
     c = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     k = max(len(codes.dictionary), 1)
-    return np.isin(word_doc * k + c[:len(values)], tok_doc * k + c[len(values):])
+    # Arrow's hash set (np.isin sorts both sides: 8x slower here)
+    return pc.is_in(pa.array(word_doc * k + c[:len(values)]),
+                    value_set=pa.array(tok_doc * k + c[len(values):])).to_numpy(zero_copy_only=False)
 
 
 def _alignment_arrays(counted: np.ndarray, values: pa.Array, word_doc: np.ndarray, real: np.ndarray,
