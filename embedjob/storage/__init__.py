@@ -331,6 +331,6 @@ def parquet_leaves(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
         else:
             out.append((path, typ))
 
-    for field in schema:
-        walk(field.name, field.type)
+    for f in schema:
+        walk(f.name, f.type)
     return out
