@@ -106,6 +106,19 @@ class ShardCommits:
             return self.stats["documents"], self.stats["bert_tokens"]
         return self.progress.counts()
 
+    def _end_counter(self) -> None:
+        """End the progress actor once its last counts are read: it would otherwise idle, at a few
+        percent of a core (Ray's worker loop), through the corpus stages until the job ends."""
+        if self.counter is None:
+            return
+        import ray
+
+        try:
+            ray.kill(self.counter)
+        except Exception:  # noqa: BLE001 - already gone with its node: nothing to end
+            pass
+        self.counter = None
+
     def _stop_progress(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
@@ -186,6 +199,7 @@ class ShardCommits:
         self._stop_progress()
         self.settle()
         self.stats.update(fault_stats(self.counter, self.nodes_at_start))
+        self._end_counter()
         cause = root_cause(e)
         if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
             cause = cause.naming(self.by_key[cause.shard].url)
@@ -201,6 +215,7 @@ class ShardCommits:
         self._stop_progress()
         self.settle()
         self.stats.update(fault_stats(self.counter, self.nodes_at_start))
+        self._end_counter()
         left = len(self.todo) - len(self.markers)
         err = Interrupted(f"interrupted by SIGTERM: {len(self.markers)} shard(s) committed in this run, {left} left "
                           "for the next run")
@@ -225,6 +240,7 @@ class ShardCommits:
             out.fs.rmdir(out.path(TMP))
         stats = self.stats
         stats.update(fault_stats(self.counter, self.nodes_at_start))
+        self._end_counter()
         if self.first_output is not None and self.last_output > self.first_output:
             stats["steady_tokens_per_second"] = round(
                 self.tokens_after_first / (self.last_output - self.first_output), 1)

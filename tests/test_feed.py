@@ -88,6 +88,11 @@ def _run_with(env: dict[str, str], tmp_path, tiny_model, name: str, caplog) -> d
             res = run_job(cfg)
         assert res.ok
         stats = json.loads((tmp_path / f"out-{name}" / "stats" / "encode.json").read_text())
+        # the progress actor ended with the per-shard stages (it does not idle through the corpus stages)
+        from ray._private.state import actors
+        alive = [a for a in actors().values() if a.get("ActorClassName", "").endswith("ProgressCounter")
+                 and a.get("State") not in ("DEAD", 4)]
+        assert not alive, alive
         return {"busy": stats["encoder_busy"], "model_cpu_s": stats["encoder_model_cpu_s"],
                 "compute_s": stats["encoder_compute_s"], "log": [r.getMessage() for r in caplog.records],
                 "report": (tmp_path / f"out-{name}" / "report.html").read_text()}
