@@ -106,18 +106,20 @@ class ShardCommits:
             return self.stats["documents"], self.stats["bert_tokens"]
         return self.progress.counts()
 
-    def _end_counter(self) -> None:
-        """End the progress actor once its last counts are read: it would otherwise idle, at a few
-        percent of a core (Ray's worker loop), through the corpus stages until the job ends."""
-        if self.counter is None:
-            return
-        import ray
+    def _last_fault_stats(self) -> dict[str, Any]:
+        """The stage's fault counts (:func:`fault_stats`), read once the stream is over; then the
+        progress actor ends: it would otherwise idle, at a few percent of a core (Ray's worker loop),
+        through the corpus stages until the job ends."""
+        found = fault_stats(self.counter, self.nodes_at_start)
+        if self.counter is not None:
+            import ray
 
-        try:
-            ray.kill(self.counter)
-        except Exception:  # noqa: BLE001 - already gone with its node: nothing to end
-            pass
-        self.counter = None
+            try:
+                ray.kill(self.counter)
+            except Exception:  # noqa: BLE001 - already gone with its node: nothing to end
+                pass
+            self.counter = None
+        return found
 
     def _stop_progress(self) -> None:
         if self._ticker is not None:
@@ -198,8 +200,7 @@ class ShardCommits:
         under on_bad_shard=fail) or a JobError; either carries the shards committed before it."""
         self._stop_progress()
         self.settle()
-        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
-        self._end_counter()
+        self.stats.update(self._last_fault_stats())
         cause = root_cause(e)
         if isinstance(cause, InputError) and cause.shard in self.by_key:  # a Ray task knew only the shard's key
             cause = cause.naming(self.by_key[cause.shard].url)
@@ -214,8 +215,7 @@ class ShardCommits:
         """SIGTERM stopped the stream: settle the commits submitted so far; the error to raise carries them."""
         self._stop_progress()
         self.settle()
-        self.stats.update(fault_stats(self.counter, self.nodes_at_start))
-        self._end_counter()
+        self.stats.update(self._last_fault_stats())
         left = len(self.todo) - len(self.markers)
         err = Interrupted(f"interrupted by SIGTERM: {len(self.markers)} shard(s) committed in this run, {left} left "
                           "for the next run")
@@ -239,8 +239,7 @@ class ShardCommits:
         if out.protocol == "file" and out.exists(TMP) and not out.fs.ls(out.path(TMP)):
             out.fs.rmdir(out.path(TMP))
         stats = self.stats
-        stats.update(fault_stats(self.counter, self.nodes_at_start))
-        self._end_counter()
+        stats.update(self._last_fault_stats())
         if self.first_output is not None and self.last_output > self.first_output:
             stats["steady_tokens_per_second"] = round(
                 self.tokens_after_first / (self.last_output - self.first_output), 1)

@@ -373,17 +373,18 @@ def _summary(pipe: dict[str, Any], parts: dict[str, float], part_tokens: int, to
     # The model's forward is left out as the encoder actors measured it in this very run (their
     # thread's CPU inside the forward, one torch thread): the in-process "model" part is a separate
     # run, and subtracting it moved the efficiency by up to a third between rounds of the same code.
-    model_per_mtok = pipe["model_cpu_s"] / max(tokens, 1) * 1e6 if pipe.get("model_cpu_s") else per_mtok["model"]
+    def model_cpu(run: dict[str, Any]) -> float:  # the in-process part's rate: an encoder that did not time it
+        return run.get("model_cpu_s") or per_mtok["model"] * run["encoded_tokens"] / 1e6
+
+    model_per_mtok = model_cpu(pipe) / max(tokens, 1) * 1e6
     feed_per_mtok = pipe_per_mtok - model_per_mtok
     per_core = tokens / max(pipe["cpu_s"], 1e-9)
     steady = {}
     if "startup" in pipe:  # the job's fixed start-up (workers, model load, Ray Data's actors) taken out
         st = pipe["startup"]
-        feed_cpu = pipe["cpu_s"] - pipe.get("model_cpu_s", 0.0) - st["cpu_s"] + st.get("model_cpu_s", 0.0)
         d_tok = max(tokens - st["encoded_tokens"], 1)
         marginal = (pipe["cpu_s"] - st["cpu_s"]) / d_tok * 1e6
-        if not pipe.get("model_cpu_s"):  # an encoder that does not report its model CPU
-            feed_cpu = (marginal - per_mtok["model"]) * d_tok / 1e6
+        feed_cpu = (pipe["cpu_s"] - model_cpu(pipe)) - (st["cpu_s"] - model_cpu(st))
         steady = {"startup_cpu_s": st["cpu_s"], "steady_s_per_mtok": round(marginal, 3),
                   "steady_feed_s_per_mtok": round(feed_cpu / d_tok * 1e6, 3),
                   "steady_feed_efficiency": round(d_tok / max(feed_cpu, 1e-9) / tok_rate, 3)}
