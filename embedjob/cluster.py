@@ -115,7 +115,7 @@ def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) 
     if e.actors:
         actors = e.actors
     elif device == "cuda":
-        actors = gpus
+        actors = gpus * e.actors_per_gpu
     else:
         actors = max(1, int(cpus // max(e.cpus_per_actor, 1) // 2) or 1)
     if e.resources:
@@ -130,9 +130,14 @@ def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) 
         elif fit < actors:
             actors = fit
     if device == "cuda":
-        plan = PoolPlan(device="cuda", actors=actors, num_gpus=1, num_cpus=e.cpus_per_actor,
+        share = 1 if e.actors_per_gpu == 1 else round(1.0 / e.actors_per_gpu, 6)
+        plan = PoolPlan(device="cuda", actors=actors, num_gpus=share, num_cpus=e.cpus_per_actor,
                         threads=e.threads_per_actor or 2)
-        logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
+        if e.actors_per_gpu == 1:
+            logger.info("encode: %d GPU actor(s), one per GPU (num_gpus=1)", actors)
+        else:
+            logger.info("encode: %d GPU actor(s), %d per GPU (num_gpus=%g each, encode.actors_per_gpu)",
+                        actors, e.actors_per_gpu, share)
     else:
         threads = e.threads_per_actor or max(1, cpus // actors)
         num_cpus = e.cpus_per_actor
@@ -150,11 +155,14 @@ def plan_encoder(e: EncodeConfig, resources: dict[str, float], *, static: bool) 
         logger.info("encode: each encoder actor asks for Ray resources %s", dict(e.resources))
     plan.preprocess_concurrency = e.preprocess_concurrency
     if device == "cuda":
-        _plan_feed(e.model, static, plan, max(gpus, actors), cpus)
+        _plan_feed(e.model, static, plan, max(gpus, -(-actors // e.actors_per_gpu)), cpus, e.actors_per_gpu)
+    elif e.actors_per_gpu > 1:
+        logger.info("encode: encode.actors_per_gpu=%d applies to GPU actors only; this pool runs on CPUs",
+                    e.actors_per_gpu)
     return plan
 
 
-def _plan_feed(model: str, static: bool, plan: PoolPlan, gpus: int, cpus: int) -> None:
+def _plan_feed(model: str, static: bool, plan: PoolPlan, gpus: int, cpus: int, actors_per_gpu: int = 1) -> None:
     """CPU preprocessing per GPU from the measured rates (busy.feed_plan), logged; sets the
     preprocess tasks at once unless ``encode.preprocess_concurrency`` does."""
     try:
@@ -162,7 +170,7 @@ def _plan_feed(model: str, static: bool, plan: PoolPlan, gpus: int, cpus: int) -
             hidden = json.load(f).get("hidden_size")
     except (OSError, ValueError):
         hidden = None
-    feed = feed_plan(gpus, cpus, hidden, static=static)
+    feed = feed_plan(gpus, cpus, hidden, static=static, actors_per_gpu=actors_per_gpu)
     plan.feed = feed
     if plan.preprocess_concurrency is None:
         plan.preprocess_concurrency = feed["preprocess_concurrency"]
@@ -170,9 +178,16 @@ def _plan_feed(model: str, static: bool, plan: PoolPlan, gpus: int, cpus: int) -
                 "tokens); the cluster has %.1f per GPU (expected encoder busy ~%d%%); %d preprocess tasks at once",
                 gpus, feed["gpu_tokens_per_s"] / 1e6, feed["cpus_per_gpu_needed"], feed["cpu_s_per_mtok"],
                 feed["cpus_per_gpu"], 100 * feed["expected_busy"], plan.preprocess_concurrency)
-    if feed["expected_busy"] < FEED_BOUND:
+    if feed["cpus_per_gpu"] < FEED_BOUND * feed["cpus_per_gpu_needed"]:
         logger.warning("encode: %.1f CPUs per GPU is below the ~%.1f that keep a GPU busy: add CPUs to the GPU nodes "
                        "(or CPU-only nodes for preprocessing)", feed["cpus_per_gpu"], feed["cpus_per_gpu_needed"])
+    if feed["actors_feed_tokens_per_s"] < FEED_BOUND * feed["gpu_tokens_per_s"]:
+        # an estimate from CPU measurements (bench feed), not yet checked on a GPU host: said, not warned
+        logger.info("encode: %d encoder actor(s) per GPU hand it at most ~%.1fM tokens/s (each actor's own thread "
+                    "spends ~%.2f CPU-s per million tokens around the model, as `embedjob bench feed` measured it "
+                    "on CPUs), below the GPU's ~%.1fM: encode.actors_per_gpu=%d would keep it busy",
+                    actors_per_gpu, feed["actors_feed_tokens_per_s"] / 1e6, feed["actor_cpu_s_per_mtok"],
+                    feed["gpu_tokens_per_s"] / 1e6, feed["actors_per_gpu_needed"])
 
 
 def _custom_resources(resources: dict[str, float]) -> dict[str, float]:

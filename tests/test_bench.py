@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedjob.bench.proc_cpu import ROLES, process_role
 from embedjob.cli import BENCHES, main
 
 # The long-document sources `bench windows` samples (embedjob.bench.windows.SOURCES).
@@ -98,6 +99,31 @@ def test_bench_feed(capsys, corpus):
     # the forward pass as the encoder actors timed it in the same run, left out of the feed efficiency
     assert 0 < r["model_cpu_s"] < r["cpu_s"] and 0 < r["feed_s_per_mtok"] < r["pipeline_s_per_mtok"]
     assert {"tokenize", "model", "static", "write"} <= set(r["parts_s_per_mtok"]), r["parts_s_per_mtok"]
+    # the CPU by process: every process of the tree has a role, the encoder's and the task workers' grow
+    roles = r["cpu_by_role"]
+    assert set(roles) == set(ROLES) and abs(sum(roles.values()) - r["cpu_s"]) < 0.1 * len(roles), (roles, r["cpu_s"])
+    assert roles["encoder actors"] > r["model_cpu_s"] and roles["task workers"] > 0 and roles["Ray's daemons"] > 0
+    assert roles["other"] == 0, roles  # no process left unnamed
+    # start-up out (on this tiny corpus only the keys are checked: the difference of two short runs is noise)
+    assert set(r["steady_role_s_per_mtok"]) == set(ROLES) and r["steady_feed_efficiency_job_processes"] > 0
+    assert r["actor_max_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("cmdline, role", [
+    ("ray::MapWorker(MapBatches(EncodeActor))", "encoder actors"),
+    ("ray::MapWorker(MapBatches(EncodeActor)).__call__", "encoder actors"),
+    ("ray::ProgressCounter.add", "progress actor"),
+    ("ray::_StatsActor", "Ray Data's actors"), ("ray::ActorLocationTracker", "Ray Data's actors"),
+    ("ray::_AutoscalingCoordinatorActor", "Ray Data's actors"),
+    ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "Ray's daemons"),
+    ("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=x", "Ray's daemons"),
+    ("ray::DashboardAgent", "Ray's daemons"),
+    ("/venv/bin/python -u /venv/lib/python3.11/site-packages/ray/_private/log_monitor.py", "Ray's daemons"),
+    ("ray::ReadShards->MapBatches(preprocess_batch)", "task workers"), ("ray::IDLE", "task workers"),
+    ("/usr/bin/sleep 10", "other"),
+])
+def test_bench_feed_names_the_role_of_each_process(cmdline, role):
+    assert process_role(cmdline) == role
 
 
 @pytest.mark.slow

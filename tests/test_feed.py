@@ -137,7 +137,9 @@ def test_gpu_check_feed_smoke_on_a_bare_host(tmp_path):
     feed = report["models"][0]["feed"]
     assert feed["tokens"] > 24 and feed["tokens_per_s"] > 0 and 0 < feed["busy"] <= 1
     assert feed["gensim"] is False and feed["ids_only_tokens_per_s"] > 0 and feed["host_cores_used"] > 0
-    assert "RESULT: ok" in (tmp_path / "out" / "gpu-check-feed.md").read_text()
+    assert feed["encoder_process_cpu_s_per_mtok"] > 0  # what one encoder actor's thread costs per token
+    table = (tmp_path / "out" / "gpu-check-feed.md").read_text()
+    assert "RESULT: ok" in table and "encoder process CPU-s per M tokens" in table
 
 
 def _hook_reference(tok_inst, first_pos, inst_slot, idx, spans, S):
@@ -226,6 +228,37 @@ def test_gpu_plan_sizes_preprocessing_per_gpu_and_logs_it(tmp_path, tiny_model, 
     assert plan_encoder(cfg.encode, {"CPU": 16.0, "GPU": 2.0}, static=cfg.static.enabled).preprocess_concurrency == 3
     cpu_only = small_job(tmp_path, tmp_path / "o", tiny_model)
     assert plan_encoder(cpu_only.encode, {"CPU": 2.0}, static=cpu_only.static.enabled).preprocess_concurrency is None
+
+
+def test_feed_plan_counts_what_the_encoder_actors_own_threads_can_hand_a_gpu(tmp_path, tiny_model, caplog):
+    """One actor's Python thread does the CPU work around each model call: at a GPU's rate that thread
+    can set the pace. The plan says how many actors per GPU keep it busy, and encode.actors_per_gpu
+    puts them there (num_gpus=1/N each), the CPUs for the preprocess tasks counted after them."""
+    from embedjob.cluster import plan_encoder
+
+    # 2.2M tokens/s (BERT-base) at 0.69 CPU-s per million on one thread: 1.45M tokens/s, 2 actors needed
+    one = feed_plan(gpus=1, cpus=32, hidden_size=768, static=True, actor_cpu_s_per_mtok=0.69)
+    assert one["actors_per_gpu_needed"] == 2 and one["actors_feed_tokens_per_s"] == round(1e6 / 0.69)
+    assert one["expected_busy"] == pytest.approx(round(1e6 / 0.69 / 2.2e6, 2))
+    two = feed_plan(gpus=1, cpus=32, hidden_size=768, static=True, actor_cpu_s_per_mtok=0.69, actors_per_gpu=2)
+    assert two["expected_busy"] == 1.0 and two["cpus_per_gpu"] == one["cpus_per_gpu"] - 1  # a CPU per actor
+    cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda"})
+    with caplog.at_level(logging.INFO, logger="embedjob.cluster"):
+        plan = plan_encoder(cfg.encode, {"CPU": 64.0, "GPU": 2.0}, static=True)
+    assert (plan.actors, plan.num_gpus) == (2, 1)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("encoder actor(s) per GPU hand it at most" in m and "encode.actors_per_gpu=" in m for m in msgs), msgs
+    caplog.clear()
+    cfg = small_job(tmp_path, tmp_path / "out", tiny_model, encode={"device": "cuda", "actors_per_gpu": 4})
+    with caplog.at_level(logging.INFO, logger="embedjob.cluster"):
+        plan = plan_encoder(cfg.encode, {"CPU": 64.0, "GPU": 2.0}, static=False)
+    assert (plan.actors, plan.num_gpus) == (8, 0.25) and plan.feed["actors_per_gpu"] == 4
+    assert plan.feed["cpus_per_gpu"] == (64 - 8) / 2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("8 GPU actor(s), 4 per GPU (num_gpus=0.25 each" in m for m in msgs), msgs
+    assert not any("hand it at most" in m for m in msgs)  # BERT-shaped tiny model, 4 actors: fed
+    cpu = small_job(tmp_path, tmp_path / "c", tiny_model, encode={"actors_per_gpu": 2})
+    assert plan_encoder(cpu.encode, {"CPU": 8.0}, static=False).num_gpus == 0  # CPU actors: ignored
 
 
 class _TransformersCallTokenizer:

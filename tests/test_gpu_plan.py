@@ -30,9 +30,14 @@ def ray_two_gpus():
 def test_pool_plan_is_one_actor_per_gpu_each_asking_for_one(ray_two_gpus):
     plan = plan_encoder(build_config({}).encode, ray_two_gpus.cluster_resources(), static=True)
     assert (plan.device, plan.actors, plan.num_gpus) == ("cuda", 2, 1)
+    shared = plan_encoder(build_config({"encode": {"actors_per_gpu": 2}}).encode, ray_two_gpus.cluster_resources(),
+                          static=True)
+    assert (shared.device, shared.actors, shared.num_gpus) == ("cuda", 4, 0.5)
 
 
-def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_path, tiny_model):
+@pytest.mark.parametrize("per_gpu", [1, 2])
+def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_path, tiny_model, per_gpu):
+    # per_gpu=2: Ray places the actors that share a GPU (num_gpus=0.5), each with that GPU's id
     import torch
 
     from embedjob.errors import JobError
@@ -42,7 +47,7 @@ def test_actor_without_cuda_fails_the_job_with_one_clear_line(ray_two_gpus, tmp_
         pytest.skip("this machine has CUDA: the no-CUDA message cannot be provoked here")
     write_shards(tmp_path / "in", SAMPLE_TEXTS * 2, n_shards=2)
     cfg = small_job(tmp_path / "in", tmp_path / "out", tiny_model,
-                    encode={"dtype": "bfloat16", "max_restarts": 0, "max_task_retries": 0})
+                    encode={"dtype": "bfloat16", "max_restarts": 0, "max_task_retries": 0, "actors_per_gpu": per_gpu})
     with pytest.raises(JobError) as info:
         run_job(cfg)
     msg = str(info.value)

@@ -20,7 +20,10 @@ It reports, for static vectors on and off:
 * the job's fixed start-up CPU (a run over the first ``STARTUP_DOCS`` documents of one shard: worker
   processes and their imports, the model's load, Ray Data's actors), and the pipeline's CPU per
   token with it taken out (``steady``): what a long backfill pays per token, and so what sizes a
-  GPU host's cores.
+  GPU host's cores;
+* that CPU by process (driver, encoder actors, task workers, progress actor, Ray Data's own actors,
+  Ray's node daemons; :func:`process_role`), start-up out, and the feed efficiency without Ray's
+  daemons and Ray Data's actors, which cost CPU per second rather than per token.
 
 Example::
 
@@ -36,11 +39,12 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
+from embedjob.bench.proc_cpu import TreeCpu, wait_quiet
 from embedjob.cluster import init_ray, plan_encoder
 from embedjob.config import apply_override, build_config
 from embedjob.models import model_fingerprint, resolve_model_path
@@ -67,81 +71,6 @@ PART_NAMES = {"read": "read (Parquet)", "preprocess": "gensim preprocess", "toke
               "static": "static accumulation", "model": "model (1 layer, 32 dim)",
               "encoder_io": "encoder actor Arrow in/out",
               "write": "Arrow/Parquet staged write", "commit": "commit", "rest": "Ray Data and the rest"}
-
-
-# -- CPU time of this process and everything under it (Ray's daemons and workers) ------------------
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, user + system CPU seconds) of every process readable in /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(d)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
-    return out
-
-
-def tree_cpu_seconds(root: Optional[int] = None) -> float:
-    """CPU seconds used so far by process ``root`` (this one) and its live descendants."""
-    root = root or os.getpid()
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += table.get(pid, (0, 0.0))[1]
-        todo.extend(children.get(pid, []))
-    return total
-
-
-class TreeCpu:
-    """Samples :func:`tree_cpu_seconds` every ``every`` seconds, so that processes that end before
-    the measurement does (Ray Data's task workers) still count up to their last sample."""
-
-    def __init__(self, every: float = 0.5):
-        import threading
-
-        self.every = every
-        self.seen: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-feed-cpu")
-
-    def _sample(self) -> None:
-        table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            self.seen[pid] = max(self.seen.get(pid, 0.0), table.get(pid, (0, 0.0))[1])
-            todo.extend(children.get(pid, []))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def __enter__(self) -> "TreeCpu":
-        self._sample()
-        self.start = dict(self.seen)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    @property
-    def seconds(self) -> float:
-        return sum(v - self.start.get(pid, 0.0) for pid, v in self.seen.items())
 
 
 # -- the near-free model ----------------------------------------------------------------------------
@@ -278,26 +207,6 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
 
 
 # -- the pipeline, on Ray ----------------------------------------------------------------------------
-QUIET_CORES = 0.15  # the process tree counts as settled below this CPU rate (Ray's idle daemons use ~0.05)
-QUIET_MAX_S = 20.0
-
-
-def wait_quiet(every: float = 0.5, max_s: float = QUIET_MAX_S) -> float:
-    """Wait until this process tree (Ray's daemons and workers) uses under ``QUIET_CORES`` cores over
-    ``every`` seconds, at most ``max_s``: the previous run's actors shut down (an encoder actor's exit
-    costs about a CPU-second) before the next run is measured, so that no run pays for another's
-    teardown. Returns the seconds waited."""
-    t0 = time.time()
-    last = tree_cpu_seconds()
-    while time.time() - t0 < max_s:
-        time.sleep(every)
-        now = tree_cpu_seconds()
-        if now - last < QUIET_CORES * every:
-            break
-        last = now
-    return time.time() - t0
-
-
 def pipeline_run(cfg, shards) -> dict[str, Any]:
     """The job's per-shard stages over ``shards`` on Ray: encoded tokens, wall and CPU seconds
     (measured once the process tree is quiet: :func:`wait_quiet`)."""
@@ -313,7 +222,7 @@ def pipeline_run(cfg, shards) -> dict[str, Any]:
         raise RuntimeError(f"bench feed: shards failed: {failures}")
     return {"encoded_tokens": int(stats["encoded_tokens"]), "documents": int(stats["documents"]),
             "wall_s": round(time.time() - t0, 2), "cpu_s": round(cpu.seconds, 2), "settled_s": round(settled, 1),
-            "model_cpu_s": round(float(stats.get("encoder_model_cpu_s", 0.0)), 3),
+            "model_cpu_s": round(float(stats.get("encoder_model_cpu_s", 0.0)), 3), "cpu_by_role": cpu.by_role(),
             **({"encoder_busy": stats["encoder_busy"]} if "encoder_busy" in stats else {})}
 
 
@@ -355,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
                 pipe = pipeline_run(cfg, shards)
                 start = pipeline_run(job_config(small, os.path.join(work, f"small-{key[-3:].strip()}"), model, static,
                                                 args.set or []), small_shards)
-                pipe["startup"] = {k: start[k] for k in ("encoded_tokens", "cpu_s", "wall_s", "model_cpu_s")}
+                pipe["startup"] = {k: start[k] for k in ("encoded_tokens", "cpu_s", "wall_s", "model_cpu_s", "cpu_by_role")}
                 parts, tokens = part_seconds(cfg, shards, os.path.join(work, f"parts-{key[-3:].strip()}"))
                 results["modes"].setdefault(key, []).append(_summary(pipe, parts, tokens, tok_rate))
         _report(results, args.json)
@@ -388,6 +297,20 @@ def _summary(pipe: dict[str, Any], parts: dict[str, float], part_tokens: int, to
         steady = {"startup_cpu_s": st["cpu_s"], "steady_s_per_mtok": round(marginal, 3),
                   "steady_feed_s_per_mtok": round(feed_cpu / d_tok * 1e6, 3),
                   "steady_feed_efficiency": round(d_tok / max(feed_cpu, 1e-9) / tok_rate, 3)}
+        if "cpu_by_role" in pipe and "cpu_by_role" in st:  # which processes grow with the tokens
+            by_role = {k: (pipe["cpu_by_role"][k] - st["cpu_by_role"].get(k, 0.0)) / d_tok * 1e6
+                       for k in pipe["cpu_by_role"]}
+            by_role["encoder actors"] -= (model_cpu(pipe) - model_cpu(st)) / d_tok * 1e6  # the model left out
+            steady["steady_role_s_per_mtok"] = {k: round(v, 3) for k, v in by_role.items()}
+            # every token passes through one encoder actor, whose calls run on one thread: the most one
+            # actor can hand a GPU, whatever the CPUs around it (encode.actors_per_gpu)
+            steady["actor_max_tokens_per_s"] = round(1e6 / max(by_role["encoder actors"], 1e-9))
+            # Ray's node daemons and Ray Data's own actors cost CPU per second, not per token: on this
+            # host's few cores they weigh more per token than on a GPU host that moves several times the
+            # tokens per second for the same cost
+            fixed = by_role["Ray's daemons"] + by_role["Ray Data's actors"]
+            steady["steady_feed_efficiency_job_processes"] = round(
+                1e6 / max(feed_cpu / d_tok * 1e6 - fixed, 1e-9) / tok_rate, 3)
     return {**pipe, **steady, "per_core": round(per_core), "tokenizer_per_core": round(tok_rate),
             "efficiency_with_model": round(per_core / tok_rate, 3),
             "feed_efficiency": round(1e6 / feed_per_mtok / tok_rate, 3),
@@ -424,4 +347,15 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
             print(f"    {'pipeline, start-up out':<28} {med['steady_s_per_mtok']:8.3f}   "
                   f"around the model {float(np.median([r['steady_feed_s_per_mtok'] for r in rounds])):.3f}, "
                   f"feed efficiency {med['steady_feed_efficiency']}")
+        if "steady_role_s_per_mtok" in rounds[0]:
+            print("  start-up out, by process (CPU s per million tokens, the model left out of the encoder's):")
+            for k in rounds[0]["steady_role_s_per_mtok"]:
+                v = float(np.median([r["steady_role_s_per_mtok"][k] for r in rounds]))
+                print(f"    {k:<28} {v:8.3f}")
+            cap = float(np.median([r["actor_max_tokens_per_s"] for r in rounds]))
+            print(f"    {'one encoder actor feeds':<28} {cap / 1e6:8.2f}M tokens/s at most (its own thread, the model "
+                  "left out: encode.actors_per_gpu)")
+            print(f"    {'feed efficiency, Ray out':<28} "
+                  f"{float(np.median([r['steady_feed_efficiency_job_processes'] for r in rounds])):8.3f}   "
+                  "(Ray's daemons and Ray Data's actors out: a per-second cost)")
         print(f"    {'(tokenizer alone)':<28} {float(np.median([r['tokenizer_s_per_mtok'] for r in rounds])):8.3f}")

@@ -8,7 +8,8 @@ is installed; a bare host has none, and the report says so) and tokenises them
 (:class:`~embedjob.stages.encode.tokenizer.Tokenizer`, whole documents as the job's default
 windows), while the main process feeds the encoder (:class:`TextEncoder`, packed on CUDA) block
 by block as they arrive. It reports tokens/s from Parquet, the encoder's busy fraction (seconds in
-``encode_ids`` / wall), the host cores used (CPU seconds of all processes / wall) and the ids-only
+``encode_ids`` / wall), the host cores used (CPU seconds of all processes / wall), the encoder
+process's own CPU seconds per million tokens (the most one encoder actor can hand its GPU) and the ids-only
 rate of the same encoder on the same ids, with the targets: BERT-base busy >= 90%, MiniLM end to
 end >= 50% of ids-only (on a GPU; on CPU the run is a smoke test of the plumbing).
 """
@@ -124,10 +125,14 @@ def run_feed(name: str, path: str, texts: list[str], max_length: int, args: Any,
             if args.feed_ids_only:
                 all_ids.extend(ids)
         wall = time.perf_counter() - t_ready
-        host_cpu = time.process_time() - c0 + worker_cpu  # the feeding process and the pool's work
+        feeder_cpu = time.process_time() - c0  # the encoder's process: what one encoder actor's thread does
+        host_cpu = feeder_cpu + worker_cpu  # the feeding process and the pool's work
     res.update(tokens=int(tokens), wall_s=round(wall, 2), tokens_per_s=round(tokens / wall),
                busy=round(busy / wall, 3), host_cores_used=round(host_cpu / wall, 2),
                worker_cpu_s_per_mtok=round(worker_cpu / max(tokens, 1) * 1e6, 2),
+               # the encoder's own process per token (kernel launches, window plan, packing, copies): one
+               # process can hand its GPU at most 1e6 / this tokens/s (encode.actors_per_gpu in the job)
+               encoder_process_cpu_s_per_mtok=round(feeder_cpu / max(tokens, 1) * 1e6, 3),
                pool_start_s=round(t_ready - t0, 2), max_document_tokens=max_document_tokens(max_length, 32, 64))
     if args.feed_ids_only:
         t = time.perf_counter()
@@ -146,13 +151,14 @@ def feed_table(report: dict[str, Any]) -> str:
     lines = [f"# embedjob gpu-check --feed — {report['device_name']} ({report['device']}, {report['dtype']}), "
              f"{report['host_cores']} host cores", "",
              "| model | tokens/s from Parquet | ids-only tokens/s | e2e / ids-only | encoder busy | host cores used "
-             "| worker CPU-s per M tokens | gensim | target |", "|---" * 9 + "|"]
+             "| worker CPU-s per M tokens | encoder process CPU-s per M tokens | gensim | target |", "|---" * 10 + "|"]
     for m in report["models"]:
         f = m.get("feed") or {}
         target = f"{f['target']}: {'met' if f['target_met'] else 'NOT met'}" if "target" in f else ""
         lines.append(f"| {m['model']} | {f.get('tokens_per_s', 0):,} | {f.get('ids_only_tokens_per_s', 0):,} | "
                      f"{f.get('vs_ids_only', '')} | {100 * f.get('busy', 0):.0f}% | {f.get('host_cores_used')} | "
-                     f"{f.get('worker_cpu_s_per_mtok')} | {'yes' if f.get('gensim') else 'not installed'} | {target} |")
+                     f"{f.get('worker_cpu_s_per_mtok')} | {f.get('encoder_process_cpu_s_per_mtok')} | "
+                     f"{'yes' if f.get('gensim') else 'not installed'} | {target} |")
         for err in m.get("failures", []):
             lines.append(f"\nFAILED: {err}")
     lines.append("")

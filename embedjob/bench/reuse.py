@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedjob.bench.corpus import DEFAULT_CORPUS
-from embedjob.bench.feed import TreeCpu
+from embedjob.bench.proc_cpu import TreeCpu
 from embedjob.config import build_config
 from embedjob.pipeline import run_job
 

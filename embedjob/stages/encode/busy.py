@@ -21,9 +21,15 @@ from typing import Any, Optional
 FEED_BOUND = 0.8  # encoder busy below this: feed-bound
 
 # CPU-seconds per million encoded tokens of the work around the model (read, gensim preprocess,
-# tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en
-# (README "CPU cores per GPU"); the plan's default when a job has no measurement of its own.
-FEED_CPU_S_PER_MTOK = {"static": 13.0, "plain": 6.8}
+# tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en with
+# the start-up taken out (README "CPU cores per GPU"); the plan's default when a job has no
+# measurement of its own.
+FEED_CPU_S_PER_MTOK = {"static": 3.5, "plain": 2.0}
+# Of that, the CPU-seconds per million tokens an encoder actor spends outside the model's forward, on
+# its one Python thread (window plan, batches, pooling bookkeeping, Arrow in and out; with static
+# vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out. One actor can feed its
+# GPU at most 1e6 / this tokens per second, whatever the CPUs around it.
+ACTOR_CPU_S_PER_MTOK = {"static": 0.69, "plain": 0.35}
 # Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
 GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
 
@@ -73,7 +79,7 @@ class PoolPlan:
 
     device: str
     actors: int
-    num_gpus: int
+    num_gpus: float  # per actor: 1 / encode.actors_per_gpu on GPUs, 0 on CPUs
     num_cpus: float
     threads: int
     resources: Optional[dict] = None  # custom Ray resources per actor (encode.resources)
@@ -97,17 +103,27 @@ def feed_bound_line(fraction: Optional[float], plan: PoolPlan) -> Optional[str]:
 
 
 def feed_plan(gpus: int, cpus: int, hidden_size: Optional[int], *, static: bool,
-              cpu_s_per_mtok: Optional[float] = None, gpu_tokens_per_s: Optional[float] = None) -> dict[str, Any]:
+              cpu_s_per_mtok: Optional[float] = None, gpu_tokens_per_s: Optional[float] = None,
+              actors_per_gpu: int = 1, actor_cpu_s_per_mtok: Optional[float] = None) -> dict[str, Any]:
     """CPU preprocessing per GPU: the CPUs that keep one GPU busy (its encoder rate x the CPU
     seconds per token of the work around the model), what the cluster has per GPU, and the
     preprocess tasks to run at once (all the CPUs the encoder actors leave free, at most what
-    the GPUs need). Rates default to the measured ones (:data:`FEED_CPU_S_PER_MTOK`,
-    :data:`GPU_TOKENS_PER_S`)."""
+    the GPUs need); and what the encoder actors' own threads can feed one GPU (``actors_per_gpu``
+    x 1e6 / their CPU seconds per million tokens outside the model), with the actors per GPU that
+    keep it busy. Rates default to the measured ones (:data:`FEED_CPU_S_PER_MTOK`,
+    :data:`ACTOR_CPU_S_PER_MTOK`, :data:`GPU_TOKENS_PER_S`)."""
+    kind = "static" if static else "plain"
     rate = gpu_tokens_per_s or GPU_TOKENS_PER_S.get(int(hidden_size or 0)) or GPU_TOKENS_PER_S[768]
-    cost = cpu_s_per_mtok or FEED_CPU_S_PER_MTOK["static" if static else "plain"]
+    cost = cpu_s_per_mtok or FEED_CPU_S_PER_MTOK[kind]
+    actor_cost = actor_cpu_s_per_mtok or ACTOR_CPU_S_PER_MTOK[kind]
     need = rate * cost / 1e6  # CPUs that keep one GPU busy
-    have = (cpus - gpus) / max(gpus, 1)  # one CPU per GPU actor
-    tasks = max(1, min(cpus - gpus, int(math.ceil(need * max(gpus, 1)))))
+    actors = max(gpus, 1) * actors_per_gpu
+    have = (cpus - actors) / max(gpus, 1)  # one CPU per encoder actor
+    tasks = max(1, min(cpus - actors, int(math.ceil(need * max(gpus, 1)))))
+    actor_feed = actors_per_gpu * 1e6 / actor_cost  # tokens/s the actors of one GPU can hand it
+    busy = min(1.0, have / need if need > 0 else 1.0, actor_feed / rate)
     return {"cpus_per_gpu_needed": round(need, 1), "cpus_per_gpu": round(have, 1),
             "gpu_tokens_per_s": rate, "cpu_s_per_mtok": cost, "preprocess_concurrency": tasks,
-            "expected_busy": round(min(1.0, have / need), 2) if need > 0 else 1.0}
+            "actor_cpu_s_per_mtok": actor_cost, "actors_per_gpu": actors_per_gpu,
+            "actors_feed_tokens_per_s": round(actor_feed), "actors_per_gpu_needed": math.ceil(rate * actor_cost / 1e6),
+            "expected_busy": round(max(busy, 0.0), 2)}

@@ -94,6 +94,14 @@ class EncodeConfig(Section):
     actors: Optional[int] = Field(
         None, ge=1, description="Encoder actors; null = number of GPUs (GPU) or CPUs / cpus_per_actor (CPU)."
     )
+    actors_per_gpu: int = Field(
+        1, ge=1, le=16,
+        description="Encoder actors sharing each GPU (each asks for num_gpus=1/N): one actor's own Python thread "
+        "does the CPU work around each model call (window plan, batching, pooling bookkeeping, static "
+        "accumulation), and on a fast GPU with a small model that one thread, not the GPU, can set the pace "
+        "(the job logs it when the measured rates say so). Each actor holds its own copy of the model. "
+        "GPU actors only.",
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor.")
     threads_per_actor: Optional[int] = Field(
         None, ge=1, description="torch intra-op threads per CPU actor; null = the node's cores / actors."
