@@ -152,6 +152,9 @@ def test_static_vectors_with_reuse_equal_a_clean_run(ray_local, tmp_path, tiny_m
     assert res.ok and _docs(res)["encoded"] == 24 + 10 and st["homes_encoded_again"] == 1
     assert st["unchanged_shards_processed_again"] == ["part-00001"] and st["documents_encoded_again"] == 22
     assert _docs(res)["reused"] == 3  # part-00001's rows of old shard 1 (rows 13-26 of 0-95: 11 of shard 0)
+    # the encoded-again home's carried part is named by no marker any more: removed; the other 3 stay
+    assert res.manifest["stages"]["static"]["carried_parts_removed"] == 1
+    assert len(list((tmp_path / "out" / "static" / "carried").iterdir())) == 3
     fresh = run_job(small_job(tmp_path / "in", tmp_path / "fresh", tiny_model, **STATIC))
     assert fresh.ok
     _same_static(tmp_path / "out", tmp_path / "fresh")

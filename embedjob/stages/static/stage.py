@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from embedjob.errors import StaticVectorsError
-from embedjob.layout import PARTS_DIR, STATIC_DIR, shard_file, shard_marker
+from embedjob.layout import CARRIED_DIR, PARTS_DIR, STATIC_DIR, shard_file, shard_marker
 from embedjob.reconcile import read_marker
 from embedjob.stages.reuse.static import home_part, marker_homes
 from embedjob.stages.static.parts import part_sums
@@ -41,6 +41,7 @@ def run_static(scfg: StaticConfig, out: "Storage", committed_shards: list[str]) 
     and ``vectors.kv`` (only after everything succeeded; see :func:`embedjob.wordvectors.write_keyed_vectors`).
     Returns stats."""
     present = _present_parts(out, committed_shards)
+    carried_removed = _drop_unreferenced_carried(out, present)
     # pass 1: counts only, to apply min_count before touching the sums
     totals, dim = _word_totals(out, present)
     kept = sorted(w for w, c in totals.items() if c >= scfg.min_count)
@@ -68,6 +69,7 @@ def run_static(scfg: StaticConfig, out: "Storage", committed_shards: list[str]) 
         "word_pooling": scfg.word_pooling,
         "layers": scfg.layers,
         "postprocess": scfg.postprocess,
+        "carried_parts_removed": carried_removed,
         "vectors": out.url(f"{STATIC_DIR}/{KV_NAME}"),
         "word2vec_binary": out.url(f"{STATIC_DIR}/{BIN_NAME}"),
     }
@@ -113,6 +115,21 @@ def _present_parts(out: "Storage", committed_shards: list[str]) -> list[str]:
     if missing:
         raise StaticVectorsError(f"static word vector part(s) {', '.join(out.url(m) for m in missing[:3])} missing")
     return list(present)
+
+
+def _drop_unreferenced_carried(out: "Storage", present: list[str]) -> int:
+    """Delete the carried parts (``static/carried/<commit>.parquet``, output.reuse) that no kept shard's
+    marker names any more (every row of their commit was encoded again or left the output): nothing
+    can read them (a row's home comes from its marker), and a later run that would carry such a home
+    copies it again from its shard's own part, or encodes its documents again. Returns how many."""
+    named = set(present)
+    gone = [rel for rel in (f"{CARRIED_DIR}/{name}" for name in out.list(CARRIED_DIR, suffix=".parquet"))
+            if rel not in named]
+    for rel in gone:
+        out.delete(rel)
+    if gone:
+        logger.info("static: removed %d carried part(s) that no committed shard names any more", len(gone))
+    return len(gone)
 
 
 def _word_totals(out: "Storage", present: list[str]) -> tuple[dict[str, int], int]:
