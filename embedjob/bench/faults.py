@@ -74,14 +74,15 @@ def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:
 
 
 def _child_groups(pid: int) -> set[int]:
-    """Process groups of ``pid``'s children (the supervised driver leads its own)."""
+    """Process groups of everything under ``pid`` (the supervised driver leads its own, and the
+    local Ray it starts may lead others)."""
     groups = set()
-    for child, _ in descendant_processes(pid)[:1]:
+    for child, _ in descendant_processes(pid):
         try:
             groups.add(os.getpgid(child))
         except ProcessLookupError:
             pass
-    return groups
+    return groups - {os.getpgrp()}  # never this process's own group
 
 
 def _build_corpus(folder: str, docs: int, shards: int) -> int:
@@ -120,9 +121,11 @@ def _run(spec: str, output: str, *, overwrite: bool, kill: Optional[tuple[str, f
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
     done: dict[str, Any] = {"kill": None}
     groups = {proc.pid}  # `embedjob run`'s process group, and its driver's own (supervise.py)
+    looked = 0.0
     while proc.poll() is None and time.time() - t0 < timeout:
-        if len(groups) == 1 and time.time() - t0 > 1:
+        if time.time() - t0 > 1 and time.time() - looked > 2:  # the driver's group, and what Ray starts later
             groups |= _child_groups(proc.pid)
+            looked = time.time()
         if kill is not None and done["kill"] is None and time.time() - t0 >= kill[1]:
             target = kill[0]
             if target == "driver-sigkill":
@@ -142,6 +145,8 @@ def _run(spec: str, output: str, *, overwrite: bool, kill: Optional[tuple[str, f
                         pass
         time.sleep(0.05)
     timed_out = proc.poll() is None
+    if timed_out:
+        groups |= _child_groups(proc.pid)  # what started since the first look
     for g in sorted(groups):  # what the driver left behind (a killed driver's Ray), or all of a run timed out
         try:
             os.killpg(g, signal.SIGKILL)
