@@ -4,6 +4,7 @@ huge documents are capped and counted, and the recipe changes with the window se
 
 import json
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.stages.encode import EncodeConfig, TextEncoder
-from embedjob.stages.encode.windows import max_document_tokens, plan_windows, snap_slack, window_content
+from embedjob.stages.encode.windows import (
+    WindowPlan,
+    _snap,
+    max_document_tokens,
+    plan_windows,
+    snap_slack,
+    window_content,
+)
 from tests.conftest import SAMPLE_TEXTS, write_shards
 from tests.helpers import small_job
 
@@ -443,3 +451,71 @@ def test_search_returns_the_passage_that_holds_a_planted_phrase(ray_local, tmp_p
     assert "passage" not in docs[0] and docs[0]["text_start"]
     line = search_report(out, "a lighthouse keeper painting the stairs blue", k=1)
     assert ids[0] in line and hits[0]["passage"].replace("\n", " ")[:100] in line  # the passage, not the head
+
+
+def _plan_windows_reference(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int,
+                 sentences: Optional[Sequence[Optional[np.ndarray]]] = None, head: int = 1,
+                 tail: int = 1) -> WindowPlan:
+    """The per-document original of :func:`plan_windows` (one Python pass per document). ``sentences``:
+    each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None.
+    ``head``/``tail``: leading and closing tokens each cut window repeats (see :class:`WindowPlan`)."""
+    k = window_content(max_length, head, tail)
+    stride = max(1, k - overlap)
+    slack = snap_slack(max_length, overlap, head, tail)
+    docs, starts, ends, wholes, lo, hi = [], [], [], [], [], []
+    n = len(lengths)
+    windows = np.zeros(n, dtype=np.int32)
+    capped = np.zeros(n, dtype=bool)
+    for d in range(n):
+        L = int(lengths[d])
+        if L <= max_length:
+            s, e, whole = np.array([0]), np.array([L]), np.array([True])
+        else:
+            m = 1 + -(-(L - head - tail - k) // stride)
+            s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
+            if m > max_windows:
+                capped[d] = True
+            else:
+                s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
+            e, whole = s + k, np.zeros(len(s), dtype=bool)
+            b = sentences[d] if sentences is not None and slack else None
+            if b is not None and len(b):
+                s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
+        centre2 = s + e  # twice the centre
+        cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
+        cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
+        docs.append(np.full(len(s), d, dtype=np.int64))
+        starts.append(s)
+        ends.append(e)
+        wholes.append(whole)
+        lo.append(np.concatenate([[0], cut]))
+        hi.append(np.concatenate([cut, [L]]))
+        windows[d] = len(s)
+    if not n:
+        z = np.zeros(0, np.int64)
+        return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped, head, tail)
+    cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+    return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped,
+                      head, tail)
+
+
+@pytest.mark.parametrize("max_length,overlap,max_windows", [(16, 4, 10_000), (32, 0, 3), (256, 32, 64), (10, 4, 2)])
+def test_plan_windows_equals_the_per_document_original(max_length, overlap, max_windows):
+    """Short documents planned at once, long ones cut one by one: the same plan as the per-document
+    loop it replaced, field by field, with and without sentence snapping, capped or not, empty batch."""
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([[2, max_length, max_length + 1], rng.integers(2, 3 * max_length, 300),
+                              rng.integers(2, 40 * max_length, 30)])
+    rng.shuffle(lengths)
+    starts = [np.flatnonzero(rng.random(L) < 0.1) for L in lengths.tolist()]
+    starts = [b[(b >= 2) & (b <= L - 2)] for b, L in zip(starts, lengths.tolist())]
+    for sentences in (None, starts):
+        for head, tail in ((1, 1), (3, 1)):
+            got = plan_windows(lengths, max_length, overlap, max_windows, sentences, head, tail)
+            want = _plan_windows_reference(lengths, max_length, overlap, max_windows, sentences, head, tail)
+            for f in ("doc", "start", "end", "whole", "own_lo", "own_hi", "windows", "capped"):
+                a, b = getattr(got, f), getattr(want, f)
+                assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
+            assert (got.head, got.tail) == (want.head, want.tail)
+    empty = plan_windows(np.zeros(0, np.int64), max_length, overlap, max_windows)
+    assert isinstance(empty, WindowPlan) and len(empty.doc) == 0 and len(empty.windows) == 0

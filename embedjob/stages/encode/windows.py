@@ -128,45 +128,46 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
                  tail: int = 1) -> WindowPlan:
     """Windows over documents of ``lengths`` token ids each (special tokens included). ``sentences``:
     each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None.
-    ``head``/``tail``: leading and closing tokens each cut window repeats (see :class:`WindowPlan`)."""
+    ``head``/``tail``: leading and closing tokens each cut window repeats (see :class:`WindowPlan`).
+    A document that fits is one whole window, planned for all of them at once; only the longer ones
+    are cut one by one (tests/test_windows.py holds it equal to the per-document original)."""
     k = window_content(max_length, head, tail)
     stride = max(1, k - overlap)
     slack = snap_slack(max_length, overlap, head, tail)
-    docs, starts, ends, wholes, lo, hi = [], [], [], [], [], []
-    n = len(lengths)
-    windows = np.zeros(n, dtype=np.int32)
+    L_all = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    n = len(L_all)
+    windows = np.ones(n, dtype=np.int32)
     capped = np.zeros(n, dtype=bool)
-    for d in range(n):
-        L = int(lengths[d])
-        if L <= max_length:
-            s, e, whole = np.array([0]), np.array([L]), np.array([True])
+    cut_docs: dict[int, tuple[np.ndarray, ...]] = {}
+    for d in np.flatnonzero(L_all > max_length).tolist():
+        L = int(L_all[d])
+        m = 1 + -(-(L - head - tail - k) // stride)
+        s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
+        if m > max_windows:
+            capped[d] = True
         else:
-            m = 1 + -(-(L - head - tail - k) // stride)
-            s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
-            if m > max_windows:
-                capped[d] = True
-            else:
-                s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
-            e, whole = s + k, np.zeros(len(s), dtype=bool)
-            b = sentences[d] if sentences is not None and slack else None
-            if b is not None and len(b):
-                s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
+            s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
+        e = s + k
+        b = sentences[d] if sentences is not None and slack else None
+        if b is not None and len(b):
+            s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
         centre2 = s + e  # twice the centre
         cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
         cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
-        docs.append(np.full(len(s), d, dtype=np.int64))
-        starts.append(s)
-        ends.append(e)
-        wholes.append(whole)
-        lo.append(np.concatenate([[0], cut]))
-        hi.append(np.concatenate([cut, [L]]))
+        cut_docs[d] = (s, e, np.concatenate([[0], cut]), np.concatenate([cut, [L]]))
         windows[d] = len(s)
-    if not n:
-        z = np.zeros(0, np.int64)
-        return WindowPlan(z, z, z, np.zeros(0, bool), z, z, windows, capped, head, tail)
-    cat = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
-    return WindowPlan(cat(docs), cat(starts), cat(ends), np.concatenate(wholes), cat(lo), cat(hi), windows, capped,
-                      head, tail)
+    first = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(windows, out=first[1:])
+    doc = np.repeat(np.arange(n, dtype=np.int64), windows)
+    start = np.zeros(int(first[-1]), dtype=np.int64)
+    end = L_all[doc].copy()  # a whole window: [0, L), owning all of it
+    whole = np.ones(len(doc), dtype=bool)
+    own_lo, own_hi = start.copy(), end.copy()
+    for d, (s, e, lo, hi) in cut_docs.items():
+        at = slice(int(first[d]), int(first[d + 1]))
+        start[at], end[at], own_lo[at], own_hi[at] = s, e, lo, hi
+        whole[at] = False
+    return WindowPlan(doc, start, end, whole, own_lo, own_hi, windows, capped, head, tail)
 
 
 def plan_for(settings: Any, ids: Sequence[np.ndarray], end_ids: Optional[np.ndarray] = None) -> WindowPlan:
