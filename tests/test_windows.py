@@ -4,7 +4,6 @@ huge documents are capped and counted, and the recipe changes with the window se
 
 import json
 import os
-from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +13,7 @@ import pytest
 from embedjob.stages.encode import EncodeConfig, TextEncoder
 from embedjob.stages.encode.windows import (
     WindowPlan,
-    _snap,
+    cut_document,
     max_document_tokens,
     plan_windows,
     snap_slack,
@@ -453,12 +452,9 @@ def test_search_returns_the_passage_that_holds_a_planted_phrase(ray_local, tmp_p
     assert ids[0] in line and hits[0]["passage"].replace("\n", " ")[:100] in line  # the passage, not the head
 
 
-def _plan_windows_reference(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int,
-                 sentences: Optional[Sequence[Optional[np.ndarray]]] = None, head: int = 1,
-                 tail: int = 1) -> WindowPlan:
-    """The per-document original of :func:`plan_windows` (one Python pass per document). ``sentences``:
-    each document's sentence starts (:func:`sentence_starts`) to snap boundaries to, or None.
-    ``head``/``tail``: leading and closing tokens each cut window repeats (see :class:`WindowPlan`)."""
+def _plan_windows_reference(lengths, max_length, overlap, max_windows, sentences=None, head=1, tail=1) -> WindowPlan:
+    """The per-document original of :func:`plan_windows` (a Python pass and arrays per document,
+    short ones included); a long document's windows are cut by the same :func:`cut_document`."""
     k = window_content(max_length, head, tail)
     stride = max(1, k - overlap)
     slack = snap_slack(max_length, overlap, head, tail)
@@ -469,27 +465,17 @@ def _plan_windows_reference(lengths: np.ndarray, max_length: int, overlap: int, 
     for d in range(n):
         L = int(lengths[d])
         if L <= max_length:
-            s, e, whole = np.array([0]), np.array([L]), np.array([True])
+            s, e, whole, lo_d, hi_d = np.array([0]), np.array([L]), np.array([True]), np.array([0]), np.array([L])
         else:
-            m = 1 + -(-(L - head - tail - k) // stride)
-            s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
-            if m > max_windows:
-                capped[d] = True
-            else:
-                s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
-            e, whole = s + k, np.zeros(len(s), dtype=bool)
             b = sentences[d] if sentences is not None and slack else None
-            if b is not None and len(b):
-                s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
-        centre2 = s + e  # twice the centre
-        cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
-        cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
+            s, e, lo_d, hi_d, capped[d] = cut_document(L, k, stride, slack, max_windows, b, head, tail)
+            whole = np.zeros(len(s), dtype=bool)
         docs.append(np.full(len(s), d, dtype=np.int64))
         starts.append(s)
         ends.append(e)
         wholes.append(whole)
-        lo.append(np.concatenate([[0], cut]))
-        hi.append(np.concatenate([cut, [L]]))
+        lo.append(lo_d)
+        hi.append(hi_d)
         windows[d] = len(s)
     if not n:
         z = np.zeros(0, np.int64)

@@ -123,6 +123,25 @@ def _snap(s: np.ndarray, e: np.ndarray, b: np.ndarray, slack: int, k: int, last_
     return s, e
 
 
+def cut_document(L: int, k: int, stride: int, slack: int, max_windows: int, sentences: Optional[np.ndarray],
+                 head: int = 1, tail: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The windows of one document of ``L`` token ids longer than a window (``k`` content tokens
+    each, ``stride`` apart, boundaries snapped to ``sentences`` within ``slack``): their starts,
+    ends, owned ranges ``[lo, hi)``, and whether ``max_windows`` capped it."""
+    m = 1 + -(-(L - head - tail - k) // stride)
+    s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
+    capped = m > max_windows
+    if not capped:
+        s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
+    e = s + k
+    if sentences is not None and len(sentences):
+        s, e = _snap(s, e, np.asarray(sentences), slack, k, not capped)
+    centre2 = s + e  # twice the centre
+    cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
+    cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
+    return s, e, np.concatenate([[0], cut]), np.concatenate([cut, [L]]), capped
+
+
 def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows: int,
                  sentences: Optional[Sequence[Optional[np.ndarray]]] = None, head: int = 1,
                  tail: int = 1) -> WindowPlan:
@@ -140,21 +159,9 @@ def plan_windows(lengths: np.ndarray, max_length: int, overlap: int, max_windows
     capped = np.zeros(n, dtype=bool)
     cut_docs: dict[int, tuple[np.ndarray, ...]] = {}
     for d in np.flatnonzero(L_all > max_length).tolist():
-        L = int(L_all[d])
-        m = 1 + -(-(L - head - tail - k) // stride)
-        s = head + stride * np.arange(min(m, max_windows), dtype=np.int64)
-        if m > max_windows:
-            capped[d] = True
-        else:
-            s[-1] = L - tail - k  # the last window ends with the document: full context for its tail
-        e = s + k
         b = sentences[d] if sentences is not None and slack else None
-        if b is not None and len(b):
-            s, e = _snap(s, e, np.asarray(b), slack, k, not capped[d])
-        centre2 = s + e  # twice the centre
-        cut = (centre2[:-1] + centre2[1:] + 3) // 4  # first position nearer the next window's centre
-        cut = np.maximum.accumulate(np.clip(cut, s[1:], e[:-1])) if len(cut) else cut  # inside both windows
-        cut_docs[d] = (s, e, np.concatenate([[0], cut]), np.concatenate([cut, [L]]))
+        s, e, lo, hi, capped[d] = cut_document(int(L_all[d]), k, stride, slack, max_windows, b, head, tail)
+        cut_docs[d] = (s, e, lo, hi)
         windows[d] = len(s)
     first = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(windows, out=first[1:])
