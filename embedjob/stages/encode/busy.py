@@ -27,9 +27,10 @@ FEED_BOUND = 0.8  # encoder busy below this: feed-bound
 FEED_CPU_S_PER_MTOK = {"static": 3.5, "plain": 2.0}
 # Of that, the CPU-seconds per million tokens an encoder actor spends outside the model's forward, on
 # its one Python thread (window plan, batches, pooling bookkeeping, Arrow in and out; with static
-# vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out. One actor can feed its
-# GPU at most 1e6 / this tokens per second, whatever the CPUs around it.
-ACTOR_CPU_S_PER_MTOK = {"static": 0.69, "plain": 0.35}
+# vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out, the median of 4 runs
+# (padded and packed batches; they ranged 0.69-0.93 and 0.29-0.42). One actor can feed its GPU at most
+# 1e6 / this tokens per second, whatever the CPUs around it.
+ACTOR_CPU_S_PER_MTOK = {"static": 0.75, "plain": 0.36}
 # Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
 GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
 
