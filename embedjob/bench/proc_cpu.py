@@ -99,9 +99,11 @@ class TreeCpu:
         while todo:
             pid = todo.pop()
             cpu = table.get(pid, (0, 0.0))[1]
-            if pid != os.getpid() and (pid not in self.roles or cpu > self.seen.get(pid, 0.0)):  # new, or working since the last sample
+            # new, or working since the last sample: its role from its title now
+            if pid != os.getpid() and (pid not in self.roles or cpu > self.seen.get(pid, 0.0)):
                 title = _cmdline(pid)
-                if pid not in self.roles or "IDLE" not in title:  # an idle worker keeps its last role
+                # an idle worker keeps its last role, and so does one ending (a zombie's command line is empty)
+                if title and (pid not in self.roles or "IDLE" not in title):
                     self.roles[pid] = process_role(title)
             self.seen[pid] = max(self.seen.get(pid, 0.0), cpu)
             todo.extend(children.get(pid, []))
