@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from embedjob.bench.proc_cpu import descendants, process_cmdline
 from embedjob.models import resolve_model_path
 from embedjob.sample_corpus import _lee_docs
 from embedjob.wordvectors import load_job_vectors
@@ -39,26 +40,7 @@ ALLOWED_EXITS = {0, 2, 3, 75}
 
 def descendant_processes(root: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process below ``root``."""
-    parent: dict[int, int] = {}
-    cmd: dict[int, str] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd[int(d)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        for c, pp in parent.items():
-            if pp == p:
-                out.append((c, cmd.get(c, "")))
-                todo.append(c)
-    return out
+    return [(pid, process_cmdline(pid)) for pid in descendants(root)]
 
 
 def _victim(driver: int, target: str) -> Optional[tuple[int, str]]:

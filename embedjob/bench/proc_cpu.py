@@ -31,19 +31,25 @@ def _proc_table() -> dict[int, tuple[int, float]]:
     return out
 
 
+def descendants(root: int, table: Optional[dict[int, tuple[int, float]]] = None) -> list[int]:
+    """The pids of every live process below ``root`` (``table``: a :func:`_proc_table`, read now if None)."""
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def tree_cpu_seconds(root: Optional[int] = None) -> float:
     """CPU seconds used so far by process ``root`` (this one) and its live descendants."""
     root = root or os.getpid()
     table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += table.get(pid, (0, 0.0))[1]
-        todo.extend(children.get(pid, []))
-    return total
+    return sum(table.get(pid, (0, 0.0))[1] for pid in [root, *descendants(root, table)])
 
 
 # Roles of the processes under the driver, from their command lines (Ray names a worker's process after
@@ -68,10 +74,11 @@ def process_role(cmdline: str) -> str:
     return "other"
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """The command line of ``pid`` as one string ("" when it is gone, or a zombie's)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read(300).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:
         return ""
 
@@ -92,21 +99,16 @@ class TreeCpu:
 
     def _sample(self) -> None:
         table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [os.getpid()]
-        while todo:
-            pid = todo.pop()
+        me = os.getpid()
+        for pid in [me, *descendants(me, table)]:
             cpu = table.get(pid, (0, 0.0))[1]
             # new, or working since the last sample: its role from its title now
-            if pid != os.getpid() and (pid not in self.roles or cpu > self.seen.get(pid, 0.0)):
-                title = _cmdline(pid)
+            if pid != me and (pid not in self.roles or cpu > self.seen.get(pid, 0.0)):
+                title = process_cmdline(pid)
                 # an idle worker keeps its last role, and so does one ending (a zombie's command line is empty)
                 if title and (pid not in self.roles or "IDLE" not in title):
                     self.roles[pid] = process_role(title)
             self.seen[pid] = max(self.seen.get(pid, 0.0), cpu)
-            todo.extend(children.get(pid, []))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -133,7 +135,6 @@ class TreeCpu:
         for pid, v in self.seen.items():
             out[self.roles.get(pid, "other")] += v - self.start.get(pid, 0.0)
         return {k: round(v, 2) for k, v in out.items()}
-
 
 
 # -- waiting for the previous run to settle --------------------------------------------------------
