@@ -212,3 +212,31 @@ def test_bench_word2vec(capsys, corpus, tmp_path):
     for side in ("gensim", "embedjob"):
         assert res[side]["words_per_s"] > 0 and res[side]["vocabulary"] > 100
         assert isinstance(res[side]["wordsim_spearman"], float)
+
+
+def test_bench_feed_cuts_a_labelled_subset_into_equal_shards(tmp_path):
+    """--where source=a,c: the rows of every shard whose column is one of the values, in corpus order,
+    in N shards of equal size; a missing column or no matching row is one line naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedjob.bench.feed import subset_shards
+
+    urls = []
+    for k in range(3):
+        urls.append(str(tmp_path / f"in-{k}.parquet"))
+        pq.write_table(pa.table({"id": [f"{k}-{i}" for i in range(6)], "text": ["t"] * 6,
+                                 "source": ["a", "b", "c"] * 2}), urls[-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    got = subset_shards(urls, "source=a,c", 3, str(out))
+    tables = [pq.read_table(u) for u in got]
+    assert [t.num_rows for t in tables] == [4, 4, 4]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    assert ids == [f"{k}-{i}" for k in range(3) for i in (0, 2, 3, 5)]
+    with pytest.raises(ValueError, match="no column 'label'"):
+        subset_shards(urls, "label=x", 2, str(out))
+    with pytest.raises(ValueError, match="no row"):
+        subset_shards(urls, "source=z", 2, str(out))
+    with pytest.raises(ValueError, match="COLUMN=V1"):
+        subset_shards(urls, "source", 2, str(out))

@@ -451,7 +451,8 @@ def test_batch_alignment_equals_the_per_token_original(kind, minilm_path, tmp_pa
             assert out.schema.field(WORDS).type == pa.list_(pa.string())
     # word ids out of order (no BERT tokenizer's): the per-document path, the same answer
     wid, offs = [None, 1, 0, 1, None], [(0, 0), (4, 7), (0, 3), (8, 9), (0, 0)]
-    got = align_batch(["the cat sat"], [wid], [offs], np.array([False]), None, ref)
+    got = align_batch(["the cat sat"], np.array([-1, 1, 0, 1, -1]), np.array(offs), np.array([5]), np.array([False]),
+                      None, ref)
     assert (got[0].to_pylist()[0], got[1].to_pylist()[0]) == align_doc_reference("the cat sat", wid, offs, False,
                                                                                   None, ref)
 

@@ -183,7 +183,7 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
         for b in blocks:
             texts = b.column(inp.text_column).to_pylist()
             clock.run("preprocess", preprocess_texts, texts, cfg.preprocess, pre.chain)
-            clock.run("tokenize", tok.encode, [t for t in texts if t and t.strip()], words=static is not None)
+            clock.run("tokenize", tok.encode_flat, [t for t in texts if t and t.strip()], words=static is not None)
             c = time.thread_time()
             done.append(pre(b))  # preprocess, tokenize, align: the remainder is the alignment (or columns)
             clock.s["align"] += time.thread_time() - c
@@ -226,6 +226,36 @@ def pipeline_run(cfg, shards) -> dict[str, Any]:
             **({"encoder_busy": stats["encoder_busy"]} if "encoder_busy" in stats else {})}
 
 
+def subset_shards(urls: list[str], where: str, n: int, folder: str) -> list[str]:
+    """``--where COLUMN=V1,V2``: the rows of all ``urls`` whose COLUMN is one of the values, in
+    corpus order, cut into ``n`` Parquet shards of equal size in ``folder``; their paths."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    column, _, values = where.partition("=")
+    wanted = [v for v in values.split(",") if v]
+    if not column or not wanted:
+        raise ValueError(f"bench feed: --where {where!r}: expected COLUMN=V1,V2,...")
+    parts = []
+    for u in urls:
+        t = pq.read_table(u)
+        if column not in t.column_names:
+            raise ValueError(f"bench feed: --where: shard {u} has no column {column!r} (it has {t.column_names})")
+        parts.append(t.filter(pc.is_in(t.column(column).cast(pa.string()), value_set=pa.array(wanted))))
+    table = pa.concat_tables(parts)
+    if not table.num_rows:
+        raise ValueError(f"bench feed: --where {where!r}: no row of the corpus's {len(urls)} shard(s) matches")
+    out, step = [], -(-table.num_rows // n)
+    for k in range(n):
+        piece = table.slice(k * step, step)
+        if piece.num_rows:
+            out.append(os.path.join(folder, f"part-{k:05d}.parquet"))
+            pq.write_table(piece, out[-1])
+    logger.info("bench feed: %s: %d rows in %d shard(s)", where, table.num_rows, len(out))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     corpus = args.corpus or DEFAULT_CORPUS
     urls = list_shards(corpus)[: args.shards]
@@ -233,8 +263,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         inp = os.path.join(work, "input")
         os.makedirs(inp)
-        for u in urls:
-            os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
+        if args.where:
+            urls = subset_shards(list_shards(corpus), args.where, args.shards, inp)
+        else:
+            for u in urls:
+                os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
         # one core for the Rust tokenizer, as in the job's workers (init_ray sets it for them): with its
         # thread pool the raw rate would count only the calling thread's CPU
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -252,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
 
         texts = [t for u in urls for t in pq.read_table(u, columns=["text"]).column("text").to_pylist()
                  if t and t.strip()]
-        results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "modes": {}}
+        results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "modes": {},
+                                   **({"where": args.where} if args.where else {})}
         # Ray's worker pool warmed once, not measured: otherwise the first run of each round alone pays
         # for starting Ray's idle workers, which later runs (and a long job) reuse
         pipeline_run(job_config(small, os.path.join(work, "warm-up"), model, True, args.set or []), small_shards)
@@ -323,7 +357,8 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(results, indent=1))
         return
-    print(f"bench feed: {results['shards']} shard(s), {results['documents']} documents, "
+    print(f"bench feed: {results['shards']} shard(s)"
+          f"{' of the rows where ' + results['where'] if 'where' in results else ''}, {results['documents']} documents, "
           f"{results['rounds']} round(s); CPU seconds of the job's processes (shared machines: other load does not count)")
     for key, rounds in results["modes"].items():
         print(f"\n{key}")
@@ -346,7 +381,8 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
             print(f"    {'start-up (CPU s, fixed)':<28} {med['startup_cpu_s']:8.3f}")
             print(f"    {'pipeline, start-up out':<28} {med['steady_s_per_mtok']:8.3f}   "
                   f"around the model {float(np.median([r['steady_feed_s_per_mtok'] for r in rounds])):.3f}, "
-                  f"feed efficiency {med['steady_feed_efficiency']}")
+                  f"feed efficiency {med['steady_feed_efficiency']:.3f} (rounds: "
+                  f"{', '.join(format(r['steady_feed_efficiency'], '.3f') for r in rounds)})")
         if "steady_role_s_per_mtok" in rounds[0]:
             print("  start-up out, by process (CPU s per million tokens, the model left out of the encoder's):")
             for k in rounds[0]["steady_role_s_per_mtok"]:

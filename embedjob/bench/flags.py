@@ -243,6 +243,9 @@ def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=None, help="Parquet corpus with id and text columns (default: the shared mixed-en)")
     p.add_argument("--shards", type=int, default=4, help="shards of the corpus to run (default 4)")
     p.add_argument("--static", default="both", choices=("both", "on", "off"), help="static word vectors (default both)")
+    p.add_argument("--where", default=None, metavar="COLUMN=V1,V2,...",
+                   help="a labelled subset: the rows of all the corpus's shards whose COLUMN is one of the values "
+                   "(e.g. source=gcide_entries,dslabs_tweets), cut into --shards shards of equal size")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

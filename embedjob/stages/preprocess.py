@@ -237,13 +237,15 @@ class Preprocessor:
 def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: np.ndarray) -> pa.Table:
     """``_input_ids`` (capped at the tokenizer's ``max_tokens``), and ``_doc_tokens`` (each document's
     whole token count) when whole documents are tokenised (``encode.long_documents: windows``)."""
-    todo = [t for t, e in zip(texts, empty) if not e]
-    enc = tok.encode(todo) if todo else None
-    ids: list[Any] = [[] for _ in texts]
+    todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
     n_tok = np.zeros(len(texts), dtype=np.int32)
-    for k, i in enumerate(np.flatnonzero(~empty).tolist()):
-        ids[i], n_tok[i] = enc.ids[k], enc.doc_tokens[k]
-    table = table.append_column(INPUT_IDS, pa.array(ids, type=pa.list_(pa.int32())))
+    if len(todo):
+        enc = tok.encode_flat([texts[i] for i in todo.tolist()])
+        ids = enc.list_array(len(texts), todo)
+        n_tok[todo] = enc.doc_tokens
+    else:
+        ids = pa.array([[]] * len(texts), type=pa.list_(pa.int32()))
+    table = table.append_column(INPUT_IDS, ids)
     if tok.whole_documents:
         table = table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32()))
     return table

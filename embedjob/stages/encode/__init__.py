@@ -6,7 +6,11 @@
 * ``encoder.py`` — :class:`TextEncoder`: token ids (or texts) -> document vectors, testable
   without Ray; padded batches, or packed ones (``packed.py``) where they are faster.
 * ``tokenizer.py`` — :class:`Tokenizer`: texts -> token ids in bounded memory, whatever a
-  document's size (long texts in whitespace-cut pieces).
+  document's size (long texts in whitespace-cut pieces); ``encode_flat`` in flat arrays, through
+  ``chunk_cache.py`` where the tokenizer allows it.
+* ``chunk_cache.py`` — :class:`ChunkCache`: texts cut at whitespace (and punctuation for BERT's
+  pre-tokenizer) into chunks, each distinct chunk tokenised once per process, the ids gathered in
+  numpy: the tokenizer's own ids, word ids and offsets at a third of its CPU.
 * ``modules.py`` — the model's sentence-transformers module pipeline (``modules.json``): Pooling in
   every mode, Dense / LayerNorm / Normalize heads, prompts, Matryoshka ``truncate_dim``; unknown
   modules and remote code refused in one line.
@@ -17,7 +21,7 @@
   of window vectors.
 * ``actor.py`` — :class:`EncodeActor`, the callable class Ray Data runs in an actor pool.
 
-The encoder core (settings, tokenizer, windows, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
+The encoder core (settings, tokenizer, chunk_cache, windows, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
 ``.ci/gpu-check`` runs it on a bare GPU host. The names below are imported on first use for the
 same reason: ``from embedjob.stages.encode import TextEncoder`` loads only what it names.
 

@@ -126,7 +126,13 @@ def window_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: 
     if not len(p):
         return None
     n_inst = max(len(st.first_tok), 1)
-    uniq, inst = np.unique(rr * n_inst + g, return_inverse=True)
+    key = rr * n_inst + g
+    if len(key) == 1 or bool((key[1:] >= key[:-1]).all()):  # rows, positions and words ascend (BERT): runs
+        new = np.ones(len(key), dtype=bool)
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        uniq, inst = key[new], np.cumsum(new) - 1
+    else:
+        uniq, inst = np.unique(key, return_inverse=True)
     return rr * width + p - col0[rr], inst.reshape(-1), st.inst_slot[uniq % n_inst], len(uniq)
 
 

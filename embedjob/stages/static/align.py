@@ -9,7 +9,6 @@ and the Word2Vec vocabulary.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -40,6 +39,18 @@ def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
     return got
 
 
+def normalize_words(words: list[str], filters) -> list[str]:
+    """:func:`normalize_word` of each word: the cached ones looked up in one pass (no Python call
+    per word), the chain run on the rest."""
+    entry = _NORM_CACHE.get(id(filters))
+    cache = entry[1] if entry is not None and entry[0] is filters else {}
+    out = list(map(cache.get, words))
+    for k, got in enumerate(out):
+        if got is None:
+            out[k] = normalize_word(words[k], filters)
+    return out
+
+
 def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, tok, filters) -> pa.Table:
     """Add the columns that map every BERT token to a vocabulary word occurrence.
 
@@ -51,47 +62,50 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     A word cut by truncation or the cap is not counted (its pieces are incomplete)."""
     n = len(texts)
     todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
-    ids_col: list[Any] = [[] for _ in range(n)]
     n_tok = np.zeros(n, dtype=np.int32)
     whole = tok.whole_documents
     aligned = None
     if len(todo):
         todo_l = todo.tolist()
-        enc = tok.encode([texts[i] for i in todo_l], words=True)
-        lens = np.fromiter(map(len, enc.ids), dtype=np.int64, count=len(todo_l))
-        truncated = enc.doc_tokens > lens if whole else lens >= tok.max_length
-        for k, i in enumerate(todo_l):
-            ids_col[i] = enc.ids[k]
+        enc = tok.encode_flat([texts[i] for i in todo_l], words=True)
+        truncated = enc.doc_tokens > enc.counts if whole else enc.counts >= tok.max_length
         n_tok[todo] = enc.doc_tokens
         doc_words = None
         if TOKENS in table.column_names:
             doc_words = table.column(TOKENS).combine_chunks().take(pa.array(todo))
-        aligned = align_batch([texts[i] for i in todo_l], enc.word_ids, enc.offsets, truncated, doc_words, filters)
+        aligned = align_batch([texts[i] for i in todo_l], enc.word_ids, enc.offsets, enc.counts, truncated,
+                              doc_words, filters)
+        ids_arr = enc.list_array(n, todo)
+    else:
+        ids_arr = pa.array([[]] * n, type=pa.list_(pa.int32()))
     wid_arr, words_arr = _scatter(aligned, todo, n)
-    table = _with_alignment(table, ids_col, wid_arr, words_arr)
+    table = _with_alignment(table, ids_arr, wid_arr, words_arr)
     return table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32())) if whole else table
 
 
-def align_batch(texts: list[str], word_ids: list[list[Optional[int]]], offsets: list[list[tuple[int, int]]],
+def align_batch(texts: list[str], word_ids: np.ndarray, offsets: np.ndarray, counts: np.ndarray,
                 truncated: np.ndarray, doc_words: Optional[pa.ListArray], filters) -> tuple[pa.Array, pa.Array]:
     """:func:`_align_doc` over a batch of documents at once: ``(_word_ids, _words)`` as list arrays,
-    one row per text. Numpy over the tokens and words, Arrow for the words' surface strings, their
-    distinct values and the membership in each document's gensim tokens (``doc_words``; None: no
-    check); Python only once per distinct surface string (the filter chain, cached). Documents whose
-    word ids do not ascend (no BERT tokenizer's) take the per-document path."""
+    one row per text, from the tokenizer's flat arrays (word id per token, -1: none; character
+    offsets per token; tokens per text). Numpy over the tokens and words, Arrow for the words'
+    surface strings, their distinct values and the membership in each document's gensim tokens
+    (``doc_words``; None: no check); Python only once per distinct surface string (the filter
+    chain, cached). Documents whose word ids do not ascend (no BERT tokenizer's) take the
+    per-document path."""
     d = len(texts)
-    counts = np.fromiter(map(len, word_ids), dtype=np.int64, count=d)
+    counts = np.asarray(counts, dtype=np.int64)
     t_off = np.zeros(d + 1, dtype=np.int64)
     np.cumsum(counts, out=t_off[1:])
-    w = np.array(list(chain.from_iterable(word_ids)), dtype=np.float64).reshape(-1)  # None -> nan
-    offs = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64,
-                       count=2 * int(t_off[-1])).reshape(-1, 2)
-    real = np.flatnonzero(~np.isnan(w))
-    wr = w[real].astype(np.int64)
+    w = np.asarray(word_ids, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    real = np.flatnonzero(w >= 0)
+    wr = w[real]
     dr = np.repeat(np.arange(d), counts)[real]
     same_doc = dr[1:] == dr[:-1]
     if bool((same_doc & (wr[1:] < wr[:-1])).any()):
-        return _align_each(texts, word_ids, offsets, truncated, doc_words, filters)
+        per_doc = [(w[a:b], offs[a:b]) for a, b in zip(t_off[:-1].tolist(), t_off[1:].tolist())]
+        return _align_each(texts, [[None if x < 0 else x for x in pw.tolist()] for pw, _ in per_doc],
+                           [po.tolist() for _, po in per_doc], truncated, doc_words, filters)
     new = np.ones(len(wr), dtype=bool)
     new[1:] = ~same_doc | (wr[1:] != wr[:-1])
     first = np.flatnonzero(new)
@@ -104,7 +118,7 @@ def align_batch(texts: list[str], word_ids: list[list[Optional[int]]], offsets: 
     surfaces = _surfaces(texts, word_doc, offs[real[first], 0], offs[real[last], 1])
     enc = pc.dictionary_encode(surfaces)
     idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    norm = pa.array([normalize_word(s, filters) for s in enc.dictionary.to_pylist()], type=pa.string())
+    norm = pa.array(normalize_words(enc.dictionary.to_pylist(), filters), type=pa.string())
     counted = (pc.not_equal(norm, "").to_numpy(zero_copy_only=False)[idx] if n_words else np.zeros(0, bool)) & ~skip
     values = norm.take(pa.array(idx))
     if doc_words is not None and n_words:
@@ -283,9 +297,8 @@ def align_doc_reference(text: str, word_ids: list[Optional[int]], offsets, trunc
     return [-1 if w is None else local.get(w, -1) for w in word_ids], words
 
 
-def _with_alignment(table: pa.Table, ids_col: list[Any], wid_arr: pa.Array, words_arr: pa.Array) -> pa.Table:
+def _with_alignment(table: pa.Table, ids_arr: pa.Array, wid_arr: pa.Array, words_arr: pa.Array) -> pa.Table:
     """``table`` with ``_input_ids`` set (replaced when present) and ``_word_ids``, ``_words`` appended."""
-    ids_arr = pa.array(ids_col, type=pa.list_(pa.int32()))
     if INPUT_IDS in table.column_names:
         table = table.set_column(table.column_names.index(INPUT_IDS), INPUT_IDS, ids_arr)
     else:
