@@ -222,3 +222,33 @@ def test_text_whose_chunks_never_repeat_is_tokenised_directly(minilm_path, caplo
     for _ in range(5):
         english.encode_flat(HARD_TEXTS * 10)
     assert english._bypass == 0  # repeated chunks: the cache stays on
+
+
+@pytest.mark.parametrize("long_documents", ["truncate", "windows"])
+def test_preprocess_output_is_the_same_table_with_the_chunk_cache(minilm_path, long_documents):
+    """The preprocess stage's output (ids, whole counts, word ids and words of the static vectors'
+    alignment) with the chunk cache equals, column by column and in type, its output with every text
+    tokenised directly; empty rows and a row with an added token's content among them."""
+    import pyarrow as pa
+
+    from embedjob.stages import preprocess as pp
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.static.config import StaticSettings
+    from tests.test_static import _encoder_settings
+
+    settings = _encoder_settings(minilm_path, 16, long_documents=long_documents)
+    texts = HARD_TEXTS + TRICKY_TEXTS + random_texts(120, seed=2) + [None, "", "a [MASK] b"]
+    table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
+    static = StaticSettings(word_pooling="mean", layers="last", out_url="memory://x", storage_options={})
+    for st in (None, static):
+        pp._tokenizer.cache_clear()
+        pp._tokenizer(json.dumps(settings.as_dict(), sort_keys=True))._verify_left = 0  # the cache's own answer
+        cached = Preprocessor(PreprocessConfig(), "text", settings, st)(table)
+        assert pp._tokenizer(json.dumps(settings.as_dict(), sort_keys=True)).chunk_cache(st is not None).stats["chunks"]
+        pp._tokenizer.cache_clear()
+        tok = pp._tokenizer(json.dumps(settings.as_dict(), sort_keys=True))
+        tok._chunk_mode = False  # every text directly
+        direct = Preprocessor(PreprocessConfig(), "text", settings, st)(table)
+        pp._tokenizer.cache_clear()
+        assert cached.schema == direct.schema
+        assert cached.equals(direct), [c for c in cached.column_names if not cached.column(c).equals(direct.column(c))]

@@ -22,9 +22,10 @@ FEED_BOUND = 0.8  # encoder busy below this: feed-bound
 
 # CPU-seconds per million encoded tokens of the work around the model (read, gensim preprocess,
 # tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en with
-# the start-up taken out (README "CPU cores per GPU"); the plan's default when a job has no
-# measurement of its own.
-FEED_CPU_S_PER_MTOK = {"static": 3.5, "plain": 2.0}
+# the start-up taken out (README "CPU cores per GPU", "Fifth pass": with the chunk cache, 2.07-2.58
+# with static vectors and 1.11-1.50 without, over two 2-round runs); the plan's default when a job has
+# no measurement of its own.
+FEED_CPU_S_PER_MTOK = {"static": 2.3, "plain": 1.3}
 # Of that, the CPU-seconds per million tokens an encoder actor spends outside the model's forward, on
 # its one Python thread (window plan, batches, pooling bookkeeping, Arrow in and out; with static
 # vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out, the median of 4 runs
