@@ -12,8 +12,9 @@ Rust tokenizer runs on a few percent of the text and numpy gathers the rest.
 
 The cut, the distinct chunks and the gather are Arrow and numpy over the batch's UTF-8 bytes;
 Python runs once per distinct chunk of a batch (a dict look-up) and once per new chunk. The cache
-holds at most ``max_entries`` chunks (a few tens of MiB; more only while one batch has more distinct
-chunks) and starts again when a batch's new chunks would overfill it.
+holds at most ``max_entries`` chunks (more only while one batch has more distinct chunks) and starts
+again when a batch's new chunks would overfill it: all of mixed-en's 445k distinct chunks took 67 MiB
+(ids alone) or 103 MiB (with word ids and offsets) in one process.
 
 Texts with an added token's content (``[MASK]``, a user's added words) are not cut: the tokenizer
 matches those before it normalises, across any boundary, so the caller tokenises them directly
@@ -29,7 +30,8 @@ difference. Example::
 from __future__ import annotations
 
 import json
-from itertools import repeat
+from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any, Optional
 
 import numpy as np
@@ -147,8 +149,9 @@ class ChunkCache:
         self.words = np.zeros(1 << 12, dtype=np.int64)  # per slot: words (pre-tokens with tokens)
         self.nv = 0
         self.ids = np.zeros(1 << 14, dtype=np.int32)
-        self.wid = np.zeros(1 << 14, dtype=np.int32)  # word index within the chunk
-        self.offs = np.zeros((1 << 14, 2), dtype=np.int32)  # characters within the chunk
+        cap = 1 << 14 if self.with_words else 0  # ids alone: no word ids or offsets kept (12 bytes a token)
+        self.wid = np.zeros(cap, dtype=np.int32)  # word index within the chunk
+        self.offs = np.zeros((cap, 2), dtype=np.int32)  # characters within the chunk
 
     def needs_direct(self, texts: pa.Array) -> np.ndarray:
         """Texts holding an added token's content, in any case: tokenised directly, not cut."""
@@ -287,8 +290,9 @@ class ChunkCache:
             self.start, self.length, self.words = (np.resize(a, size) for a in (self.start, self.length, self.words))
         if self.nv + len(ids) > len(self.ids):
             size = max(self.nv + len(ids), 2 * len(self.ids))
-            self.ids, self.wid = np.resize(self.ids, size), np.resize(self.wid, size)
-            self.offs = np.resize(self.offs, (size, 2))
+            self.ids = np.resize(self.ids, size)
+            if self.with_words:
+                self.wid, self.offs = np.resize(self.wid, size), np.resize(self.offs, (size, 2))
         end = self.nv + len(ids)
         self.ids[self.nv:end] = ids
         if wid is not None:
@@ -300,3 +304,74 @@ class ChunkCache:
         self.nv, self.n = end, need
         self.slots.update(zip(chunks, range(base, need)))
         return np.arange(base, need, dtype=np.int64)
+
+
+@dataclass
+class FlatTokenized:
+    """A tokenizer call in flat arrays (what :meth:`~embedjob.stages.encode.tokenizer.Tokenizer.encode_flat` returns): the documents'
+    tokens one after another, as ``Tokenized`` holds them per document."""
+
+    ids: np.ndarray  # (tokens,) int32: every document's ids, special tokens included, cut at the cap
+    counts: np.ndarray  # (n,) int64 tokens kept per document
+    doc_tokens: np.ndarray  # (n,) int64, as Tokenized.doc_tokens
+    word_ids: Optional[np.ndarray] = None  # (tokens,) int64 word index in the document, -1: no word
+    offsets: Optional[np.ndarray] = None  # (tokens, 2) int64 character offsets in the text, (0, 0): none
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Each document's first token in the flat arrays."""
+        return np.cumsum(self.counts) - self.counts
+
+    def list_array(self, rows: int, at: np.ndarray) -> pa.ListArray:
+        """``list<int32>`` of ``rows`` rows: document ``k``'s ids at row ``at[k]``, the other rows empty."""
+        lens = np.zeros(rows, dtype=np.int64)
+        lens[np.asarray(at, dtype=np.int64)] = self.counts
+        off = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(lens, out=off[1:])
+        return pa.ListArray.from_arrays(pa.array(off), pa.array(self.ids, type=pa.int32()))
+
+    @classmethod
+    def from_tokenized(cls, t: Any) -> "FlatTokenized":
+        """From a :class:`~embedjob.stages.encode.tokenizer.Tokenized` (lists per document)."""
+        counts = np.fromiter(map(len, t.ids), dtype=np.int64, count=len(t.ids))
+        ids = np.fromiter(chain.from_iterable(t.ids), dtype=np.int32, count=int(counts.sum()))
+        wid = offs = None
+        if t.word_ids is not None:
+            wid = np.fromiter((-1 if w is None else w for w in chain.from_iterable(t.word_ids)), dtype=np.int64,
+                              count=len(ids))
+            offs = np.fromiter(chain.from_iterable(chain.from_iterable(t.offsets)), dtype=np.int64,
+                               count=2 * len(ids)).reshape(-1, 2)
+        return cls(ids, counts, np.asarray(t.doc_tokens, dtype=np.int64), wid, offs)
+
+    @classmethod
+    def merge(cls, parts: list[tuple[np.ndarray, "FlatTokenized"]], n: int) -> "FlatTokenized":
+        """``n`` documents from parts of them: ``(positions, tokens)`` pairs."""
+        parts = [(np.asarray(at, dtype=np.int64), f) for at, f in parts if len(at)]
+        if len(parts) == 1:
+            return parts[0][1]
+        counts = np.zeros(n, dtype=np.int64)
+        doc_tokens = np.zeros(n, dtype=np.int64)
+        starts = np.zeros(n, dtype=np.int64)
+        base = 0
+        for at, f in parts:
+            counts[at], doc_tokens[at], starts[at] = f.counts, f.doc_tokens, f.starts + base
+            base += len(f.ids)
+        take = ragged_gather(starts, counts)
+        words = parts[0][1].word_ids is not None
+        return cls(np.concatenate([f.ids for _, f in parts])[take], counts, doc_tokens,
+                   np.concatenate([f.word_ids for _, f in parts])[take] if words else None,
+                   np.concatenate([f.offsets for _, f in parts])[take] if words else None)
+
+
+def word_starts(word_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Where a word starts (-2), continues (-1 is kept for no word) in flat word ids: what two
+    tokenisations must agree on, whatever numbers they give their words."""
+    w = np.asarray(word_ids, dtype=np.int64)
+    out = np.where(w < 0, -1, 0)
+    if len(w):
+        first = np.zeros(len(w), dtype=bool)
+        first[(np.cumsum(counts) - counts)[counts > 0]] = True
+        new = np.ones(len(w), dtype=bool)
+        new[1:] = w[1:] != w[:-1]
+        out[(new | first) & (w >= 0)] = -2
+    return out

@@ -17,14 +17,13 @@ import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import chain
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.stages.encode.chunk_cache import ChunkCache, chunk_mode, ragged_gather
+from embedjob.stages.encode.chunk_cache import ChunkCache, FlatTokenized, chunk_mode, ragged_gather, word_starts
 from embedjob.stages.encode.windows import SENTENCE_END_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -43,62 +42,6 @@ class Tokenized:
     def capped(self, k: int) -> bool:
         """True when document ``k`` lost tokens to the cap."""
         return int(self.doc_tokens[k]) > len(self.ids[k])
-
-
-@dataclass
-class FlatTokenized:
-    """A tokenizer call in flat arrays (what :meth:`Tokenizer.encode_flat` returns): the documents'
-    tokens one after another, as :class:`Tokenized` holds them per document."""
-
-    ids: np.ndarray  # (tokens,) int32: every document's ids, special tokens included, cut at the cap
-    counts: np.ndarray  # (n,) int64 tokens kept per document
-    doc_tokens: np.ndarray  # (n,) int64, as Tokenized.doc_tokens
-    word_ids: Optional[np.ndarray] = None  # (tokens,) int64 word index in the document, -1: no word
-    offsets: Optional[np.ndarray] = None  # (tokens, 2) int64 character offsets in the text, (0, 0): none
-
-    @property
-    def starts(self) -> np.ndarray:
-        """Each document's first token in the flat arrays."""
-        return np.cumsum(self.counts) - self.counts
-
-    def list_array(self, rows: int, at: np.ndarray) -> pa.ListArray:
-        """``list<int32>`` of ``rows`` rows: document ``k``'s ids at row ``at[k]``, the other rows empty."""
-        lens = np.zeros(rows, dtype=np.int64)
-        lens[np.asarray(at, dtype=np.int64)] = self.counts
-        off = np.zeros(rows + 1, dtype=np.int32)
-        np.cumsum(lens, out=off[1:])
-        return pa.ListArray.from_arrays(pa.array(off), pa.array(self.ids, type=pa.int32()))
-
-    @classmethod
-    def from_tokenized(cls, t: Tokenized) -> "FlatTokenized":
-        counts = np.fromiter(map(len, t.ids), dtype=np.int64, count=len(t.ids))
-        ids = np.fromiter(chain.from_iterable(t.ids), dtype=np.int32, count=int(counts.sum()))
-        wid = offs = None
-        if t.word_ids is not None:
-            wid = np.fromiter((-1 if w is None else w for w in chain.from_iterable(t.word_ids)), dtype=np.int64,
-                              count=len(ids))
-            offs = np.fromiter(chain.from_iterable(chain.from_iterable(t.offsets)), dtype=np.int64,
-                               count=2 * len(ids)).reshape(-1, 2)
-        return cls(ids, counts, np.asarray(t.doc_tokens, dtype=np.int64), wid, offs)
-
-    @classmethod
-    def merge(cls, parts: list[tuple[np.ndarray, "FlatTokenized"]], n: int) -> "FlatTokenized":
-        """``n`` documents from parts of them: ``(positions, tokens)`` pairs."""
-        parts = [(np.asarray(at, dtype=np.int64), f) for at, f in parts if len(at)]
-        if len(parts) == 1:
-            return parts[0][1]
-        counts = np.zeros(n, dtype=np.int64)
-        doc_tokens = np.zeros(n, dtype=np.int64)
-        starts = np.zeros(n, dtype=np.int64)
-        base = 0
-        for at, f in parts:
-            counts[at], doc_tokens[at], starts[at] = f.counts, f.doc_tokens, f.starts + base
-            base += len(f.ids)
-        take = ragged_gather(starts, counts)
-        words = parts[0][1].word_ids is not None
-        return cls(np.concatenate([f.ids for _, f in parts])[take], counts, doc_tokens,
-                   np.concatenate([f.word_ids for _, f in parts])[take] if words else None,
-                   np.concatenate([f.offsets for _, f in parts])[take] if words else None)
 
 
 # Where chunks do not repeat (hashes, text without spaces), tokenising them costs more than the direct
@@ -299,7 +242,7 @@ class Tokenizer:
                 and np.array_equal(ref.ids, got.ids[:n]))
         if same and words:
             same = np.array_equal(ref.offsets, got.offsets[:n]) and np.array_equal(
-                _word_starts(ref.word_ids, ref.counts), _word_starts(got.word_ids[:n], ref.counts))
+                word_starts(ref.word_ids, ref.counts), word_starts(got.word_ids[:n], ref.counts))
         if not same:
             logger.warning("encode: the chunk-cached tokenisation differed from the model's tokenizer on a "
                            "document of this batch; tokenising directly from now on")
@@ -442,20 +385,6 @@ def load_tokenizer(model_path: str, do_lower_case: bool = False, kwargs: Optiona
             rest = list(norm) if isinstance(norm, Sequence) else [norm] if norm is not None else []
             tok.backend_tokenizer.normalizer = Sequence([Lowercase()] + rest)
     return tok
-
-
-def _word_starts(word_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Where a word starts (-2), continues (-1 is kept for no word) in flat word ids: what two
-    tokenisations must agree on, whatever numbers they give their words."""
-    w = np.asarray(word_ids, dtype=np.int64)
-    out = np.where(w < 0, -1, 0)
-    if len(w):
-        first = np.zeros(len(w), dtype=bool)
-        first[(np.cumsum(counts) - counts)[counts > 0]] = True
-        new = np.ones(len(w), dtype=bool)
-        new[1:] = w[1:] != w[:-1]
-        out[(new | first) & (w >= 0)] = -2
-    return out
 
 
 def special_layout(tok: Any) -> tuple[int, int]:
