@@ -252,3 +252,16 @@ def test_preprocess_output_is_the_same_table_with_the_chunk_cache(minilm_path, l
         pp._tokenizer.cache_clear()
         assert cached.schema == direct.schema
         assert cached.equals(direct), [c for c in cached.column_names if not cached.column(c).equals(direct.column(c))]
+
+
+def test_truncation_from_the_left_is_tokenised_directly(minilm_path):
+    """A tokenizer that truncates from the left keeps a text's end: the cache (which keeps the head,
+    as windows do) is not used when truncating, and the answers are the direct call's."""
+    from embedjob.stages.encode.tokenizer import FlatTokenized, Tokenizer
+
+    texts = [" ".join(HARD_TEXTS)] * 3 + ["a cat"]
+    left = Tokenizer(minilm_path, 16, tokenizer_kwargs={"truncation_side": "left"})
+    assert left.chunk_cache() is None
+    _same(left.encode_flat(texts), FlatTokenized.from_tokenized(left.encode(texts)), False)
+    assert left.encode_flat(texts).ids[1:15].tolist() == left.encode(texts).ids[0][1:15]
+    assert Tokenizer(minilm_path, 16, 64, tokenizer_kwargs={"truncation_side": "left"}).chunk_cache() is not None

@@ -187,11 +187,13 @@ class Tokenizer:
     def chunk_cache(self, words: bool = False) -> Optional[ChunkCache]:
         """The chunk cache for this tokenizer (one keeping word ids and offsets, one ids alone), or
         None where its texts cannot be cut into chunks (a slow tokenizer, a normaliser or
-        pre-tokenizer :func:`chunk_mode` does not accept, a prompt not ending at a cut, a prompt
-        filling the cap, a cache that differed from the direct call)."""
+        pre-tokenizer :func:`chunk_mode` does not accept, truncation from the left, a prompt not
+        ending at a cut, a prompt filling the cap, a cache that differed from the direct call)."""
         if self._chunk_mode is None:
             self._chunk_mode = False
             mode = chunk_mode(self.tok.backend_tokenizer) if getattr(self.tok, "is_fast", False) else None
+            if not self.whole_documents and getattr(self.tok, "truncation_side", "right") != "right":
+                mode = None  # truncation keeps the text's end: the direct call cuts it
             prompt_ids: list[int] = []
             if mode and self.prompt:
                 end = self.prompt[-1]
