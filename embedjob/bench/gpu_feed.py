@@ -5,8 +5,8 @@ For each model shape it writes Parquet shards of synthetic texts (lengths from t
 histogram), then runs the job's own code: a process pool over the host's cores reads blocks
 (:func:`embedjob.stages.blocks.read_shard_blocks`), preprocesses them (gensim's chain when gensim
 is installed; a bare host has none, and the report says so) and tokenises them
-(:class:`~embedjob.stages.encode.tokenizer.Tokenizer`, whole documents as the job's default
-windows), while the main process feeds the encoder (:class:`TextEncoder`, packed on CUDA) block
+(:meth:`~embedjob.stages.encode.tokenizer.Tokenizer.encode_flat`, the job's own call with its
+chunk cache, whole documents as the job's default windows), while the main process feeds the encoder (:class:`TextEncoder`, packed on CUDA) block
 by block as they arrive. It reports tokens/s from Parquet, the encoder's busy fraction (seconds in
 ``encode_ids`` / wall), the host cores used (CPU seconds of all processes / wall), the encoder
 process's own CPU seconds per million tokens (the most one encoder actor can hand its GPU) and the ids-only
@@ -61,20 +61,22 @@ def feed_shard(task: tuple[str, str, int]) -> tuple[np.ndarray, np.ndarray, np.n
     c = time.process_time()
     shard = type("Shard", (), {"url": url, "key": key})()
     filters = _gensim_filters()
-    ids: list[list[int]] = []
-    doc_tokens = []
+    ids, lengths, doc_tokens = [], [], []
     for b in read_shard_blocks(shard, {}, "id", "text", rows_per_block):
         texts = [t for t in b.column("text").to_pylist() if t and t.strip()]
         if filters is not None:
             from gensim import parsing
 
             [parsing.preprocess_string(t, filters) for t in texts]
-        enc = _TOKENIZER.encode(texts)
-        ids.extend(enc.ids)
+        enc = _TOKENIZER.encode_flat(texts)  # the job's tokenisation (the chunk cache where it applies)
+        ids.append(enc.ids)
+        lengths.append(enc.counts)
         doc_tokens.append(enc.doc_tokens)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
-    return flat, lengths, np.concatenate(doc_tokens) if doc_tokens else np.zeros(0, np.int64), time.process_time() - c
+
+    def cat(parts: list, dtype: Any) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    return cat(ids, np.int32), cat(lengths, np.int64), cat(doc_tokens, np.int64), time.process_time() - c
 
 
 def write_shards(root: str, texts: list[str], shards: int) -> list[str]:

@@ -75,13 +75,19 @@ def sample_lengths(n: int, max_length: int, rng: np.random.Generator) -> np.ndar
     return np.clip(lengths, 3, max_length)
 
 
-def make_texts(lengths: np.ndarray, rng: np.random.Generator, sentence: int = 0) -> list[str]:
+def make_texts(lengths: np.ndarray, rng: np.random.Generator, sentence: int = 0, fresh: float = 0.0) -> list[str]:
     """Texts of ``lengths`` tokens each ([CLS]/[SEP] included) of random words; ``sentence`` > 0:
-    about every that many tokens a "." ends a sentence."""
-    words = np.array(synthetic_vocab()[len(SPECIAL):])
+    about every that many tokens a "." ends a sentence; ``fresh``: that share of the words are new
+    8-letter strings (each one [UNK], so the lengths hold), as a real corpus keeps bringing words it
+    has not seen (the chunk cache's misses: 2-5% of mixed-en's chunks per shard)."""
+    words = np.array(synthetic_vocab()[len(SPECIAL):], dtype=object)
     out = []
     for L in lengths:
         w = words[rng.integers(0, len(words), size=int(L) - 2)]
+        if fresh:
+            at = np.flatnonzero(rng.random(len(w)) < fresh)
+            letters = rng.integers(0, 26, size=(len(at), 8)) + ord("a")
+            w[at] = [bytes(r).decode() for r in letters.astype(np.uint8)]
         if sentence:
             w[rng.random(len(w)) < 1 / sentence] = "."
         out.append(" ".join(w))
