@@ -238,14 +238,10 @@ def _append_input_ids(table: pa.Table, tok, texts: list[Optional[str]], empty: n
     """``_input_ids`` (capped at the tokenizer's ``max_tokens``), and ``_doc_tokens`` (each document's
     whole token count) when whole documents are tokenised (``encode.long_documents: windows``)."""
     todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
+    enc = tok.encode_flat([texts[i] for i in todo.tolist()])
     n_tok = np.zeros(len(texts), dtype=np.int32)
-    if len(todo):
-        enc = tok.encode_flat([texts[i] for i in todo.tolist()])
-        ids = enc.list_array(len(texts), todo)
-        n_tok[todo] = enc.doc_tokens
-    else:
-        ids = pa.array([[]] * len(texts), type=pa.list_(pa.int32()))
-    table = table.append_column(INPUT_IDS, ids)
+    n_tok[todo] = enc.doc_tokens
+    table = table.append_column(INPUT_IDS, enc.list_array(len(texts), todo))
     if tok.whole_documents:
         table = table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32()))
     return table

@@ -84,6 +84,13 @@ def chunk_mode(backend: Any) -> Optional[str]:
     return "space"
 
 
+def ends_at_cut(text: str, mode: str) -> bool:
+    """Whether ``text`` (a prompt put before every text) ends with a character the ``mode`` cuts at, so
+    that the prompt's tokens and the text's are tokenised apart."""
+    end = text[-1:].encode()
+    return bool(end) and (end in ASCII_WHITESPACE or (mode == "punct" and end in ASCII_PUNCTUATION))
+
+
 def _steps(node: Optional[dict]) -> Optional[set[str]]:
     """The step types of a normaliser or pre-tokenizer (a Sequence's members); empty for none."""
     if node is None:
@@ -195,8 +202,8 @@ class ChunkCache:
         # words of the chunks before each one in its text, so that word ids count through the text
         nw = self.words[occ]
         before = np.cumsum(nw) - nw
-        doc_first = np.cumsum(np.bincount(doc_of, minlength=n_docs)) - np.bincount(doc_of, minlength=n_docs)
-        base = before - before[doc_first[doc_of]]  # chunks come text by text
+        per_doc = np.bincount(doc_of, minlength=n_docs)
+        base = before - before[(np.cumsum(per_doc) - per_doc)[doc_of]]  # chunks come text by text
         word_ids = self.wid[take].astype(np.int64) + np.repeat(base, lengths)
         offsets = self.offs[take].astype(np.int64) + np.repeat(char_start, lengths)[:, None]
         return ids, counts, word_ids, offsets

@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.stages.encode.chunk_cache import ChunkCache, FlatTokenized, chunk_mode, ragged_gather, word_starts
+from embedjob.stages.encode.chunk_cache import (
+    ChunkCache,
+    FlatTokenized,
+    chunk_mode,
+    ends_at_cut,
+    ragged_gather,
+    word_starts,
+)
 from embedjob.stages.encode.windows import SENTENCE_END_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -161,14 +168,16 @@ class Tokenizer:
         content, texts longer than a piece, and every text of a tokenizer that cannot be cut are
         tokenised directly."""
         texts = list(texts)
-        cache = self.chunk_cache(words)
-        if cache is None or not texts or self._bypass > 0:
-            self._bypass = max(self._bypass - 1, 0)
+        cache = self.chunk_cache(words) if texts else None
+        if cache is None or self._bypass > 0:
+            self._bypass = max(self._bypass - 1, 0) if texts else self._bypass
             return FlatTokenized.from_tokenized(self.encode(texts, words=words))
         arr = pa.array(texts, type=pa.large_string())
         direct = cache.needs_direct(arr) | (pc.utf8_length(arr).to_numpy(zero_copy_only=False) > self.piece_chars)
         cut, rest = np.flatnonzero(~direct), np.flatnonzero(direct)
-        parts = [(rest, FlatTokenized.from_tokenized(self.encode([texts[i] for i in rest.tolist()], words=words)))]
+        parts = []
+        if len(rest):
+            parts.append((rest, FlatTokenized.from_tokenized(self.encode([texts[i] for i in rest.tolist()], words=words))))
         if len(cut):
             got = self._wrap(*cache.encode(arr if not len(rest) else arr.take(pa.array(cut)), words), words)
             if self._verify_left > 0 and not self._verified([texts[i] for i in cut.tolist()], got, words):
@@ -196,9 +205,7 @@ class Tokenizer:
                 mode = None  # truncation keeps the text's end: the direct call cuts it
             prompt_ids: list[int] = []
             if mode and self.prompt:
-                end = self.prompt[-1]
-                if not (end in " \t\n\r" or (mode == "punct" and end.isascii() and not end.isalnum()
-                                                and end.isprintable() and not end.isspace())):
+                if not ends_at_cut(self.prompt, mode):
                     mode = None
                 prompt_ids = list(self.tok(self.prompt, add_special_tokens=False)["input_ids"])
             if mode and len(self.head_ids) + len(prompt_ids) + len(self.tail_ids) < self.max_tokens:
@@ -389,15 +396,9 @@ def load_tokenizer(model_path: str, do_lower_case: bool = False, kwargs: Optiona
     return tok
 
 
-def special_layout(tok: Any) -> tuple[int, int]:
-    """How many special tokens the tokenizer puts before and after a text's own (1 and 1 for
-    ``[CLS] .. [SEP]`` and ``<s> .. </s>``, 0 and 1 for a decoder closing with EOS...)."""
-    head, tail = special_ids(tok)
-    return len(head), len(tail)
-
-
 def special_ids(tok: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text's own (``[CLS]``, ``[SEP]``)."""
+    """The special tokens the tokenizer puts before and after a text's own (``[CLS]`` and ``[SEP]``,
+    ``<s>`` and ``</s>``, none and EOS for a decoder...)."""
     probe = "hello world. this is a test"
     plain = tok(probe, add_special_tokens=False)["input_ids"]
     full = tok(probe)["input_ids"]

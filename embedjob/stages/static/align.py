@@ -39,12 +39,16 @@ def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
     return got
 
 
+def _norms_cached(filters) -> dict[str, str]:
+    """The words :func:`normalize_word` has done for ``filters`` (empty before its first call)."""
+    entry = _NORM_CACHE.get(id(filters))
+    return entry[1] if entry is not None and entry[0] is filters else {}
+
+
 def normalize_words(words: list[str], filters) -> list[str]:
     """:func:`normalize_word` of each word: the cached ones looked up in one pass (no Python call
     per word), the chain run on the rest."""
-    entry = _NORM_CACHE.get(id(filters))
-    cache = entry[1] if entry is not None and entry[0] is filters else {}
-    out = list(map(cache.get, words))
+    out = list(map(_norms_cached(filters).get, words))
     for k, got in enumerate(out):
         if got is None:
             out[k] = normalize_word(words[k], filters)
@@ -62,24 +66,20 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     A word cut by truncation or the cap is not counted (its pieces are incomplete)."""
     n = len(texts)
     todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
-    n_tok = np.zeros(n, dtype=np.int32)
+    todo_texts = [texts[i] for i in todo.tolist()]
     whole = tok.whole_documents
+    enc = tok.encode_flat(todo_texts, words=True)
+    n_tok = np.zeros(n, dtype=np.int32)
+    n_tok[todo] = enc.doc_tokens
     aligned = None
     if len(todo):
-        todo_l = todo.tolist()
-        enc = tok.encode_flat([texts[i] for i in todo_l], words=True)
         truncated = enc.doc_tokens > enc.counts if whole else enc.counts >= tok.max_length
-        n_tok[todo] = enc.doc_tokens
         doc_words = None
         if TOKENS in table.column_names:
             doc_words = table.column(TOKENS).combine_chunks().take(pa.array(todo))
-        aligned = align_batch([texts[i] for i in todo_l], enc.word_ids, enc.offsets, enc.counts, truncated,
-                              doc_words, filters)
-        ids_arr = enc.list_array(n, todo)
-    else:
-        ids_arr = pa.array([[]] * n, type=pa.list_(pa.int32()))
+        aligned = align_batch(todo_texts, enc.word_ids, enc.offsets, enc.counts, truncated, doc_words, filters)
     wid_arr, words_arr = _scatter(aligned, todo, n)
-    table = _with_alignment(table, ids_arr, wid_arr, words_arr)
+    table = _with_alignment(table, enc.list_array(n, todo), wid_arr, words_arr)
     return table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32())) if whole else table
 
 
@@ -251,8 +251,7 @@ def _align_doc(text: str, word_ids: list[Optional[int]], offsets, truncated: boo
     skip = int(wr[-1]) if truncated else None  # the last word may be cut: not counted
     ids = wr[first_idx]
     seq = range(len(first_idx)) if order is None else order.tolist()
-    entry = _NORM_CACHE.get(id(filters))
-    cache = entry[1] if entry is not None and entry[0] is filters else {}
+    cache = _norms_cached(filters)
     local = np.full(len(first_idx), -1, dtype=np.int32)
     words: list[str] = []
     s_l, e_l, id_l = starts.tolist(), ends.tolist(), ids.tolist()
