@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import SAMPLE_TEXTS, write_shards
 from tests.test_errors import _assert_one_clear_error, run_cli
@@ -60,6 +61,27 @@ def test_decoder_with_prompt_through_the_job(ray_local, zoo, tmp_path):
         cfg = load_job(_job(tmp_path, model, extra))
         hashes.add(shard_stage_hash(cfg, resolve_encoder_settings(cfg.encode)))
     assert len(hashes) == 3
+
+
+@pytest.mark.parametrize("name", ["bert-prompt-excluded", "bert-combo"])
+def test_bert_pipelines_through_the_job_with_the_chunk_cache(ray_local, zoo, tmp_path, name):
+    """BERT-family models whose texts the preprocess stage tokenises through the chunk cache (a prompt
+    left out of pooling; CLS, max and mean pooling, normalised): the job's vectors equal
+    SentenceTransformer.encode, and the cache was used (the tokenizer allows it)."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedjob.stages.encode import Tokenizer
+
+    model = zoo.get(name)
+    assert Tokenizer(model, 32, prompt="query: ").chunk_cache() is not None
+    texts = SAMPLE_TEXTS + ["Punctuation, (brackets) and [MASK] tokens; naïve café!", "A longer text. " * 60]
+    ids = write_shards(tmp_path / "in", texts, n_shards=2)
+    _run(tmp_path, model)
+    t = pq.read_table(tmp_path / "out" / "vectors")
+    got = dict(zip(t.column("id").to_pylist(), np.array(t.column("vector").to_pylist(), dtype=np.float32)))
+    ref = SentenceTransformer(model, device="cpu").encode(texts)
+    cos = [float(got[d] @ ref[i] / np.linalg.norm(got[d]) / np.linalg.norm(ref[i])) for i, d in enumerate(ids)]
+    assert min(cos[:-1]) >= 0.9999, cos  # the last one is windowed: the job reads the whole document
 
 
 def test_unknown_module_fails_the_run_in_one_line(zoo, tmp_path):
