@@ -99,6 +99,9 @@ def test_bench_feed(capsys, corpus):
     # the forward pass as the encoder actors timed it in the same run, left out of the feed efficiency
     assert 0 < r["model_cpu_s"] < r["cpu_s"] and 0 < r["feed_s_per_mtok"] < r["pipeline_s_per_mtok"]
     assert {"tokenize", "model", "static", "write"} <= set(r["parts_s_per_mtok"]), r["parts_s_per_mtok"]
+    # MiniLM's tokenizer: the tokenize part went through the chunk cache, which met every chunk once new
+    c = r["chunk_cache"]
+    assert 0 < c["new_chunks"] < c["chunks"] and c["resets"] == 0, c
     # the CPU by process: every process of the tree has a role, the encoder's and the task workers' grow
     roles = r["cpu_by_role"]
     assert set(roles) == set(ROLES) and abs(sum(roles.values()) - r["cpu_s"]) < 0.1 * len(roles), (roles, r["cpu_s"])

@@ -155,9 +155,11 @@ class _Clock:
         return lambda *a, **kw: self.run(part, fn, *a, **kw)
 
 
-def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
+def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int, dict[str, Any]]:
     """CPU seconds of each part over ``shards``, in this process, block by block as the pipeline
-    cuts them (the encoder takes ``encode.rows_per_call`` rows); and the encoded tokens."""
+    cuts them (the encoder takes ``encode.rows_per_call`` rows); the encoded tokens; and the chunk
+    cache's counts of the tokenize part (chunks, new ones, restarts; empty when the tokenizer
+    cannot use it)."""
     import pyarrow as pa
 
     inp, clock = cfg.input, _Clock()
@@ -203,7 +205,8 @@ def part_seconds(cfg, shards, out_url: str) -> tuple[dict[str, float], int]:
     sec["encoder_io"] -= sec["model"] + sec["static"]  # the actor call beyond the encoder and accumulator
     sec["model"] -= sec["window_plan"] + hook  # encode_ids plans the windows again and runs the hook
     sec["static"] += hook
-    return sec, tokens
+    cache = tok.chunk_cache(static is not None)
+    return sec, tokens, dict(cache.stats) if cache is not None else {}
 
 
 # -- the pipeline, on Ray ----------------------------------------------------------------------------
@@ -299,8 +302,9 @@ def run(args: argparse.Namespace) -> int:
                 start = pipeline_run(job_config(small, os.path.join(work, f"small-{key[-3:].strip()}"), model, static,
                                                 args.set or []), small_shards)
                 pipe["startup"] = {k: start[k] for k in ("encoded_tokens", "cpu_s", "wall_s", "model_cpu_s", "cpu_by_role")}
-                parts, tokens = part_seconds(cfg, shards, os.path.join(work, f"parts-{key[-3:].strip()}"))
-                results["modes"].setdefault(key, []).append(_summary(pipe, parts, tokens, tok_rate))
+                parts, tokens, chunks = part_seconds(cfg, shards, os.path.join(work, f"parts-{key[-3:].strip()}"))
+                results["modes"].setdefault(key, []).append({**_summary(pipe, parts, tokens, tok_rate),
+                                                             "chunk_cache": chunks})
         _report(results, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -395,3 +399,7 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
                   f"{float(np.median([r['steady_feed_efficiency_job_processes'] for r in rounds])):8.3f}   "
                   "(Ray's daemons and Ray Data's actors out: a per-second cost)")
         print(f"    {'(tokenizer alone)':<28} {float(np.median([r['tokenizer_s_per_mtok'] for r in rounds])):8.3f}")
+        c = rounds[-1].get("chunk_cache") or {}
+        print(f"  chunk cache of the in-process tokenize part, over these shards from empty: {c['chunks']} chunks, "
+              f"{c['new_chunks']} new ({100 * c['new_chunks'] / max(c['chunks'], 1):.1f}%), {c['resets']} restart(s)"
+              if c else "  chunk cache: not used (the model's tokenizer cannot be cut into chunks)")

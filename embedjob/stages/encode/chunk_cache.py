@@ -7,14 +7,13 @@ also around each ASCII punctuation mark when the pre-tokenizer isolates punctuat
 normaliser this module accepts removes or merges across those characters, and the model tokenises
 each pre-token alone, so a text's tokens are its chunks' tokens one after another, with the special
 tokens around them (:func:`chunk_mode` lists what is accepted, and why). Corpora repeat their chunks
-(Zipf): of 1.8M tokens of English, about 40k chunks were not seen in the shards before, so the
-Rust tokenizer runs on a few percent of the text and numpy gathers the rest.
+(Zipf), so the Rust tokenizer runs on the few chunks not seen before and numpy gathers the rest
+(``embedjob bench feed`` prints the share of new chunks).
 
 The cut, the distinct chunks and the gather are Arrow and numpy over the batch's UTF-8 bytes;
 Python runs once per distinct chunk of a batch (a dict look-up) and once per new chunk. The cache
 holds at most ``max_entries`` chunks (more only while one batch has more distinct chunks) and starts
-again when a batch's new chunks would overfill it: all of mixed-en's 445k distinct chunks took 67 MiB
-(ids alone) or 103 MiB (with word ids and offsets) in one process.
+again when a batch's new chunks would overfill it.
 
 Texts with an added token's content (``[MASK]``, a user's added words) are not cut: the tokenizer
 matches those before it normalises, across any boundary, so the caller tokenises them directly
