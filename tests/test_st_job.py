@@ -32,17 +32,23 @@ def _run(tmp_path, model, extra=""):
     return run_job(load_job(_job(tmp_path, model, extra)))
 
 
-def test_decoder_with_prompt_through_the_job(ray_local, zoo, tmp_path):
+def _job_cosines_to_st(tmp_path, model, texts):
+    """The job over ``texts`` (2 shards): each stored vector's cosine to SentenceTransformer.encode's."""
     from sentence_transformers import SentenceTransformer
 
-    model = zoo.get("qwen3")
-    texts = SAMPLE_TEXTS + ["A much longer text. " * 40]  # one cut into windows, every one with the prompt
     ids = write_shards(tmp_path / "in", texts, n_shards=2)
     _run(tmp_path, model)
     t = pq.read_table(tmp_path / "out" / "vectors")
     got = dict(zip(t.column("id").to_pylist(), np.array(t.column("vector").to_pylist(), dtype=np.float32)))
     ref = SentenceTransformer(model, device="cpu").encode(texts)
-    cos = [float(got[d] @ ref[i] / np.linalg.norm(got[d]) / np.linalg.norm(ref[i])) for i, d in enumerate(ids)]
+    return [float(got[d] @ ref[i] / np.linalg.norm(got[d]) / np.linalg.norm(ref[i])) for i, d in enumerate(ids)]
+
+
+def test_decoder_with_prompt_through_the_job(ray_local, zoo, tmp_path):
+
+    model = zoo.get("qwen3")
+    texts = SAMPLE_TEXTS + ["A much longer text. " * 40]  # one cut into windows, every one with the prompt
+    cos = _job_cosines_to_st(tmp_path, model, texts)
     assert min(cos[:-1]) >= 0.9999, cos
     with open(tmp_path / "out" / "manifest.json") as f:
         enc = json.load(f)["encoder"]
@@ -68,19 +74,13 @@ def test_bert_pipelines_through_the_job_with_the_chunk_cache(ray_local, zoo, tmp
     """BERT-family models whose texts the preprocess stage tokenises through the chunk cache (a prompt
     left out of pooling; CLS, max and mean pooling, normalised): the job's vectors equal
     SentenceTransformer.encode, and the cache was used (the tokenizer allows it)."""
-    from sentence_transformers import SentenceTransformer
 
     from embedjob.stages.encode import Tokenizer
 
     model = zoo.get(name)
     assert Tokenizer(model, 32, prompt="query: ").chunk_cache() is not None
     texts = SAMPLE_TEXTS + ["Punctuation, (brackets) and [MASK] tokens; naïve café!", "A longer text. " * 60]
-    ids = write_shards(tmp_path / "in", texts, n_shards=2)
-    _run(tmp_path, model)
-    t = pq.read_table(tmp_path / "out" / "vectors")
-    got = dict(zip(t.column("id").to_pylist(), np.array(t.column("vector").to_pylist(), dtype=np.float32)))
-    ref = SentenceTransformer(model, device="cpu").encode(texts)
-    cos = [float(got[d] @ ref[i] / np.linalg.norm(got[d]) / np.linalg.norm(ref[i])) for i, d in enumerate(ids)]
+    cos = _job_cosines_to_st(tmp_path, model, texts)
     assert min(cos[:-1]) >= 0.9999, cos  # the last one is windowed: the job reads the whole document
 
 
