@@ -159,17 +159,30 @@ def test_a_full_chunk_cache_starts_again_with_the_same_answers(minilm_path):
     tok = Tokenizer(minilm_path, 512)
     texts = random_texts(60, seed=1) + HARD_TEXTS
     texts = [t for t in texts if t.strip() and "mask" not in t.lower() and "[SEP" not in t]
+    def shout(words):  # a normaliser: the words' forms come back through the cache's codes
+        return [w.upper() + "!" for w in words]
+
     for words in (False, True):
         cache = ChunkCache(tok.tok.backend_tokenizer, "punct", max_entries=60, words=words)
         backend = cache.backend
         for i in range(0, len(texts), 7):
             batch = texts[i:i + 7]
-            ids, counts, wid, offs = cache.encode(pa.array(batch, pa.large_string()), words=words)
+            ids, counts, wid, offs, codes = cache.encode(pa.array(batch, pa.large_string()), words=words,
+                                                         normalize=shout if words else None)
             want = backend.encode_batch(batch, add_special_tokens=False)
             assert ids.tolist() == [x for w in want for x in w.ids]
             assert counts.tolist() == [len(w.ids) for w in want]
             if words:
                 assert offs.tolist() == [list(o) for w in want for o in w.offsets]
+                # each token's code is its word's form: the word's surface (first to last piece), shouted
+                spans = {}
+                doc = np.repeat(np.arange(len(batch)), counts)
+                for k, (d, w, (a, b)) in enumerate(zip(doc.tolist(), wid.tolist(), offs.tolist())):
+                    spans.setdefault((d, w), [a, b])[1] = b
+                forms = cache.norms.take(pa.array(codes)).to_pylist()
+                assert forms == [shout([batch[d][slice(*spans[d, w])]])[0] for d, w in zip(doc.tolist(), wid.tolist())]
+            else:
+                assert codes is None
         assert cache.stats["resets"] > 0 and cache.n <= 60 + 7 * 60
     with pytest.raises(ValueError, match="ids alone"):
         cache = ChunkCache(tok.tok.backend_tokenizer, "punct", words=False)

@@ -22,8 +22,12 @@ its first documents against the direct call and stops using the cache, with a wa
 difference. Example::
 
     cache = ChunkCache(backend_tokenizer, chunk_mode(backend_tokenizer), words=True)
-    ids, counts, word_ids, offsets = cache.encode(pa.array(["a cat.", "a dog"], pa.large_string()))
+    ids, counts, word_ids, offsets, _ = cache.encode(pa.array(["a cat.", "a dog"], pa.large_string()))
     # ids: [1037, 4937, 1012, 1037, 3899]; counts: [3, 2] (no special tokens)
+
+With ``normalize`` (a function of a list of words, e.g. the static vectors' gensim chain word by word)
+the cache also keeps each chunk's words' normalised forms, so a batch's words are normalised by a
+gather too (``encode``'s fifth array: per token, its word's code into :attr:`ChunkCache.norms`).
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ class ChunkCache:
                              if a.get("content")})
         self.stats = {"chunks": 0, "new_chunks": 0, "resets": 0}
         self.new_share = 0.0  # of the last batch's chunks, the share not in the cache
+        self._normalize: Any = None  # the function the words' codes were made with (None: no codes yet)
         self._reset()
 
     def _reset(self) -> None:
@@ -158,6 +163,25 @@ class ChunkCache:
         cap = 1 << 14 if self.with_words else 0  # ids alone: no word ids or offsets kept (12 bytes a token)
         self.wid = np.zeros(cap, dtype=np.int32)  # word index within the chunk
         self.offs = np.zeros((cap, 2), dtype=np.int32)  # characters within the chunk
+        # per slot with words: the chunk's text, its first word in the per-word codes
+        self.texts: list[str] = []
+        self.wbase = np.zeros(1 << 12 if self.with_words else 0, dtype=np.int64)
+        self.nw = 0
+        self._reset_norms()
+
+    def _reset_norms(self) -> None:
+        """Forget the words' normalised forms (a new cache, or another ``normalize``)."""
+        self.wcode = np.full(max(self.nw, 1 << 12) if self.with_words else 0, -2, dtype=np.int32)  # -2: not yet
+        self.norm_index: dict[str, int] = {}
+        self._norms: list[str] = []
+        self._norms_arrow: Optional[pa.Array] = None
+
+    @property
+    def norms(self) -> pa.Array:
+        """The distinct normalised forms (a string array) the codes of :meth:`encode` index."""
+        if self._norms_arrow is None or len(self._norms_arrow) != len(self._norms):
+            self._norms_arrow = pa.array(self._norms, type=pa.string())
+        return self._norms_arrow
 
     def needs_direct(self, texts: pa.Array) -> np.ndarray:
         """Texts holding an added token's content, in any case: tokenised directly, not cut."""
@@ -166,13 +190,18 @@ class ChunkCache:
             out |= pc.match_substring(texts, content, ignore_case=True).to_numpy(zero_copy_only=False)
         return out
 
-    def encode(self, texts: pa.Array, words: bool = True
-               ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    def encode(self, texts: pa.Array, words: bool = True, normalize: Any = None
+               ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
         """``texts`` (a large_string array without nulls) -> (token ids, tokens per text, word id per
-        token, character offsets per token (n, 2)): every text's own tokens, no special tokens, word
-        ids counted from 0 in each text, offsets into the text (both None unless ``words``)."""
+        token, character offsets per token (n, 2), word code per token): every text's own tokens, no
+        special tokens, word ids counted from 0 in each text, offsets into the text (both None unless
+        ``words``). With ``normalize`` (``list[str] -> list[str]``, the same function from call to
+        call) the fifth array holds each token's word's normalised form as an index into
+        :attr:`norms` (None without ``normalize``)."""
         if words and not self.with_words:
             raise ValueError("this ChunkCache keeps ids alone (words=False): word ids and offsets were not kept")
+        if normalize is not None and not words:
+            raise ValueError("normalised words need words=True")
         n_docs = len(texts)
         chunks, doc_of, char_start = self._cut(texts)
         self.stats["chunks"] += len(chunks)
@@ -197,15 +226,50 @@ class ChunkCache:
         ids = self.ids[take]
         counts = np.bincount(doc_of, weights=lengths, minlength=n_docs).astype(np.int64)
         if not words:
-            return ids, counts, None, None
+            return ids, counts, None, None, None
         # words of the chunks before each one in its text, so that word ids count through the text
         nw = self.words[occ]
         before = np.cumsum(nw) - nw
         per_doc = np.bincount(doc_of, minlength=n_docs)
         base = before - before[(np.cumsum(per_doc) - per_doc)[doc_of]]  # chunks come text by text
-        word_ids = self.wid[take].astype(np.int64) + np.repeat(base, lengths)
+        local = self.wid[take]
+        word_ids = local.astype(np.int64) + np.repeat(base, lengths)
         offsets = self.offs[take].astype(np.int64) + np.repeat(char_start, lengths)[:, None]
-        return ids, counts, word_ids, offsets
+        codes = None
+        if normalize is not None:
+            self._normalized(slot, normalize)
+            codes = self.wcode[np.repeat(self.wbase[occ], lengths) + local]
+        return ids, counts, word_ids, offsets, codes
+
+    def _normalized(self, slots: np.ndarray, normalize: Any) -> None:
+        """Make the codes of the words of ``slots`` (a batch's distinct chunks) with ``normalize``: once
+        per chunk's word for as long as the cache holds it (Python per new word: its surface)."""
+        if normalize is not self._normalize:
+            self._normalize = normalize
+            self._reset_norms()
+        todo = slots[self.words[slots] > 0]
+        todo = todo[self.wcode[self.wbase[todo]] == -2]
+        if not len(todo):
+            return
+        tok = ragged_gather(self.start[todo], self.length[todo])
+        wid = self.wid[tok].astype(np.int64)
+        slot_of = np.repeat(todo, self.length[todo])
+        new = np.ones(len(tok), dtype=bool)  # a word starts where the slot or its word id changes
+        new[1:] = (slot_of[1:] != slot_of[:-1]) | (wid[1:] != wid[:-1])
+        first = np.flatnonzero(new)
+        last = np.append(first[1:] - 1, len(tok) - 1)
+        texts = self.texts
+        surfaces = [texts[c][a:b] for c, a, b in zip(slot_of[first].tolist(), self.offs[tok[first], 0].tolist(),
+                                                     self.offs[tok[last], 1].tolist())]
+        index, norms = self.norm_index, self._norms
+        codes = []
+        for v in normalize(surfaces):
+            k = index.get(v)
+            if k is None:
+                k = index[v] = len(norms)
+                norms.append(v)
+            codes.append(k)
+        self.wcode[self.wbase[slot_of[first]] + wid[first]] = codes
 
     def _cut(self, texts: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
         """The chunks of ``texts`` (a string array over the texts' own bytes), each chunk's text, and
@@ -294,6 +358,8 @@ class ChunkCache:
         if need > len(self.start):
             size = max(need, 2 * len(self.start))
             self.start, self.length, self.words = (np.resize(a, size) for a in (self.start, self.length, self.words))
+            if self.with_words:
+                self.wbase = np.resize(self.wbase, size)
         if self.nv + len(ids) > len(self.ids):
             size = max(self.nv + len(ids), 2 * len(self.ids))
             self.ids = np.resize(self.ids, size)
@@ -307,6 +373,15 @@ class ChunkCache:
         self.start[base:need] = self.nv + np.cumsum(cnt) - cnt
         self.length[base:need] = cnt
         self.words[base:need] = nw
+        if self.with_words:
+            self.texts.extend(chunks)
+            w_end = self.nw + int(nw.sum())
+            if w_end > len(self.wcode):
+                grown = np.full(max(w_end, 2 * len(self.wcode)), -2, dtype=np.int32)
+                grown[:self.nw] = self.wcode[:self.nw]
+                self.wcode = grown
+            self.wbase[base:need] = self.nw + np.cumsum(nw) - nw
+            self.nw = w_end
         self.nv, self.n = end, need
         self.slots.update(zip(chunks, range(base, need)))
         return np.arange(base, need, dtype=np.int64)
@@ -322,6 +397,10 @@ class FlatTokenized:
     doc_tokens: np.ndarray  # (n,) int64, as Tokenized.doc_tokens
     word_ids: Optional[np.ndarray] = None  # (tokens,) int64 word index in the document, -1: no word
     offsets: Optional[np.ndarray] = None  # (tokens, 2) int64 character offsets in the text, (0, 0): none
+    # (tokens,) int32: the token's word's normalised form, an index into ``norms``; -1: no word, -2: not
+    # known (tokenised directly): encode_flat(normalize=...) through the chunk cache, else None
+    word_norms: Optional[np.ndarray] = None
+    norms: Optional[pa.Array] = None  # the normalised forms (strings) ``word_norms`` index
 
     @property
     def starts(self) -> np.ndarray:
@@ -364,9 +443,14 @@ class FlatTokenized:
             base += len(f.ids)
         take = ragged_gather(starts, counts)
         words = parts[0][1].word_ids is not None
+        norms = next((f.norms for _, f in parts if f.norms is not None), None)
+        codes = None
+        if norms is not None:  # the parts tokenised directly: their words' forms not known (-2)
+            codes = np.concatenate([f.word_norms if f.word_norms is not None
+                                    else np.where(f.word_ids < 0, -1, -2).astype(np.int32) for _, f in parts])[take]
         return cls(np.concatenate([f.ids for _, f in parts])[take], counts, doc_tokens,
                    np.concatenate([f.word_ids for _, f in parts])[take] if words else None,
-                   np.concatenate([f.offsets for _, f in parts])[take] if words else None)
+                   np.concatenate([f.offsets for _, f in parts])[take] if words else None, codes, norms)
 
 
 def word_starts(word_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:

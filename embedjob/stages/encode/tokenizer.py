@@ -161,12 +161,14 @@ class Tokenizer:
             self._encode_group(texts, group, out, words)
         return out
 
-    def encode_flat(self, texts: Sequence[str], *, words: bool = False) -> FlatTokenized:
+    def encode_flat(self, texts: Sequence[str], *, words: bool = False, normalize: Any = None) -> FlatTokenized:
         """:meth:`encode` in flat arrays, the texts cut into chunks whose tokens are cached
         (:mod:`~embedjob.stages.encode.chunk_cache`) where the tokenizer allows it: the same ids,
         counts, word ids and offsets, about a third of the CPU. Texts holding an added token's
         content, texts longer than a piece, and every text of a tokenizer that cannot be cut are
-        tokenised directly."""
+        tokenised directly. ``normalize`` (with ``words``; ``list[str] -> list[str]``, the same
+        function from call to call): the cached chunks' words' normalised forms too
+        (``word_norms``, ``norms``; -2 for the words of texts tokenised directly)."""
         texts = list(texts)
         cache = self.chunk_cache(words) if texts else None
         if cache is None or self._bypass > 0:
@@ -179,7 +181,10 @@ class Tokenizer:
         if len(rest):
             parts.append((rest, FlatTokenized.from_tokenized(self.encode([texts[i] for i in rest.tolist()], words=words))))
         if len(cut):
-            got = self._wrap(*cache.encode(arr if not len(rest) else arr.take(pa.array(cut)), words), words)
+            got = self._wrap(*cache.encode(arr if not len(rest) else arr.take(pa.array(cut)), words, normalize),
+                             words)
+            if normalize is not None:
+                got.norms = cache.norms
             if self._verify_left > 0 and not self._verified([texts[i] for i in cut.tolist()], got, words):
                 return FlatTokenized.from_tokenized(self.encode(texts, words=words))
             parts.append((cut, got))
@@ -218,7 +223,7 @@ class Tokenizer:
         return self._caches[words]
 
     def _wrap(self, ids: np.ndarray, counts: np.ndarray, wid: Optional[np.ndarray], offs: Optional[np.ndarray],
-              words: bool) -> FlatTokenized:
+              codes: Optional[np.ndarray], words: bool) -> FlatTokenized:
         """Texts' own tokens -> the model's: the special tokens (and the prompt's) around them, cut at
         the cap as :meth:`encode` cuts (the head and the closing special tokens kept)."""
         lead, tail = self._lead, np.array(self.tail_ids, dtype=np.int32)
@@ -234,12 +239,15 @@ class Tokenizer:
         lead_at = (out_start[:, None] + np.arange(h)).reshape(-1)
         tail_at = ((out_start + h + keep)[:, None] + np.arange(t)).reshape(-1)
         out[lead_at], out[tail_at] = np.tile(lead, n), np.tile(tail, n)
-        w = o = None
+        w = o = c = None
         if words:
             w = np.full(len(out), -1, dtype=np.int64)
             o = np.zeros((len(out), 2), dtype=np.int64)
             w[dst], o[dst] = wid[src], offs[src]
-        return FlatTokenized(out, kept, whole if self.whole_documents else kept, w, o)
+        if codes is not None:
+            c = np.full(len(out), -1, dtype=np.int32)
+            c[dst] = codes[src]
+        return FlatTokenized(out, kept, whole if self.whole_documents else kept, w, o, c)
 
     def _verified(self, texts: list[str], got: FlatTokenized, words: bool) -> bool:
         """The first documents cut into chunks equal the direct call's; else the cache is dropped."""

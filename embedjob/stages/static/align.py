@@ -18,17 +18,28 @@ from gensim.parsing import preprocess_string
 
 from embedjob.schema import DOC_TOKENS, INPUT_IDS, TOKENS, WORD_IDS, WORDS
 
-_NORM_CACHE: dict[int, tuple[Any, dict[str, str]]] = {}
+_NORM_CACHE: dict[int, tuple[Any, dict[str, str], Callable[[list[str]], list[str]]]] = {}
 _NORM_CACHE_MAX = 500_000
+# Joins new words for one run of the filter chain (normalize_words): a word no filter changes, that
+# no filter joins with its neighbours and that is no stop word, in the case the chain gives back.
+_SENTINEL = "zqxjkv"
+_JOIN_WORDS = 4096
+
+
+def _entry(filters) -> tuple[Any, dict[str, str], Callable[[list[str]], list[str]]]:
+    """``filters``' cache of normalised words, and its :func:`normalize_words` as one function (the
+    same object from call to call: the chunk cache keeps the words' forms per function)."""
+    entry = _NORM_CACHE.get(id(filters))
+    if entry is None or entry[0] is not filters:
+        # keeps `filters` alive, so the id stays its own
+        entry = _NORM_CACHE[id(filters)] = (filters, {}, lambda words: normalize_words(words, filters))
+    return entry
 
 
 def normalize_word(word: str, filters: list[Callable[[str], str]]) -> str:
     """The vocabulary word for one surface word: the gensim filter chain (a list of gensim filters, or
     the preprocess stage's equal ``FilterChain``) applied to the word alone; "" when the chain drops it (stop word, too short, number) or splits it into several tokens."""
-    entry = _NORM_CACHE.get(id(filters))
-    if entry is None or entry[0] is not filters:
-        entry = _NORM_CACHE[id(filters)] = (filters, {})  # keeps `filters` alive, so the id stays its own
-    cache = entry[1]
+    cache = _entry(filters)[1]
     got = cache.get(word)
     if got is None:
         toks = filters(word) if callable(filters) else preprocess_string(word, filters)
@@ -45,14 +56,58 @@ def _norms_cached(filters) -> dict[str, str]:
     return entry[1] if entry is not None and entry[0] is filters else {}
 
 
+def normalizer(filters) -> Callable[[list[str]], list[str]]:
+    """:func:`normalize_words` for ``filters`` as a function of the words alone, the same object for
+    the same ``filters`` (what :meth:`~embedjob.stages.encode.tokenizer.Tokenizer.encode_flat` takes)."""
+    return _entry(filters)[2]
+
+
 def normalize_words(words: list[str], filters) -> list[str]:
     """:func:`normalize_word` of each word: the cached ones looked up in one pass (no Python call
-    per word), the chain run on the rest."""
-    out = list(map(_norms_cached(filters).get, words))
-    for k, got in enumerate(out):
-        if got is None:
+    per word), the new ones by one run of the chain over thousands of them joined by a sentinel word
+    (:func:`_normalize_joined`), word by word where that cannot be told apart."""
+    cache = _norms_cached(filters)
+    out = list(map(cache.get, words))
+    todo = [k for k, got in enumerate(out) if got is None]
+    if len(todo) > 1:
+        for a in range(0, len(todo), _JOIN_WORDS):
+            part = todo[a:a + _JOIN_WORDS]
+            got = _normalize_joined([words[k] for k in part], filters)
+            if got is None:
+                continue
+            cache = _entry(filters)[1]
+            if len(cache) + len(part) >= _NORM_CACHE_MAX:
+                cache.clear()
+            for k, v in zip(part, got):
+                out[k] = cache[words[k]] = v
+    for k in todo:
+        if out[k] is None:
             out[k] = normalize_word(words[k], filters)
     return out
+
+
+def _normalize_joined(words: list[str], filters) -> Optional[list[str]]:
+    """The chain over ``words`` joined by a sentinel word, cut back at the sentinels: each word's
+    tokens as :func:`normalize_word` has them; None when that cannot be sure (the chain changes the
+    sentinel, a word holds it or a tag bracket, which ``strip_tags`` matches across words)."""
+    run = filters if callable(filters) else (lambda text: preprocess_string(text, filters))
+    mark = run(_SENTINEL)
+    if len(mark) != 1:
+        return None
+    mark = mark[0]
+    for w in words:
+        if "<" in w or ">" in w or _SENTINEL in w.lower() or mark in w.lower():
+            return None
+    out: list[str] = []
+    toks: list[str] = []
+    for t in run(f" {_SENTINEL} ".join(words)):
+        if t == mark:
+            out.append(toks[0] if len(toks) == 1 else "")
+            toks = []
+        else:
+            toks.append(t)
+    out.append(toks[0] if len(toks) == 1 else "")
+    return out if len(out) == len(words) else None
 
 
 def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, tok, filters) -> pa.Table:
@@ -68,7 +123,7 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
     todo = np.flatnonzero(~np.asarray(empty, dtype=bool))
     todo_texts = [texts[i] for i in todo.tolist()]
     whole = tok.whole_documents
-    enc = tok.encode_flat(todo_texts, words=True)
+    enc = tok.encode_flat(todo_texts, words=True, normalize=normalizer(filters))
     n_tok = np.zeros(n, dtype=np.int32)
     n_tok[todo] = enc.doc_tokens
     aligned = None
@@ -77,21 +132,25 @@ def align_words(table: pa.Table, texts: list[Optional[str]], empty: np.ndarray, 
         doc_words = None
         if TOKENS in table.column_names:
             doc_words = table.column(TOKENS).combine_chunks().take(pa.array(todo))
-        aligned = align_batch(todo_texts, enc.word_ids, enc.offsets, enc.counts, truncated, doc_words, filters)
+        aligned = align_batch(todo_texts, enc.word_ids, enc.offsets, enc.counts, truncated, doc_words, filters,
+                              enc.word_norms, enc.norms)
     wid_arr, words_arr = _scatter(aligned, todo, n)
     table = _with_alignment(table, enc.list_array(n, todo), wid_arr, words_arr)
     return table.append_column(DOC_TOKENS, pa.array(n_tok, type=pa.int32())) if whole else table
 
 
 def align_batch(texts: list[str], word_ids: np.ndarray, offsets: np.ndarray, counts: np.ndarray,
-                truncated: np.ndarray, doc_words: Optional[pa.ListArray], filters) -> tuple[pa.Array, pa.Array]:
+                truncated: np.ndarray, doc_words: Optional[pa.ListArray], filters,
+                word_norms: Optional[np.ndarray] = None, norms: Optional[pa.Array] = None) -> tuple[pa.Array, pa.Array]:
     """:func:`_align_doc` over a batch of documents at once: ``(_word_ids, _words)`` as list arrays,
     one row per text, from the tokenizer's flat arrays (word id per token, -1: none; character
     offsets per token; tokens per text). Numpy over the tokens and words, Arrow for the words'
     surface strings, their distinct values and the membership in each document's gensim tokens
     (``doc_words``; None: no check); Python only once per distinct surface string (the filter
-    chain, cached). Documents whose word ids do not ascend (no BERT tokenizer's) take the
-    per-document path."""
+    chain, cached). ``word_norms`` and ``norms`` (the chunk cache's, :meth:`Tokenizer.encode_flat`
+    with ``normalize``): the words' normalised forms already known, as indices into ``norms`` (-2:
+    not known), so only the others' surfaces are cut. Documents whose word ids do not ascend (no
+    BERT tokenizer's) take the per-document path."""
     d = len(texts)
     counts = np.asarray(counts, dtype=np.int64)
     t_off = np.zeros(d + 1, dtype=np.int64)
@@ -115,12 +174,20 @@ def align_batch(texts: list[str], word_ids: np.ndarray, offsets: np.ndarray, cou
     is_last = np.ones(n_words, dtype=bool)
     is_last[:-1] = word_doc[1:] != word_doc[:-1]
     skip = is_last & np.asarray(truncated, dtype=bool)[word_doc]  # a word cut at the cap is not counted
-    surfaces = _surfaces(texts, word_doc, offs[real[first], 0], offs[real[last], 1])
-    enc = pc.dictionary_encode(surfaces)
-    idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    norm = pa.array(normalize_words(enc.dictionary.to_pylist(), filters), type=pa.string())
-    counted = (pc.not_equal(norm, "").to_numpy(zero_copy_only=False)[idx] if n_words else np.zeros(0, bool)) & ~skip
+    if word_norms is not None and norms is not None:
+        idx = np.asarray(word_norms)[real[first]].astype(np.int64)
+        unknown = np.flatnonzero(idx < 0)
+        norm = norms
+    else:
+        idx, unknown, norm = np.zeros(n_words, dtype=np.int64), np.arange(n_words), pa.array([], type=pa.string())
+    if len(unknown):  # the words' surface strings, normalised once per distinct one
+        at = real[first[unknown]]
+        enc = pc.dictionary_encode(_surfaces(texts, word_doc[unknown], offs[at, 0], offs[real[last[unknown]], 1]))
+        idx[unknown] = len(norm) + enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        norm = pa.concat_arrays([norm, pa.array(normalize_words(enc.dictionary.to_pylist(), filters),
+                                                type=pa.string())])
     values = norm.take(pa.array(idx))
+    counted = pc.not_equal(values, "").to_numpy(zero_copy_only=False) & ~skip if n_words else np.zeros(0, bool)
     if doc_words is not None and n_words:
         counted &= _in_doc_words(values, word_doc, doc_words)
     return _alignment_arrays(counted, values, word_doc, real, new, d, t_off)

@@ -83,15 +83,16 @@ def choose_tiling(ranges: list[tuple[int, int]], n_rows: Optional[int] = None) -
     return None
 
 
-def merge_part_tables(tables: list[pa.Table]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Sum ``count`` and ``sum`` by ``word`` over part tables: (sorted words, counts, float64 sums).
+def merge_part_tables(tables: list[pa.Table]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Sum ``count`` and ``sum`` by ``word`` over part tables: (sorted words (a string array),
+    counts, float64 sums).
 
     Arrow's dictionary encoding finds the distinct words and sorts them (UTF-8 byte order, which is
     Python's string order), no Python string per row; the rows are summed with ``np.add.at`` in the
     order they come, as in :func:`merge_part_tables_reference`, so the sums are the same to the bit."""
     tables = [t for t in tables if t.num_rows]
     if not tables:
-        return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float64)
+        return pa.array([], type=pa.string()), np.zeros(0, np.int64), np.zeros((0, 0), np.float64)
     words = pa.concat_arrays([c for t in tables for c in t.column("word").chunks])
     counts = np.concatenate([t.column("count").to_numpy() for t in tables]).astype(np.int64, copy=False)
     sums = np.concatenate([part_sums(t) for t in tables]).astype(np.float64)
@@ -104,7 +105,7 @@ def merge_part_tables(tables: list[pa.Table]) -> tuple[list[str], np.ndarray, np
     np.add.at(out_counts, inv, counts)
     out_sums = np.zeros((len(by_word), sums.shape[1]), dtype=np.float64)
     np.add.at(out_sums, inv, sums)
-    return enc.dictionary.take(pa.array(by_word)).to_pylist(), out_counts, out_sums
+    return enc.dictionary.take(pa.array(by_word)).cast(pa.string()), out_counts, out_sums
 
 
 def merge_part_tables_reference(tables: list[pa.Table]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -144,7 +145,7 @@ def commit_static_parts(out: "Storage", shard: str, part_paths: list[str], expec
     tables = [out.read_parquet(part_paths[i]) for i in sorted(pick, key=lambda i: ranges[i])]
     dim = tables[0].schema.field("sum").type.list_size if tables else None
     words, counts, sums = merge_part_tables(tables)
-    if not words:
+    if not len(words):
         sums = np.zeros((0, dim or 0), np.float64)
     rel = shard_file(PARTS_DIR, shard)
     table = part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0))
