@@ -141,7 +141,21 @@ class FilterChain:
 
 
 def _translate(table: dict) -> Callable[[str], str]:
-    return lambda s: s.translate(table)
+    """``str.translate(table)`` for a table of ASCII characters each mapped to one ASCII character
+    or deleted, done on the UTF-8 bytes: an ASCII byte never occurs inside a multi-byte character,
+    and ``bytes.translate`` is one table look-up per byte, where ``str.translate`` looks each
+    character of a non-ASCII text up in a dict (about 20x slower on such texts, 3x on ASCII ones)."""
+    mapping = bytes(range(256))
+    drop = bytearray()
+    for k, v in table.items():
+        if k >= 128 or (v is not None and not (isinstance(v, str) and len(v) == 1 and ord(v) < 128)):
+            return lambda s: s.translate(table)
+        if v is None:
+            drop.append(k)
+        else:
+            mapping = mapping[:k] + v.encode() + mapping[k + 1:]
+    dropped = bytes(drop)
+    return lambda s: s.encode("utf-8", "surrogatepass").translate(mapping, dropped).decode("utf-8", "surrogatepass")
 
 
 def _split_next(rest: list[str]) -> bool:
