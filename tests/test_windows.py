@@ -258,6 +258,41 @@ def test_overlapping_windows_count_each_static_occurrence_once(tmp_path, tiny_mo
     assert st.counts.sum() == sum(len(w) for w in pre.column("_words").to_pylist())
 
 
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+def test_static_pieces_weighed_at_once_equal_the_pooled_occurrences(tmp_path, tiny_model, pooling):
+    """The accumulator adds each piece to its slot at once, weighed (batch_pieces), where pieces are
+    consecutive: the same sums as pooling each occurrence first (window_pieces and _pool), on the
+    model's real hidden states, with overlapping windows, words cut at a window's end and a
+    document cut at the cap."""
+    import torch
+
+    from embedjob.stages.encode import resolve_encoder_settings
+    from embedjob.stages.preprocess import PreprocessConfig, Preprocessor
+    from embedjob.stages.static.accumulate import StaticAccumulator
+
+    cfg = EncodeConfig(model=tiny_model, dtype="float32", max_length=16, window_overlap=5, max_windows=6)
+    settings = resolve_encoder_settings(cfg)
+    texts = [LONG, "Unbelievable antidisestablishmentarianism chases incomprehensibilities " * 12, "cats",
+             "Cats chase dogs. Dogs run! " * 9]
+    n = len(texts)
+    table = pa.table({"_shard": ["s"] * n, "_row": list(range(n)), "id": [str(i) for i in range(n)], "text": texts})
+    pre = Preprocessor(PreprocessConfig(), "text", settings, {"out_url": str(tmp_path)})(table)
+    ids = [np.asarray(x, dtype=np.int32) for x in pre.column("_input_ids").to_pylist()]
+    sums = {}
+    for fast in (True, False):
+        enc = TextEncoder(settings, batch_tokens=64, max_batch_docs=3)
+        acc = StaticAccumulator(enc, out_url=str(tmp_path / "out"), word_pooling=pooling)
+        hook = acc.hook_for(pre, np.ones(n, dtype=bool))
+        assert acc._state.pieces is not None
+        if not fast:
+            acc._state.pieces = None  # each occurrence pooled first, then added
+        enc.encode_ids(ids, token_hook=hook, doc_tokens=pre.column("_doc_tokens").to_numpy())
+        sums[fast] = acc._state.sums.numpy().copy()
+    assert np.abs(sums[True]).sum() > 0
+    np.testing.assert_allclose(sums[True], sums[False], rtol=1e-5, atol=1e-5)
+    assert torch.is_tensor(acc._state.sums)
+
+
 def enc_plan_starts(enc, ids) -> list:
     from embedjob.stages.encode.windows import plan_for
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from embedjob.layout import STATIC_PART_SUFFIX, part_name
 from embedjob.schema import ROW, SHARD, WORD_IDS, WORDS, contiguous_runs
+from embedjob.stages.encode.chunk_cache import ragged_gather
 from embedjob.stages.static.config import check_word_pooling, resolve_layers
 from embedjob.stages.static.parts import part_table
 from embedjob.storage import Storage
@@ -47,6 +48,18 @@ class _CallState:
     first_tok: np.ndarray  # per instance (word occurrence): index in tok_inst of its first piece
     inst_slot: np.ndarray  # per instance: its slot
     sums: Any  # torch (slots, dim) float32 on the encoder's device
+    pieces: Optional["_CallPieces"] = None  # where every occurrence's pieces are consecutive
+
+
+@dataclass
+class _CallPieces:
+    """The pieces of one encoder call's counted occurrences, ascending (:func:`call_pieces`): each
+    one's index in the kept docs' tokens, slot, and its occurrence's first piece and end."""
+
+    q: np.ndarray
+    slot: np.ndarray
+    first: np.ndarray
+    end: np.ndarray
 
 
 def _list_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, Any]:
@@ -99,8 +112,14 @@ def _instances(wid_flat: np.ndarray, w_off: np.ndarray, x_off: np.ndarray,
     np.cumsum(lens, out=tok_base[1:])
     first_tok = np.zeros(int(n_inst.sum()), dtype=np.int64)
     at = np.flatnonzero(tok_inst >= 0)
-    seen, first_at = np.unique(tok_inst[at], return_index=True)  # positions ascend: each one's first piece
-    first_tok[seen] = at[first_at]
+    g = tok_inst[at]
+    if len(g) < 2 or bool((g[1:] >= g[:-1]).all()):  # occurrences ascend (BERT): runs, no sort
+        new = np.ones(len(g), dtype=bool)
+        np.not_equal(g[1:], g[:-1], out=new[1:])
+        first_tok[g[new]] = at[new]
+    else:
+        seen, first_at = np.unique(g, return_index=True)  # positions ascend: each one's first piece
+        first_tok[seen] = at[first_at]
     return tok_inst, tok_base, first_tok
 
 
@@ -134,6 +153,53 @@ def window_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: 
     else:
         uniq, inst = np.unique(key, return_inverse=True)
     return rr * width + p - col0[rr], inst.reshape(-1), st.inst_slot[uniq % n_inst], len(uniq)
+
+
+def call_pieces(tok_inst: np.ndarray, first_tok: np.ndarray, inst_slot: np.ndarray,
+                pooling: str) -> Optional[_CallPieces]:
+    """The call's counted pieces for :func:`batch_pieces` (``first`` pooling: each occurrence's first
+    piece alone), where every occurrence's pieces are consecutive (any tokenizer's words, in
+    practice); None where one's are not, which :func:`window_pieces` handles."""
+    q = np.flatnonzero(tok_inst >= 0)
+    g = tok_inst[q]
+    cnt = np.bincount(g, minlength=len(first_tok))
+    first = first_tok[g]
+    if len(q) and not bool((q - first < cnt[g]).all()):  # pieces elsewhere than right after the first
+        return None
+    keep = q == first if pooling == "first" else slice(None)
+    return _CallPieces(q[keep], inst_slot[g][keep], first[keep], (first + cnt[g])[keep])
+
+
+def batch_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: int, pooling: str):
+    """:func:`window_pieces` and the pooling in one, for ``mean``, ``first`` and ``last`` where
+    :func:`call_pieces` applies: (flat positions ``r * width + column`` of the pieces to add, each
+    one's slot, each one's weight (None: 1)), or None. A window's pieces are a range of the call's
+    (two binary searches per row); ``mean`` weighs each piece 1 / its occurrence's pieces in the
+    window, so the slot's sum gets the occurrence's mean at once."""
+    P = st.pieces
+    col0, a, b, lo, hi = spans.T
+    base = st.tok_base[docs]
+    end = base + np.maximum(np.minimum(b, st.tok_base[docs + 1] - base), a)  # one past the window's last token
+    i0 = np.searchsorted(P.q, base + a)
+    n = np.searchsorted(P.q, end) - i0
+    seg = ragged_gather(i0, n)
+    rr = np.repeat(np.arange(len(docs)), n)
+    f = P.first[seg]
+    own = (f >= (base + lo)[rr]) & (f < (base + hi)[rr])  # the window owns the occurrence's first piece
+    if not bool(own.all()):
+        seg, rr, f = seg[own], rr[own], f[own]
+    if not len(seg):
+        return None
+    q = P.q[seg]
+    weight = None
+    if pooling != "first":
+        e = np.minimum(P.end[seg], end[rr])  # the occurrence's pieces in this window end here
+        if pooling == "mean":
+            weight = (1.0 / (e - f)).astype(np.float32)
+        else:
+            last = q == e - 1
+            seg, rr, q = seg[last], rr[last], q[last]
+    return rr * width + q - (base + col0)[rr], P.slot[seg], weight
 
 
 def slots_by_run(slot_run: np.ndarray, slot_word: pa.Array, n_runs: int) -> list[np.ndarray]:
@@ -175,7 +241,9 @@ class StaticAccumulator:
         tok_inst, tok_base, first_tok = _instances(wid_flat, w_off, x_off, keep)
         counts = np.bincount(occ_slot, minlength=len(slot_word)).astype(np.int64)
         sums = self.torch.zeros((len(slot_word), self.dim), dtype=self.torch.float32, device=self.encoder.device)
-        self._state = _CallState(runs, slot_run, slot_word, counts, tok_inst, tok_base, first_tok, occ_slot, sums)
+        st = self._state = _CallState(runs, slot_run, slot_word, counts, tok_inst, tok_base, first_tok, occ_slot, sums)
+        if self.pooling != "max":
+            st.pieces = call_pieces(tok_inst, first_tok, occ_slot, self.pooling)
         return self._hook
 
     def _hook(self, layers, mask, idx: np.ndarray, spans: np.ndarray) -> None:
@@ -187,7 +255,17 @@ class StaticAccumulator:
         st = self._state
         h = layers[0].float() if len(layers) == 1 else torch.stack([x.float() for x in layers]).mean(0)
         B, S, D = h.shape
-        taken = window_pieces(st, np.asarray(idx, dtype=np.int64), np.asarray(spans, dtype=np.int64), S)
+        docs, spans = np.asarray(idx, dtype=np.int64), np.asarray(spans, dtype=np.int64)
+        if st.pieces is not None:  # each piece weighed and added to its slot at once
+            got = batch_pieces(st, docs, spans, S, self.pooling)
+            if got is not None:
+                pos, slots, weight = got
+                vec = h.reshape(B * S, D).index_select(0, torch.from_numpy(pos).to(h.device))
+                if weight is not None:
+                    vec = vec * torch.from_numpy(weight).to(h.device).unsqueeze(1)
+                st.sums.index_add_(0, torch.from_numpy(slots).to(h.device), vec)
+            return
+        taken = window_pieces(st, docs, spans, S)
         if taken is None:
             return
         pos, inst, slots, n_inst = taken
