@@ -339,14 +339,16 @@ def test_vectorised_word_slots_equal_the_per_occurrence_original():
     for sl in (col, col.slice(3)):
         off, flat = _list_parts(sl)
         n = len(off) - 1
-        run_of = np.repeat(np.arange(4), [n // 4, n // 4, n // 4, n - 3 * (n // 4)])
-        for keep in (np.ones(n, bool), rng.random(n) > 0.3, np.zeros(n, bool)):
+        four = np.repeat(np.arange(4), [n // 4, n // 4, n // 4, n - 3 * (n // 4)])
+        for run_of, keep in [(r, k) for r in (four, np.zeros(n, np.int64))
+                             for k in (np.ones(n, bool), rng.random(n) > 0.3, np.zeros(n, bool))]:
             occ, slot_run, slot_arr = word_slots(flat, off, run_of, keep)
             slot_word = slot_arr.to_pylist()
             want, slot_of, want_order = _word_slots_reference(flat.to_pylist(), off, run_of, keep)
             assert occ.tolist() == want
             assert {(int(r), w): s for s, (r, w) in enumerate(zip(slot_run, slot_word))} == slot_of
-            assert [x.tolist() for x in slots_by_run(slot_run, slot_arr, 4)] == want_order
+            n_runs = int(run_of.max()) + 1
+            assert [x.tolist() for x in slots_by_run(slot_run, slot_arr, n_runs)] == want_order[:n_runs]
             assert np.bincount(occ, minlength=len(slot_word)).tolist() == np.bincount(want, minlength=len(slot_of)).tolist()
 
 

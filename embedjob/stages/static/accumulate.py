@@ -83,16 +83,16 @@ def word_slots(words: pa.Array, offsets: np.ndarray, run_of: np.ndarray,
     kept = np.flatnonzero(keep[occ_row]) if len(occ_row) else np.zeros(0, np.int64)
     if not len(kept):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), pa.array([], type=pa.string())
-    enc = pc.dictionary_encode(words.take(pa.array(kept)))
+    enc = pc.dictionary_encode(words if len(kept) == len(words) else words.take(pa.array(kept)))
     codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    key = run_of[occ_row[kept]].astype(np.int64) * len(enc.dictionary) + codes
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    slot_of_uniq = np.empty(len(uniq), dtype=np.int64)
-    by_first = np.argsort(first, kind="stable")
-    slot_of_uniq[by_first] = np.arange(len(uniq))
-    ordered = uniq[by_first]
+    runs = run_of[occ_row[kept]].astype(np.int64)
+    if len(runs) and runs[0] == runs[-1] and bool((runs == runs[0]).all()):  # one run: the words' codes are the slots
+        return codes, np.full(len(enc.dictionary), runs[0], dtype=np.int64), enc.dictionary
+    # Arrow's hash encoding numbers the distinct keys in order of first occurrence (no sort)
+    keys = pc.dictionary_encode(pa.array(runs * len(enc.dictionary) + codes))
+    ordered = keys.dictionary.to_numpy()
     slot_words = enc.dictionary.take(pa.array(ordered % len(enc.dictionary)))
-    return slot_of_uniq[inv.reshape(-1)], ordered // len(enc.dictionary), slot_words
+    return keys.indices.to_numpy(zero_copy_only=False).astype(np.int64), ordered // len(enc.dictionary), slot_words
 
 
 def _instances(wid_flat: np.ndarray, w_off: np.ndarray, x_off: np.ndarray,

@@ -189,7 +189,11 @@ def align_batch(texts: list[str], word_ids: np.ndarray, offsets: np.ndarray, cou
     values = norm.take(pa.array(idx))
     counted = pc.not_equal(values, "").to_numpy(zero_copy_only=False) & ~skip if n_words else np.zeros(0, bool)
     if doc_words is not None and n_words:
-        counted &= _in_doc_words(values, word_doc, doc_words)
+        if norm is norms and len(unknown) == 0:  # the cache's forms, each distinct: compared by code
+            at = np.flatnonzero(counted)
+            counted[at] = _codes_in_doc_words(idx[at], norm, word_doc[at], doc_words)
+        else:
+            counted &= _in_doc_words(values, word_doc, doc_words)
     return _alignment_arrays(counted, values, word_doc, real, new, d, t_off)
 
 
@@ -232,6 +236,22 @@ def _in_doc_words(values: pa.Array, word_doc: np.ndarray, doc_words: pa.ListArra
     # Arrow's hash set (np.isin sorts both sides: 8x slower here)
     return pc.is_in(pa.array(word_doc * k + c[:len(values)]),
                     value_set=pa.array(tok_doc * k + c[len(values):])).to_numpy(zero_copy_only=False)
+
+
+def _codes_in_doc_words(codes: np.ndarray, norms: pa.Array, word_doc: np.ndarray, doc_words: pa.ListArray) -> np.ndarray:
+    """:func:`_in_doc_words` for words given as codes into ``norms`` (distinct strings): only the
+    documents' tokens are hashed as strings, against the forms these words use."""
+    used = pc.dictionary_encode(pa.array(codes, type=pa.int64()))  # the codes used, numbered densely
+    forms = norms.take(used.dictionary)
+    lens = pc.list_value_length(doc_words).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    tok_doc = np.repeat(np.arange(len(lens)), lens)
+    tok = pc.index_in(doc_words.flatten().cast(pa.string()), value_set=forms).fill_null(-1)
+    tok = tok.to_numpy(zero_copy_only=False).astype(np.int64)
+    found = tok >= 0
+    k = max(len(forms), 1)
+    word_keys = word_doc * k + used.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return pc.is_in(pa.array(word_keys), value_set=pa.array(tok_doc[found] * k + tok[found])).to_numpy(
+        zero_copy_only=False)
 
 
 def _alignment_arrays(counted: np.ndarray, values: pa.Array, word_doc: np.ndarray, real: np.ndarray,
