@@ -21,17 +21,17 @@ from typing import Any, Optional
 FEED_BOUND = 0.8  # encoder busy below this: feed-bound
 
 # CPU-seconds per million encoded tokens of the work around the model (read, gensim preprocess,
-# tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` on mixed-en with
-# the start-up taken out (README "CPU cores per GPU", "Fifth pass": with the chunk cache, 2.07-2.58
-# with static vectors and 1.11-1.50 without, over two 2-round runs); the plan's default when a job has
-# no measurement of its own.
-FEED_CPU_S_PER_MTOK = {"static": 2.3, "plain": 1.3}
+# tokenize, alignment, write, commit, Ray Data), measured by `embedjob bench feed` with the start-up
+# taken out (README "CPU cores per GPU", "Sixth pass": 1.27-1.75 with static vectors and 0.85-1.12
+# without, over mixed-en's first 4 shards and its short- and long-document subsets); the larger ends,
+# the plan's default when a job has no measurement of its own.
+FEED_CPU_S_PER_MTOK = {"static": 1.75, "plain": 1.1}
 # Of that, the CPU-seconds per million tokens an encoder actor spends outside the model's forward, on
 # its one Python thread (window plan, batches, pooling bookkeeping, Arrow in and out; with static
-# vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out, the median of 4 runs
-# (padded and packed batches; they ranged 0.69-0.93 and 0.29-0.42). One actor can feed its GPU at most
-# 1e6 / this tokens per second, whatever the CPUs around it.
-ACTOR_CPU_S_PER_MTOK = {"static": 0.75, "plain": 0.36}
+# vectors the accumulation): `bench feed`'s "encoder actors" line, start-up out, the largest of the
+# same three runs (0.39-0.57 and 0.20-0.28, padded batches). One actor can feed its GPU at most 1e6 /
+# this tokens per second, whatever the CPUs around it.
+ACTOR_CPU_S_PER_MTOK = {"static": 0.57, "plain": 0.28}
 # Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
 GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
 
