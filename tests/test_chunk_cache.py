@@ -65,7 +65,7 @@ def _variant(minilm_path: str, tmp_path, name: str) -> str:
 
 
 def _same(a, b, words: bool) -> None:
-    from embedjob.stages.encode.chunk_cache import word_starts as _word_starts
+    from embedjob.stages.encode.flat import word_starts as _word_starts
 
     assert a.counts.tolist() == b.counts.tolist()
     assert a.doc_tokens.tolist() == b.doc_tokens.tolist()

@@ -10,7 +10,10 @@
   ``chunk_cache.py`` where the tokenizer allows it.
 * ``chunk_cache.py`` — :class:`ChunkCache`: texts cut at whitespace (and punctuation for BERT's
   pre-tokenizer) into chunks, each distinct chunk tokenised once per process, the ids gathered in
-  numpy: the tokenizer's own ids, word ids and offsets at a third of its CPU.
+  numpy: the tokenizer's own ids, word ids and offsets at a third of its CPU (and, for the static
+  vectors, each chunk's words' normalised forms).
+* ``flat.py`` — :class:`FlatTokenized`: a tokenizer call in flat arrays, and the numpy helpers that
+  cut and join them.
 * ``modules.py`` — the model's sentence-transformers module pipeline (``modules.json``): Pooling in
   every mode, Dense / LayerNorm / Normalize heads, prompts, Matryoshka ``truncate_dim``; unknown
   modules and remote code refused in one line.
@@ -21,7 +24,7 @@
   of window vectors.
 * ``actor.py`` — :class:`EncodeActor`, the callable class Ray Data runs in an actor pool.
 
-The encoder core (settings, tokenizer, chunk_cache, windows, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
+The encoder core (settings, tokenizer, chunk_cache, flat, windows, encoder, packed) imports no pydantic, Ray, gensim or faiss, so that
 ``.ci/gpu-check`` runs it on a bare GPU host. The names below are imported on first use for the
 same reason: ``from embedjob.stages.encode import TextEncoder`` loads only what it names.
 

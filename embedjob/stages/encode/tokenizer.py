@@ -23,14 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob.stages.encode.chunk_cache import (
-    ChunkCache,
-    FlatTokenized,
-    chunk_mode,
-    ends_at_cut,
-    ragged_gather,
-    word_starts,
-)
+from embedjob.stages.encode.chunk_cache import ChunkCache, chunk_mode, ends_at_cut
+from embedjob.stages.encode.flat import FlatTokenized, ragged_gather, word_starts
 from embedjob.stages.encode.windows import SENTENCE_END_TOKENS
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from embedjob.layout import STATIC_PART_SUFFIX, part_name
 from embedjob.schema import ROW, SHARD, WORD_IDS, WORDS, contiguous_runs
-from embedjob.stages.encode.chunk_cache import ragged_gather
+from embedjob.stages.encode.flat import ragged_gather
 from embedjob.stages.static.config import check_word_pooling, resolve_layers
 from embedjob.stages.static.parts import part_table
 from embedjob.storage import Storage
