@@ -89,8 +89,9 @@ def bench_json_object(capsys, *argv: str) -> dict:
 
 def test_bench_feed(capsys, corpus):
     # the near-free model it builds, the job's own per-shard stages on one shard, the parts in-process
-    res = bench_json_object(capsys, "feed", "--corpus", corpus, "--shards", "1", "--rounds", "1", "--static", "on")
-    assert res["shards"] == 1 and res["rounds"] == 1 and list(res["modes"]) == ["static on"]
+    res = bench_json_object(capsys, "feed", "--corpus", corpus, "--shards", "1", "--rounds", "1", "--static", "on",
+                            "--dim", "48")
+    assert res["shards"] == 1 and res["rounds"] == 1 and list(res["modes"]) == ["static on"] and res["dim"] == 48
     r = res["modes"]["static on"][0]
     assert r["encoded_tokens"] > 0 and r["per_core"] > 0 and r["tokenizer_per_core"] > 0
     assert r["feed_efficiency"] > 0 and r["efficiency_with_model"] > 0
@@ -110,6 +111,21 @@ def test_bench_feed(capsys, corpus):
     # start-up out (on this tiny corpus only the keys are checked: the difference of two short runs is noise)
     assert set(r["steady_role_s_per_mtok"]) == set(ROLES) and r["steady_feed_efficiency_job_processes"] > 0
     assert r["actor_max_tokens_per_s"] > 0
+
+
+def test_bench_feed_model_width(tmp_path):
+    """`bench feed --dim`: the near-free model at a real model's width (what the static sums, their
+    staged parts and the commit's merge grow with); an odd width is refused in one line."""
+    import json
+
+    from embedjob.bench.feed import build_feed_model
+
+    path = build_feed_model(str(tmp_path), 48)
+    assert json.loads((tmp_path / "feed-model" / "config.json").read_text())["hidden_size"] == 48
+    assert json.loads((tmp_path / "feed-model" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 48
+    assert path == str(tmp_path / "feed-model")
+    with pytest.raises(ValueError, match="--dim 33: an even number"):
+        build_feed_model(str(tmp_path / "odd"), 33)
 
 
 @pytest.mark.parametrize("cmdline, role", [

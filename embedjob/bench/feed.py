@@ -68,15 +68,19 @@ PARTS = ("read", "preprocess", "tokenize", "align", "window_plan", "static", "mo
          "commit")
 PART_NAMES = {"read": "read (Parquet)", "preprocess": "gensim preprocess", "tokenize": "tokenize",
               "align": "static alignment (words)", "window_plan": "window plan",
-              "static": "static accumulation", "model": "model (1 layer, 32 dim)",
+              "static": "static accumulation", "model": "model (1 layer)",
               "encoder_io": "encoder actor Arrow in/out",
               "write": "Arrow/Parquet staged write", "commit": "commit", "rest": "Ray Data and the rest"}
 
 
 # -- the near-free model ----------------------------------------------------------------------------
-def build_feed_model(root: str) -> str:
-    """A 1-layer, 32-dim random BERT with MiniLM's tokenizer and sentence-transformers files (max
-    length 256, mean pooling, normalised), saved offline under ``root``."""
+def build_feed_model(root: str, dim: int = 32) -> str:
+    """A 1-layer, ``dim``-wide random BERT (32 by default: near free) with MiniLM's tokenizer and
+    sentence-transformers files (max length 256, mean pooling, normalised), saved offline under
+    ``root``. A real model's width (384 for MiniLM) sizes what grows with it: the static vectors'
+    sums, their staged parts and the commit's merge."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"bench feed: --dim {dim}: an even number of at least 2 (the model has 2 attention heads)")
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -84,8 +88,8 @@ def build_feed_model(root: str) -> str:
     path = os.path.join(root, "feed-model")
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=2 * dim, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     for name in ("sentence_bert_config.json", "modules.json", "1_Pooling", "2_Normalize"):
@@ -96,7 +100,7 @@ def build_feed_model(root: str) -> str:
             shutil.copy(src, path)
     with open(os.path.join(path, "1_Pooling", "config.json")) as f:
         pooling = json.load(f)
-    pooling["word_embedding_dimension"] = 32
+    pooling["word_embedding_dimension"] = dim
     with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
         json.dump(pooling, f)
     return path
@@ -274,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         # one core for the Rust tokenizer, as in the job's workers (init_ray sets it for them): with its
         # thread pool the raw rate would count only the calling thread's CPU
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        model = build_feed_model(work)
+        model = build_feed_model(work, args.dim)
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.static]
         shards = discover_shards(inp, {}, "id", "text")
         import pyarrow.parquet as pq
@@ -288,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
 
         texts = [t for u in urls for t in pq.read_table(u, columns=["text"]).column("text").to_pylist()
                  if t and t.strip()]
-        results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "modes": {},
+        results: dict[str, Any] = {"shards": len(urls), "documents": len(texts), "rounds": args.rounds, "dim": args.dim,
+                                   "modes": {},
                                    **({"where": args.where} if args.where else {})}
         # Ray's worker pool warmed once, not measured: otherwise the first run of each round alone pays
         # for starting Ray's idle workers, which later runs (and a long job) reuse
@@ -363,7 +368,7 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
         return
     print(f"bench feed: {results['shards']} shard(s)"
           f"{' of the rows where ' + results['where'] if 'where' in results else ''}, {results['documents']} documents, "
-          f"{results['rounds']} round(s); CPU seconds of the job's processes (shared machines: other load does not count)")
+          f"{results['rounds']} round(s), a {results.get('dim', 32)}-dim model; CPU seconds of the job's processes (shared machines: other load does not count)")
     for key, rounds in results["modes"].items():
         print(f"\n{key}")
         print("  round  tokens     pipeline tok/s/core  tokenizer tok/s/core  feed efficiency  with model  busy")

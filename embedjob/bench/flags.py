@@ -247,6 +247,9 @@ def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
                    help="a labelled subset: the rows of all the corpus's shards whose COLUMN is one of the values "
                    "(e.g. source=gcide_entries,dslabs_tweets), cut into --shards shards of equal size")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
+    p.add_argument("--dim", type=int, default=32,
+                   help="the model's width (default 32: near free); a real model's (384: MiniLM) sizes the static "
+                   "vectors' sums, staged parts and commit merge, which grow with it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
