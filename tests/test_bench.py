@@ -113,7 +113,7 @@ def test_bench_feed(capsys, corpus):
     assert r["actor_max_tokens_per_s"] > 0
 
 
-def test_bench_feed_model_width(tmp_path):
+def test_bench_feed_model_width(tmp_path, capsys):
     """`bench feed --dim`: the near-free model at a real model's width (what the static sums, their
     staged parts and the commit's merge grow with); an odd width is refused in one line."""
     import json
@@ -126,6 +126,11 @@ def test_bench_feed_model_width(tmp_path):
     assert path == str(tmp_path / "feed-model")
     with pytest.raises(ValueError, match="--dim 33: an even number"):
         build_feed_model(str(tmp_path / "odd"), 33)
+    from embedjob.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "feed", "--dim", "33"])
+    assert "argument --dim: '33': an even number of at least 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cmdline, role", [

@@ -247,11 +247,22 @@ def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
                    help="a labelled subset: the rows of all the corpus's shards whose COLUMN is one of the values "
                    "(e.g. source=gcide_entries,dslabs_tweets), cut into --shards shards of equal size")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
-    p.add_argument("--dim", type=int, default=32,
+    p.add_argument("--dim", type=_model_width, default=32,
                    help="the model's width (default 32: near free); a real model's (384: MiniLM) sizes the static "
                    "vectors' sums, staged parts and commit merge, which grow with it")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _model_width(text: str) -> int:
+    """``--dim``: an even width of at least 2 (the feed model has 2 attention heads)."""
+    try:
+        dim = int(text)
+    except ValueError:
+        dim = 0
+    if dim < 2 or dim % 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: an even number of at least 2 (the model has 2 attention heads)")
+    return dim
 
 
 def _add_bench_faults(sub: argparse._SubParsersAction) -> None:
