@@ -368,7 +368,7 @@ def _report(results: dict[str, Any], as_json: bool) -> None:
         return
     print(f"bench feed: {results['shards']} shard(s)"
           f"{' of the rows where ' + results['where'] if 'where' in results else ''}, {results['documents']} documents, "
-          f"{results['rounds']} round(s), a {results.get('dim', 32)}-dim model; CPU seconds of the job's processes (shared machines: other load does not count)")
+          f"{results['rounds']} round(s), a {results['dim']}-dim model; CPU seconds of the job's processes (shared machines: other load does not count)")
     for key, rounds in results["modes"].items():
         print(f"\n{key}")
         print("  round  tokens     pipeline tok/s/core  tokenizer tok/s/core  feed efficiency  with model  busy")

@@ -51,6 +51,7 @@ logger = logging.getLogger("embedjob.gpu_check")
 # from an empty cache, `embedjob bench feed`) instead of never.
 FEED_FRESH_WORDS = 0.05
 
+
 def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """Cosine per document (min, mean), raw and with the reference's mean vector removed from both."""
     mu = ref.mean(0, keepdims=True)
