@@ -18,7 +18,7 @@ PER_SHARD_DIRS = (VECTORS, TOKENS_DIR, PARTS_DIR, CHUNKS)
 CARRIED_DIR = f"{STATIC_DIR}/carried"  # output.reuse: a superseded commit's static part, kept for its reused rows
 
 # bookkeeping
-TMP = "_tmp"  # staged parts of shards being written: _tmp/<shard>/<first>-<last>.parquet
+TMP = "_tmp"  # staged parts of shards being written: _tmp/<shard>/<first>-<last>.arrow
 DONE = "_done"  # commit markers: _done/<shard>.json, and _done/stage-<name>.json for corpus stages
 STAGE_MARKER_PREFIX = "stage-"
 SUPERSEDED = "_superseded"  # outputs a rerun moved aside: _superseded/<run id>/<same path>
@@ -29,7 +29,10 @@ TIMELINE = f"{STATS_DIR}/timeline.json"  # throughput and memory sampled by the 
 MANIFEST = "manifest.json"
 REPORT_HTML = "report.html"  # the run's HTML report, written at the end of every run
 CONFIG = "config.json"
-STATIC_PART_SUFFIX = ".static.parquet"
+# Staged parts are Arrow IPC files: embedjob reads them back once, at the shard's commit, and Parquet's
+# encoding of their lists (vectors, tokens, word sums) costs more CPU than its bytes save.
+PART_SUFFIX = ".arrow"  # a block's rows (embedjob/stages/write.py)
+STATIC_PART_SUFFIX = ".static.arrow"  # a call's static word sums (embedjob/stages/static/parts.py)
 REUSE_TMP = f"{TMP}/_reuse"  # output.reuse: _tmp/_reuse/<run id>/plan/<shard>/<partition>.parquet
 
 # corpus-wide stages
@@ -61,7 +64,7 @@ DEDUP_STATE = f"{DEDUP_DIR}/dedup.json"  # written last: build id, settings, sha
 DEDUP_STAGING = f"{TMP}/{STAGE_MARKER_PREFIX}dedup"  # _tmp/stage-dedup/<build id>/: the next dedup/
 
 
-def part_name(shard: str, row_start: int, row_end: int, suffix: str = ".parquet") -> str:
+def part_name(shard: str, row_start: int, row_end: int, suffix: str = PART_SUFFIX) -> str:
     """``_tmp/<shard>/<first row>-<last row><suffix>``: a retried block rewrites the same name."""
     return f"{TMP}/{shard}/{row_start:012d}-{row_end:012d}{suffix}"
 

@@ -98,7 +98,7 @@ def test_sigkill_driver_mid_encode_then_resume(ray_local, tmp_path, tiny_model):
     assert sorted(k for k, v in status.items() if v == "done") == sorted(set(status) - set(committed))
     got = _ids(tmp_path / "out")
     assert len(got) == len(ids) and sorted(got) == sorted(ids)  # every row exactly once
-    assert not any((tmp_path / "out" / "_tmp").glob("*/*.parquet"))
+    assert not any((tmp_path / "out" / "_tmp").glob("*/*.arrow"))
     lance_ids = lance.dataset(str(tmp_path / "out" / "lance" / "docs.lance")).to_table(columns=["id"])
     assert sorted(lance_ids.column("id").to_pylist()) == sorted(ids)  # and in Lance, each id exactly once
 
@@ -116,7 +116,7 @@ def test_killed_encoder_actor_is_restarted_exactly_once(ray_slow, tmp_path, tiny
     killed = None
     deadline = time.time() + 180
     while time.time() < deadline and killed is None and t.is_alive():
-        parts = list((tmp_path / "out" / "_tmp").glob("*/*.parquet")) if (tmp_path / "out" / "_tmp").exists() else []
+        parts = list((tmp_path / "out" / "_tmp").glob("*/*.arrow")) if (tmp_path / "out" / "_tmp").exists() else []
         if parts:
             for pid in _encoder_actor_pids():
                 os.kill(pid, signal.SIGKILL)

@@ -198,7 +198,7 @@ def test_static_window_bookkeeping_equals_the_per_row_original():
             ref_slot.append(np.arange(at, at + n_words[i]) * 7 % 5)  # any slot per occurrence
             at += n_words[i]
         assert tok_inst.tolist() == [x + b if x >= 0 else -1 for t, b in zip(ref_t, np.cumsum([0] + [n_words[i] for i in kept])) for x in t.tolist()]
-        st = _CallState([], np.zeros(0), [], np.zeros(0), tok_inst, tok_base, first_tok,
+        st = _CallState([], np.zeros(1, np.int64), np.zeros(0), [], np.zeros(0), tok_inst, tok_base, first_tok,
                         np.concatenate(ref_slot), None)
         last = len(kept) - 1  # the long document, in windows of 6 positions owning 4 each
         spans = np.array([[0, 0, 9, 0, 9], [0, 0, 4, 0, 4], [-1, 1, 7, 1, 5], [3, 3, 9, 5, 9], [7, 7, 13, 9, 13],
@@ -469,12 +469,13 @@ def test_batch_alignment_equals_the_per_token_original(kind, minilm_path, tmp_pa
 
 def test_static_part_merge_equals_the_per_row_original():
     """The commit's merge of staged static parts (Arrow's dictionary encoding, no Python string per
-    row) gives the same words in the same order, counts and float64 sums to the bit as the
-    original (np.unique over Python strings), on words that sort differently by case, accents,
-    CJK, astral characters and the empty string."""
+    row, float32 sums added a table at a time) gives the same words in the same order and counts as
+    the original (np.unique over Python strings, float64 sums), on words that sort differently by
+    case, accents, CJK, astral characters and the empty string; its sums are the original's to the
+    bit for a word in one row, and within a float32 rounding per row otherwise."""
     import numpy as np
 
-    from embedjob.stages.static.parts import merge_part_tables, merge_part_tables_reference, part_table
+    from embedjob.stages.static.parts import merge_part_tables, merge_part_tables_reference, part_sums, part_table
 
     rng = np.random.default_rng(3)
     vocab = np.array([f"w{i}" for i in range(3000)] + ["é", "e", "E", "ü", "a\u00e9", "zz", "Z", "日本", "𝔘x", "",
@@ -485,8 +486,21 @@ def test_static_part_merge_equals_the_per_row_original():
         words = rng.choice(vocab, n, replace=bool(k % 2))
         sums = (rng.standard_normal((n, 5)) * 10.0 ** rng.integers(-3, 4, (n, 1))).astype(np.float32)
         tables.append(part_table(list(words), rng.integers(1, 1 << 40, n), sums, 5))
-    for pick in (tables, tables[:1], [tables[0].slice(0, 0)], []):
+    # as staged: distinct words, sorted (added a table at a time); one in two chunks; a slice
+    staged = tables[1].group_by("word").aggregate([]).sort_by("word")
+    tables.append(part_table(staged.column("word").combine_chunks(), np.ones(staged.num_rows),
+                             rng.standard_normal((staged.num_rows, 5)).astype(np.float32), 5))
+    tables.append(pa.concat_tables([tables[2], tables[4]]))
+    tables.append(tables[3].slice(7, 50))
+    assert tables[-2].column("sum").num_chunks == 2 and tables[-1].column("sum").chunk(0).offset == 7
+    for pick in (tables, tables[:1], tables[-3:], [tables[0].slice(0, 0)], []):
         got, want = merge_part_tables(pick), merge_part_tables_reference(pick)
         assert got[0].type == pa.string() and got[0].to_pylist() == want[0]
         assert got[1].dtype == np.int64 and np.array_equal(got[1], want[1])
-        assert got[2].dtype == want[2].dtype and np.array_equal(got[2], want[2])
+        assert got[2].dtype == np.float32 and got[2].shape == want[2].shape
+        # each word's rows, and the sum of their absolute values: the rounding's bound
+        ones = [part_table(t.column("word").combine_chunks(), np.ones(t.num_rows), np.abs(part_sums(t)), 5)
+                for t in pick]
+        _, rows, size = merge_part_tables_reference(ones)
+        assert np.array_equal(got[2][rows == 1], want[2][rows == 1])
+        assert (np.abs(got[2] - want[2]) <= rows[:, None] * 2.0 ** -23 * size).all()

@@ -137,16 +137,16 @@ def test_align_words_input_ids_equal_plain_tokenizer(minilm_path):
 
 def _part(out, name, words, counts, dim=4, scale=1.0):
     sums = np.arange(len(words) * dim, dtype=np.float32).reshape(len(words), dim) * scale
-    out.write_parquet(name, part_table(words, np.array(counts), sums, dim))
+    out.write_arrow(name, part_table(words, np.array(counts), sums, dim))
     return sums
 
 
 def test_retried_or_duplicated_part_does_not_double_count(tmp_path):
     out = Storage(str(tmp_path))
-    a = _part(out, "_tmp/s/000000000000-000000000003.static.parquet", ["cat", "dog"], [2, 1])
-    b = _part(out, "_tmp/s/000000000004-000000000009.static.parquet", ["cat"], [5])
+    a = _part(out, "_tmp/s/000000000000-000000000003.static.arrow", ["cat", "dog"], [2, 1])
+    b = _part(out, "_tmp/s/000000000004-000000000009.static.arrow", ["cat"], [5])
     # a retry cut differently left a stale part beside the complete set
-    _part(out, "_tmp/s/000000000000-000000000005.static.parquet", ["cat", "dog"], [9, 9], scale=100)
+    _part(out, "_tmp/s/000000000000-000000000005.static.arrow", ["cat", "dog"], [9, 9], scale=100)
     names = [f"_tmp/s/{n}" for n in out.list("_tmp/s")]
     info = commit_static_parts(out, "s", names)
     assert info["staged_parts"] == 2 and info["stale_parts_ignored"] == 1
@@ -162,8 +162,8 @@ def test_retried_or_duplicated_part_does_not_double_count(tmp_path):
 
 def test_parts_that_do_not_tile_the_shard_fail(tmp_path):
     out = Storage(str(tmp_path))
-    _part(out, "_tmp/s/000000000000-000000000003.static.parquet", ["cat"], [1])
-    _part(out, "_tmp/s/000000000002-000000000009.static.parquet", ["cat"], [1])
+    _part(out, "_tmp/s/000000000000-000000000003.static.arrow", ["cat"], [1])
+    _part(out, "_tmp/s/000000000002-000000000009.static.arrow", ["cat"], [1])
     with pytest.raises(StaticVectorsError, match="shard s"):
         commit_static_parts(out, "s", [f"_tmp/s/{n}" for n in out.list("_tmp/s")])
 

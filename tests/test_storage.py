@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from embedjob.storage import Storage, StorageError, list_shards, shard_key
+from embedjob.storage import Storage, StorageError, list_shards, parquet_list_names, shard_key
 
 
 @pytest.mark.parametrize("root", ["local", "memory"])
@@ -13,6 +13,9 @@ def test_roundtrip(tmp_path, root):
     s.write_parquet("t/p.parquet", pa.table({"a": [1, 2]}))
     assert s.read_parquet("t/p.parquet").column("a").to_pylist() == [1, 2]
     assert s.list("t") == ["p.parquet"]
+    staged = pa.table({"w": ["a", "é"], "v": pa.FixedSizeListArray.from_arrays(pa.array([1.5, 2, 3, 4], pa.float32()), 2)})
+    s.write_arrow("u/x.arrow", staged)
+    assert s.read_arrow("u/x.arrow").equals(staged)
     assert s.list("missing") == []
     s.delete("a", recursive=True)
     assert not s.exists("a/b.json")
@@ -43,10 +46,15 @@ def test_parquet_floats_are_written_plain_and_the_rest_keeps_its_dictionary(tmp_
     for path, col in cols.items():
         dictionary = any("DICTIONARY" in e for e in col.encodings)
         assert dictionary == (path not in floats) and col.is_stats_set == (path not in floats), path
+        assert ("BYTE_STREAM_SPLIT" in col.encodings) == (path in floats), path
     assert s.read_parquet("t.parquet").equals(t)
     s.write_parquet("u.parquet", t, use_dictionary=True)
     meta = pq.ParquetFile(tmp_path / "u.parquet").metadata.row_group(0)
     assert all(any("DICTIONARY" in e for e in meta.column(i).encodings) for i in range(meta.num_columns))
+    s.write_parquet("n.parquet", t, compression="none")  # uncompressed: nothing to split for
+    meta = pq.ParquetFile(tmp_path / "n.parquet").metadata.row_group(0)
+    assert not any("BYTE_STREAM_SPLIT" in meta.column(i).encodings for i in range(meta.num_columns))
+    assert s.read_parquet("n.parquet").equals(t)
     s.write_parquet("e.parquet", pa.table({"f": pa.array([1.0])}))  # no leaf keeps a dictionary
     assert s.read_parquet("e.parquet").column("f").to_pylist() == [1.0]
 
@@ -86,6 +94,30 @@ def test_s3_roundtrip(s3_bucket):
     s = Storage(f"s3://{bucket}/out", opts)
     s.write_json("m.json", {"ok": True})
     s.write_parquet("v/p.parquet", pa.table({"a": [1]}))
+    s.write_arrow("w/x.arrow", pa.table({"a": [1.5]}))
     assert s.read_json("m.json") == {"ok": True}
+    assert s.read_arrow("w/x.arrow").column("a").to_pylist() == [1.5]
     assert s.list("v") == ["p.parquet"]
     assert list_shards(f"s3://{bucket}/out/v", opts) == [f"s3://{bucket}/out/v/p.parquet"]
+
+
+def test_arrow_lists_named_as_parquet_reads_them(tmp_path):
+    """A staged Arrow IPC table cast to parquet_list_names has the types its Parquet round trip has
+    (lists' items named "element"), for flat, fixed-size, large and nested lists, without a copy."""
+    import numpy as np
+
+    t = pa.table({
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 3),
+        "tokens": pa.array([["a"], ["b", "c"]], pa.list_(pa.string())),
+        "big": pa.array([[1], []], pa.large_list(pa.int64())),
+        "s": pa.array([{"x": [[0.5]]}, {"x": []}]),
+        "n": [1, 2],
+    })
+    s = Storage(str(tmp_path))
+    s.write_parquet("t.parquet", t)
+    s.write_arrow("t.arrow", t)
+    staged = s.read_arrow("t.arrow")
+    assert staged.schema.field("vector").type.value_field.name == "item"
+    cast = staged.cast(parquet_list_names(staged.schema))
+    assert cast.schema == s.read_parquet("t.parquet").schema and cast.equals(s.read_parquet("t.parquet"))
+    assert cast.column("vector").chunk(0).values.buffers()[1].address == staged.column("vector").chunk(0).values.buffers()[1].address

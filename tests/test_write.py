@@ -30,7 +30,7 @@ def test_parts_are_cut_into_contiguous_runs_per_shard(tmp_path):
     reports = BlockWriter(str(tmp_path), {}, "id")(pa.concat_tables([_batch("s1", [3, 4]), _batch("s0", [0, 1, 5])]))
     got = sorted((r["shard"], r["row_start"], r["row_end"]) for r in reports.to_pylist())
     assert got == [("s0", 0, 1), ("s0", 5, 5), ("s1", 3, 4)]
-    assert out.list(f"{TMP}/s0") == ["000000000000-000000000001.parquet", "000000000005-000000000005.parquet"]
+    assert out.list(f"{TMP}/s0") == ["000000000000-000000000001.arrow", "000000000005-000000000005.arrow"]
 
 
 def test_a_shard_commits_once_from_overlapping_parts(tmp_path):

@@ -1,7 +1,7 @@
 """Write stage: staged block parts, then one committed output file set per input shard.
 
 Encoded blocks are written by Ray tasks as *staged parts* named by shard and row range
-(``_tmp/<shard>/<first row>-<last row>.parquet``): a retried block rewrites the same name. When
+(``_tmp/<shard>/<first row>-<last row>.arrow``, an Arrow IPC file): a retried block rewrites the same name. When
 the driver has seen every row of a shard, :func:`commit_shard` merges its parts (deduplicated by
 row index, so a block that ran twice still counts once), writes ``vectors/<shard>.parquet`` and
 ``tokens/<shard>.parquet``, and only then the shard's done marker ``_done/<shard>.json`` — the
@@ -28,6 +28,7 @@ from embedjob._config_base import Section
 from embedjob.errors import ConfigError, IncompleteShardError
 from embedjob.layout import (
     CHUNKS,
+    PART_SUFFIX,
     PARTS_DIR,
     STATIC_PART_SUFFIX,
     TMP,
@@ -57,7 +58,7 @@ from embedjob.stages.lance_sink.write import write_shard_fragments
 from embedjob.stages.reuse import copy as reuse_copy
 from embedjob.stages.reuse import static as reuse_static
 from embedjob.stages.static.parts import commit_static_parts
-from embedjob.storage import Storage
+from embedjob.storage import Storage, parquet_list_names
 from embedjob.vector_codec import INT8_SCHEME, add_rescore_column, codec_of, unit_int8_max, with_codec
 from embedjob.vector_codec import encode as encode_vectors
 
@@ -209,7 +210,7 @@ class BlockWriter:
                 EMPTY: part.column(EMPTY),
                 **{c: part.column(c) for c in (*CHUNK_COLUMNS, TEXT_HASH) if c in part.column_names},
             }
-            self.out.write_parquet(part_name(shard, r0, r1), pa.table(cols), compression="none")
+            self.out.write_arrow(part_name(shard, r0, r1), pa.table(cols))
             reports.append({
                 "shard": shard, "row_start": r0, "row_end": r1, "rows": part.num_rows,
                 "empty": int(pc.sum(part.column(EMPTY)).as_py() or 0),
@@ -265,9 +266,10 @@ def commit_shard(out_url: str, storage_options: dict[str, Any], shard: str, expe
     Returns the marker (with row, token and timing counts)."""
     t0 = time.time()
     out = Storage(out_url, storage_options)
-    names = out.list(f"{TMP}/{shard}", suffix=".parquet")
-    data_parts = [n for n in names if not n.endswith(STATIC_PART_SUFFIX)]
-    tables = [out.read_parquet(f"{TMP}/{shard}/{n}") for n in data_parts]
+    names = out.list(f"{TMP}/{shard}")
+    data_parts = [n for n in names if n.endswith(PART_SUFFIX) and not n.endswith(STATIC_PART_SUFFIX)]
+    tables = [out.read_arrow(f"{TMP}/{shard}/{n}") for n in data_parts]
+    tables = [t.cast(parquet_list_names(t.schema)) for t in tables]  # the types the outputs read back with
     if tables:
         table = pa.concat_tables(tables).combine_chunks()
         table = _dedupe_rows(table)

@@ -21,17 +21,17 @@ Example::
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from embedjob.errors import StorageError
@@ -157,6 +157,10 @@ class Storage(ConditionalWrites):
         with self.open(rel, "rb") as f:
             return pq.ParquetFile(f).read(columns=columns)
 
+    def read_arrow(self, rel: str) -> pa.Table:
+        """An Arrow IPC file (:meth:`write_arrow`); the table's buffers point into the bytes read."""
+        return ipc.open_file(pa.py_buffer(self.read_bytes(rel))).read_all()
+
     # -- writes --------------------------------------------------------------------------------
     def makedirs(self, rel: str = "") -> None:
         if self.protocol in ("file", "memory"):
@@ -164,18 +168,31 @@ class Storage(ConditionalWrites):
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel``, committed: readers see the old file or the whole new one."""
+        self._write_with(rel, lambda f: f.write(data))
+
+    def _write_with(self, rel: str, write: Callable[[Any], Any]) -> None:
+        """Commit what ``write(stream)`` writes to ``rel``. On a local disk the stream is a temporary
+        file beside it, renamed into place (no copy of the data in memory: a large Parquet file was
+        built in a growing buffer, then copied twice); elsewhere an Arrow buffer sent in one go."""
         final = self.path(rel)
         parent = posixpath.dirname(final)
         if self.protocol in ("file", "memory"):
             self.fs.makedirs(parent, exist_ok=True)
         if self.protocol == "file":
             tmp = posixpath.join(parent, f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)  # atomic on POSIX
-        else:
-            # One PUT (or a multipart upload completed on close) is atomic on object stores.
-            self.fs.pipe_file(final, data)
+            try:
+                with pa.OSFile(tmp, "wb") as f:
+                    write(f)
+                os.replace(tmp, final)  # atomic on POSIX
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            return
+        sink = pa.BufferOutputStream()
+        write(sink)
+        # One PUT (or a multipart upload completed on close) is atomic on object stores.
+        self.fs.pipe_file(final, sink.getvalue().to_pybytes())
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
@@ -185,16 +202,32 @@ class Storage(ConditionalWrites):
 
     def write_parquet(self, rel: str, table: pa.Table, **kwargs: Any) -> None:
         """``table`` as one Parquet file (zstd unless ``compression`` says otherwise). Floating-point
-        columns (vectors, word sums) are written plain, without a dictionary or min/max statistics:
-        the writer's attempt to dictionary-encode a page of random floats, then falling back, cost
-        3-4x the write itself (measured with the static parts), and no reader filters on them."""
-        buf = io.BytesIO()
+        columns (vectors, word sums) are written without a dictionary or min/max statistics: the
+        writer's attempt to dictionary-encode a page of random floats, then falling back, cost 3-4x
+        the write itself (measured with the static parts), and no reader filters on them. Compressed,
+        float32 and float64 columns are byte-stream split (a float's bytes stored by position, which
+        zstd finds more in): 8-15% smaller than zstd alone and faster to write and read (measured on
+        384-dimension vectors and static sums)."""
         kwargs.setdefault("compression", "zstd")
-        other = [path for path, typ in parquet_leaves(table.schema) if not pa.types.is_floating(typ)]
+        leaves = parquet_leaves(table.schema)
+        other = [path for path, typ in leaves if not pa.types.is_floating(typ)]
         kwargs.setdefault("use_dictionary", other)
         kwargs.setdefault("write_statistics", other)
-        pq.write_table(table, buf, **kwargs)
-        self.write_bytes(rel, buf.getvalue())
+        if kwargs["compression"] not in (None, "none", "NONE"):
+            split = [path for path, typ in leaves if pa.types.is_float32(typ) or pa.types.is_float64(typ)]
+            kwargs.setdefault("use_byte_stream_split", split or False)
+        self._write_with(rel, lambda f: pq.write_table(table, f, **kwargs))
+
+    def write_arrow(self, rel: str, table: pa.Table) -> None:
+        """``table`` as one Arrow IPC file, committed like :meth:`write_bytes`: for files embedjob
+        itself reads back soon (staged parts), where Parquet's encoding costs more CPU than the bytes
+        save (a list of floats gets a repetition and a definition level per float)."""
+
+        def write(f: Any) -> None:
+            with ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
+
+        self._write_with(rel, write)
 
     def delete(self, rel: str, *, recursive: bool = False) -> None:
         p = self.path(rel)
@@ -334,3 +367,22 @@ def parquet_leaves(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
     for f in schema:
         walk(f.name, f.type)
     return out
+
+
+def parquet_list_names(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every list's item field named ``element``, as a Parquet file reads back (Arrow
+    names it ``item``): a table staged as Arrow IPC, cast to it (no copy), has the types it had when
+    it was staged as Parquet, so it mixes with what is read from the outputs."""
+
+    def walk(typ: pa.DataType) -> pa.DataType:
+        if pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ):
+            item = typ.value_field
+            field = pa.field("element", walk(item.type), item.nullable, item.metadata)
+            if pa.types.is_fixed_size_list(typ):
+                return pa.list_(field, typ.list_size)
+            return pa.large_list(field) if pa.types.is_large_list(typ) else pa.list_(field)
+        if pa.types.is_struct(typ):
+            return pa.struct([pa.field(f.name, walk(f.type), f.nullable, f.metadata) for f in typ])
+        return typ
+
+    return pa.schema([pa.field(f.name, walk(f.type), f.nullable, f.metadata) for f in schema], metadata=schema.metadata)

@@ -14,7 +14,7 @@ encoder call, one part per committed shard, the corpus-wide merge of committed s
   ``static_actor_settings`` (what the preprocess tasks and encoder actors get);
 * ``align.py`` — preprocessing: ``align_words`` maps BERT word pieces to vocabulary words;
 * ``accumulate.py`` — encoding: ``StaticAccumulator`` sums each word's vectors per shard row run
-  and writes the staged parts (``_tmp/<shard>/<r0>-<r1>.static.parquet``);
+  and writes the staged parts (``_tmp/<shard>/<r0>-<r1>.static.arrow``);
 * ``parts.py`` — the part tables and, at shard commit, ``commit_static_parts`` (the staged parts
   that tile the shard -> ``static/parts/<shard>.parquet``);
 * ``stage.py`` — ``run_static``: merges the committed shards' parts and writes

@@ -1,7 +1,7 @@
 """Static-vector part tables and the shard commit's merge of the staged parts.
 
 Every encoder call writes its sums per (shard, contiguous row run) to a staged part named by the row
-range (``_tmp/<shard>/<r0>-<r1>.static.parquet``); a retried call rewrites the same name. At shard
+range (``_tmp/<shard>/<r0>-<r1>.static.arrow``, an Arrow IPC file); a retried call rewrites the same name. At shard
 commit :func:`commit_static_parts` picks staged parts whose row ranges tile the shard exactly (a stale
 part of a differently-cut retry is ignored; no tiling -> the commit fails and the shard is redone) and
 writes ``static/parts/<shard>.parquet`` before the shard's marker.
@@ -23,7 +23,7 @@ from embedjob.stages.reuse.copy import stamped
 if TYPE_CHECKING:
     from embedjob.storage import Storage
 
-_PART_RE = re.compile(r"(\d+)-(\d+)\.static\.parquet$")
+_PART_RE = re.compile(r"(\d+)-(\d+)\.static\.arrow$")
 
 
 def part_table(words: Union[list[str], pa.Array], counts: np.ndarray, sums: np.ndarray, dim: int) -> pa.Table:
@@ -38,10 +38,20 @@ def part_table(words: Union[list[str], pa.Array], counts: np.ndarray, sums: np.n
 
 
 def part_sums(table: pa.Table) -> np.ndarray:
-    """The ``sum`` column of a part table as a (rows, dim) array."""
-    col = table.column("sum").combine_chunks()
+    """The ``sum`` column of a part table as a (rows, dim) array: a view of Arrow's buffer where
+    the column is one chunk without nulls (no copy of rows x dim floats)."""
+    col = table.column("sum")
     dim = col.type.list_size
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    chunks = [_chunk_sums(c, dim) for c in col.chunks if len(c)]
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+
+
+def _chunk_sums(arr: pa.FixedSizeListArray, dim: int) -> np.ndarray:
+    if arr.null_count or arr.values.null_count:
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return arr.values.slice(arr.offset * dim, len(arr) * dim).to_numpy().reshape(-1, dim)
 
 
 def choose_tiling(ranges: list[tuple[int, int]], n_rows: Optional[int] = None) -> Optional[list[int]]:
@@ -85,17 +95,22 @@ def choose_tiling(ranges: list[tuple[int, int]], n_rows: Optional[int] = None) -
 
 def merge_part_tables(tables: list[pa.Table]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Sum ``count`` and ``sum`` by ``word`` over part tables: (sorted words (a string array),
-    counts, float64 sums).
+    counts, float32 sums).
 
     Arrow's dictionary encoding finds the distinct words and sorts them (UTF-8 byte order, which is
-    Python's string order), no Python string per row; the rows are summed with ``np.add.at`` in the
-    order they come, as in :func:`merge_part_tables_reference`, so the sums are the same to the bit."""
+    Python's string order), no Python string per row. The rows are added in the order they come, a
+    table at a time: its rows straight into the sums where its words are distinct (a staged part's
+    are, sorted), ``np.add.at`` otherwise. The sums are float32, as the parts store them and as the
+    encoder summed each call's occurrences: a word's sum is exact where one part has it, and within a
+    float32 rounding per part of :func:`merge_part_tables_reference`'s float64 otherwise. So the merge
+    touches words x dim x 4 bytes beside the parts it read, where it held every row in float64, then
+    the sums in float64 and again in float32 (rows x dim x 8 bytes: 2-3 GB for a large shard of a
+    BERT-base job)."""
     tables = [t for t in tables if t.num_rows]
     if not tables:
-        return pa.array([], type=pa.string()), np.zeros(0, np.int64), np.zeros((0, 0), np.float64)
+        return pa.array([], type=pa.string()), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     words = pa.concat_arrays([c for t in tables for c in t.column("word").chunks])
     counts = np.concatenate([t.column("count").to_numpy() for t in tables]).astype(np.int64, copy=False)
-    sums = np.concatenate([part_sums(t) for t in tables]).astype(np.float64)
     enc = pc.dictionary_encode(words)
     by_word = pc.sort_indices(enc.dictionary).to_numpy()
     rank = np.empty(len(by_word), dtype=np.int64)
@@ -103,8 +118,15 @@ def merge_part_tables(tables: list[pa.Table]) -> tuple[pa.Array, np.ndarray, np.
     inv = rank[enc.indices.to_numpy(zero_copy_only=False)]
     out_counts = np.zeros(len(by_word), dtype=np.int64)
     np.add.at(out_counts, inv, counts)
-    out_sums = np.zeros((len(by_word), sums.shape[1]), dtype=np.float64)
-    np.add.at(out_sums, inv, sums)
+    out_sums = np.zeros((len(by_word), tables[0].schema.field("sum").type.list_size), dtype=np.float32)
+    start = 0
+    for t in tables:
+        at, start = inv[start:start + t.num_rows], start + t.num_rows
+        rows = part_sums(t)
+        if bool((at[1:] > at[:-1]).all()) or len(np.unique(at)) == len(at):  # distinct: no add is lost
+            out_sums[at] += rows
+        else:
+            np.add.at(out_sums, at, rows)
     return enc.dictionary.take(pa.array(by_word)).cast(pa.string()), out_counts, out_sums
 
 
@@ -142,11 +164,11 @@ def commit_static_parts(out: "Storage", shard: str, part_paths: list[str], expec
             f"shard {shard}: the staged static parts ({have}) do not cover {rows} exactly once; "
             "the shard is not committed and will be redone"
         )
-    tables = [out.read_parquet(part_paths[i]) for i in sorted(pick, key=lambda i: ranges[i])]
+    tables = [out.read_arrow(part_paths[i]) for i in sorted(pick, key=lambda i: ranges[i])]
     dim = tables[0].schema.field("sum").type.list_size if tables else None
     words, counts, sums = merge_part_tables(tables)
     if not len(words):
-        sums = np.zeros((0, dim or 0), np.float64)
+        sums = np.zeros((0, dim or 0), np.float32)
     rel = shard_file(PARTS_DIR, shard)
     table = part_table(words, counts, sums, sums.shape[1] if sums.ndim == 2 else (dim or 0))
     if commit:
@@ -177,5 +199,5 @@ def _row_range(shard: str, path: str) -> tuple[int, int]:
     m = _PART_RE.search(path)
     if not m:
         raise StaticVectorsError(f"shard {shard}: staged static part {path!r} is not named <first>-<last>"
-                                 ".static.parquet")
+                                 ".static.arrow")
     return int(m.group(1)), int(m.group(2))
