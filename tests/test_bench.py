@@ -133,6 +133,47 @@ def test_bench_feed_model_width(tmp_path, capsys):
     assert "argument --dim: '33': an even number of at least 2" in capsys.readouterr().err
 
 
+def test_bench_feed_widths(capsys, corpus):
+    """`bench feed --widths`: the parts in-process at each width, static vectors on and off, and the
+    static vectors' extra per width and per dimension; a repeated width, or --dim beside it, refused."""
+    res = bench_json_object(capsys, "feed", "--corpus", corpus, "--shards", "1", "--rounds", "1", "--widths", "16,48")
+    assert res["widths"] == [16, 48] and res["shards"] == 1
+    parts = res["parts_s_per_mtok"]
+    assert set(parts) == {"16 on", "16 off", "48 on", "48 off"}
+    assert parts["48 on"]["static"] > 0 and parts["48 off"]["static"] == 0 and parts["48 on"]["model"] > 0
+    assert set(res["static_extra_s_per_mtok"]) == {"16", "48"} and isinstance(res["static_extra_per_dim"], float)
+    from embedjob.cli import main
+
+    for argv, said in ((["--widths", "32,32"], "distinct even widths"), (["--dim", "48", "--widths", "32"], "not allowed")):
+        with pytest.raises(SystemExit):
+            main(["bench", "feed", *argv])
+        assert said in capsys.readouterr().err
+
+
+def test_feed_width_summary_fits_the_static_extra_per_dimension():
+    """The medians over rounds, the total around the model (the model left out), the static extra
+    (on minus off; the actor's from its own parts) and the least-squares slopes per dimension."""
+    import numpy as np
+
+    from embedjob.bench.feed_width import width_summary
+
+    def parts(static, model, io, commit):
+        return {"tokenize": 0.4, "static": static, "model": model, "encoder_io": io, "commit": commit}
+
+    runs = {"32 on": [parts(0.2, 5, 0.1, 0.3), parts(0.4, 5, 0.1, 0.3), parts(0.3, 5, 0.1, 0.3)],
+            "32 off": [parts(0, 5, 0.1, 0.1)],
+            "384 on": [parts(0.9, 50, 0.2, 1.5)], "384 off": [parts(0, 50, 0.1, 0.1)],
+            "768 on": [parts(1.7, 90, 0.2, 2.7)], "768 off": [parts(0, 90, 0.1, 0.1)]}
+    res = width_summary(runs, [32, 384, 768])
+    assert res["parts_s_per_mtok"]["32 on"]["static"] == pytest.approx(0.3)
+    assert res["around_model_s_per_mtok"]["32 on"] == pytest.approx(0.4 + 0.3 + 0.1 + 0.3)
+    assert res["static_extra_s_per_mtok"] == pytest.approx({32: 0.5, 384: 2.4, 768: 4.4})
+    assert res["static_actor_extra_s_per_mtok"] == pytest.approx({32: 0.3, 384: 1.0, 768: 1.8})
+    slope = np.polyfit([32, 384, 768], [0.5, 2.4, 4.4], 1)[0]
+    assert res["static_extra_per_dim"] == pytest.approx(slope) and 0.005 < slope < 0.006
+    assert width_summary({k: runs[k] for k in ("32 on", "32 off")}, [32])["static_extra_per_dim"] is None
+
+
 @pytest.mark.parametrize("cmdline, role", [
     ("ray::MapWorker(MapBatches(EncodeActor))", "encoder actors"),
     ("ray::MapWorker(MapBatches(EncodeActor)).__call__", "encoder actors"),

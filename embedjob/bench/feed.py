@@ -263,18 +263,28 @@ def subset_shards(urls: list[str], where: str, n: int, folder: str) -> list[str]
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def input_shards(args: argparse.Namespace, work: str) -> tuple[list[str], str]:
+    """The bench's input under ``work``: ``--shards`` shards of ``--corpus`` (links), or the ``--where``
+    subset cut into that many; (their paths, the input folder)."""
     corpus = args.corpus or DEFAULT_CORPUS
+    inp = os.path.join(work, "input")
+    os.makedirs(inp)
+    if args.where:
+        return subset_shards(list_shards(corpus), args.where, args.shards, inp), inp
     urls = list_shards(corpus)[: args.shards]
+    for u in urls:
+        os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
+    return urls, inp
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "widths", None):
+        from embedjob.bench.feed_width import run_widths
+
+        return run_widths(args)
     work = tempfile.mkdtemp(prefix="embedjob-bench-feed-")
     try:
-        inp = os.path.join(work, "input")
-        os.makedirs(inp)
-        if args.where:
-            urls = subset_shards(list_shards(corpus), args.where, args.shards, inp)
-        else:
-            for u in urls:
-                os.symlink(os.path.abspath(u), os.path.join(inp, os.path.basename(u)))
+        urls, inp = input_shards(args, work)
         # one core for the Rust tokenizer, as in the job's workers (init_ray sets it for them): with its
         # thread pool the raw rate would count only the calling thread's CPU
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

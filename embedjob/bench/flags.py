@@ -247,11 +247,23 @@ def _add_bench_feed(sub: argparse._SubParsersAction) -> None:
                    help="a labelled subset: the rows of all the corpus's shards whose COLUMN is one of the values "
                    "(e.g. source=gcide_entries,dslabs_tweets), cut into --shards shards of equal size")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the modes interleaved in each (default 2)")
-    p.add_argument("--dim", type=_model_width, default=32,
-                   help="the model's width (default 32: near free); a real model's (384: MiniLM) sizes the static "
-                   "vectors' sums, staged parts and commit merge, which grow with it")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--dim", type=_model_width, default=32,
+                       help="the model's width (default 32: near free); a real model's (384: MiniLM) sizes the static "
+                       "vectors' sums, staged parts and commit merge, which grow with it")
+    width.add_argument("--widths", type=_model_widths, default=None, metavar="D1,D2,...",
+                       help="instead of the pipeline run: the per-shard parts in-process, static vectors on and off, at "
+                       "each of these model widths (e.g. 32,384,768), and the static vectors' extra CPU per dimension")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="job config override (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _model_widths(text: str) -> list[int]:
+    """``--widths``: one or more distinct widths, each as ``--dim``."""
+    widths = [_model_width(w.strip()) for w in text.split(",") if w.strip()]
+    if not widths or len(set(widths)) != len(widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct even widths, comma-separated (e.g. 32,384)")
+    return widths
 
 
 def _model_width(text: str) -> int:
