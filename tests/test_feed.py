@@ -504,3 +504,6 @@ def test_static_part_merge_equals_the_per_row_original():
         _, rows, size = merge_part_tables_reference(ones)
         assert np.array_equal(got[2][rows == 1], want[2][rows == 1])
         assert (np.abs(got[2] - want[2]) <= rows[:, None] * 2.0 ** -23 * size).all()
+        # summed a few words at a time (as the commit writes them): the same sums to the bit
+        small = merge_part_tables(pick, words_per_batch=7)
+        assert small[0].equals(got[0]) and np.array_equal(small[1], got[1]) and np.array_equal(small[2], got[2])

@@ -121,3 +121,31 @@ def test_arrow_lists_named_as_parquet_reads_them(tmp_path):
     cast = staged.cast(parquet_list_names(staged.schema))
     assert cast.schema == s.read_parquet("t.parquet").schema and cast.equals(s.read_parquet("t.parquet"))
     assert cast.column("vector").chunk(0).values.buffers()[1].address == staged.column("vector").chunk(0).values.buffers()[1].address
+
+
+def test_parquet_written_a_table_at_a_time(tmp_path):
+    """write_parquet_batches: a row group per table as they come, write_parquet's options (floats
+    byte-stream split), committed whole; no table gives an empty file of the schema."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("w", pa.string()), ("v", pa.list_(pa.float32(), 2))])
+    parts = [pa.table({"w": [f"a{i}", f"b{i}"], "v": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.arange(4, dtype=np.float32) + i), 2)}, schema=schema) for i in range(3)]
+    s = Storage(str(tmp_path))
+    s.write_parquet_batches("p.parquet", schema, iter(parts))
+    f = pq.ParquetFile(tmp_path / "p.parquet")
+    assert f.metadata.num_row_groups == 3 and "BYTE_STREAM_SPLIT" in f.metadata.row_group(0).column(1).encodings
+    assert s.read_parquet("p.parquet").equals(pa.concat_tables(parts))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.parquet"]  # no temporary file left
+
+    def failing():
+        yield parts[0]
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        s.write_parquet_batches("p.parquet", schema, failing())
+    assert s.read_parquet("p.parquet").equals(pa.concat_tables(parts))  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+    s.write_parquet_batches("e.parquet", schema, iter([]))
+    assert s.read_parquet("e.parquet").schema == pq.read_schema(tmp_path / "p.parquet") and s.read_parquet("e.parquet").num_rows == 0

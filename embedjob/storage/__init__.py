@@ -27,7 +27,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -158,7 +158,11 @@ class Storage(ConditionalWrites):
             return pq.ParquetFile(f).read(columns=columns)
 
     def read_arrow(self, rel: str) -> pa.Table:
-        """An Arrow IPC file (:meth:`write_arrow`); the table's buffers point into the bytes read."""
+        """An Arrow IPC file (:meth:`write_arrow`). The table's buffers point into the file, memory-mapped
+        on a local disk (a staged part just written is read from the page cache, no copy), and into
+        the bytes read elsewhere."""
+        if self.protocol == "file":
+            return ipc.open_file(pa.memory_map(self.path(rel))).read_all()
         return ipc.open_file(pa.py_buffer(self.read_bytes(rel))).read_all()
 
     # -- writes --------------------------------------------------------------------------------
@@ -208,15 +212,21 @@ class Storage(ConditionalWrites):
         float32 and float64 columns are byte-stream split (a float's bytes stored by position, which
         zstd finds more in): 8-15% smaller than zstd alone and faster to write and read (measured on
         384-dimension vectors and static sums)."""
-        kwargs.setdefault("compression", "zstd")
-        leaves = parquet_leaves(table.schema)
-        other = [path for path, typ in leaves if not pa.types.is_floating(typ)]
-        kwargs.setdefault("use_dictionary", other)
-        kwargs.setdefault("write_statistics", other)
-        if kwargs["compression"] not in (None, "none", "NONE"):
-            split = [path for path, typ in leaves if pa.types.is_float32(typ) or pa.types.is_float64(typ)]
-            kwargs.setdefault("use_byte_stream_split", split or False)
+        kwargs = _parquet_options(table.schema, kwargs)
         self._write_with(rel, lambda f: pq.write_table(table, f, **kwargs))
+
+    def write_parquet_batches(self, rel: str, schema: pa.Schema, tables: Iterable[pa.Table], **kwargs: Any) -> None:
+        """One Parquet file of ``schema`` from ``tables`` (a row group or more each), written as they
+        come (options as :meth:`write_parquet`), committed when the last one is: for a file too large
+        to build in memory first."""
+        kwargs = _parquet_options(schema, kwargs)
+
+        def write(f: Any) -> None:
+            with pq.ParquetWriter(f, schema, **kwargs) as writer:
+                for table in tables:
+                    writer.write_table(table)
+
+        self._write_with(rel, write)
 
     def write_arrow(self, rel: str, table: pa.Table) -> None:
         """``table`` as one Arrow IPC file, committed like :meth:`write_bytes`: for files embedjob
@@ -367,6 +377,20 @@ def parquet_leaves(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
     for f in schema:
         walk(f.name, f.type)
     return out
+
+
+def _parquet_options(schema: pa.Schema, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`Storage.write_parquet`'s defaults under the caller's options."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("compression", "zstd")
+    leaves = parquet_leaves(schema)
+    other = [path for path, typ in leaves if not pa.types.is_floating(typ)]
+    kwargs.setdefault("use_dictionary", other)
+    kwargs.setdefault("write_statistics", other)
+    if kwargs["compression"] not in (None, "none", "NONE"):
+        split = [path for path, typ in leaves if pa.types.is_float32(typ) or pa.types.is_float64(typ)]
+        kwargs.setdefault("use_byte_stream_split", split or False)
+    return kwargs
 
 
 def parquet_list_names(schema: pa.Schema) -> pa.Schema:
