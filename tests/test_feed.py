@@ -68,6 +68,31 @@ def test_busy_clock_and_the_feed_bound_line():
     assert feed_plan(gpus=1, cpus=4, hidden_size=384, static=True, cpu_s_per_mtok=4.0)["expected_busy"] < 0.1
 
 
+def test_feed_plan_grows_the_static_rates_with_the_model_width():
+    """With static vectors the plan's CPU per token grows with the model's width from the bench's
+    32 dimensions (the sums, staged parts and commit merge are dim floats per word); without, or with
+    a rate given, it does not; an unknown width is taken as BERT-base's, as the GPU rate is."""
+    from embedjob.stages.encode.busy import (
+        ACTOR_CPU_S_PER_MTOK,
+        FEED_CPU_S_PER_MTOK,
+        STATIC_CPU_S_PER_MTOK_PER_DIM,
+    )
+
+    def plan(hidden, static, **kw):
+        return feed_plan(gpus=1, cpus=16, hidden_size=hidden, static=static, **kw)
+
+    assert plan(32, True)["cpu_s_per_mtok"] == FEED_CPU_S_PER_MTOK["static"]
+    assert plan(384, True)["cpu_s_per_mtok"] == pytest.approx(
+        FEED_CPU_S_PER_MTOK["static"] + 352 * STATIC_CPU_S_PER_MTOK_PER_DIM["feed"])
+    assert plan(768, True)["actor_cpu_s_per_mtok"] == pytest.approx(
+        ACTOR_CPU_S_PER_MTOK["static"] + 736 * STATIC_CPU_S_PER_MTOK_PER_DIM["actor"])
+    assert plan(None, True)["cpu_s_per_mtok"] == plan(768, True)["cpu_s_per_mtok"] > plan(384, True)["cpu_s_per_mtok"]
+    assert plan(768, False)["cpu_s_per_mtok"] == plan(32, False)["cpu_s_per_mtok"] == FEED_CPU_S_PER_MTOK["plain"]
+    assert plan(768, True, cpu_s_per_mtok=2.0)["cpu_s_per_mtok"] == 2.0
+    # BERT-base with static vectors needs more CPUs per GPU than the 32-dimension rate said
+    assert plan(768, True)["cpus_per_gpu_needed"] > 2.2 * FEED_CPU_S_PER_MTOK["static"]
+
+
 def _run_with(env: dict[str, str], tmp_path, tiny_model, name: str, caplog) -> dict:
     import ray
 

@@ -32,6 +32,14 @@ FEED_CPU_S_PER_MTOK = {"static": 1.75, "plain": 1.1}
 # same three runs (0.39-0.57 and 0.20-0.28, padded batches). One actor can feed its GPU at most 1e6 /
 # this tokens per second, whatever the CPUs around it.
 ACTOR_CPU_S_PER_MTOK = {"static": 0.57, "plain": 0.28}
+# Those rates are the bench's 32-dimension model's. With static vectors the work grows with the
+# model's width (each call's word sums, their staged parts and the commit's merge are `dim` floats per
+# word): CPU-seconds per million tokens per dimension above FEED_WIDTH, for the whole job and for the
+# encoder actor's thread, fitted by `embedjob bench feed --widths 32,384,768` (README "Seventh pass").
+# Measured on CPU, where the accumulator's sums also run on the CPU (on a GPU they run on the device):
+# an upper bound for the actor.
+FEED_WIDTH = 32
+STATIC_CPU_S_PER_MTOK_PER_DIM = {"feed": 0.0031, "actor": 0.0012}
 # Encoder rates on one H200 (docs/gpu-check-h200.md), tokens/s, by hidden size.
 GPU_TOKENS_PER_S = {384: 9.3e6, 768: 2.2e6}
 
@@ -113,11 +121,13 @@ def feed_plan(gpus: int, cpus: int, hidden_size: Optional[int], *, static: bool,
     the GPUs need); and what the encoder actors' own threads can feed one GPU (``actors_per_gpu``
     x 1e6 / their CPU seconds per million tokens outside the model), with the actors per GPU that
     keep it busy. Rates default to the measured ones (:data:`FEED_CPU_S_PER_MTOK`,
-    :data:`ACTOR_CPU_S_PER_MTOK`, :data:`GPU_TOKENS_PER_S`)."""
+    :data:`ACTOR_CPU_S_PER_MTOK`, :data:`GPU_TOKENS_PER_S`), with static vectors grown to the model's
+    width (:data:`STATIC_CPU_S_PER_MTOK_PER_DIM`)."""
     kind = "static" if static else "plain"
     rate = gpu_tokens_per_s or GPU_TOKENS_PER_S.get(int(hidden_size or 0)) or GPU_TOKENS_PER_S[768]
-    cost = cpu_s_per_mtok or FEED_CPU_S_PER_MTOK[kind]
-    actor_cost = actor_cpu_s_per_mtok or ACTOR_CPU_S_PER_MTOK[kind]
+    wider = max(int(hidden_size or 768) - FEED_WIDTH, 0) if static else 0  # unknown width: BERT-base's, as the rate
+    cost = cpu_s_per_mtok or FEED_CPU_S_PER_MTOK[kind] + wider * STATIC_CPU_S_PER_MTOK_PER_DIM["feed"]
+    actor_cost = actor_cpu_s_per_mtok or ACTOR_CPU_S_PER_MTOK[kind] + wider * STATIC_CPU_S_PER_MTOK_PER_DIM["actor"]
     need = rate * cost / 1e6  # CPUs that keep one GPU busy
     actors = max(gpus, 1) * actors_per_gpu
     have = (cpus - actors) / max(gpus, 1)  # one CPU per encoder actor
