@@ -140,6 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     # The bench modules import gensim, torch, Ray...: loaded only when a bench runs.
     name = "topics_suite" if args.bench == "topics" and getattr(args, "suite", False) else args.bench
+    name = "feed_width" if name == "feed" and getattr(args, "widths", None) else name
     return int(importlib.import_module(f"embedjob.bench.{name}").run(args) or 0)
 
 

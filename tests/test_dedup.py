@@ -193,7 +193,7 @@ import os, signal, sys
 from embedjob.storage import Storage
 from embedjob.stages.dedup import DedupConfig
 from embedjob.stages.dedup.stage import run_dedup
-method, where = sys.argv[3].split(":")
+method, where = sys.argv[3].split(":")  # _write_with: every committed write (bytes, Parquet, Arrow)
 real = getattr(Storage, method)
 def killing(self, *args, **kwargs):
     path = args[-1 if method == "move" else 0]
@@ -206,7 +206,7 @@ run_dedup(DedupConfig(enabled=True, threshold=float(sys.argv[2])), out, [out.url
 """
 
 
-@pytest.mark.parametrize("kill_at", ["write_bytes:groups.parquet", "move:dedup"])
+@pytest.mark.parametrize("kill_at", ["_write_with:groups.parquet", "move:dedup"])
 def test_killed_stage_leaves_no_partial_output(tmp_path, kill_at):
     """SIGKILL while the outputs are being written (to the staging folder), or in the commit after
     the previous dedup/ was moved aside: dedup/ is the previous run's whole, or absent, never a mix;

@@ -278,10 +278,6 @@ def input_shards(args: argparse.Namespace, work: str) -> tuple[list[str], str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "widths", None):
-        from embedjob.bench.feed_width import run_widths
-
-        return run_widths(args)
     work = tempfile.mkdtemp(prefix="embedjob-bench-feed-")
     try:
         urls, inp = input_shards(args, work)

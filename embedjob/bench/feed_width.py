@@ -36,7 +36,7 @@ from embedjob.stages.read import discover_shards
 ACTOR_PARTS = ("static", "encoder_io")  # what runs on the encoder actor's thread, the model left out
 
 
-def run_widths(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     work = tempfile.mkdtemp(prefix="embedjob-bench-feed-widths-")
     try:
         urls, inp = input_shards(args, work)
