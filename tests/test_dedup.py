@@ -193,7 +193,7 @@ import os, signal, sys
 from embedjob.storage import Storage
 from embedjob.stages.dedup import DedupConfig
 from embedjob.stages.dedup.stage import run_dedup
-method, where = sys.argv[3].split(":")  # _write_with: every committed write (bytes, Parquet, Arrow)
+method, where = sys.argv[3].split(":")  # _write_with: every committed local write (bytes, Parquet, Arrow)
 real = getattr(Storage, method)
 def killing(self, *args, **kwargs):
     path = args[-1 if method == "move" else 0]

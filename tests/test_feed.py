@@ -373,7 +373,8 @@ def test_vectorised_word_slots_equal_the_per_occurrence_original():
             assert occ.tolist() == want
             assert {(int(r), w): s for s, (r, w) in enumerate(zip(slot_run, slot_word))} == slot_of
             n_runs = int(run_of.max()) + 1
-            assert [x.tolist() for x in slots_by_run(slot_run, slot_arr, n_runs)] == want_order[:n_runs]
+            order, bounds = slots_by_run(slot_run, slot_arr, n_runs)
+            assert [order[bounds[k]:bounds[k + 1]].tolist() for k in range(n_runs)] == want_order[:n_runs]
             assert np.bincount(occ, minlength=len(slot_word)).tolist() == np.bincount(want, minlength=len(slot_of)).tolist()
 
 

@@ -172,31 +172,40 @@ class Storage(ConditionalWrites):
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel``, committed: readers see the old file or the whole new one."""
-        self._write_with(rel, lambda f: f.write(data))
+        if self.protocol == "file":
+            self._write_with(rel, lambda f: f.write(data))
+        else:
+            self._put(rel, data)
 
     def _write_with(self, rel: str, write: Callable[[Any], Any]) -> None:
         """Commit what ``write(stream)`` writes to ``rel``. On a local disk the stream is a temporary
         file beside it, renamed into place (no copy of the data in memory: a large Parquet file was
         built in a growing buffer, then copied twice); elsewhere an Arrow buffer sent in one go."""
+        if self.protocol != "file":
+            sink = pa.BufferOutputStream()
+            write(sink)
+            self._put(rel, sink.getvalue().to_pybytes())
+            return
         final = self.path(rel)
         parent = posixpath.dirname(final)
-        if self.protocol in ("file", "memory"):
-            self.fs.makedirs(parent, exist_ok=True)
-        if self.protocol == "file":
-            tmp = posixpath.join(parent, f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with pa.OSFile(tmp, "wb") as f:
-                    write(f)
-                os.replace(tmp, final)  # atomic on POSIX
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            return
-        sink = pa.BufferOutputStream()
-        write(sink)
-        # One PUT (or a multipart upload completed on close) is atomic on object stores.
-        self.fs.pipe_file(final, sink.getvalue().to_pybytes())
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with pa.OSFile(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, final)  # atomic on POSIX
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """``data`` to ``rel`` off a local disk: one PUT (or a multipart upload completed on close) is
+        atomic on object stores."""
+        final = self.path(rel)
+        if self.protocol == "memory":
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        self.fs.pipe_file(final, data)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())

@@ -204,14 +204,14 @@ def batch_pieces(st: "_CallState", docs: np.ndarray, spans: np.ndarray, width: i
     return rr * width + q - (base + col0)[rr], P.slot[seg], weight
 
 
-def slots_by_run(slot_run: np.ndarray, slot_word: pa.Array, n_runs: int) -> list[np.ndarray]:
-    """The slots of each run, ordered by word (Arrow's UTF-8 byte order, which is Python's string
-    order, as the parts are sorted)."""
+def slots_by_run(slot_run: np.ndarray, slot_word: pa.Array, n_runs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots ordered by run, then word (Arrow's UTF-8 byte order, which is Python's string
+    order, as the parts are sorted), and where each run's start in that order (``n_runs + 1``
+    bounds: run k's slots are ``order[bounds[k]:bounds[k + 1]]``)."""
     rank = np.empty(len(slot_word), dtype=np.int64)
     rank[pc.sort_indices(slot_word).to_numpy()] = np.arange(len(slot_word))
     order = np.lexsort((rank, slot_run))
-    bounds = np.searchsorted(slot_run[order], np.arange(n_runs + 1))
-    return [order[bounds[k]:bounds[k + 1]] for k in range(n_runs)]
+    return order, np.searchsorted(slot_run[order], np.arange(n_runs + 1))
 
 
 class StaticAccumulator:
@@ -241,11 +241,8 @@ class StaticAccumulator:
         w_off, wid_flat = _list_parts(batch.column(WORD_IDS))
         x_off, words_flat = _list_parts(batch.column(WORDS))
         occ_slot, slot_run, slot_word = word_slots(words_flat, x_off, run_of, keep)
-        by_run = slots_by_run(slot_run, slot_word, len(runs))  # slots renumbered by run, then word
-        bounds = np.zeros(len(runs) + 1, dtype=np.int64)
-        np.cumsum([len(s) for s in by_run], out=bounds[1:])
+        order, bounds = slots_by_run(slot_run, slot_word, len(runs))  # slots renumbered by run, then word
         if len(slot_word):
-            order = np.concatenate(by_run)
             rank = np.empty_like(order)
             rank[order] = np.arange(len(order))
             occ_slot, slot_run, slot_word = rank[occ_slot], slot_run[order], slot_word.take(pa.array(order))
